@@ -1,0 +1,43 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="citygen",
+    version="0.1.0",
+    description="City-scale 3D reconstruction and rendering with hash-grid neural fields",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["citygen*", "survey_io*", "cuda_ext*", "viewer*"]),
+    package_data={"cuda_ext": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"]},
+    include_package_data=True,
+    install_requires=[
+        # CPU machines: `pip install torch==2.13.0` first (a small CPU build); GPU machines
+        # install a CUDA build of torch first (see README). Any torch >= 2.1 satisfies this.
+        "torch>=2.1",
+        "numpy>=1.24",
+        "pyproj>=3.6",
+        "rasterio>=1.3",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "tyro>=0.8",
+        "rich>=13",
+        "pyyaml>=6",
+        "pycolmap>=3.10",
+        "moderngl>=5.10",
+        "laspy>=2.5",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.5"],
+        "mesh": ["open3d-cpu>=0.18; platform_machine=='x86_64'"],
+        "ray": ["ray>=2.9"],
+        "nerfstudio": ["nerfstudio>=1.1"],
+        # tiny-cuda-nn is not on PyPI: build it from source on a CUDA machine (see README).
+        "tcnn": [],
+    },
+    entry_points={
+        "console_scripts": ["citygen=citygen.cli:main"],
+        "nerfstudio.method_configs": ["citygen-field=citygen.nerfstudio_plugin:citygen_method"],
+    },
+)
