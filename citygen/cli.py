@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import tyro
 
@@ -20,7 +20,7 @@ from .errors import CitygenError
 EXIT_BAD_INPUT = 2
 
 
-def synth(out: Path, preset: str = "tiny", seed: int = 0) -> None:
+def synth(out: tyro.conf.Positional[Path], preset: str = "tiny", seed: int = 0) -> None:
     """Render a synthetic city drone survey (images with EXIF GPS, transforms.json, depth,
     semantics, ground-truth DSM and orthophoto GeoTIFFs, held-out test views).
 
@@ -48,10 +48,462 @@ def demo(out: Path = Path("outputs/demo"), seed: int = 0) -> None:
     run_demo(out, seed=seed)
 
 
+def status(tile_dir: tyro.conf.Positional[Path],
+           as_json: Annotated[bool, tyro.conf.arg(name="json")] = False) -> None:
+    """Show the state of every block of a tile being (or having been) trained.
+
+    Args:
+        tile_dir: the tile's output folder (the one given to run_tile).
+        as_json: print the status as JSON instead of a table.
+    """
+    import json
+
+    from .distributed import tile_status
+
+    summary = tile_status(tile_dir)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    from rich.console import Console
+
+    from .distributed.status_view import status_table
+
+    Console().print(status_table(summary))
+
+
+def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 1000, num_threads: int = 2,
+           camera_model: str = "SIMPLE_RADIAL", matcher: str = "auto", vertical_weight: float = 0.1,
+           gps_prior: bool = True, keep_gps_outliers: bool = False, seed: int = 0, verbose: bool = False) -> None:
+    """Structure from motion on a folder of drone JPEGs, georegistered by their EXIF GPS.
+
+    Writes OUT/transforms.json (local ENU frame, with georef), OUT/images (links to the
+    inputs), OUT/sparse/0 (COLMAP model) and OUT/ingest_report.json (registered images,
+    GPS residuals in metres, timings).
+
+    Args:
+        folder: folder of drone JPEGs with GPS EXIF (or holding them in images/).
+        out: output folder.
+        max_image_size: long side (pixels) features are extracted at.
+        num_threads: CPU threads for COLMAP.
+        camera_model: COLMAP model refined by SfM: SIMPLE_RADIAL, RADIAL, OPENCV, PINHOLE, SIMPLE_PINHOLE.
+        matcher: exhaustive, spatial (GPS neighbours), or auto (exhaustive up to 60 images).
+        vertical_weight: weight of GPS altitude against horizontal position in the alignment.
+        gps_prior: let COLMAP's bundle adjustment use the GPS positions (robust loss).
+        keep_gps_outliers: keep registered images whose SfM position is a GPS outlier.
+        seed: random seed of SfM and alignment.
+        verbose: show COLMAP's log.
+    """
+    import json
+
+    from survey_io.ingest import IngestOptions
+    from survey_io.ingest import ingest as run_ingest
+    from survey_io.sfm import SfmOptions
+
+    if not vertical_weight > 0:
+        raise CitygenError(None, f"vertical_weight must be positive, got {vertical_weight}")
+    options = IngestOptions(
+        sfm=SfmOptions(max_image_size=max_image_size, num_threads=num_threads, camera_model=camera_model,
+                       matcher=matcher, use_gps_prior=gps_prior, seed=seed, verbose=verbose),
+        vertical_weight=vertical_weight, drop_gps_outliers=not keep_gps_outliers, seed=seed)
+    report = run_ingest(folder, out, options).report
+    res = report["gps_residual_m"]
+    summary = {"registered": f"{report['registered']}/{report['total']}", "written": report["written"],
+               "unregistered": report["unregistered"], "gps_outliers": report["gps_outliers"],
+               "gps_residual_horizontal_rmse_m": round(res["horizontal"]["rmse"], 3),
+               "gps_residual_vertical_rmse_m": round(res["vertical"]["rmse"], 3),
+               "reprojection_error_px": round(report["sfm"]["mean_reprojection_error_px"], 3),
+               "seconds": round(report["timings_s"]["total"], 1), "out": str(out)}
+    print(json.dumps(summary))
+
+
+def bench(what: tyro.conf.Positional[Literal["encode"]], out: Path | None = None, n_points: int = 2**16,
+          repeats: int = 5, device: str = "auto") -> None:
+    """Measure throughput and print it as JSON (and write it to --out).
+
+    Args:
+        what: which benchmark: encode (hash-grid forward + backward, every available backend
+            side by side, torch reference = 1.0x).
+        out: also write the JSON here.
+        n_points: points per step.
+        repeats: timed steps per backend (the median is reported).
+        device: cpu, cuda or auto (cuda when available).
+    """
+    import json
+
+    from survey_io.atomic import atomic_write_json
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise CitygenError(None, f"bench: unknown device {device!r} (known: auto, cpu, cuda)")
+    if n_points < 1 or repeats < 1:
+        raise CitygenError(None, "bench: n_points and repeats must be >= 1")
+    if what == "encode":
+        from .bench import bench_encode
+
+        result = bench_encode(n_points=n_points, repeats=repeats, device=device)
+    print(json.dumps(result, indent=2))
+    if out is not None:
+        atomic_write_json(out, result)
+
+
+def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = False, area_km2: float = 100.0,
+         altitude: float = 250.0, block_size: float = 1000.0, blocks: str | None = None, margin: float | None = None,
+         max_images_per_block: int = 2000, ground_height: str = "auto", ground_tif: Path | None = None,
+         ortho: Path | None = None, train_preset: str = "city-100km2", downscale: int | None = None,
+         gpu: str = "h100", rays_per_second: float | None = None, seed: int = 0) -> None:
+    """Cut a tile into blocks, assign images by what they see, and size the training job.
+
+    Writes OUT/plan.json, OUT/plan.png and OUT/plan_report.json; prints the report as JSON on
+    stdout and a table on stderr.  With --dry-run no survey is needed: a synthetic flight
+    over --area-km2 at --altitude is planned (poses only, nothing rendered).
+
+    Args:
+        data: the survey's transforms.json (not with --dry-run).
+        out: output folder (optional with --dry-run).
+        dry_run: plan a synthetic flight layout instead of --data.
+        area_km2: dry run: area of the square tile.
+        altitude: dry run: flying height above ground, metres.
+        block_size: block core side, metres (the grid snaps to multiples of it in the CRS).
+        blocks: ROWSxCOLS instead of --block-size, e.g. 2x2 (tiny scenes).
+        margin: overlap margin around each core, metres (default: 50 m, or 10% of the block
+            side with --blocks).
+        max_images_per_block: cap per block (the images seeing most of the core win).
+        ground_height: a ground-plane height in local metres, or 'auto': dsm.tif / dtm.tif beside
+            --data, else the median height of the COLMAP points in sparse/0 beside it, else of
+            the depth maps, else the median camera height minus 120 m.
+        ground_tif: a DSM/DTM GeoTIFF (survey CRS) to cut the view frusta with.
+        ortho: an orthophoto GeoTIFF drawn under the plan picture.
+        train_preset: training config preset the sizing assumes (configs/<name>.yaml).
+        downscale: training image downscale (overrides the preset).
+        gpu: target GPU for the sizing: h100, h200, a100, l40s, cpu.
+        rays_per_second: measured training throughput (overrides the GPU's estimate).
+        seed: dry run: seed of the flight layout's jitter.
+    """
+    from .partition.config import PartitionConfig
+    from .partition.estimate import SizingConfig
+    from .partition.layout import FlightLayout
+    from .partition.run import PlanRequest, parse_blocks, print_summary, report_json, run_plan
+
+    if not dry_run and (data is None or out is None):
+        raise CitygenError(None, "plan needs --data and --out (or --dry-run)")
+    request = PlanRequest(
+        data=data, out=out, dry_run=dry_run, ground_height=ground_height, ground_tif=ground_tif, ortho=ortho,
+        partition=PartitionConfig(block_size_m=block_size, blocks=parse_blocks(blocks),
+                                  margin_m=50.0 if margin is None else margin,
+                                  margin_fraction=0.1 if margin is None and blocks is not None else None,
+                                  max_images_per_block=max_images_per_block),
+        layout=FlightLayout(area_km2=area_km2, altitude_m=altitude) if dry_run else None,
+        train_preset=train_preset, downscale=downscale,
+        sizing=SizingConfig(gpu=gpu, rays_per_second=rays_per_second), seed=seed)
+    report = run_plan(request)
+    print(report_json(report))
+    print_summary(report)
+
+
+def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None, resume: bool = False,
+          rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
+          downscale: int | None = None, seed: int | None = None, max_seconds: float | None = None,
+          override: tuple[str, ...] = (), no_eval: bool = False, no_progress: bool = False) -> None:
+    """Train one block's neural field on a survey (all its training images), then evaluate the
+    held-out views.  Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/ and OUT/eval/.
+
+    Args:
+        data: the survey's transforms.json (or its folder).
+        out: run folder.
+        preset: config preset in configs/ (tiny, block, city-100km2) or a YAML file.
+        steps: training steps (overrides the preset).
+        resume: continue exactly from the newest checkpoint in OUT.
+        rays_per_batch: rays per step (overrides the preset).
+        threads: CPU threads (overrides the preset).
+        device: cpu, cuda or auto (overrides the preset).
+        downscale: image downscale factor (overrides the preset).
+        seed: random seed (overrides the preset).
+        max_seconds: stop training after this many seconds (overrides the preset).
+        override: further config overrides as dotted KEY=VALUE, e.g. --override optim.lr_grid=0.005 field.n_levels=12.
+        no_eval: skip the held-out evaluation at the end.
+        no_progress: no progress bar.
+    """
+    import json
+
+    from .config import load_config
+    from .train import train_block
+
+    overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
+                                       downscale=downscale, seed=seed, max_seconds=max_seconds).items()
+                 if v is not None}
+    for item in override:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CitygenError(None, f"--override expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    if no_eval:
+        overrides["eval_at_end"] = False
+    result = train_block(load_config(preset, overrides), data, out, resume=resume, progress=not no_progress)
+    summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
+               "train_seconds": round(result.seconds, 2),
+               "eval": result.eval["mean"] if result.eval else None}
+    print(json.dumps(summary, indent=2))
+
+
+def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny",
+               executor: Literal["local", "ray"] = "local", ray_address: str | None = None,
+               max_parallel: int | None = None, max_retries: int = 2, steps: int | None = None,
+               rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
+               downscale: int | None = None, blocks: list[str] | None = None) -> None:
+    """Train every block of a planned tile (TILE/plan.json from `citygen plan`) through an
+    executor; block runs go to TILE/block_<id>/.  Re-running resumes: finished blocks are
+    skipped, the others continue from their last checkpoints.  Watch it with `citygen status TILE`.
+
+    Args:
+        tile: the tile folder holding plan.json.
+        data: the survey's transforms.json the tile was planned on.
+        preset: training config preset in configs/ (tiny, block, city-100km2) or a YAML file.
+        executor: local (worker processes on this machine) or ray (a Ray cluster).
+        ray_address: Ray cluster to join (default: start a local Ray instance).
+        max_parallel: local executor: blocks at once (default: one per GPU, 1 on CPU).
+        max_retries: retries per block after a failed attempt.
+        steps: training steps per block (overrides the preset).
+        rays_per_batch: rays per step (overrides the preset).
+        threads: CPU threads per block (overrides the preset).
+        device: cpu, cuda or auto (overrides the preset).
+        downscale: image downscale factor (overrides the preset).
+        blocks: train only these block ids.
+    """
+    import json
+
+    from .tile import train_tile as run_train_tile
+
+    overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
+                                       downscale=downscale).items() if v is not None}
+    result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,
+                            ray_address=ray_address, max_retries=max_retries, blocks=blocks)
+    summary = {"tile": str(tile), "ok": result.ok, "failed": result.failed,
+               "blocks": {b: {"state": o.state, "attempts": o.attempts, "skipped": o.skipped, "error": o.error,
+                              "step": (o.result or {}).get("step"),
+                              "train_seconds": (o.result or {}).get("train_seconds")}
+                          for b, o in sorted(result.blocks.items())}}
+    print(json.dumps(summary, indent=2))
+    result.raise_for_failures()
+
+
+def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] = ("test",), data: Path | None = None,
+           device: str = "cpu", downscale: int | None = None, seam_band: float | None = None) -> None:
+    """Render survey views of a trained tile (all blocks blended) and score them against the
+    survey's ground truth.  Writes OUT/<view>_rgb.png, _depth.png, _semantics.png and
+    OUT/metrics.json (PSNR, SSIM, semantic accuracy/mIoU, depth error, and the seam metric:
+    PSNR near block boundaries vs inside blocks, where the survey has depth maps).
+
+    Args:
+        tile: the tile folder (plan.json + block_<id>/ checkpoints).
+        out: output folder.
+        views: test (held-out views), all, or image names.
+        data: the survey's transforms.json (default: the one the tile was trained on).
+        device: cpu or cuda.
+        downscale: render at 1/downscale of the survey's image size (default: the training downscale).
+        seam_band: seam metric: pixels within this many metres of a block boundary count as
+            boundary pixels (default: the plan's overlap margin).
+    """
+    import json
+
+    from .render.tile import TileRenderer
+    from .render.tile_views import render_tile_views
+    from .tile import read_tile_config
+    from .train.data import load_survey
+
+    record = read_tile_config(tile) or {}
+    if data is None:
+        if "data" not in record:
+            raise CitygenError(tile, "no survey recorded for this tile: pass --data transforms.json")
+        data = Path(record["data"])
+    if downscale is None:
+        downscale = int(record.get("train", {}).get("downscale", 1))
+    if downscale < 1:
+        raise CitygenError(None, f"--downscale must be >= 1, got {downscale}")
+    renderer = TileRenderer.open(tile, device=device)
+    report = render_tile_views(renderer, load_survey(data), views, out, downscale=downscale, seam_band_m=seam_band)
+    seams = report["seams"] or {}
+    print(json.dumps({"out": str(out), "views": len(report["views"]), "mean": report["mean"],
+                      "seams": {k: v for k, v in seams.items() if k != "views"} or None,
+                      "render_seconds": report["render_seconds"]}, indent=2))
+
+
+def view(tile: tyro.conf.Positional[Path], ply: Path | None = None, survey: Path | None = None,
+         width: int = 1280, height: int = 720, device: str = "cpu",
+         screenshot: Path | None = None, screenshot_size: tuple[int, int] | None = None,
+         camera: int | None = None, mode: Literal["rgb", "depth", "semantics"] = "rgb", no_hud: bool = False) -> None:
+    """Open the desktop viewer on a trained tile (neural rendering) or on a baked PLY preview
+    (mesh or point cloud from `citygen export`).  Fly with W/A/S/D/Q/E and the mouse; keys
+    1/2/3 switch RGB/depth/classes, b block boundaries, m measure, k/l/j camera-path
+    keyframe/play/save, f screenshot, r survey view, n/p training cameras.  With --screenshot
+    nothing opens: the view is rendered headless (EGL) and saved.
+
+    Args:
+        tile: a tile folder (plan.json + block checkpoints) or a .ply file.
+        ply: also load this baked PLY over the tile.
+        survey: transforms.json whose training cameras n/p jump to (default: the tile's survey).
+        width: window width in pixels.
+        height: window height in pixels.
+        device: cpu or cuda (neural rendering).
+        screenshot: render headless and save this PNG instead of opening a window.
+        screenshot_size: screenshot width and height (default: the window size).
+        camera: with --screenshot: view from this training camera (index) instead of the survey view.
+        mode: with --screenshot: display mode.
+        no_hud: with --screenshot: leave the HUD out.
+    """
+    from viewer.launch import headless_screenshot, open_app, run_window
+
+    if width < 1 or height < 1:
+        raise CitygenError(None, f"window size must be positive, got {width}x{height}")
+    app = open_app(tile, ply=ply, survey=survey, size=(width, height), device=device)
+    if screenshot is not None:
+        path = headless_screenshot(app, screenshot, size=screenshot_size, view=camera, mode=mode, hud=not no_hud)
+        print(f"screenshot: {path}")
+        return
+    run_window(app, title=f"citygen viewer: {tile}")
+
+
+def export(tile: tyro.conf.Positional[Path], out: Path, what: str = "ortho,dsm,semantics,las,ply,mesh",
+           gsd: float = 0.5, bounds: str | None = None, supersample: int = 1, min_acc: float = 0.5,
+           points_from: Literal["grid", "views"] = "grid", mesh_method: Literal["heightfield", "tsdf"] = "heightfield",
+           voxel_size: float | None = None, view_size: int = 256, data: Path | None = None,
+           camera_images: Literal["link", "copy", "none"] = "link", device: str = "cpu",
+           no_progress: bool = False) -> None:
+    """Export a trained tile's deliverables in its CRS: true orthophoto, DSM and semantic
+    GeoTIFFs, LAS/LAZ and PLY point clouds, a PLY + OBJ mesh, and the cameras as
+    transforms.json.  Writes OUT/ortho.tif, dsm.tif, semantics.tif, points.las|.laz|.ply,
+    mesh.ply, mesh.obj, cameras/transforms.json and OUT/export.json (manifest).
+
+    Args:
+        tile: the tile folder (plan.json + block checkpoints).
+        out: output folder.
+        what: comma-separated: ortho, dsm, semantics, las, laz, ply, mesh, cameras (or all).
+        gsd: ground sample distance of the rasters, metres (also the grid point spacing).
+        bounds: E0,N0,E1,N1 in the tile's CRS (default: the blocks' cores).
+        supersample: rays per cell side for the rasters (the DSM keeps the highest).
+        min_acc: opacity below which a ray saw nothing (nodata).
+        points_from: grid (one point per ortho cell) or views (rendered oblique views: facades too).
+        mesh_method: heightfield (2.5D from the DSM) or tsdf (fusion of rendered depth; needs open3d).
+        voxel_size: TSDF voxel size, metres (default: the GSD).
+        view_size: side (pixels) of the rendered aerial views used by tsdf and --points-from views
+            (5 views: nadir + 4 obliques, every half footprint; a nadir pixel covers about the GSD).
+        data: the survey's transforms.json, for cameras (default: the one the tile was trained on).
+        camera_images: cameras: link (hard links), copy, or none (poses pointing back at the survey).
+        device: cpu or cuda.
+        no_progress: no progress bars.
+    """
+    import json
+
+    from .export.run import ExportOptions, export_tile, parse_what
+
+    options = ExportOptions(what=parse_what(what), gsd=gsd, supersample=supersample, min_acc=min_acc,
+                            points_from=points_from, mesh_method=mesh_method, voxel_size=voxel_size,
+                            view_size=view_size, survey=data,
+                            camera_images=camera_images, progress=not no_progress)
+    manifest = export_tile(tile, out, options, bounds_crs=bounds, device=device)
+    print(json.dumps({"out": str(out), "files": manifest["files"], "counts": manifest["counts"],
+                      "timings_s": manifest["timings_s"]}, indent=2))
+
+
+def edit(tile: tyro.conf.Positional[Path],
+         action: tyro.conf.Positional[Literal["add", "list", "undo", "redo", "enable", "disable", "bake"]],
+         op: str | None = None, classes: Annotated[str | None, tyro.conf.arg(name="class")] = None,
+         polygon: Path | None = None, polygon_crs: str = "tile", box: str | None = None, height: str | None = None,
+         instance: str | None = None, invert: bool = False, dz: float | None = None, factor: float | None = None,
+         color: str | None = None, hsv: str | None = None, offset: str | None = None, rotate: float = 0.0,
+         pivot: str | None = None, asset: str | None = None, source_box: str | None = None,
+         anchor: str | None = None, anchor_local: bool = False, no_fill: bool = False, params: str | None = None,
+         edit_id: Annotated[str | None, tyro.conf.arg(name="id")] = None, out: Path | None = None,
+         steps: int = 500) -> None:
+    """Edit a tile non-destructively: its edit stack (TILE/edits.json) is applied by every
+    renderer at render time.  Actions: add (an edit: --op and a selection), list, undo, redo,
+    enable/disable --id ID, bake --out NEWTILE (a new tile with the edits folded into the weights).
+    Selection flags combine by intersection.
+
+    Args:
+        tile: the tile folder (or a single training run folder).
+        action: add, list, undo, redo, enable, disable or bake.
+        op: remove, recolor, raise, scale_height, move, duplicate or insert.
+        classes: select semantic class(es), comma-separated (ground, road, building, vegetation, water, vehicle, other).
+        polygon: select inside a GeoJSON (Multi)Polygon file (vertical prism).
+        polygon_crs: the polygon's coordinates: tile (the tile's projected CRS), lonlat, or local.
+        box: select inside a local-frame box X0,Y0,Z0,X1,Y1,Z1 (metres).
+        height: select heights H0,H1 above the ground (metres).
+        instance: select the connected object of --class under local point X,Y (a click).
+        invert: select the complement.
+        dz: raise: metres up (negative: down).
+        factor: scale_height: height factor.
+        color: recolor: target colour R,G,B in [0, 1] (keeps shading).
+        hsv: recolor: HUE_DEG,SATURATION_SCALE,VALUE_SCALE.
+        offset: move/duplicate: DX,DY,DZ metres.
+        rotate: move/duplicate/insert: rotation about the vertical, degrees.
+        pivot: move/duplicate: rotation centre X,Y (local).
+        asset: insert: checkpoint path inside the tile folder.
+        source_box: insert: region of the asset X0,Y0,Z0,X1,Y1,Z1 (asset frame).
+        anchor: insert: where the asset's anchor goes, E,N,H in the tile's CRS (or local with --anchor-local).
+        anchor_local: insert: --anchor is in the local frame.
+        no_fill: remove/move: do not fill the revealed ground.
+        params: extra operation parameters as a JSON object.
+        edit_id: add: the new edit's id; enable/disable: which edit.
+        out: bake: the new tile's folder.
+        steps: bake: distillation steps per block.
+    """
+    import json
+
+    from .edit.commands import EditFlags, run_edit
+
+    flags = EditFlags(op=op, classes=classes, polygon=polygon, polygon_crs=polygon_crs, box=box, height=height,
+                      instance=instance, invert=invert, dz=dz, factor=factor, color=color, hsv=hsv, offset=offset,
+                      rotate=rotate, pivot=pivot, asset=asset, source_box=source_box, anchor=anchor,
+                      anchor_local=anchor_local, no_fill=no_fill, params=params)
+    print(json.dumps(run_edit(tile, action, flags, edit_id=edit_id, out=out, steps=steps), indent=2))
+
+
+def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named: str | None = None,
+          labels: Path | None = None, classes: str | None = None, method: Literal["stats", "optimize"] = "stats",
+          weights: Path | None = None, steps: int = 200, device: str = "cpu") -> None:
+    """Restyle a tile from a reference image or a named style (sunset, dawn, noon, night,
+    winter, autumn, overcast, sepia, grayscale).  The style is added to the tile's edit
+    stack as a restyle edit (undo with `citygen edit TILE undo`); it acts on the 3-D field,
+    per semantic class, so all views agree.
+
+    Args:
+        tile: the tile folder (or a single training run folder).
+        reference: reference image (JPEG/PNG).
+        named: a named style instead of a reference.
+        labels: class-id label map of the reference (uint8 PNG, 255 = none) for per-class statistics.
+        classes: restyle only these classes, comma-separated.
+        method: stats (per-class colour statistics, Monge-Kantorovich in Lab) or optimize
+            (fine-tune each block's colour network with a style loss).
+        weights: optimize: VGG16 conv weights (safetensors, torchvision key layout) for the
+            Gram loss; without it, fixed random features (weights-free).
+        steps: optimize: steps per block.
+        device: cpu or cuda.
+    """
+    import json
+
+    from .style.apply import add_style
+
+    edit_ = add_style(tile, named=named, reference=reference, labels=labels,
+                      classes=[c.strip() for c in classes.split(",")] if classes else None, method=method,
+                      weights=weights, steps=steps, device=device)
+    print(json.dumps({"added": edit_["id"], "method": edit_["params"]["method"],
+                      "report": edit_["params"].get("report")}, indent=2))
+
+
 # Subcommand name -> function. Each function's docstring is its help text.
 COMMANDS: dict[str, Callable[..., None]] = {
     "synth": synth,
     "demo": demo,
+    "ingest": ingest,
+    "status": status,
+    "bench": bench,
+    "plan": plan,
+    "train": train,
+    "train-tile": train_tile,
+    "render": render,
+    "view": view,
+    "export": export,
+    "edit": edit,
+    "style": style,
 }
 
 

@@ -106,9 +106,11 @@ def read_transforms(path: str | Path, georef: Georef | None = None) -> Survey:
 def write_transforms(survey: Survey, path: str | Path) -> Path:
     """Write ``survey`` as nerfstudio ``transforms.json`` (atomically).
 
-    Image paths are written relative to ``path``'s folder, which must contain them.
+    Image paths are written relative to ``path``'s folder, which must contain them.  The
+    survey is validated first, so an invalid one never replaces an existing file.
     """
     path = Path(path)
+    survey.validate(path)
     out_root = path.parent.resolve()
     shared = survey.cameras[0] if len(survey.cameras) == 1 else None
 

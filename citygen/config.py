@@ -1,0 +1,207 @@
+"""Dataclass configs for the field, the renderer and the one-block trainer, and YAML presets.
+
+The nesting follows nerfstudio: a :class:`TrainConfig` holds a :class:`FieldConfig`, a
+:class:`RenderConfig` and an :class:`OptimConfig`.  Presets live in ``configs/<name>.yaml``
+and override the dataclass defaults; command-line overrides (dotted keys such as
+``optim.lr_grid``) override the preset.  Every run writes its resolved config beside its
+output (``config.json``), and checkpoints carry it in their sidecar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CitygenError
+
+#: Folder of the shipped presets (``tiny``, ``block``, ``city-100km2``).
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class FieldConfig:
+    """The hash-grid field (instant-ngp / nerfacto style)."""
+
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    #: finest grid resolution over the block's longest side (per_level_scale is derived).
+    max_resolution: int = 2048
+    hidden_dim: int = 64
+    geo_feat_dim: int = 15
+    color_hidden_layers: int = 2
+    sh_degree: int = 4
+    appearance_dim: int = 16
+    semantic_hidden_dim: int = 64
+    #: hash-grid backend: "auto" (native build when present), "torch", "cpp", "cuda", "tcnn".
+    backend: str = "auto"
+
+
+@dataclass
+class RenderConfig:
+    """Occupancy-grid ray marching and volume rendering."""
+
+    #: marching step along the ray, metres.
+    step_size: float = 0.5
+    #: occupancy grid cells along each axis.
+    grid_resolution: int = 128
+    #: a cell is occupied when its density gives an opacity above this over one step.
+    occupancy_alpha_threshold: float = 0.01
+    #: EMA decay of the cell densities (instant-ngp: new = max(decay * old, sampled)).
+    occupancy_decay: float = 0.95
+    #: refresh the grid every this many steps ...
+    occupancy_update_every: int = 16
+    #: ... sampling this many random cells (plus as many occupied ones) per refresh.
+    occupancy_cells_per_update: int = 65536
+    #: first steps during which every cell is refreshed (the grid starts all occupied).
+    occupancy_warmup_steps: int = 256
+    #: samples marched per segment before dead rays are dropped.
+    segment_samples: int = 64
+    #: early ray termination: stop once transmittance falls below this.
+    min_transmittance: float = 1e-4
+    #: rays per chunk when rendering whole images.
+    chunk_rays: int = 8192
+
+
+@dataclass
+class OptimConfig:
+    """Adam with separate learning rates for the hash table and the MLPs, warmup + exponential decay."""
+
+    lr_grid: float = 1e-2
+    lr_mlp: float = 1e-2
+    eps: float = 1e-15
+    weight_decay_mlp: float = 1e-6
+    warmup_steps: int = 100
+    #: the learning rate at the last step, as a fraction of the initial one.
+    final_lr_fraction: float = 0.03
+    #: weight of the semantic cross-entropy.
+    semantic_weight: float = 0.04
+    #: weight of depth supervision (off by default: real surveys have no depth).
+    depth_weight: float = 0.0
+    #: weight of the opacity entropy regulariser on the accumulation (pushes rays to 0 or 1).
+    entropy_weight: float = 1e-3
+    #: "mse" or "huber" on RGB.
+    rgb_loss: str = "mse"
+
+
+@dataclass
+class TrainConfig:
+    """One block's training run."""
+
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    steps: int = 30000
+    rays_per_batch: int = 4096
+    seed: int = 0
+    checkpoint_every: int = 2000
+    log_every: int = 50
+    #: torch intra-op threads on CPU (0 = leave torch's default).
+    threads: int = 0
+    #: "auto" (cuda when available), "cpu", "cuda".
+    device: str = "auto"
+    #: stop early once training has taken this many seconds (0 = no limit; the LR schedule
+    #: still follows ``steps``, so size ``steps`` to the budget for a full decay).
+    max_seconds: float = 0.0
+    #: evaluate held-out views at the end of training.
+    eval_at_end: bool = True
+    #: image downscale factor applied when loading the survey (1 = full size).
+    downscale: int = 1
+    #: AABB margin added around the derived scene bounds, as a fraction of their size.
+    aabb_margin: float = 0.05
+    preset: str = "default"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain JSON/YAML-ready dict of a (nested) config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise CitygenError(where, f"unknown config key {key!r} (known: {', '.join(known)})")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise CitygenError(where, f"config key {key!r} needs a mapping, got {value!r}")
+            _apply(current, value, where)
+            continue
+        setattr(obj, key, _coerce(current, value, key, where))
+
+
+def _coerce(current: Any, value: Any, key: str, where: str) -> Any:
+    """Convert ``value`` to the type of the default (YAML and the CLI give strings/ints)."""
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise CitygenError(where, f"config key {key!r} needs true/false, got {value!r}")
+    try:
+        return type(current)(value)
+    except (TypeError, ValueError):
+        raise CitygenError(where, f"config key {key!r} needs a {type(current).__name__}, got {value!r}") from None
+
+
+def from_dict(d: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A :class:`TrainConfig` from a (partial) nested dict, e.g. a checkpoint sidecar."""
+    cfg = TrainConfig()
+    _apply(cfg, d, where)
+    return cfg
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """``configs/<name>.yaml`` for a preset name, or the given YAML path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return PRESET_DIR / f"{name_or_path}.yaml"
+
+
+def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the preset YAML, then ``overrides`` (nested dict or dotted keys).
+
+    Args:
+        preset: a preset name in ``configs/`` (``tiny``, ``block``, ``city-100km2``) or a YAML path.
+        overrides: e.g. ``{"steps": 500, "optim.lr_grid": 3e-3}`` or ``{"optim": {"lr_grid": 3e-3}}``.
+    """
+    path = preset_path(preset)
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise CitygenError(path, f"no such preset or config file (presets: {', '.join(known)})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise CitygenError(path, f"not a readable YAML config ({err})") from None
+    if not isinstance(raw, dict):
+        raise CitygenError(path, "a config file must hold a mapping")
+    cfg = TrainConfig()
+    cfg.preset = path.stem
+    _apply(cfg, raw, str(path))
+    if overrides:
+        _apply(cfg, _nest(overrides), "overrides")
+    return cfg
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return out

@@ -1,0 +1,25 @@
+"""Semantic editing: non-destructive edits of a block's field, applied at render time.
+
+::
+
+    stack = EditStack.load(tile_dir)
+    stack.add("remove", {"class": "vehicle"})
+    stack.add("raise", {"and": [{"class": "building"}, {"polygon": geojson}]}, {"dz": 10})
+    stack.save()
+    edited = EditedField(field, stack, georef=georef)      # renders like the field
+    renderer.field_wrapper = tile_field_wrapper(tile_dir)   # every renderer, every block
+    bake_tile(tile_dir, out_dir, steps=2000)                 # edits folded into new weights
+
+See :mod:`citygen.edit.ops` for what each operation does, :mod:`citygen.edit.selection` for
+the selections and :mod:`citygen.edit.stack` for the file format.
+"""
+
+from .field import EditedField
+from .ground import GroundHeight, PlaneGround, RasterGround, estimate_ground
+from .selection import build_selection, validate_selection
+from .stack import STACK_FILE, EditStack, validate_stack
+from .tile import tile_blocks, tile_field_wrapper, tile_georef
+
+__all__ = ["EditStack", "EditedField", "GroundHeight", "PlaneGround", "RasterGround", "STACK_FILE", "build_selection",
+           "estimate_ground", "tile_blocks", "tile_field_wrapper", "tile_georef", "validate_selection",
+           "validate_stack"]

@@ -1,0 +1,182 @@
+"""What the ``citygen edit`` subcommand does, flag by flag (the parsing itself is in cli.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CitygenError
+from .stack import EditStack, stack_path
+
+
+@dataclass
+class EditFlags:
+    """The flags of ``citygen edit TILE add`` (see cli.edit for their help)."""
+
+    op: str | None = None
+    classes: str | None = None
+    polygon: Path | None = None
+    polygon_crs: str = "tile"
+    box: str | None = None
+    height: str | None = None
+    instance: str | None = None
+    invert: bool = False
+    dz: float | None = None
+    factor: float | None = None
+    color: str | None = None
+    hsv: str | None = None
+    offset: str | None = None
+    rotate: float = 0.0
+    pivot: str | None = None
+    asset: str | None = None
+    source_box: str | None = None
+    anchor: str | None = None
+    anchor_local: bool = False
+    no_fill: bool = False
+    params: str | None = None
+
+
+def _numbers(text: str, n: int, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CitygenError(None, f"--{flag} needs {n} comma-separated numbers, got {text!r}") from None
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        raise CitygenError(None, f"--{flag} needs {n} finite comma-separated numbers, got {text!r}")
+    return values
+
+
+def selection_from_flags(f: EditFlags) -> dict | None:
+    """The selection the flags describe: the intersection of every selection flag given."""
+    parts: list[dict] = []
+    classes = [c.strip() for c in f.classes.split(",")] if f.classes else None
+    if f.instance:
+        if not classes or len(classes) != 1:
+            raise CitygenError(None, "--instance X,Y needs exactly one --class")
+        parts.append({"instance": {"class": classes[0], "point": _numbers(f.instance, 2, "instance")}})
+    elif classes:
+        parts.append({"class": classes if len(classes) > 1 else classes[0]})
+    if f.polygon is not None:
+        try:
+            geojson = json.loads(Path(f.polygon).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise CitygenError(f.polygon, f"not a readable GeoJSON file ({err})") from None
+        if f.polygon_crs not in ("tile", "lonlat", "local"):
+            raise CitygenError(None, f"--polygon-crs must be tile, lonlat or local, got {f.polygon_crs!r}")
+        from .selection import SpecError, polygon_rings
+
+        try:
+            polygon_rings(geojson)
+        except SpecError as err:
+            raise CitygenError(f.polygon, str(err)) from None
+        parts.append({"polygon": geojson, "crs": f.polygon_crs})
+    if f.box:
+        parts.append({"box": _numbers(f.box, 6, "box")})
+    if f.height:
+        parts.append({"height": _numbers(f.height, 2, "height")})
+    if not parts:
+        sel = None
+    else:
+        sel = parts[0] if len(parts) == 1 else {"and": parts}
+    if f.invert:
+        sel = {"not": sel if sel is not None else {"all": True}}
+    return sel
+
+
+def params_from_flags(f: EditFlags) -> dict[str, Any]:
+    """The operation's parameters from the flags (``--params JSON`` is merged last)."""
+    p: dict[str, Any] = {}
+    if f.op in ("remove", "move") and f.no_fill:
+        p["fill_ground"] = False
+    if f.op == "raise":
+        if f.dz is None:
+            raise CitygenError(None, "--op raise needs --dz METRES (negative lowers)")
+        p["dz"] = f.dz
+    if f.op == "scale_height":
+        if f.factor is None:
+            raise CitygenError(None, "--op scale_height needs --factor")
+        p["factor"] = f.factor
+    if f.op == "recolor":
+        if f.color:
+            p["color"] = _numbers(f.color, 3, "color")
+        elif f.hsv:
+            p["hsv"] = _numbers(f.hsv, 3, "hsv")
+    if f.op in ("move", "duplicate"):
+        if not f.offset:
+            raise CitygenError(None, f"--op {f.op} needs --offset DX,DY,DZ")
+        p["offset"] = _numbers(f.offset, 3, "offset")
+        if f.rotate:
+            p["rotate_deg"] = f.rotate
+            if not f.pivot:
+                raise CitygenError(None, "--rotate needs --pivot X,Y")
+            p["pivot"] = _numbers(f.pivot, 2, "pivot")
+    if f.op == "insert":
+        if not (f.asset and f.source_box and f.anchor):
+            raise CitygenError(None, "--op insert needs --asset PATH (inside the tile), --source-box and --anchor")
+        p["asset"] = f.asset
+        p["source_box"] = _numbers(f.source_box, 6, "source-box")
+        p["anchor_local" if f.anchor_local else "anchor_crs"] = _numbers(f.anchor, 3, "anchor")
+        if f.rotate:
+            p["rotate_deg"] = f.rotate
+    if f.params:
+        try:
+            extra = json.loads(f.params)
+        except ValueError as err:
+            raise CitygenError(None, f"--params is not JSON ({err})") from None
+        if not isinstance(extra, dict):
+            raise CitygenError(None, "--params must be a JSON object")
+        p.update(extra)
+    return p
+
+
+def describe(edit: dict) -> str:
+    sel = json.dumps(edit.get("selection"))
+    if len(sel) > 60:
+        sel = sel[:57] + "..."
+    params = json.dumps({k: v for k, v in edit.get("params", {}).items() if k not in ("transforms", "report")})
+    if len(params) > 60:
+        params = params[:57] + "..."
+    return f"{edit['id']:<20} {edit['op']:<13} {'on ' if edit.get('enabled', True) else 'off'} {sel} {params}"
+
+
+def run_edit(tile: Path, action: str, flags: EditFlags, edit_id: str | None = None, out: Path | None = None,
+             steps: int = 500, as_json: bool = False) -> dict:
+    """Carry out one ``citygen edit`` action; returns what to print as JSON."""
+    tile = Path(tile)
+    if not tile.is_dir():
+        raise CitygenError(tile, "tile folder not found")
+    stack = EditStack.load(tile)
+    if action == "add":
+        if flags.op is None:
+            raise CitygenError(None, "edit add needs --op (remove, recolor, raise, scale_height, move, duplicate, insert)")
+        if flags.op == "restyle":
+            raise CitygenError(None, "use `citygen style` to add a restyle edit")
+        edit = stack.add(flags.op, selection_from_flags(flags), params_from_flags(flags), edit_id=edit_id)
+        stack.save()
+        return {"added": edit["id"], "stack": str(stack_path(tile))}
+    if action == "list":
+        return {"edits": stack.edits, "undone": [e["id"] for e in stack.undone],
+                "baked": [e["id"] for e in stack.baked]}
+    if action in ("undo", "redo"):
+        edit = stack.undo() if action == "undo" else stack.redo()
+        stack.save()
+        return {action: edit["id"]}
+    if action in ("enable", "disable"):
+        if not edit_id:
+            raise CitygenError(None, f"edit {action} needs --id")
+        stack.set_enabled(edit_id, action == "enable")
+        stack.save()
+        return {action: edit_id}
+    if action == "bake":
+        if out is None:
+            raise CitygenError(None, "edit bake needs --out NEWTILE")
+        from .bake import bake_tile
+
+        return {"baked": str(out), "blocks": bake_tile(tile, out, steps=steps)}
+    raise CitygenError(None, f"unknown edit action {action!r}")
+
+
+__all__ = ["EditFlags", "describe", "params_from_flags", "run_edit", "selection_from_flags"]

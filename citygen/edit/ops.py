@@ -1,0 +1,525 @@
+"""Edit operations: how one edit turns the field before it (``prev``) into the field after it.
+
+Every operation is evaluated per sample at local positions ``x``:
+
+``remove``      density suppressed where the selection holds (class tested on the labels at
+                ``x``); with ``fill_ground`` the removed footprint gets a ground layer: an
+                opaque slab ``[g - thickness, g]`` at the ground height ``g`` whose colour and
+                ground/road class are inpainted ring by ring from the ground just outside the
+                footprint (see :class:`RemoveOp`).
+``recolor``     a colour transform on the selected samples (matrix + offset, HSV shift, or a
+                target colour that keeps the shading).
+``restyle``     per-class colour transforms (the stats / named styles of :mod:`citygen.style`),
+                or a fine-tuned colour branch (the ``optimize`` stylizer), on the selection.
+``raise``       heights above ``base`` metres over the ground move up by ``dz`` (down when
+                negative): the field is read at the source ``x' = x - dz z`` where the
+                selection holds at ``x'``; the slice at ``base`` is stretched to fill the gap
+                (walls grow), and a lowered object leaves empty space.
+``scale_height`` heights above ``base`` scale by ``factor`` about ``base`` (density divided
+                by the factor, so vertical optical depth is kept).
+``move`` / ``duplicate`` the selected object is read at the inverse-transformed position
+                (offset, optional rotation about z around ``pivot``); ``move`` also removes the
+                original (with ground fill).
+``insert``      another field (an asset checkpoint inside the tile folder) is read inside its
+                ``source_box`` at the inverse-transformed position, anchored at CRS or local
+                coordinates; the selection is tested in the asset's own frame and classes.
+
+Operations that bring matter somewhere new extend the box the renderer marches and the
+occupancy grid (``extend_aabb`` / ``occupancy``), both conservatively.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..style.color import ColorTransform, HsvShift, TargetColor
+from .raster import Raster2D, dilate, inpaint
+from .samples import Rays, Samples, empty_like
+from .selection import SpecError, _finite, class_ids
+
+Stage = Callable[[Tensor, "Rays | None", bool], Samples]
+OccStage = Callable[[Tensor], Tensor]
+
+OPS = ("remove", "recolor", "restyle", "raise", "scale_height", "move", "duplicate", "insert")
+GROUND_IDS = (0, 1)  # ground, road: what a ground layer may be labelled
+LAYER_SIGMA = 1e3    # 1/m: opaque within millimetres
+
+
+# -- parameter validation -------------------------------------------------------------------------
+def _bool(params, key, default):
+    v = params.get(key, default)
+    if not isinstance(v, bool):
+        raise SpecError(f"param {key!r} must be true or false, got {v!r}")
+    return v
+
+
+def _num(params, key, default=None, lo=-math.inf, hi=math.inf):
+    if key not in params:
+        if default is None:
+            raise SpecError(f"param {key!r} is required")
+        return default
+    (v,) = _finite([params[key]], f"param {key!r}")
+    if not lo <= v <= hi:
+        raise SpecError(f"param {key!r} = {v} is outside [{lo:g}, {hi:g}]")
+    return v
+
+
+def safe_relative_path(value: Any, what: str) -> str:
+    """A path inside the tile folder: relative, no '..', no drive or root (SpecError otherwise)."""
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{what} must be a relative path string")
+    p = Path(value)
+    if p.is_absolute() or value.startswith(("/", "\\")) or ".." in p.parts or ":" in value or "\\" in value:
+        raise SpecError(f"{what} {value!r} escapes the tile folder (give a relative path inside it)")
+    return value
+
+
+def validate_params(op: str, params: Any) -> None:
+    """Check an edit's ``params`` for its ``op`` (SpecError on any problem)."""
+    if op not in OPS:
+        raise SpecError(f"unknown op {op!r} (known: {', '.join(OPS)})")
+    if not isinstance(params, dict):
+        raise SpecError("params must be an object")
+    if op == "remove":
+        _bool(params, "fill_ground", True)
+        _num(params, "thickness", 1.0, 0.01, 100.0)
+        _num(params, "reach", 3.0, 0.0, 1000.0)
+    elif op == "recolor":
+        modes = [k for k in ("matrix", "hsv", "color") if k in params]
+        if len(modes) != 1:
+            raise SpecError("recolor needs exactly one of 'matrix' (+ 'offset'), 'hsv' or 'color'")
+        if "matrix" in params:
+            m = params["matrix"]
+            if not isinstance(m, list) or len(m) != 3:
+                raise SpecError("recolor matrix must be 3 rows of 3 numbers")
+            for row in m:
+                if any(abs(v) > 100 for v in _finite(row, "recolor matrix row", 3)):
+                    raise SpecError("recolor matrix entries beyond +-100")
+            _finite(params.get("offset", [0, 0, 0]), "recolor offset", 3)
+            if params.get("space", "rgb") not in ("rgb", "lab"):
+                raise SpecError("recolor space must be 'rgb' or 'lab'")
+        elif "hsv" in params:
+            h = _finite(params["hsv"], "recolor hsv [hue_deg, saturation, value]", 3)
+            if not (0 <= h[1] <= 100 and 0 <= h[2] <= 100):
+                raise SpecError("recolor hsv saturation/value scales must be in [0, 100]")
+        else:
+            c = _finite(params["color"], "recolor color", 3)
+            if not all(0 <= v <= 1 for v in c):
+                raise SpecError("recolor color must be RGB in [0, 1]")
+            _num(params, "strength", 1.0, 0.0, 1.0)
+    elif op == "restyle":
+        method = params.get("method", "stats")
+        if method in ("stats", "named"):
+            tr = params.get("transforms")
+            if not isinstance(tr, dict) or not tr:
+                raise SpecError("restyle needs 'transforms': {class name or '*': {space, matrix, offset}}")
+            for key, t in tr.items():
+                if key != "*":
+                    class_ids(key)
+                if not isinstance(t, dict):
+                    raise SpecError(f"restyle transform {key!r} must be an object")
+                validate_params("recolor", {k: v for k, v in t.items() if k in ("matrix", "offset", "space")})
+        elif method == "optimize":
+            w = params.get("weights")
+            if not isinstance(w, dict) or not w:
+                raise SpecError("restyle/optimize needs 'weights': {block id: relative .safetensors path}")
+            for block, path in w.items():
+                safe_relative_path(path, f"restyle weights of block {block!r}")
+        else:
+            raise SpecError(f"restyle method must be 'stats', 'named' or 'optimize', got {method!r}")
+    elif op == "raise":
+        _num(params, "dz", None, -1000.0, 1000.0)
+        _num(params, "base", 1.0, 0.0, 100.0)
+    elif op == "scale_height":
+        _num(params, "factor", None, 0.05, 20.0)
+        _num(params, "base", 1.0, 0.0, 100.0)
+    elif op in ("move", "duplicate"):
+        off = _finite(params.get("offset", None) or [], "offset [dx, dy, dz]", 3)
+        if max(abs(v) for v in off) > 1e5:
+            raise SpecError("offset beyond 100 km")
+        rot = _num(params, "rotate_deg", 0.0, -360.0, 360.0)
+        if rot != 0.0:
+            _finite(params.get("pivot") or [], "pivot [x, y]", 2)
+        if op == "move":
+            validate_params("remove", {k: v for k, v in params.items() if k in ("fill_ground", "thickness", "reach")})
+    elif op == "insert":
+        safe_relative_path(params.get("asset"), "insert asset")
+        box = _finite(params.get("source_box") or [], "source_box", 6)
+        if not all(box[i] < box[i + 3] for i in range(3)) or max(box[i + 3] - box[i] for i in range(3)) > 1e4:
+            raise SpecError(f"source_box must have min < max and sides up to 10 km, got {box}")
+        anchors = [k for k in ("anchor_crs", "anchor_local") if k in params]
+        if len(anchors) != 1:
+            raise SpecError("insert needs exactly one of 'anchor_crs' [e, n, h] or 'anchor_local' [x, y, z]")
+        a = _finite(params[anchors[0]], anchors[0], 3)
+        if any(abs(v) > 1e8 for v in a):
+            raise SpecError(f"{anchors[0]} out of range")
+        if "source_anchor" in params:
+            _finite(params["source_anchor"], "source_anchor", 3)
+        _num(params, "rotate_deg", 0.0, -360.0, 360.0)
+
+
+def color_function(params: dict) -> Callable[[Tensor], Tensor]:
+    if "matrix" in params:
+        return ColorTransform(params["matrix"], params.get("offset", (0, 0, 0)), params.get("space", "rgb"))
+    if "hsv" in params:
+        return HsvShift(*params["hsv"])
+    return TargetColor(params["color"], params.get("strength", 1.0))
+
+
+# -- operations -----------------------------------------------------------------------------------
+class Op:
+    """One edit compiled against a field (see the module docstring for the semantics)."""
+
+    def __init__(self, edit: dict, selection, ctx):
+        self.edit, self.params, self.selection, self.ctx = edit, edit.get("params", {}), selection, ctx
+
+    def prepare(self, prev: Stage, prev_occ: OccStage) -> None:
+        self.selection.prepare(lambda predicate: self.ctx.scan(prev, prev_occ, predicate))
+
+    def evaluate(self, x: Tensor, rays: Rays | None, prev: Stage, need_rgb: bool) -> Samples:
+        raise NotImplementedError
+
+    def occupancy(self, x: Tensor, prev_occ: OccStage) -> Tensor:
+        return prev_occ(x)
+
+    def extend_aabb(self, aabb: Tensor) -> Tensor:
+        return aabb
+
+    def background(self, rgb: Tensor) -> Tensor:
+        return rgb
+
+
+class RemoveOp(Op):
+    def prepare(self, prev, prev_occ):
+        super().prepare(prev, prev_occ)
+        p = self.params
+        self.fill = p.get("fill_ground", True)
+        self.thickness = float(p.get("thickness", 1.0))
+        self.reach = float(p.get("reach", 3.0))
+        self.footprint = None
+        if not self.fill:
+            return
+        ctx = self.ctx
+        # Footprint: columns where the selection removes matter within `reach` of the ground.
+        fp = ctx.scan(prev, prev_occ, lambda x, labels: self.selection.evaluate(x, labels),
+                      band=(-1.0, self.reach), bound=self.selection.bound)
+        mask = dilate(fp.values[..., 0] > 0, 1)
+        if not bool(mask.any()):
+            return
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        ring = ctx.ring_cells
+        r0, r1 = max(int(rows.min()) - ring, 0), min(int(rows.max()) + ring + 1, mask.shape[0])
+        c0, c1 = max(int(cols.min()) - ring, 0), min(int(cols.max()) + ring + 1, mask.shape[1])
+        window = Raster2D(mask[r0:r1, c0:c1, None].float(),
+                          (fp.origin[0] + c0 * fp.cell[0], fp.origin[1] + r0 * fp.cell[1]), fp.cell)
+        inside = window.values[..., 0] > 0
+        # What the ground looks like from above just outside: composite of the ground band.
+        rgb, probs, acc = ctx.ground_look(prev, window)
+        # copy only from cells whose top is ground or road (not a neighbouring car or wall)
+        is_ground = torch.isin(probs.argmax(-1), torch.tensor(GROUND_IDS))
+        known = (~inside) & (acc > 0.5) & is_ground
+        if not bool(known.any()):  # nothing to copy from: a neutral grey ground
+            rgb = torch.full_like(rgb, 0.5)
+            probs = torch.zeros_like(probs)
+            probs[..., GROUND_IDS[0]] = 1.0
+            known = torch.ones_like(known)
+        self.color = Raster2D(inpaint(rgb, known), window.origin, window.cell)
+        filled = inpaint(probs, known)
+        ground_probs = filled[..., list(GROUND_IDS)]
+        label = torch.tensor(GROUND_IDS)[ground_probs.argmax(-1)]
+        self.label = Raster2D(label[..., None].float(), window.origin, window.cell)
+        self.footprint = window
+
+    def _layer(self, x: Tensor):
+        """(in footprint, in the layer slab, in the cleared band) masks and the ground height."""
+        r, c, inside = self.footprint.index(x[:, :2])
+        infp = inside & (self.footprint.values.to(x.device)[r, c, 0] > 0)
+        g = self.ctx.ground.height(x[:, :2])
+        h = x[:, 2] - g
+        return infp, infp & (h <= 0) & (h >= -self.thickness), infp & (h >= -self.thickness) & (h <= 0.5)
+
+    def evaluate(self, x, rays, prev, need_rgb):
+        s = prev(x, rays, need_rgb)
+        out = s.masked(~self.selection.evaluate(x, s.labels))
+        if self.footprint is None:
+            return out
+        _, slab, cleared = self._layer(x)
+        out = out.masked(~cleared)
+        if not bool(slab.any()):
+            return out
+        layer = empty_like(s)
+        layer.sigma = torch.where(slab, torch.full_like(s.sigma, LAYER_SIGMA), layer.sigma)
+        lab = self.label.nearest(x[:, :2])[:, 0].long()
+        layer.logits = torch.where(slab[:, None], 20.0 * torch.nn.functional.one_hot(lab, s.logits.shape[1]).to(s.logits),
+                                   layer.logits)
+        if layer.rgb is not None:
+            layer.rgb = torch.where(slab[:, None], self.color.bilinear(x[:, :2]).to(s.rgb), layer.rgb)
+        return Samples.union(out, layer)
+
+    def occupancy(self, x, prev_occ):
+        occ = prev_occ(x)
+        if self.footprint is not None:
+            occ = occ | self._layer(x)[1]
+        return occ
+
+
+class RecolorOp(Op):
+    def prepare(self, prev, prev_occ):
+        super().prepare(prev, prev_occ)
+        self.fn = color_function(self.params)
+
+    def evaluate(self, x, rays, prev, need_rgb):
+        s = prev(x, rays, need_rgb)
+        if s.rgb is None:
+            return s
+        m = self.selection.evaluate(x, s.labels)
+        if bool(m.any()):
+            s.rgb = torch.where(m[:, None], self.fn(s.rgb), s.rgb)
+        return s
+
+
+class RestyleOp(Op):
+    """Per-class colour transforms, or a fine-tuned colour branch of the base field."""
+
+    def prepare(self, prev, prev_occ):
+        super().prepare(prev, prev_occ)
+        p = self.params
+        self.method = p.get("method", "stats")
+        self.per_class: dict[int, ColorTransform] = {}
+        self.default: ColorTransform | None = None
+        self.styled_field = None
+        if self.method == "optimize":
+            rel = p["weights"].get(self.ctx.block_id)
+            if rel is not None:
+                self.styled_field = self.ctx.styled_color_field(rel)
+            return
+        for key, t in p["transforms"].items():
+            tr = ColorTransform.from_dict(t)
+            if key == "*":
+                self.default = tr
+            else:
+                self.per_class[class_ids(key)[0]] = tr
+
+    def _restyle(self, rgb: Tensor, labels: Tensor, m: Tensor) -> Tensor:
+        out = rgb
+        covered = torch.zeros_like(m)
+        for cid, tr in self.per_class.items():
+            sel = m & (labels == cid)
+            covered |= labels == cid
+            if bool(sel.any()):
+                out = torch.where(sel[:, None], tr(rgb), out)
+        if self.default is not None:
+            sel = m & ~covered
+            if bool(sel.any()):
+                out = torch.where(sel[:, None], self.default(rgb), out)
+        return out
+
+    def evaluate(self, x, rays, prev, need_rgb):
+        s = prev(x, rays, need_rgb)
+        if s.rgb is None:
+            return s
+        m = self.selection.evaluate(x, s.labels)
+        if self.method == "optimize":
+            if self.styled_field is None or s.geo is None:
+                return s
+            m = m & s.has_geo
+            idx = m.nonzero().squeeze(-1)
+            if idx.numel():
+                r = rays.take(idx)
+                styled = self.styled_field.color(s.geo[idx], r.dirs, r.appearance, r.ray_index)
+                s.rgb = s.rgb.index_copy(0, idx, styled.to(s.rgb.dtype))
+            return s
+        s.rgb = self._restyle(s.rgb, s.labels, m)
+        return s
+
+    def background(self, rgb):
+        from .selection import Everything
+
+        if self.method != "optimize" and self.default is not None and isinstance(self.selection, Everything):
+            return self.default(rgb)
+        return rgb
+
+
+class _MappingOp(Op):
+    """Operations that read the field at a source position ``x' = source(x)``."""
+
+    def source(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(source positions, density factor or None)."""
+        raise NotImplementedError
+
+    def copy_part(self, x, rays, prev, need_rgb) -> tuple[Samples, Tensor]:
+        """The selected matter read at the source, and where it is selected."""
+        xs, jac = self.source(x)
+        s = prev(xs, rays, need_rgb)
+        if jac is not None:
+            s.sigma = s.sigma * jac
+        return s, self.selection.evaluate(xs, s.labels)
+
+    def occupancy(self, x, prev_occ):
+        xs, _ = self.source(x)
+        return prev_occ(x) | (self.selection.bound(xs) & prev_occ(xs))
+
+
+class _HeightMap(_MappingOp):
+    def evaluate(self, x, rays, prev, need_rgb):
+        moved, m_src = self.copy_part(x, rays, prev, need_rgb)
+        rest = (~m_src).nonzero().squeeze(-1)
+        if rest.numel() == 0:
+            return moved
+        xr = x[rest]
+        here = prev(xr, None if rays is None else rays.take(rest), need_rgb)
+        here = here.masked(~self.selection.evaluate(xr, here.labels))  # vacated
+        return moved.masked(m_src).scatter(rest, here)
+
+
+class RaiseOp(_HeightMap):
+    def source(self, x):
+        dz, base = float(self.params["dz"]), float(self.params.get("base", 1.0))
+        g = self.ctx.ground.height(x[:, :2])
+        h = x[:, 2] - g
+        hs = torch.where(h < base, h, (h - dz).clamp_min(base))
+        return torch.cat([x[:, :2], (g + hs)[:, None]], dim=1), None
+
+    def extend_aabb(self, aabb):
+        out = aabb.clone()
+        out[1, 2] += max(float(self.params["dz"]), 0.0)
+        return out
+
+
+class ScaleHeightOp(_HeightMap):
+    def source(self, x):
+        f, base = float(self.params["factor"]), float(self.params.get("base", 1.0))
+        g = self.ctx.ground.height(x[:, :2])
+        h = x[:, 2] - g
+        hs = torch.where(h < base, h, base + (h - base) / f)
+        jac = torch.where(h < base, torch.ones_like(h), torch.full_like(h, 1.0 / f))
+        return torch.cat([x[:, :2], (g + hs)[:, None]], dim=1), jac
+
+    def extend_aabb(self, aabb):
+        out = aabb.clone()
+        out[1, 2] = aabb[0, 2] + (aabb[1, 2] - aabb[0, 2]) * max(float(self.params["factor"]), 1.0)
+        return out
+
+
+def _rotation(deg: float) -> Tensor:
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+class _RigidCopy(_MappingOp):
+    """x = R (x' - pivot) + pivot + offset, so x' = R^T (x - pivot - offset) + pivot."""
+
+    def _rigid(self):
+        p = self.params
+        pivot = torch.tensor([*(p.get("pivot") or [0.0, 0.0])[:2], 0.0])
+        return _rotation(float(p.get("rotate_deg", 0.0))), pivot, torch.tensor(p["offset"], dtype=torch.float32)
+
+    def source(self, x):
+        R, pivot, offset = self._rigid()
+        return (x - pivot.to(x) - offset.to(x)) @ R.to(x) + pivot.to(x), None
+
+    def extend_aabb(self, aabb):
+        R, pivot, offset = self._rigid()
+        corners = torch.stack([torch.tensor([aabb[i, 0], aabb[j, 1], aabb[k, 2]])
+                               for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+        moved = (corners - pivot) @ R.T + pivot + offset
+        return torch.stack([torch.minimum(aabb[0], moved.min(0).values.to(aabb)),
+                            torch.maximum(aabb[1], moved.max(0).values.to(aabb))])
+
+
+class DuplicateOp(_RigidCopy):
+    def evaluate(self, x, rays, prev, need_rgb):
+        copy_, m = self.copy_part(x, rays, prev, need_rgb)
+        return Samples.union(prev(x, rays, need_rgb), copy_.masked(m))
+
+
+class MoveOp(_RigidCopy):
+    def prepare(self, prev, prev_occ):
+        super().prepare(prev, prev_occ)
+        self.remover = RemoveOp({"params": {k: v for k, v in self.params.items()
+                                            if k in ("fill_ground", "thickness", "reach")}}, self.selection, self.ctx)
+        self.remover.prepare(prev, prev_occ)
+
+    def evaluate(self, x, rays, prev, need_rgb):
+        copy_, m = self.copy_part(x, rays, prev, need_rgb)
+        return Samples.union(self.remover.evaluate(x, rays, prev, need_rgb), copy_.masked(m))
+
+    def occupancy(self, x, prev_occ):
+        return super().occupancy(x, prev_occ) | self.remover.occupancy(x, prev_occ)
+
+
+class InsertOp(Op):
+    """Another field, read at ``x_src = R^T (x - anchor) + source_anchor`` inside ``source_box``."""
+
+    def prepare(self, prev, prev_occ):
+        p = self.params
+        self.asset = self.ctx.load_asset(p["asset"])
+        if self.asset.n_classes != self.ctx.n_classes:
+            raise SpecError(f"insert asset {p['asset']!r} has {self.asset.n_classes} classes, the tile "
+                            f"{self.ctx.n_classes}")
+        box = torch.tensor(p["source_box"], dtype=torch.float32)
+        self.lo, self.hi = box[:3], box[3:]
+        if "anchor_crs" in p:
+            if self.ctx.georef is None:
+                raise SpecError("insert anchor_crs needs the tile's georef")
+            anchor = self.ctx.georef.crs_to_local(p["anchor_crs"])
+        else:
+            anchor = p["anchor_local"]
+        self.anchor = torch.tensor(anchor, dtype=torch.float32)
+        default_src = [(float(self.lo[0] + self.hi[0]) / 2), float(self.lo[1] + self.hi[1]) / 2, float(self.lo[2])]
+        self.src_anchor = torch.tensor(p.get("source_anchor", default_src), dtype=torch.float32)
+        self.R = _rotation(float(p.get("rotate_deg", 0.0)))
+        asset = self.asset
+        self.asset_stage = lambda xs, rays, need_rgb: self.ctx.base_samples(asset, xs, rays, need_rgb, own_geo=False)
+        occ_grid = getattr(asset, "occupancy", None)
+        self.asset_occ = (lambda xs: occ_grid.query(xs)) if occ_grid is not None else \
+            (lambda xs: torch.ones(xs.shape[0], dtype=torch.bool, device=xs.device))
+        self.selection.prepare(lambda predicate: self.ctx.scan(self.asset_stage, self.asset_occ, predicate))
+        self.code = self.ctx.default_code(asset)
+
+    def _source(self, x):
+        xs = (x - self.anchor.to(x)) @ self.R.to(x) + self.src_anchor.to(x)
+        inside = ((xs >= self.lo.to(x)) & (xs <= self.hi.to(x))).all(-1)
+        return xs, inside
+
+    def evaluate(self, x, rays, prev, need_rgb):
+        s = prev(x, rays, need_rgb)
+        xs, inside = self._source(x)
+        idx = inside.nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            return s
+        ar = None
+        if rays is not None and need_rgb:
+            d = rays.take(idx).sample_dirs() @ self.R.to(x)
+            ar = Rays(d, self.code.to(x).expand(idx.numel(), -1))
+        a = self.asset_stage(xs[idx], ar, need_rgb and rays is not None)
+        a = a.masked(self.selection.evaluate(xs[idx], a.labels))
+        if a.rgb is None and s.rgb is not None:
+            a.rgb = torch.zeros(idx.numel(), 3, device=x.device)
+        part = Samples.union(Samples(s.sigma[idx], None if s.rgb is None else s.rgb[idx], s.logits[idx],
+                                     None if s.geo is None else s.geo[idx],
+                                     None if s.has_geo is None else s.has_geo[idx]), a)
+        return s.scatter(idx, part)
+
+    def occupancy(self, x, prev_occ):
+        xs, inside = self._source(x)
+        return prev_occ(x) | (inside & self.asset_occ(xs) & self.selection.bound(xs))
+
+    def extend_aabb(self, aabb):
+        corners = torch.stack([torch.tensor([self.lo[0] if i == 0 else self.hi[0], self.lo[1] if j == 0 else self.hi[1],
+                                             self.lo[2] if k == 0 else self.hi[2]])
+                               for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+        placed = (corners - self.src_anchor) @ self.R.T + self.anchor
+        return torch.stack([torch.minimum(aabb[0], placed.min(0).values.to(aabb)),
+                            torch.maximum(aabb[1], placed.max(0).values.to(aabb))])
+
+
+OP_CLASSES = {"remove": RemoveOp, "recolor": RecolorOp, "restyle": RestyleOp, "raise": RaiseOp,
+              "scale_height": ScaleHeightOp, "move": MoveOp, "duplicate": DuplicateOp, "insert": InsertOp}
+
+__all__ = ["OPS", "OP_CLASSES", "Op", "color_function", "safe_relative_path", "validate_params"]

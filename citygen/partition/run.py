@@ -1,0 +1,172 @@
+"""The ``citygen plan`` workflow: read (or lay out) a survey, plan, draw, size, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from survey_io import read_transforms
+from survey_io.atomic import atomic_write_json
+
+from ..errors import CitygenError
+from .config import PartitionConfig
+from .estimate import SizingConfig, sizing_report
+from .ground import GroundModel, estimate_ground, load_sparse_points
+from .layout import FlightLayout, synthetic_survey
+from .planner import plan_tile
+from .visibility import compute_footprints
+
+#: ground GeoTIFFs looked for beside transforms.json in ``--ground-height auto`` (surface first:
+#: the cameras see roofs, and the synthetic city writes both as ground truth).
+GROUND_TIF_NAMES = ("dsm.tif", "dtm.tif")
+#: the COLMAP model ``citygen ingest`` writes beside transforms.json (local frame).
+SPARSE_MODEL = "sparse/0"
+
+
+@dataclass
+class PlanRequest:
+    """Everything ``citygen plan`` was asked (see :func:`citygen.cli.plan` for the meaning)."""
+
+    data: Path | None = None
+    out: Path | None = None
+    partition: PartitionConfig | None = None
+    ground_height: str = "auto"
+    ground_tif: Path | None = None
+    ortho: Path | None = None
+    dry_run: bool = False
+    layout: FlightLayout | None = None
+    #: dry run: "auto" (the project's synthetic flight generator when present) or "builtin".
+    layout_generator: str = "auto"
+    train_preset: str = "city-100km2"
+    downscale: int | None = None
+    sizing: SizingConfig | None = None
+    seed: int = 0
+
+
+def parse_blocks(text: str | None) -> tuple[int, int] | None:
+    """``"2x3"`` -> (2 rows, 3 cols)."""
+    if text is None:
+        return None
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise CitygenError(None, f"--blocks wants ROWSxCOLS such as 2x2, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise CitygenError(None, f"--blocks needs at least 1x1, got {text!r}")
+    return rows, cols
+
+
+def run_plan(req: PlanRequest) -> dict[str, Any]:
+    """Plan a tile; write plan.json, plan.png and plan_report.json under ``req.out`` (when given).
+
+    Returns the report (sizing summary, assumptions, per-block estimates, where things went).
+    """
+    from ..config import TrainConfig, load_config
+
+    config = req.partition or PartitionConfig()
+    layout = req.layout or FlightLayout()
+    if req.dry_run:
+        survey, generator = synthetic_survey(layout, seed=req.seed, generator=req.layout_generator)
+        ground = GroundModel.plane(0.0, source="dry run: flat ground at z = 0") if req.ground_height == "auto" \
+            else _ground(survey, req, config)
+        source = {"dry_run": True, "generator": generator, "layout": layout.__dict__}
+    else:
+        if req.data is None:
+            raise CitygenError(None, "plan needs --data transforms.json (or --dry-run)")
+        survey = read_transforms(req.data)
+        ground = _ground(survey, req, config)
+        source = {"dry_run": False, "data": str(req.data)}
+
+    train = load_config(req.train_preset) if req.train_preset else TrainConfig()
+    if req.downscale is not None:
+        train.downscale = int(req.downscale)
+    fp = compute_footprints(survey, ground, config.footprint_grid, config.max_ray_distance_m)
+    if req.dry_run and config.bounds_crs is None:
+        # size exactly the requested square: no snapping (a real tile's grid snaps to CRS
+        # multiples of the block size, which can add a row or column of partial blocks)
+        config = dataclasses.replace(config, snap_to_block_size=False,
+                                     bounds_crs=_dry_run_bounds(fp, survey.georef.origin, layout))
+    plan = plan_tile(survey, config, ground, footprints=fp)
+    report = sizing_report(plan, survey, train, req.sizing or SizingConfig())
+    report["source"] = source
+    report["ground"] = plan.ground
+    report["train_preset"] = req.train_preset
+    cam = survey.cameras[0]
+    report["assumptions"]["camera"] = {"width": cam.width, "height": cam.height, "fl_x": cam.fl_x}
+    if req.out is not None:
+        from .draw import draw_plan
+
+        out = Path(req.out)
+        report["files"] = {"plan": str(plan.save(out / "plan.json")),
+                           "picture": str(draw_plan(plan, out / "plan.png", footprints=fp, ortho=req.ortho)),
+                           "report": str(out / "plan_report.json")}
+        atomic_write_json(out / "plan_report.json", report)
+    return report
+
+
+def _dry_run_bounds(fp, origin, layout: FlightLayout) -> tuple[float, float, float, float]:
+    """The requested square, not the footprints' spill-over beyond it: ``layout.side_m`` on a
+    side, centred on the mean footprint centre (the layouts are symmetric about the area)."""
+    centre = fp.polygons[fp.valid].mean(axis=1).mean(axis=0) + np.asarray(origin[:2])
+    corner = centre - layout.side_m / 2
+    return (float(corner[0]), float(corner[1]), float(corner[0] + layout.side_m), float(corner[1] + layout.side_m))
+
+
+def _ground(survey, req: PlanRequest, config: PartitionConfig) -> GroundModel:
+    if req.ground_tif is not None:
+        return GroundModel.from_geotiff(req.ground_tif, survey.georef)
+    if req.ground_height != "auto":
+        try:
+            return GroundModel.plane(float(req.ground_height), source="--ground-height")
+        except ValueError:
+            raise CitygenError(None, f"--ground-height wants 'auto' or metres, got {req.ground_height!r}") from None
+    points = None
+    if req.data is not None:
+        folder = Path(req.data).parent
+        for name in GROUND_TIF_NAMES:
+            if (folder / name).is_file():
+                return GroundModel.from_geotiff(folder / name, survey.georef)
+        if (folder / SPARSE_MODEL).is_dir():
+            points = load_sparse_points(folder / SPARSE_MODEL)
+    return estimate_ground(survey, config, points=points)
+
+
+def print_summary(report: dict[str, Any], file=None) -> None:
+    """A readable table of the report (rich), on stderr by default so stdout stays JSON."""
+    from rich.console import Console
+    from rich.table import Table
+
+    s, a = report["summary"], report["assumptions"]
+    gb = 1e9
+    gpu_mem = s["gpu_memory_per_block_bytes"]
+    table = Table(title=f"citygen plan: {s['blocks']} blocks ({s['grid'][0]}x{s['grid'][1]} of "
+                        f"{s['block_size_m'][0]:.0f} m, margin {s['margin_m']:.0f} m), {s['area_km2']:.1f} km²")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    ipb = s["images_per_block"]
+    rows = [
+        ("images (unassigned)", f"{s['images']} ({s['unassigned_images']})"),
+        ("images / block (min / median / max)", f"{ipb['min']} / {ipb['median']:.0f} / {ipb['max']}"),
+        ("low-coverage blocks", str(len(s["low_coverage_blocks"]))),
+        (f"GPU memory / block (median / max), {a['gpu']}",
+         f"{gpu_mem['median'] / gb:.1f} / {gpu_mem['max'] / gb:.1f} GB"),
+        ("host memory / block (max, image cache off GPU)", f"{s['host_memory_per_block_bytes']['max'] / gb:.1f} GB"),
+        ("all blocks fit the GPU", str(s["all_blocks_fit_gpu"])),
+        ("training time / block (estimate)",
+         f"{s['train_seconds_per_block'] / 60:.1f} min @ {a['rays_per_second']:.3g} rays/s"),
+        ("GPU-hours, whole tile (estimate)", f"{s['gpu_hours_total']:.1f}"),
+        ("model size", f"{s['model_bytes_total'] / gb:.2f} GB, {s['model_mb_per_km2']:.1f} MB/km²"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console(file=file or sys.stderr).print(table)
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, default=str)

@@ -1,0 +1,296 @@
+"""Optimisation-based style transfer: fine-tune the field's colour branch on rendered views.
+
+Only the colour branch (``color_geo``, ``color_cond``, ``color_mlp`` of a CityField) is
+trained; density, geometry features and semantics are frozen, so the geometry cannot change
+and the result, being a field, is multi-view consistent.  Each step renders a few small
+random views looking down into the block and minimises
+
+    style_weight   * sum_l |Gram(F_l(I)) - Gram(F_l(reference))|^2     (Gatys et al.)
+  + color_weight   * SW2(pixels of I, pixels of reference)              (sliced Wasserstein)
+  + content_weight * |F_deep(I) - F_deep(I_0)|^2                        (I_0: the unstylized view)
+
+with ``F`` a feature network:
+
+* :class:`VGG16Features`: VGG16's convolutional layers (``relu1_2, relu2_2, relu3_3,
+  relu4_3``), weights **supplied by the user** as a safetensors file with torchvision's key
+  layout (``features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}``; the ``features.``
+  prefix is optional).  Nothing is downloaded.  One way to make such a file, on a machine
+  with torchvision: ``safetensors.torch.save_file({k: v for k, v in
+  torchvision.models.vgg16(weights="DEFAULT").state_dict().items() if k.startswith("features.")},
+  "vgg16.safetensors")``.
+* :class:`RandomFeatures`: weights-free mode: a fixed, deterministically seeded random
+  multi-scale conv net (random features carry texture statistics well enough for
+  Gram matching, Ustyuzhaninov et al. 2017); with the colour term this needs no file.
+
+With ``classes``, the losses see the stylized colours only on pixels of those classes (the
+rest of the view keeps the unstylized render), matching the restyle edit that applies the
+weights only there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from survey_io import Camera
+
+from ..edit.field import color_branch, with_color_branch
+from ..errors import CitygenError
+from ..render.sampling import camera_rays
+from ..render.volume import render_rays
+
+_VGG_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
+              (256, 512), (512, 512), (512, 512), "M", (512, 512), (512, 512), (512, 512), "M"]
+_VGG_TAPS = (3, 8, 15, 22)  # relu1_2, relu2_2, relu3_3, relu4_3 in torchvision's numbering
+
+
+class VGG16Features(nn.Module):
+    """VGG16 ``features`` up to relu4_3, loaded from a user-supplied safetensors file."""
+
+    def __init__(self, weights: str | Path):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for spec in _VGG_CONVS:
+            if spec == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(spec[0], spec[1], 3, padding=1), nn.ReLU(inplace=False)]
+        self.features = nn.Sequential(*layers[:_VGG_TAPS[-1] + 1])
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self._load(Path(weights))
+        self.requires_grad_(False)
+
+    def _load(self, path: Path) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+            raise CitygenError(path, f"feature-network weights unreadable ({err})") from None
+        sd = {}
+        for name, p in self.features.state_dict().items():
+            for key in (f"features.{name}", name):
+                if key in tensors:
+                    if tuple(tensors[key].shape) != tuple(p.shape):
+                        raise CitygenError(path, f"{key} has shape {tuple(tensors[key].shape)}, VGG16 needs {tuple(p.shape)}")
+                    sd[name] = tensors[key].float()
+                    break
+            else:
+                raise CitygenError(path, f"not VGG16 conv weights: {f'features.{name}'!r} is missing "
+                                         "(expected torchvision's vgg16 'features.*' keys)")
+        self.features.load_state_dict(sd)
+
+    def forward(self, img: Tensor) -> list[Tensor]:
+        x = (img - self.mean) / self.std
+        taps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in _VGG_TAPS:
+                taps.append(x)
+        return taps
+
+
+class RandomFeatures(nn.Module):
+    """Weights-free feature net: three seeded random conv stages at 1, 1/2, 1/4 resolution."""
+
+    def __init__(self, seed: int = 0, widths=(32, 64, 128)):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        convs, c_in = [], 3
+        for i, w in enumerate(widths):
+            conv = nn.Conv2d(c_in, w, 3, stride=1 if i == 0 else 2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2.0 / (c_in * 9)))
+                conv.bias.zero_()
+            convs.append(conv)
+            c_in = w
+        self.convs = nn.ModuleList(convs)
+        self.requires_grad_(False)
+
+    def forward(self, img: Tensor) -> list[Tensor]:
+        x = (img - 0.5) / 0.25
+        taps = []
+        for conv in self.convs:
+            x = F.relu(conv(x))
+            taps.append(x)
+        return taps
+
+
+def gram(f: Tensor) -> Tensor:
+    b, c, h, w = f.shape
+    f = f.reshape(b, c, h * w)
+    return f @ f.transpose(1, 2) / (c * h * w)
+
+
+def sliced_wasserstein(a: Tensor, b: Tensor, n_dirs: int = 32, generator: torch.Generator | None = None) -> Tensor:
+    """Sliced 2-Wasserstein distance squared between colour sets a (N, 3) and b (M, 3)."""
+    d = torch.randn(3, n_dirs, generator=generator)
+    d = (d / d.norm(dim=0, keepdim=True)).to(a)
+    pa, _ = torch.sort(a @ d, dim=0)
+    pb, _ = torch.sort(b @ d, dim=0)
+    if pb.shape[0] != pa.shape[0]:  # compare at matching quantiles
+        q = (torch.arange(pa.shape[0], device=a.device) + 0.5) / pa.shape[0] * pb.shape[0] - 0.5
+        pb = pb[q.round().long().clamp(0, pb.shape[0] - 1)]
+    return ((pa - pb) ** 2).mean()
+
+
+def look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """OpenCV camera-to-world looking from ``eye`` at ``target`` with +Z up."""
+    z = target - eye
+    z = z / np.linalg.norm(z)
+    x = np.cross(z, [0.0, 0.0, 1.0])
+    x = x / np.linalg.norm(x) if np.linalg.norm(x) > 1e-6 else np.array([1.0, 0.0, 0.0])
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = x, np.cross(z, x), z, eye
+    return m
+
+
+def random_views(aabb: Tensor, n: int, size: int, rng: np.random.Generator, fov_deg: float = 60.0):
+    """``n`` random pinhole views (rays) looking down into the box from above it."""
+    lo, hi = aabb[0].cpu().numpy().astype(np.float64), aabb[1].cpu().numpy().astype(np.float64)
+    ext = hi - lo
+    f = size / (2 * math.tan(math.radians(fov_deg) / 2))
+    cam = Camera(width=size, height=size, fl_x=f, fl_y=f, cx=size / 2, cy=size / 2)
+    views = []
+    for _ in range(n):
+        target = lo + ext * np.array([rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), 0.0])
+        a, tilt = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, math.radians(45))
+        dist = 0.35 * float(ext[:2].max())
+        eye = target + dist * np.array([math.sin(tilt) * math.cos(a), math.sin(tilt) * math.sin(a), math.cos(tilt)])
+        eye[2] = max(eye[2], hi[2] + 0.5)
+        o, d, _ = camera_rays(cam, look_at(eye, target), device=aabb.device)
+        views.append((o, d))
+    return views
+
+
+@dataclass
+class StyleOptimizeConfig:
+    steps: int = 200
+    views_per_step: int = 2
+    size: int = 48
+    lr: float = 5e-3
+    style_weight: float = 1.0
+    color_weight: float = 10.0
+    content_weight: float = 0.05
+    step_size: float | None = None     # marching step, metres (default: box diagonal / 256)
+    seed: int = 0
+    history: list = dc_field(default_factory=list)
+
+
+def _render(field, views, code, step_size, classes):
+    imgs, masks = [], []
+    for o, d in views:
+        out = render_rays(field, o, d, code, step_size=step_size, occupancy=getattr(field, "occupancy", None))
+        s = int(math.isqrt(o.shape[0]))
+        imgs.append(out["rgb"].reshape(s, s, 3).permute(2, 0, 1))
+        if classes is not None:
+            lab = out["semantics"].argmax(-1)
+            masks.append(torch.isin(lab, torch.tensor(classes, device=lab.device)).reshape(1, s, s).float())
+    return torch.stack(imgs), (torch.stack(masks) if masks else None)
+
+
+def style_loss(img: Tensor, img0: Tensor, mask: Tensor | None, ref_feats, ref_pixels: Tensor, net,
+               cfg: StyleOptimizeConfig, generator: torch.Generator) -> tuple[Tensor, dict]:
+    """The total loss of stylized views ``img`` (B, 3, H, W) against the unstylized ``img0``."""
+    if mask is not None:
+        img = mask * img + (1 - mask) * img0
+    feats = net(img)
+    style = sum(((gram(f) - gram(r).expand(f.shape[0], -1, -1)) ** 2).sum((1, 2)).mean()
+                for f, r in zip(feats, ref_feats))
+    pix = img.permute(0, 2, 3, 1).reshape(-1, 3)
+    if mask is not None and bool((mask > 0).any()):
+        pix = pix[mask.reshape(-1) > 0]
+    color = sliced_wasserstein(pix, ref_pixels, generator=generator)
+    with torch.no_grad():
+        f0 = net(img0)[-1]
+    content = F.mse_loss(feats[-1], f0)
+    total = cfg.style_weight * style + cfg.color_weight * color + cfg.content_weight * content
+    return total, {"style": float(style), "color": float(color), "content": float(content)}
+
+
+def optimize_color_branch(field, reference: Tensor, cfg: StyleOptimizeConfig | None = None, net: nn.Module | None = None,
+                          classes: list[int] | None = None, eval_views: int = 2) -> tuple[dict[str, Tensor], dict]:
+    """Fine-tune a copy of ``field``'s colour branch towards the style of ``reference`` (3, H, W).
+
+    Returns:
+        (colour-branch tensors ``{"<module>.<param>": tensor}``, report with the loss on fixed
+        evaluation views before and after, and the per-step history).
+    """
+    cfg = cfg or StyleOptimizeConfig()
+    net = net or RandomFeatures(cfg.seed)
+    device = field.aabb.device
+    net = net.to(device)
+    start = {f"{n}.{k}": v.detach().clone() for n, m in color_branch(field).items() for k, v in m.state_dict().items()}
+    styled = with_color_branch(field, start)
+    params = [p for m in color_branch(styled).values() for p in m.parameters()]
+    frozen = [p for p in field.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    step_size = cfg.step_size or float(torch.linalg.norm(field.aabb[1] - field.aabb[0])) / 256
+    code = field.appearance.weight.detach().mean(0) if hasattr(field, "appearance") else torch.zeros(0, device=device)
+    ref = reference.to(device)[None].float()
+    with torch.no_grad():
+        ref_feats = [f.detach() for f in net(ref)]
+    ref_pixels = ref[0].permute(1, 2, 0).reshape(-1, 3)
+    rng = np.random.default_rng(cfg.seed)
+    eval_set = random_views(field.aabb, eval_views, cfg.size, np.random.default_rng(cfg.seed + 1))
+
+    def evaluate() -> float:
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        with torch.no_grad():
+            img0, mask = _render(field, eval_set, code, step_size, classes)
+            img, _ = _render(styled, eval_set, code, step_size, None)
+            return float(style_loss(img, img0, mask, ref_feats, ref_pixels, net, cfg, g)[0])
+
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    try:
+        before = evaluate()
+        for step in range(cfg.steps):
+            views = random_views(field.aabb, cfg.views_per_step, cfg.size, rng)
+            with torch.no_grad():
+                img0, mask = _render(field, views, code, step_size, classes)
+            img, _ = _render(styled, views, code, step_size, None)
+            loss, parts = style_loss(img, img0, mask, ref_feats, ref_pixels, net, cfg, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append({"step": step + 1, "loss": float(loss), **parts})
+        after = evaluate()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in color_branch(styled).items()
+               for k, v in m.state_dict().items()}
+    return tensors, {"loss_before": before, "loss_after": after, "history": history}
+
+
+def load_reference_image(path, max_side: int = 256) -> Tensor:
+    """A reference image as (3, H, W) in [0, 1], its long side at most ``max_side``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = max_side / max(im.size)
+            if scale < 1:
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as err:
+        raise CitygenError(path, f"reference image unreadable ({err})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+__all__ = ["RandomFeatures", "StyleOptimizeConfig", "VGG16Features", "gram", "load_reference_image",
+           "optimize_color_branch", "random_views", "sliced_wasserstein", "style_loss"]

@@ -1,0 +1,192 @@
+"""Train a whole tile: one block task per block of ``TILE/plan.json``, run by an executor.
+
+Tile layout (``tile_dir``)::
+
+    plan.json            the partition (citygen plan)
+    tile_config.json     what train_tile resolved: the training config, the survey path,
+                         each block's field box (written before any block starts)
+    tile_run.json        the executors' block list (citygen.distributed.run_tile)
+    block_<id>/          one block's run folder: config.json, metrics.jsonl, checkpoints/,
+                         state.json, result.json, worker.log
+
+Each block's field covers the plan's box for it (the extended rectangle times the block's
+height range) with one change: its top is lowered to just below the lowest camera that
+trains it.  Surveys fly above everything they photograph, so nothing is lost, and a box
+that contained the cameras would spend its hash cells and samples on the air around them
+(and invite floaters in front of the lenses).
+
+Training is resumable: calling :func:`train_tile` again skips finished blocks and resumes
+the others from their last checkpoints (see :func:`citygen.distributed.run_tile`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from survey_io.atomic import atomic_write_json
+
+from .config import TrainConfig, from_dict, load_config, to_dict
+from .distributed import (
+    BlockTask,
+    Executor,
+    LocalExecutor,
+    RayExecutor,
+    TileResult,
+    run_tile,
+)
+from .errors import CitygenError
+from .partition import Block, TilePlan
+from .train.block_job import JOB
+
+PLAN_FILE = "plan.json"
+TILE_CONFIG_FILE = "tile_config.json"
+#: the field's top stays this far below the lowest camera training the block (metres).
+CAMERA_CLEARANCE_M = 2.0
+
+
+def block_dir(tile_dir: str | Path, block_id: str) -> Path:
+    """A block's run folder inside the tile."""
+    return Path(tile_dir) / f"block_{block_id}"
+
+
+def resolve_config(config: TrainConfig | dict | str | Path = "tiny", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A training config from a preset name / YAML path (+ dotted overrides), a dict, or a config."""
+    if isinstance(config, TrainConfig):
+        cfg = from_dict(to_dict(config))
+        if overrides:
+            cfg = load_config_from(cfg, overrides)
+        return cfg
+    if isinstance(config, dict):
+        return load_config_from(from_dict(config), overrides or {})
+    return load_config(config, overrides)
+
+
+def load_config_from(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """``cfg`` with dotted-key overrides applied (via a round trip through its dict)."""
+    d = to_dict(cfg)
+    for key, value in overrides.items():
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise CitygenError("overrides", f"unknown config key {key!r}")
+            node = node[p]
+        node[leaf] = value
+    return from_dict(d, "overrides")
+
+
+def field_box(block: Block, camera_heights: Sequence[float]) -> np.ndarray:
+    """The (2, 3) box a block's field covers: the plan's box, its top lowered below the cameras."""
+    lo, hi = (np.asarray(v, dtype=np.float64) for v in block.aabb)
+    if len(camera_heights):
+        top = float(min(camera_heights)) - CAMERA_CLEARANCE_M
+        if top > lo[2] + 1.0:  # never invert the box (a plan whose cameras sit below its ground)
+            hi[2] = min(hi[2], top)
+    return np.stack([lo, hi])
+
+
+def make_executor(executor: str | Executor = "local", *, max_parallel: int | None = None,
+                  ray_address: str | None = None, max_retries: int = 2) -> Executor:
+    """``"local"`` -> :class:`LocalExecutor`, ``"ray"`` -> :class:`RayExecutor`, or the given executor."""
+    if not isinstance(executor, str):
+        return executor
+    if executor == "local":
+        return LocalExecutor(max_parallel=max_parallel, max_retries=max_retries)
+    if executor == "ray":
+        return RayExecutor(address=ray_address, max_retries=max_retries)
+    raise CitygenError(None, f"unknown executor {executor!r} (known: local, ray)")
+
+
+def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
+               blocks: Sequence[str] | None = None) -> tuple[list[BlockTask], dict[str, Any]]:
+    """The block tasks of a tile and the tile config record (see the module docstring).
+
+    Blocks without training images are left out (listed under ``"skipped"`` in the record):
+    there is nothing to train them on, and the renderer treats them as empty.
+    """
+    from .train.data import load_survey
+
+    tile_dir = Path(tile_dir)
+    plan = TilePlan.load(tile_dir / PLAN_FILE)
+    data = Path(data).resolve()
+    survey = load_survey(data)
+    by_name = {im.name: im for im in survey.images}
+    chosen = [b for b in plan.blocks if blocks is None or b.id in blocks]
+    if blocks is not None:
+        unknown = sorted(set(blocks) - {b.id for b in plan.blocks})
+        if unknown:
+            raise CitygenError(tile_dir / PLAN_FILE, f"no blocks {unknown} in the plan")
+    tasks, record_blocks, skipped = [], {}, []
+    for b in chosen:
+        missing = [n for n in b.images if n not in by_name]
+        if missing:
+            raise CitygenError(data, f"block {b.id}: the plan's images {missing[:3]} are not in this survey "
+                                     "(was the tile planned on another survey?)")
+        names = [n for n in b.images if n not in set(survey.test_names)]
+        if not names:
+            skipped.append(b.id)
+            continue
+        box = field_box(b, [by_name[n].c2w[2, 3] for n in names])
+        kwargs = {"config": to_dict(cfg), "data": str(data), "image_names": names, "aabb": box.tolist()}
+        tasks.append(BlockTask(b.id, str(block_dir(tile_dir, b.id)), JOB, kwargs))
+        record_blocks[b.id] = {"dir": block_dir(tile_dir, b.id).name, "aabb": box.tolist(), "n_images": len(names)}
+    record = {"kind": "citygen.tile_config", "version": 1, "data": str(data), "train": to_dict(cfg),
+              "blocks": record_blocks, "skipped": skipped}
+    return tasks, record
+
+
+def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dict | str | Path = "tiny",
+               executor: str | Executor = "local", *, overrides: dict[str, Any] | None = None,
+               max_parallel: int | None = None, ray_address: str | None = None, max_retries: int = 2,
+               blocks: Sequence[str] | None = None) -> TileResult:
+    """Train every block of the tile planned in ``tile_dir/plan.json``.
+
+    Args:
+        tile_dir: the tile folder (holds ``plan.json``; gets ``block_<id>/`` folders).
+        data: the survey's ``transforms.json`` the tile was planned on.
+        config: a preset name or YAML path, a config dict, or a :class:`TrainConfig`.
+        executor: ``"local"``, ``"ray"`` or any :class:`~citygen.distributed.Executor`.
+        overrides: dotted config overrides, e.g. ``{"steps": 500}``.
+        max_parallel: local executor: blocks at once (default: one per GPU, or 1 on CPU).
+        ray_address: Ray executor: the cluster to join (default: a new local instance).
+        max_retries: retries per block after a failed attempt.
+        blocks: train only these block ids (default: all).
+
+    Returns:
+        the :class:`~citygen.distributed.TileResult` (call ``raise_for_failures()`` to insist).
+    """
+    tile_dir = Path(tile_dir)
+    cfg = resolve_config(config, overrides)
+    # Per-block evaluation would score a block's field on whole views it covers only part of;
+    # the tile is evaluated as a whole by `citygen render` (citygen.render.tile).
+    cfg.eval_at_end = False
+    tasks, record = tile_tasks(tile_dir, data, cfg, blocks)
+    if not tasks:
+        raise CitygenError(tile_dir / PLAN_FILE, "no block of the plan has training images")
+    earlier = read_tile_config(tile_dir)
+    if earlier and blocks is not None:  # training a subset: keep the other blocks' entries
+        record["blocks"] = {**earlier.get("blocks", {}), **record["blocks"]}
+    atomic_write_json(tile_dir / TILE_CONFIG_FILE, record)
+    return run_tile(tasks, make_executor(executor, max_parallel=max_parallel, ray_address=ray_address,
+                                         max_retries=max_retries), tile_dir)
+
+
+def read_tile_config(tile_dir: str | Path) -> dict[str, Any] | None:
+    """``tile_config.json`` of a tile, or None when the tile was not trained by :func:`train_tile`."""
+    import json
+
+    path = Path(tile_dir) / TILE_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CitygenError(path, f"not valid JSON ({err})") from None
+
+
+__all__ = ["CAMERA_CLEARANCE_M", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
+           "read_tile_config", "resolve_config", "tile_tasks", "train_tile"]

@@ -1,0 +1,8 @@
+"""One-block training: ray data, the training loop, checkpoints, metrics and evaluation."""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import evaluate
+from .trainer import BlockTrainer, TrainResult, load_field, train_block
+
+__all__ = ["BlockTrainer", "TrainResult", "evaluate", "load_checkpoint", "load_field", "save_checkpoint",
+           "train_block"]

@@ -1,0 +1,244 @@
+"""Training data: every training pixel of a block pre-loaded, random ray batches, scene bounds.
+
+All images are loaded once as uint8 tensors in one flat pixel buffer (plus label maps and
+depth maps when the survey has them); a batch draws pixel indices uniformly over all
+training pixels, so every pixel of every image is equally likely, and builds the rays of
+just those pixels (per-image intrinsics and poses are kept as small tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from survey_io import IGNORE_LABEL, Survey, SurveyImage, read_transforms
+
+from ..errors import CitygenError
+from ..render.sampling import undistort_normalized
+
+
+def load_survey(data: Path | str | Survey) -> Survey:
+    """A :class:`Survey` from a ``transforms.json`` path (or its folder), or the survey itself."""
+    if isinstance(data, Survey):
+        return data
+    path = Path(data)
+    if path.is_dir():
+        path = path / "transforms.json"
+    return read_transforms(path)
+
+
+def select_images(survey: Survey, image_names: list[str] | None, split: str = "train") -> list[SurveyImage]:
+    """The training (or test) images, restricted to ``image_names`` when given."""
+    pool = survey.train_images if split == "train" else survey.test_images
+    if image_names is None:
+        return pool
+    by_name = {im.name: im for im in survey.images}
+    missing = [n for n in image_names if n not in by_name]
+    if missing:
+        raise CitygenError(survey.root, f"images not in the survey: {missing[:3]}")
+    held_out = set(survey.test_names)
+    return [by_name[n] for n in image_names if (n in held_out) == (split == "test")]
+
+
+def _open(path: Path, mode: str, size: tuple[int, int] | None, resample) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode) if mode else im
+            if size is not None and im.size != size:
+                im = im.resize(size, resample)
+            return np.array(im)
+    except (OSError, ValueError) as err:
+        raise CitygenError(path, f"cannot read image ({err})") from None
+
+
+def load_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 image, resized (box filter) to ``size`` = (W, H) when given."""
+    return _open(path, "RGB", size, Image.BOX)
+
+
+def load_labels(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) uint8 label map (nearest-neighbour resize)."""
+    arr = _open(path, "", size, Image.NEAREST)
+    if arr.ndim != 2 or arr.dtype != np.uint8:
+        raise CitygenError(path, f"label map must be a single-channel 8-bit image, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def load_depth(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) float32 z-depth in metres (.npy metres or 16-bit PNG millimetres); 0/inf = unknown."""
+    try:
+        if path.suffix == ".npy":
+            d = np.load(path, allow_pickle=False).astype(np.float32)
+        else:
+            d = _open(path, "", None, Image.NEAREST).astype(np.float32) / 1000.0
+    except (OSError, ValueError) as err:
+        raise CitygenError(path, f"cannot read depth map ({err})") from None
+    if d.ndim != 2:
+        raise CitygenError(path, f"depth map must be 2-D, got shape {d.shape}")
+    if size is not None and (d.shape[1], d.shape[0]) != size:
+        ys = (np.arange(size[1]) + 0.5) * d.shape[0] / size[1]
+        xs = (np.arange(size[0]) + 0.5) * d.shape[1] / size[0]
+        d = d[ys.astype(int)[:, None], xs.astype(int)[None, :]]
+    d[~np.isfinite(d)] = 0.0
+    return d
+
+
+@dataclass
+class RayBatch:
+    origins: Tensor      # (R, 3)
+    dirs: Tensor         # (R, 3) unit
+    z_scale: Tensor      # (R,)
+    rgb: Tensor          # (R, 3) float in [0, 1]
+    image_index: Tensor  # (R,) long
+    semantics: Tensor | None = None  # (R,) long, 255 = ignore
+    depth: Tensor | None = None      # (R,) metres, 0 = unknown
+
+
+class RayDataset:
+    """Every pixel of a set of survey images, ready for random ray batches.
+
+    Args:
+        survey: the survey.
+        images: the images to load (their order defines the appearance-code indices).
+        downscale: integer image downscale factor.
+        device: where the pixel buffers live.
+    """
+
+    def __init__(self, survey: Survey, images: list[SurveyImage], downscale: int = 1,
+                 device: torch.device | str = "cpu"):
+        if not images:
+            raise CitygenError(survey.root, "no training images")
+        self.survey = survey
+        self.images = images
+        self.device = torch.device(device)
+        self.cameras = [survey.camera_of(im).scaled(1.0 / downscale) if downscale > 1 else survey.camera_of(im)
+                        for im in images]
+        rgbs, labels, depths, counts = [], [], [], []
+        self.has_semantics = all(im.semantics is not None for im in images)
+        self.has_depth = all(im.depth is not None for im in images)
+        for im, cam in zip(images, self.cameras):
+            size = (cam.width, cam.height)
+            rgb = load_rgb(survey.image_path(im), size)
+            rgbs.append(torch.from_numpy(rgb.reshape(-1, 3).copy()))
+            if self.has_semantics:
+                labels.append(torch.from_numpy(load_labels(im.semantics, size).reshape(-1).copy()))
+            if self.has_depth:
+                depths.append(torch.from_numpy(load_depth(im.depth, size).reshape(-1)))
+            counts.append(cam.width * cam.height)
+        self.rgb = torch.cat(rgbs).to(self.device)                               # (P, 3) uint8
+        self.semantics = torch.cat(labels).to(self.device) if self.has_semantics else None
+        self.depth = torch.cat(depths).to(self.device) if self.has_depth else None
+        counts_t = torch.tensor(counts, dtype=torch.long)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts_t.cumsum(0)]).to(self.device)
+        self.n_pixels = int(counts_t.sum())
+        cam_params = [[c.fl_x, c.fl_y, c.cx, c.cy, c.width, c.k1, c.k2, c.k3, c.p1, c.p2] for c in self.cameras]
+        self.cam_params = torch.tensor(cam_params, dtype=torch.float64, device=self.device)
+        self.c2w = torch.tensor(np.stack([im.c2w for im in images]), dtype=torch.float64, device=self.device)
+        self.distorted = any(c.has_distortion for c in self.cameras)
+        if any(c.camera_model == "OPENCV_FISHEYE" for c in self.cameras):
+            raise CitygenError(survey.root, "OPENCV_FISHEYE cameras are not supported by the trainer; undistort first")
+
+    @property
+    def camera_positions(self) -> Tensor:
+        return self.c2w[:, :3, 3].float()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> RayBatch:
+        """``n`` pixels drawn uniformly over all training pixels, with their rays and targets."""
+        idx = torch.randint(0, self.n_pixels, (n,), generator=generator, device=self.device)
+        return self.batch(idx)
+
+    def batch(self, idx: Tensor) -> RayBatch:
+        """The rays and targets of flat pixel indices ``idx``."""
+        image = torch.searchsorted(self.offsets, idx, right=True) - 1
+        local = idx - self.offsets[image]
+        p = self.cam_params[image]
+        width = p[:, 4].long()
+        col, row = local % width, local // width
+        x = (col.double() + 0.5 - p[:, 2]) / p[:, 0]
+        y = (row.double() + 0.5 - p[:, 3]) / p[:, 1]
+        if self.distorted:
+            x, y = _undistort_batch(x, y, p)
+        d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
+        d_cam = d_cam / torch.linalg.norm(d_cam, dim=-1, keepdim=True)
+        m = self.c2w[image]
+        dirs = torch.einsum("rij,rj->ri", m[:, :3, :3], d_cam)
+        return RayBatch(
+            origins=m[:, :3, 3].float(), dirs=dirs.float(), z_scale=d_cam[:, 2].float(),
+            rgb=self.rgb[idx].float() / 255.0, image_index=image,
+            semantics=self.semantics[idx].long() if self.semantics is not None else None,
+            depth=self.depth[idx] if self.depth is not None else None,
+        )
+
+
+def _undistort_batch(x: Tensor, y: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    class _Cam:  # per-ray coefficients with the attribute names undistort_normalized reads
+        k1, k2, k3, p1, p2 = p[:, 5], p[:, 6], p[:, 7], p[:, 8], p[:, 9]
+    return undistort_normalized(_Cam, x, y)
+
+
+def scene_aabb(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
+               ground_z: float = 0.0, stride: int = 8) -> np.ndarray:
+    """Derive a block's (2, 3) AABB from its images.
+
+    With depth maps: back-project every ``stride``-th pixel of every image with a known
+    depth, take the 0.5 / 99.5 percentiles of the points per axis (robust to stray far
+    pixels), and pad by ``margin`` of the size on every side.
+
+    Without depth: intersect each camera's rays through a 5x5 grid of pixels with the ground
+    plane ``z = ground_z`` (the local frame's origin height; rays above the horizon are cut
+    at 3x the camera's height above ground) for the horizontal extent, and take
+    ``[ground_z - 0.1 h, ground_z + 0.6 h]`` vertically, where ``h`` is the lowest camera's
+    height above ground (buildings stay below the flight); then pad by ``margin``.
+    """
+    points = []
+    if all(im.depth is not None for im in images):
+        for im in images:
+            cam = survey.camera_of(im)
+            depth = load_depth(im.depth)
+            if depth.shape != (cam.height, cam.width):
+                raise CitygenError(im.depth, f"depth map is {depth.shape}, the image is {(cam.height, cam.width)}")
+            rows, cols = np.mgrid[0:cam.height:stride, 0:cam.width:stride]
+            z = depth[rows, cols]
+            ok = z > 0
+            x = (cols[ok] + 0.5 - cam.cx) / cam.fl_x * z[ok]
+            y = (rows[ok] + 0.5 - cam.cy) / cam.fl_y * z[ok]
+            pts = np.stack([x, y, z[ok]], axis=-1) @ im.c2w[:3, :3].T + im.c2w[:3, 3]
+            points.append(pts)
+        pts = np.concatenate(points) if points else np.zeros((0, 3))
+        if len(pts) >= 8:
+            lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
+            return _pad(lo, hi, margin)
+    heights = np.array([im.c2w[2, 3] for im in images]) - ground_z
+    h = float(heights.min())
+    if h <= 0:
+        raise CitygenError(survey.root, "cannot derive the scene bounds: a camera is below the ground plane z = "
+                                        f"{ground_z}; pass an explicit AABB")
+    for im in images:
+        cam = survey.camera_of(im)
+        u, v = np.meshgrid(np.linspace(0, cam.width, 5), np.linspace(0, cam.height, 5))
+        d = np.stack([(u.ravel() - cam.cx) / cam.fl_x, (v.ravel() - cam.cy) / cam.fl_y, np.ones(25)], -1)
+        d = d @ im.c2w[:3, :3].T
+        o = im.c2w[:3, 3]
+        height = o[2] - ground_z
+        t = np.where(d[:, 2] < -1e-6, height / np.maximum(-d[:, 2], 1e-6), np.inf)
+        t = np.minimum(t, 3.0 * height / np.linalg.norm(d, axis=-1))
+        points.append(o + t[:, None] * d)
+        points.append(o[None])
+    pts = np.concatenate(points)
+    lo = np.array([pts[:, 0].min(), pts[:, 1].min(), ground_z - 0.1 * h])
+    hi = np.array([pts[:, 0].max(), pts[:, 1].max(), ground_z + 0.6 * h])
+    return _pad(lo, hi, margin)
+
+
+def _pad(lo: np.ndarray, hi: np.ndarray, margin: float) -> np.ndarray:
+    size = np.maximum(hi - lo, 1e-3)
+    return np.stack([lo - margin * size, hi + margin * size]).astype(np.float64)
+
+
+__all__ = ["IGNORE_LABEL", "RayBatch", "RayDataset", "load_depth", "load_labels", "load_rgb", "load_survey",
+           "scene_aabb", "select_images"]

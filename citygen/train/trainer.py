@@ -1,0 +1,357 @@
+"""One block's training loop: random ray batches, RGB + semantic losses, Adam, occupancy
+refreshes, JSONL metrics, atomic checkpoints and exact resume.
+
+Run layout (``out``)::
+
+    config.json          the resolved config
+    metrics.jsonl        one line per ``log_every`` steps: step, loss, psnr_train, lr, time (training wall
+                         seconds), cpu_time (process CPU seconds), rays_per_s, samples_per_ray, occupied
+    checkpoints/         step_XXXXXXX.safetensors + .json (see checkpoint.py)
+    eval/                held-out renders and report.json (see evaluate.py)
+
+Exact resume: every random draw of the loop (pixels, jitter, occupancy refresh) comes from
+one ``torch.Generator`` whose state is checkpointed with the weights, the optimizer moments
+and the occupancy grid, and the learning rate is a pure function of the step.  Resuming
+from step k and training to k + m gives the same parameters as training k + m straight
+(bitwise with the deterministic torch hash-grid backend on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from survey_io import IGNORE_LABEL, Survey
+from survey_io.atomic import atomic_write_json, atomic_write_text
+
+from ..config import TrainConfig, from_dict, to_dict
+from ..errors import CitygenError
+from ..fields.field import CityField
+from ..render.occupancy import OccupancyGrid
+from ..render.volume import render_rays
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+from .data import RayDataset, load_survey, scene_aabb, select_images
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_block` produced."""
+
+    out: Path
+    checkpoint: Path          # sidecar JSON of the last checkpoint
+    step: int
+    seconds: float            # training wall time (all sessions of a resumed run)
+    metrics_path: Path
+    eval: dict[str, Any] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CitygenError(None, "device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup from 1% over ``warmup_steps``, then exponential decay to ``final_lr_fraction``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return 0.01 + 0.99 * step / max(o.warmup_steps, 1)
+    span = max(cfg.steps - o.warmup_steps, 1)
+    return o.final_lr_fraction ** min((step - o.warmup_steps) / span, 1.0)
+
+
+def build_field(cfg: TrainConfig, aabb: np.ndarray | torch.Tensor, n_images: int, n_classes: int,
+                camera_positions: torch.Tensor | None, device: torch.device) -> CityField:
+    """A fresh field (with its occupancy grid attached as ``field.occupancy``)."""
+    field = CityField(cfg.field, torch.as_tensor(np.asarray(aabb), dtype=torch.float32), n_images, n_classes,
+                      camera_positions)
+    field.occupancy = OccupancyGrid(field.aabb, cfg.render.grid_resolution)
+    return field.to(device)
+
+
+def make_optimizer(field: CityField, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam: the hash table with eps 1e-15 and no weight decay, the MLPs with a little decay."""
+    o = cfg.optim
+    groups = [
+        {"params": field.grid_parameters(), "lr": o.lr_grid, "weight_decay": 0.0, "name": "grid"},
+        {"params": field.mlp_parameters(), "lr": o.lr_mlp, "weight_decay": o.weight_decay_mlp, "name": "mlp"},
+    ]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    # fused Adam is the fastest step on CPU (BUILD-NOTES) and on CUDA.
+    return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=o.eps, fused=True)
+
+
+class BlockTrainer:
+    """Trains one block's field on a set of survey images.
+
+    Args:
+        cfg: the resolved training config.
+        survey: the survey (or a ``transforms.json`` path).
+        out: run folder.
+        image_names: the block's images (None: all training images of the survey).
+        aabb: the block's (2, 3) box in the local frame (None: derived, see :func:`scene_aabb`).
+    """
+
+    def __init__(self, cfg: TrainConfig, survey: Survey | Path | str, out: Path,
+                 image_names: list[str] | None = None, aabb: Any = None):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.survey = load_survey(survey)
+        self.device = resolve_device(cfg.device)
+        if cfg.threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(cfg.threads)
+        images = select_images(self.survey, image_names, "train")
+        self.data = RayDataset(self.survey, images, cfg.downscale, self.device)
+        if aabb is None:
+            aabb = scene_aabb(self.survey, images, cfg.aabb_margin)
+        self.aabb = np.asarray(aabb, dtype=np.float64).reshape(2, 3)
+        self.classes = list(self.survey.classes)
+        torch.manual_seed(cfg.seed)  # network initialisation
+        self.field = build_field(cfg, self.aabb, len(images), len(self.classes), self.data.camera_positions,
+                                 self.device)
+        self.optimizer = make_optimizer(self.field, cfg, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.step = 0
+        self.seconds = 0.0          # training wall time (not loading, checkpoints, evaluation)
+        self.cpu_seconds = 0.0      # process CPU time of the same (all threads): robust to a shared machine
+        self.checkpoint_dir = self.out / "checkpoints"
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    # -- state ---------------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        aabb = self.aabb
+        return {
+            "config": to_dict(self.cfg),
+            "georef": self.survey.georef.to_dict(),
+            "aabb": aabb.tolist(),
+            # normalised = (local - offset) / scale, per axis; undo with local = offset + scale * u
+            "scale": (aabb[1] - aabb[0]).tolist(),
+            "offset": aabb[0].tolist(),
+            "classes": self.classes,
+            "image_names": [im.name for im in self.data.images],
+            "test_names": [n for n in self.survey.test_names],
+            "survey_root": str(self.survey.root),
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "numpy_rng": _numpy_state(),
+            "optimizer": {"type": "Adam", "groups": optimizer_tensors(self.optimizer)[1]},
+            "hash_backend": self.field.encoding.backend,
+        }
+
+    def save(self) -> Path:
+        tensors = {f"model.{k}": v for k, v in self.field.state_dict().items()}
+        tensors.update(optimizer_tensors(self.optimizer)[0])
+        tensors["rng.generator"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        return save_checkpoint(self.checkpoint_dir, self.step, tensors, self.meta())
+
+    def restore(self, path: Path) -> None:
+        tensors, meta = load_checkpoint(path, self.device)
+        source = Path(path)
+        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.field.load_state_dict(model)
+        except RuntimeError as err:
+            raise CitygenError(source, f"checkpoint does not fit this field config ({str(err).splitlines()[0]})") from None
+        restore_optimizer(self.optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")},
+                          meta["optimizer"]["groups"], source)
+        self.generator.set_state(tensors["rng.generator"].cpu())
+        torch.set_rng_state(tensors["rng.torch"].cpu())
+        _set_numpy_state(meta.get("numpy_rng"))
+        self.step = int(meta["step"])
+        self.seconds = float(meta.get("seconds", 0.0))
+        self.cpu_seconds = float(meta.get("cpu_seconds", 0.0))
+        self.aabb = np.asarray(meta["aabb"], dtype=np.float64)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        factor = lr_factor(self.step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        batch = self.data.sample(cfg.rays_per_batch, self.generator)
+        jitter = torch.rand(cfg.rays_per_batch, generator=self.generator, device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = render_rays(self.field, batch.origins, batch.dirs, self.field.appearance_codes(batch.image_index),
+                              step_size=cfg.render.step_size, occupancy=self.field.occupancy,
+                              z_scale=batch.z_scale, jitter=jitter, segment=cfg.render.segment_samples,
+                              min_transmittance=cfg.render.min_transmittance,
+                              with_semantics=batch.semantics is not None)
+        mse = F.mse_loss(out["rgb"], batch.rgb)
+        loss_rgb = mse if cfg.optim.rgb_loss == "mse" else F.huber_loss(out["rgb"], batch.rgb, delta=0.1)
+        loss = loss_rgb
+        stats = {"loss_rgb": float(loss_rgb.detach())}
+        if batch.semantics is not None and cfg.optim.semantic_weight > 0 and bool((batch.semantics != IGNORE_LABEL).any()):
+            ce = F.cross_entropy(out["semantics"], batch.semantics, ignore_index=IGNORE_LABEL)
+            loss = loss + cfg.optim.semantic_weight * ce
+            stats["loss_semantic"] = float(ce.detach())
+        if batch.depth is not None and cfg.optim.depth_weight > 0:
+            known = batch.depth > 0
+            if bool(known.any()):
+                d = F.l1_loss(out["depth"][known], batch.depth[known]) / float(self.aabb[1, 2] - self.aabb[0, 2])
+                loss = loss + cfg.optim.depth_weight * d
+                stats["loss_depth"] = float(d.detach())
+        if cfg.optim.entropy_weight > 0:
+            a = out["acc"].clamp(1e-6, 1 - 1e-6)
+            entropy = -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
+            loss = loss + cfg.optim.entropy_weight * entropy
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        r = cfg.render
+        if self.step % r.occupancy_update_every == 0:
+            # instant-ngp: refresh every cell while the field is young, a random subset later
+            n_cells = None if self.step <= r.occupancy_warmup_steps else r.occupancy_cells_per_update
+            self.field.occupancy.update(lambda x: self.field.density(x)[0], r.step_size, r.occupancy_alpha_threshold,
+                                        r.occupancy_decay, n_cells, self.generator)
+        stats.update(loss=float(loss.detach()), psnr_train=-10.0 * math.log10(max(float(mse.detach()), 1e-12)),
+                     samples_per_ray=float(out["n_samples"]) / cfg.rays_per_batch, lr=factor * cfg.optim.lr_grid)
+        return stats
+
+    def train(self, progress: bool = True) -> Path:
+        """Train up to ``cfg.steps``, checkpointing on the way and at the end; returns the last sidecar."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "config.json", to_dict(cfg))
+        _truncate_metrics(self.metrics_path, self.step)
+        self.field.train()
+        last_ckpt = None
+        bar = _progress(progress)
+        with bar:
+            task = bar.add_task("training", total=cfg.steps, completed=self.step)
+            window_t, window_steps = time.perf_counter(), 0
+            while self.step < cfg.steps:
+                t0, c0 = time.perf_counter(), time.process_time()
+                stats = self.train_step()
+                self.seconds += time.perf_counter() - t0
+                self.cpu_seconds += time.process_time() - c0
+                window_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or 0 < cfg.max_seconds <= self.seconds:
+                    now = time.perf_counter()
+                    rays_per_s = window_steps * cfg.rays_per_batch / max(now - window_t, 1e-9)
+                    window_t, window_steps = now, 0
+                    line = {"step": self.step, **{k: round(v, 6) for k, v in stats.items()},
+                            "time": round(self.seconds, 3), "cpu_time": round(self.cpu_seconds, 3),
+                            "rays_per_s": round(rays_per_s, 1),
+                            "occupied": round(self.field.occupancy.occupied_fraction(), 4)}
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(line) + "\n")
+                    bar.update(task, completed=self.step,
+                               description=f"psnr {stats['psnr_train']:.2f} dB, {rays_per_s:,.0f} rays/s")
+                out_of_time = 0 < cfg.max_seconds <= self.seconds
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or out_of_time:
+                    last_ckpt = self.save()
+                if out_of_time:
+                    break
+        if last_ckpt is None:
+            last_ckpt = self.save()
+        return last_ckpt
+
+
+def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resume: bool = False,
+                image_names: list[str] | None = None, aabb: Any = None, progress: bool = True) -> TrainResult:
+    """Train one block and (when ``config.eval_at_end``) evaluate it on the held-out views.
+
+    Args:
+        config: resolved config (see :func:`citygen.config.load_config`).
+        data: a ``transforms.json`` path, its folder, or a :class:`Survey`.
+        out: run folder (created).
+        resume: continue from the newest checkpoint in ``out/checkpoints`` (exactly).
+        image_names: the block's training images (None: all of the survey's training images).
+        aabb: the block's (2, 3) box (min xyz, max xyz) in the local frame; None derives it
+            (depth maps when present, else camera footprints on z = 0; see ``scene_aabb``).
+        progress: show a progress bar.
+    """
+    out = Path(out)
+    trainer = BlockTrainer(config, data, out, image_names, aabb)
+    if resume:
+        steps = list_checkpoints(out / "checkpoints")
+        if not steps:
+            raise CitygenError(out, "--resume: no checkpoint in this run folder")
+        trainer.restore(out / "checkpoints")
+    ckpt = trainer.train(progress)
+    report = None
+    if config.eval_at_end and trainer.survey.test_names:
+        from .evaluate import evaluate
+
+        report = evaluate(ckpt, trainer.survey, out / "eval")
+    return TrainResult(out=out, checkpoint=ckpt, step=trainer.step, seconds=trainer.seconds,
+                       metrics_path=trainer.metrics_path, eval=report)
+
+
+def load_field(checkpoint: Path | str, device: torch.device | str = "cpu") -> tuple[CityField, dict[str, Any]]:
+    """Load a trained field (with ``field.occupancy``) from a checkpoint, a checkpoints folder or a run folder.
+
+    Returns the field in eval mode and the checkpoint's sidecar metadata (config, AABB, georef, ...).
+    """
+    tensors, meta = load_checkpoint(Path(checkpoint), device)
+    cfg = from_dict(meta["config"], str(checkpoint))
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    n_images = model["appearance.weight"].shape[0]
+    field = build_field(cfg, np.asarray(meta["aabb"]), n_images, len(meta["classes"]),
+                        model["camera_positions"], torch.device(device))
+    try:
+        field.load_state_dict(model)
+    except RuntimeError as err:
+        raise CitygenError(checkpoint, f"checkpoint does not fit its own config ({str(err).splitlines()[0]})") from None
+    meta["train_config"] = cfg
+    return field.eval(), meta
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (a resumed run re-logs them)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and _line_step(ln) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
+
+
+def _set_numpy_state(state: dict[str, Any] | None) -> None:
+    if state:
+        np.random.set_state((state["name"], np.asarray(state["keys"], dtype=np.uint32), state["pos"],
+                             state["has_gauss"], state["cached_gaussian"]))

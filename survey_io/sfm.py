@@ -1,0 +1,252 @@
+"""Structure from motion with pycolmap (COLMAP's CPU SIFT + incremental mapping).
+
+Input is a prior :class:`Survey` (from :func:`survey_io.drone.read_drone_folder`): its
+cameras seed the intrinsics (one COLMAP camera per survey camera, focal length marked as a
+prior) and its GPS positions, in the local ENU frame, become COLMAP Cartesian pose priors,
+so that spatial matching pairs images by distance in metres.
+
+pycolmap is imported lazily: importing :mod:`survey_io` does not need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SurveyError
+from .survey import Camera, Survey
+
+#: COLMAP camera models ingest can refine, and how the survey camera seeds their parameters.
+SFM_CAMERA_MODELS = ("SIMPLE_RADIAL", "RADIAL", "OPENCV", "PINHOLE", "SIMPLE_PINHOLE")
+
+
+@dataclass
+class SfmOptions:
+    """Options of the SfM pipeline.
+
+    Attributes:
+        max_image_size: features are extracted on images downscaled to this long side (pixels).
+        max_num_features: SIFT features per image.
+        num_threads: CPU threads for extraction, matching and mapping.
+        camera_model: COLMAP camera model to refine (see :data:`SFM_CAMERA_MODELS`).
+        matcher: "exhaustive", "spatial" (GPS neighbours), or "auto" (exhaustive up to
+            ``exhaustive_max_images`` images).
+        exhaustive_max_images: the "auto" switch point.
+        spatial_neighbors: neighbours per image for spatial matching.
+        spatial_max_distance: neighbour search radius (metres, horizontal) for spatial matching.
+        seed: random seed of COLMAP's RANSAC and mapper.
+        use_gps_prior: let the mapper's bundle adjustment use the GPS positions (COLMAP pose
+            priors, robust loss): it keeps wrongly matched images from pulling the model apart.
+        gps_sigma_m: GPS standard deviation (horizontal, vertical) in metres for those priors.
+        verbose: let COLMAP log (glog) to stderr.
+    """
+
+    max_image_size: int = 1000
+    max_num_features: int = 8192
+    num_threads: int = 2
+    camera_model: str = "SIMPLE_RADIAL"
+    matcher: str = "auto"
+    exhaustive_max_images: int = 60
+    spatial_neighbors: int = 20
+    spatial_max_distance: float = 300.0
+    seed: int = 0
+    use_gps_prior: bool = True
+    gps_sigma_m: tuple[float, float] = (5.0, 10.0)
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.camera_model not in SFM_CAMERA_MODELS:
+            raise SurveyError(None, f"camera model {self.camera_model!r} is not one of {', '.join(SFM_CAMERA_MODELS)}")
+        if self.matcher not in ("auto", "exhaustive", "spatial"):
+            raise SurveyError(None, f"matcher {self.matcher!r} is not one of auto, exhaustive, spatial")
+
+
+@dataclass
+class SfmResult:
+    """The largest reconstruction and what did not make it into it.
+
+    Attributes:
+        reconstruction: a ``pycolmap.Reconstruction`` (COLMAP's arbitrary frame and scale).
+        image_ids: registered image name -> COLMAP image id.
+        unregistered: names of survey images not in the reconstruction.
+        camera_index: COLMAP camera id -> index into the survey's cameras.
+        num_models: how many separate models the mapper produced.
+        matcher: "exhaustive" or "spatial", the matcher that ran.
+        timings: seconds per stage.
+    """
+
+    reconstruction: Any
+    image_ids: dict[str, int]
+    unregistered: list[str]
+    camera_index: dict[int, int]
+    num_models: int
+    matcher: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def c2w(self, name: str) -> np.ndarray:
+        """Camera-to-world 4x4 (OpenCV camera axes, as COLMAP) of a registered image."""
+        image = self.reconstruction.images[self.image_ids[name]]
+        m = np.eye(4)
+        m[:3, :4] = image.cam_from_world().inverse().matrix()
+        return m
+
+    def mean_reprojection_error(self) -> float:
+        return float(self.reconstruction.compute_mean_reprojection_error())
+
+
+def import_pycolmap():
+    try:
+        import pycolmap
+    except ImportError:
+        raise SurveyError(None, "structure from motion needs pycolmap: pip install pycolmap") from None
+    return pycolmap
+
+
+@contextlib.contextmanager
+def _colmap_logging(pycolmap, verbose: bool) -> Iterator[None]:
+    previous = pycolmap.logging.minloglevel
+    pycolmap.logging.minloglevel = previous if verbose else 2  # 2: errors only
+    try:
+        yield
+    finally:
+        pycolmap.logging.minloglevel = previous
+
+
+def _camera_params(cam: Camera, model: str) -> str:
+    f = 0.5 * (cam.fl_x + cam.fl_y)
+    params = {
+        "SIMPLE_PINHOLE": (f, cam.cx, cam.cy),
+        "PINHOLE": (cam.fl_x, cam.fl_y, cam.cx, cam.cy),
+        "SIMPLE_RADIAL": (f, cam.cx, cam.cy, cam.k1),
+        "RADIAL": (f, cam.cx, cam.cy, cam.k1, cam.k2),
+        "OPENCV": (cam.fl_x, cam.fl_y, cam.cx, cam.cy, cam.k1, cam.k2, cam.p1, cam.p2),
+    }[model]
+    return ",".join(repr(float(v)) for v in params)
+
+
+def colmap_to_camera(colmap_camera) -> Camera:
+    """A COLMAP camera as a nerfstudio-named :class:`Camera` (radial models become OPENCV, as nerfstudio does)."""
+    model = colmap_camera.model_name
+    p = [float(v) for v in colmap_camera.params]
+    w, h = int(colmap_camera.width), int(colmap_camera.height)
+    if model == "SIMPLE_PINHOLE":
+        return Camera(w, h, p[0], p[0], p[1], p[2], "PINHOLE")
+    if model == "PINHOLE":
+        return Camera(w, h, p[0], p[1], p[2], p[3], "PINHOLE")
+    if model == "SIMPLE_RADIAL":
+        return Camera(w, h, p[0], p[0], p[1], p[2], "OPENCV", k1=p[3])
+    if model == "RADIAL":
+        return Camera(w, h, p[0], p[0], p[1], p[2], "OPENCV", k1=p[3], k2=p[4])
+    if model == "OPENCV":
+        return Camera(w, h, p[0], p[1], p[2], p[3], "OPENCV", k1=p[4], k2=p[5], p1=p[6], p2=p[7])
+    if model == "OPENCV_FISHEYE":
+        return Camera(w, h, p[0], p[1], p[2], p[3], "OPENCV_FISHEYE", k1=p[4], k2=p[5], k3=p[6], k4=p[7])
+    raise SurveyError(None, f"COLMAP camera model {model} has no nerfstudio equivalent")
+
+
+def run_sfm(survey: Survey, work_dir: str | Path, options: SfmOptions | None = None) -> SfmResult:
+    """Extract, match and map the survey's images; return the largest reconstruction.
+
+    Args:
+        survey: images (under ``survey.root``), prior cameras and GPS positions (``image.gps``).
+        work_dir: COLMAP's working folder (``database.db`` and ``models/``); it is emptied first.
+        options: pipeline options.
+
+    Raises:
+        SurveyError: when no model can be reconstructed at all.
+    """
+    pycolmap = import_pycolmap()
+    options = options or SfmOptions()
+    work_dir = Path(work_dir)
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    db_path = work_dir / "database.db"
+    timings: dict[str, float] = {}
+    pycolmap.set_random_seed(options.seed)
+
+    with _colmap_logging(pycolmap, options.verbose):
+        # Features: one extraction call per survey camera, so each becomes one COLMAP camera.
+        t0 = time.perf_counter()
+        extraction = pycolmap.FeatureExtractionOptions()
+        extraction.max_image_size = options.max_image_size
+        extraction.num_threads = options.num_threads
+        extraction.sift.max_num_features = options.max_num_features
+        for k, cam in enumerate(survey.cameras):
+            names = [im.name for im in survey.images if im.camera == k]
+            if not names:
+                continue
+            reader = pycolmap.ImageReaderOptions()
+            reader.camera_model = options.camera_model
+            reader.camera_params = _camera_params(cam, options.camera_model)
+            pycolmap.extract_features(db_path, survey.root, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
+                                      reader_options=reader, extraction_options=extraction, device=pycolmap.Device.cpu)
+        timings["extract_s"] = time.perf_counter() - t0
+
+        # GPS priors in the local metric frame (COLMAP read WGS84 ones from EXIF; replace them).
+        db = pycolmap.Database.open(db_path)
+        try:
+            by_name = {im.name: im for im in db.read_all_images()}
+            missing = [im.name for im in survey.images if im.name not in by_name]
+            if missing:
+                raise SurveyError(survey.root / missing[0], "COLMAP could not read this image")
+            camera_index = {}
+            for im in survey.images:
+                camera_index[by_name[im.name].camera_id] = im.camera
+            db.clear_pose_priors()
+            for im in survey.images:
+                if im.gps is not None:
+                    sh, sv = options.gps_sigma_m
+                    db.write_pose_prior(pycolmap.PosePrior(
+                        position=np.asarray(im.gps, dtype=np.float64), corr_data_id=by_name[im.name].data_id,
+                        position_covariance=np.diag([sh**2, sh**2, sv**2]),
+                        coordinate_system=pycolmap.PosePriorCoordinateSystem.CARTESIAN))
+        finally:
+            db.close()
+
+        t0 = time.perf_counter()
+        matching = pycolmap.FeatureMatchingOptions()
+        matching.num_threads = options.num_threads
+        use_spatial = options.matcher == "spatial" or (
+            options.matcher == "auto" and len(survey.images) > options.exhaustive_max_images)
+        if use_spatial:
+            pairing = pycolmap.SpatialPairingOptions()
+            pairing.max_num_neighbors = options.spatial_neighbors
+            pairing.max_distance = options.spatial_max_distance
+            pairing.ignore_z = True
+            pairing.num_threads = options.num_threads
+            pycolmap.match_spatial(db_path, matching_options=matching, pairing_options=pairing,
+                                   device=pycolmap.Device.cpu)
+        else:
+            pycolmap.match_exhaustive(db_path, matching_options=matching, device=pycolmap.Device.cpu)
+        timings["match_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        mapping = pycolmap.IncrementalPipelineOptions()
+        mapping.num_threads = options.num_threads
+        mapping.random_seed = options.seed
+        mapping.mapper.random_seed = options.seed
+        mapping.triangulation.random_seed = options.seed
+        mapping.min_model_size = 3
+        if options.use_gps_prior:
+            mapping.use_prior_position = True
+            mapping.use_robust_loss_on_prior_position = True
+        models = pycolmap.incremental_mapping(db_path, survey.root, work_dir / "models", options=mapping)
+        timings["map_s"] = time.perf_counter() - t0
+
+    if not models:
+        raise SurveyError(survey.root, "structure from motion failed: no two images could be matched into a model "
+                                       "(too little overlap or texture?)")
+    rec = max(models.values(), key=lambda r: r.num_reg_images())
+    image_ids = {rec.images[i].name: int(i) for i in rec.reg_image_ids()}
+    unregistered = [im.name for im in survey.images if im.name not in image_ids]
+    return SfmResult(reconstruction=rec, image_ids=image_ids, unregistered=unregistered,
+                     camera_index=camera_index, num_models=len(models),
+                     matcher="spatial" if use_spatial else "exhaustive", timings=timings)

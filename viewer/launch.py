@@ -1,0 +1,97 @@
+"""Opening the viewer on a tile folder or a baked PLY (what ``citygen view`` calls).
+
+The command line lives in ``citygen/cli.py``; these are plain typed functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from citygen.errors import CitygenError
+
+from .app import HeadlessViewer, SurveyView, ViewerApp
+from .ply import read_ply
+from .source import TileSource
+
+
+def survey_views_from(transforms: str | Path) -> list[SurveyView]:
+    """Training cameras of a survey (``transforms.json``) to jump between."""
+    from survey_io import read_transforms
+
+    survey = read_transforms(transforms)
+    return [SurveyView(im.name, survey.camera_of(im), im.c2w) for im in survey.train_images]
+
+
+def _find_survey(tile_dir: Path) -> Path | None:
+    """The survey a tile was trained on, when its run config names it."""
+    for name in ("tile_config.json", "config.json"):
+        p = tile_dir / name
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text()).get("data")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if data and Path(data).exists():
+                path = Path(data)
+                return path / "transforms.json" if path.is_dir() else path
+    return None
+
+
+def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str | Path | None = None,
+             size: tuple[int, int] = (1280, 720), device: str = "cpu", out_dir: str | Path | None = None,
+             max_cached_blocks: int = 8) -> ViewerApp:
+    """A :class:`ViewerApp` on a tile folder (neural rendering) or a ``.ply`` file (baked
+    preview).  ``ply`` adds a baked model to a tile; ``survey`` a transforms.json whose
+    training cameras ``n`` / ``p`` jump to (default: the survey the tile was trained on)."""
+    target = Path(target)
+    if not target.exists():
+        raise CitygenError(target, "no such tile folder or PLY file")
+    source, baked, georef = None, None, None
+    if target.is_dir():
+        from citygen.render.tile import TileRenderer
+
+        source = TileSource(TileRenderer.open(target, device=device, max_cached_blocks=max_cached_blocks))
+        georef = source.georef
+        survey = survey or _find_survey(target)
+    elif target.suffix.lower() == ".ply":
+        ply = target
+    else:
+        raise CitygenError(target, "the viewer opens a tile folder (with plan.json) or a .ply file")
+    if ply is not None:
+        model = read_ply(ply)
+        georef = georef or model.georef()
+        baked = model.localized(georef)
+    views = survey_views_from(survey) if survey else []
+    out = Path(out_dir) if out_dir else (target if target.is_dir() else target.parent)
+    return ViewerApp(source, baked, size=size, georef=georef, survey_views=views, out_dir=out)
+
+
+def run_window(app: ViewerApp, title: str = "citygen viewer") -> None:
+    """Open the desktop window and run until it closes."""
+    from .window import ViewerWindow
+
+    win = ViewerWindow(app, title=title)
+    try:
+        win.run()
+    finally:
+        win.close()
+
+
+def headless_screenshot(app: ViewerApp, path: str | Path, size: tuple[int, int] | None = None,
+                        view: int | None = None, mode: str = "rgb", hud: bool = True) -> Path:
+    """Render the survey view (or training camera ``view``) without a display and save a PNG."""
+    from .display import DisplayMode
+
+    hv = HeadlessViewer(app)
+    try:
+        if view is not None:
+            app.jump_to_view(view)
+        app.mode = DisplayMode(mode)
+        # one full-resolution render straight through the renderer (no progressive passes)
+        return app.screenshot(path, size=size or app.size, hud=hud)
+    finally:
+        hv.release()
+
+
+__all__ = ["headless_screenshot", "open_app", "run_window", "survey_views_from"]
