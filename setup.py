@@ -27,6 +27,8 @@ setup(
         "pycolmap>=3.10",
         "moderngl>=5.10",
         "laspy>=2.5",
+        "lazrs>=0.5",  # LAZ compression for laspy
+        "glfw>=2.5",  # the viewer's desktop window
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5"],

@@ -11,8 +11,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable
 
 import torch
 
@@ -62,7 +62,7 @@ def _nerfstudio_encoder(config: HashGridConfig, device: torch.device):
         from nerfstudio.field_components.encodings import HashEncoding as NsHashEncoding
     except Exception:  # noqa: BLE001 -- optional peer; any import failure means "not here"
         return None
-    max_res = int(round(config.base_resolution * config.per_level_scale ** (config.n_levels - 1)))
+    max_res = round(config.base_resolution * config.per_level_scale ** (config.n_levels - 1))
     enc = NsHashEncoding(num_levels=config.n_levels, min_res=config.base_resolution, max_res=max_res,
                          log2_hashmap_size=config.log2_hashmap_size,
                          features_per_level=config.n_features_per_level, implementation="torch")

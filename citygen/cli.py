@@ -116,8 +116,10 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
     print(json.dumps(summary))
 
 
-def bench(what: tyro.conf.Positional[Literal["encode"]], out: Path | None = None, n_points: int = 2**16,
-          repeats: int = 5, device: str = "auto") -> None:
+def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | None = None, n_points: int = 2**16,
+          repeats: int = 5, device: str = "auto", tile: Path | None = None, res: tuple[str, ...] = (),
+          frames: int = 5, reference_frames: int = 1, no_stream: bool = False, stream_budget_gb: float | None = None,
+          stream_frames: int | None = None) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
@@ -127,6 +129,13 @@ def bench(what: tyro.conf.Positional[Literal["encode"]], out: Path | None = None
         n_points: points per step.
         repeats: timed steps per backend (the median is reported).
         device: cpu, cuda or auto (cuda when available).
+        tile: render: a trained run, checkpoint or tile folder (default: a synthetic field).
+        res: render: resolutions such as 1920x1080 (default 1920x1080 3840x2160 on a GPU, 160x90 on a CPU).
+        frames: render: fly-through frames per resolution.
+        reference_frames: render: frames of the torch reference renderer (the 1.0x baseline).
+        no_stream: render: skip the 100 km2 streaming fly-through.
+        stream_budget_gb: render: device memory budget of the block cache (default 12 on a GPU).
+        stream_frames: render: frames of the streaming fly-through.
     """
     import json
 
@@ -140,6 +149,14 @@ def bench(what: tyro.conf.Positional[Literal["encode"]], out: Path | None = None
         from .bench import bench_encode
 
         result = bench_encode(n_points=n_points, repeats=repeats, device=device)
+    elif what == "render":
+        from .bench_render import bench_render, parse_resolution
+
+        if frames < 1 or reference_frames < 0:
+            raise CitygenError(None, "bench: frames must be >= 1 and reference_frames >= 0")
+        result = bench_render(tile=tile, resolutions=[parse_resolution(r) for r in res] or None, n_frames=frames,
+                              reference_frames=reference_frames, device=device, stream=not no_stream,
+                              stream_budget_gb=stream_budget_gb, stream_frames=stream_frames)
     print(json.dumps(result, indent=2))
     if out is not None:
         atomic_write_json(out, result)

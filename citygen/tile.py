@@ -10,10 +10,16 @@ Tile layout (``tile_dir``)::
                          state.json, result.json, worker.log
 
 Each block's field covers the plan's box for it (the extended rectangle times the block's
-height range) with one change: its top is lowered to just below the lowest camera that
-trains it.  Surveys fly above everything they photograph, so nothing is lost, and a box
-that contained the cameras would spend its hash cells and samples on the air around them
-(and invite floaters in front of the lenses).
+height range), tightened vertically:
+
+* when the survey has depth maps (the synthetic city, lidar-backed surveys), to the heights
+  its images actually see inside the extended rectangle (0.5 / 99.5 percentiles of the
+  back-projected depth pixels, padded by 10 % of that range plus 2 m) -- the plan's range is
+  a generous guess (ground - 20 m to ground + 250 m), and the hash grid's vertical
+  resolution and the start-up fog both scale with the box;
+* always, below the lowest camera that trains the block.  Surveys fly above everything they
+  photograph, so nothing is lost, and a box that contained the cameras would spend its hash
+  cells and samples on the air around them (and invite floaters in front of the lenses).
 
 Training is resumable: calling :func:`train_tile` again skips finished blocks and resumes
 the others from their last checkpoints (see :func:`citygen.distributed.run_tile`).
@@ -79,13 +85,49 @@ def load_config_from(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig
     return from_dict(d, "overrides")
 
 
-def field_box(block: Block, camera_heights: Sequence[float]) -> np.ndarray:
-    """The (2, 3) box a block's field covers: the plan's box, its top lowered below the cameras."""
+def observed_heights(survey, images, rect: tuple[float, float, float, float],
+                     stride: int = 8) -> tuple[float, float] | None:
+    """Robust (0.5 / 99.5 percentile) height range of the depth-map points of ``images`` that
+    fall inside the horizontal rectangle ``rect``; None without depth maps (or points)."""
+    from .train.data import load_depth
+
+    if not images or any(im.depth is None for im in images):
+        return None
+    zs = []
+    for im in images:
+        cam = survey.camera_of(im)
+        depth = load_depth(im.depth)
+        if depth.shape != (cam.height, cam.width):
+            raise CitygenError(im.depth, f"depth map is {depth.shape}, the image is {(cam.height, cam.width)}")
+        rows, cols = np.mgrid[0:cam.height:stride, 0:cam.width:stride]
+        z = depth[rows, cols]
+        ok = z > 0
+        x = (cols[ok] + 0.5 - cam.cx) / cam.fl_x * z[ok]
+        y = (rows[ok] + 0.5 - cam.cy) / cam.fl_y * z[ok]
+        pts = np.stack([x, y, z[ok]], axis=-1) @ im.c2w[:3, :3].T + im.c2w[:3, 3]
+        inside = (pts[:, 0] >= rect[0]) & (pts[:, 0] <= rect[2]) & (pts[:, 1] >= rect[1]) & (pts[:, 1] <= rect[3])
+        zs.append(pts[inside, 2])
+    z = np.concatenate(zs)
+    if len(z) < 16:
+        return None
+    return float(np.percentile(z, 0.5)), float(np.percentile(z, 99.5))
+
+
+def field_box(block: Block, camera_heights: Sequence[float],
+              seen_heights: tuple[float, float] | None = None) -> np.ndarray:
+    """The (2, 3) box a block's field covers: the plan's box, tightened to the heights the
+    images see (when known) and lowered below the cameras (see the module docstring)."""
     lo, hi = (np.asarray(v, dtype=np.float64) for v in block.aabb)
+    if seen_heights is not None:
+        z0, z1 = seen_heights
+        pad = 0.1 * max(z1 - z0, 0.0) + 2.0
+        lo[2], hi[2] = max(lo[2], z0 - pad), min(hi[2], z1 + pad)
     if len(camera_heights):
         top = float(min(camera_heights)) - CAMERA_CLEARANCE_M
         if top > lo[2] + 1.0:  # never invert the box (a plan whose cameras sit below its ground)
             hi[2] = min(hi[2], top)
+    if not hi[2] > lo[2]:
+        lo[2], hi[2] = block.z_range
     return np.stack([lo, hi])
 
 
@@ -130,7 +172,8 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
         if not names:
             skipped.append(b.id)
             continue
-        box = field_box(b, [by_name[n].c2w[2, 3] for n in names])
+        images = [by_name[n] for n in names]
+        box = field_box(b, [im.c2w[2, 3] for im in images], observed_heights(survey, images, b.extended))
         kwargs = {"config": to_dict(cfg), "data": str(data), "image_names": names, "aabb": box.tolist()}
         tasks.append(BlockTask(b.id, str(block_dir(tile_dir, b.id)), JOB, kwargs))
         record_blocks[b.id] = {"dir": block_dir(tile_dir, b.id).name, "aabb": box.tolist(), "n_images": len(names)}

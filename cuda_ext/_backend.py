@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -66,24 +67,35 @@ def build_dir() -> Path:
     return base / tag
 
 
-def _load(kind: str) -> ModuleType | None:
+def load_once(key: str, build: Callable[[], ModuleType], modules: dict[str, ModuleType],
+              errors: dict[str, str]) -> ModuleType | None:
+    """Build (or load from the cache) one extension once per process; None when impossible.
+
+    ``modules``/``errors`` are the caller's registries, so each family of kernels reports its
+    own reasons; a failure is remembered (with the compiler's first ``error:`` line) and never
+    retried in this process.
+    """
     with _lock:
-        if kind in _modules:
-            return _modules[kind]
-        if kind in _errors:
+        if key in modules:
+            return modules[key]
+        if key in errors:
             return None
         if os.environ.get("CITYGEN_NO_CUDA_EXT", "") not in ("", "0"):
-            _errors[kind] = "disabled by CITYGEN_NO_CUDA_EXT"
+            errors[key] = "disabled by CITYGEN_NO_CUDA_EXT"
             return None
         try:
-            _modules[kind] = _build(kind)
+            modules[key] = build()
         except Exception as err:  # noqa: BLE001 -- any build failure means "not available"
             lines = str(err).strip().splitlines() or [""]
             # A compiler failure ends in ninja's "build stopped"; the first "error:" line says why.
             why = next((ln.strip() for ln in lines if "error:" in ln), lines[-1])
-            _errors[kind] = f"{type(err).__name__}: {why}"
+            errors[key] = f"{type(err).__name__}: {why}"
             return None
-        return _modules[kind]
+        return modules[key]
+
+
+def _load(kind: str) -> ModuleType | None:
+    return load_once(kind, lambda: _build(kind), _modules, _errors)
 
 
 def _build(kind: str) -> ModuleType:

@@ -9,8 +9,6 @@ disables them.  The kernels' argument conventions are documented in
 
 from __future__ import annotations
 
-import os
-import threading
 from types import ModuleType
 
 from . import _backend
@@ -18,7 +16,6 @@ from . import _backend
 CPU_SOURCES = [_backend.CSRC / "realtime_cpu.cpp"]
 CUDA_SOURCES = [_backend.CSRC / "realtime_cuda.cu", _backend.CSRC / "realtime_cuda_bind.cpp"]
 
-_lock = threading.Lock()
 _modules: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
 
@@ -48,22 +45,7 @@ def _build(kind: str) -> ModuleType:
 
 
 def _load(kind: str) -> ModuleType | None:
-    with _lock:
-        if kind in _modules:
-            return _modules[kind]
-        if kind in _errors:
-            return None
-        if os.environ.get("CITYGEN_NO_CUDA_EXT", "") not in ("", "0"):
-            _errors[kind] = "disabled by CITYGEN_NO_CUDA_EXT"
-            return None
-        try:
-            _modules[kind] = _build(kind)
-        except Exception as err:  # noqa: BLE001 -- any build failure means "not available"
-            lines = str(err).strip().splitlines() or [""]
-            why = next((ln.strip() for ln in lines if "error:" in ln), lines[-1])
-            _errors[kind] = f"{type(err).__name__}: {why}"
-            return None
-        return _modules[kind]
+    return _backend.load_once(kind, lambda: _build(kind), _modules, _errors)
 
 
 def cpu_module() -> ModuleType | None:

@@ -8,8 +8,8 @@ from .blocks_exchange import read_blocks_exchange, write_blocks_exchange
 from .colmap import read_colmap, read_colmap_points, write_colmap
 from .drone import read_drone_folder
 from .errors import SurveyError
-from .geotiff import GeoRaster, read_geotiff, write_geotiff
 from .georef import Georef, utm_epsg_for
+from .geotiff import GeoRaster, read_geotiff, write_geotiff
 from .nerfstudio import read_transforms, write_transforms
 from .semantics import CLASSES, IGNORE_LABEL
 from .survey import Camera, Survey, SurveyImage

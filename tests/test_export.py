@@ -13,9 +13,25 @@ import pytest
 import torch
 
 from citygen.errors import CitygenError
-from citygen.export import (ExportOptions, OrthoGrid, aerial_views, compare_to_ground_truth, export_cameras,
-                            export_scene, heightfield_mesh, points_from_ortho, points_from_views, render_ortho,
-                            tsdf_mesh, write_dsm, write_las, write_mesh, write_ortho, write_points_ply, write_semantics)
+from citygen.export import (
+    ExportOptions,
+    OrthoGrid,
+    aerial_views,
+    compare_to_ground_truth,
+    export_cameras,
+    export_scene,
+    heightfield_mesh,
+    points_from_ortho,
+    points_from_views,
+    render_ortho,
+    tsdf_mesh,
+    write_dsm,
+    write_las,
+    write_mesh,
+    write_ortho,
+    write_points_ply,
+    write_semantics,
+)
 from citygen.export.points import laz_available
 from survey_io import CLASSES, Georef
 from survey_io.geotiff import write_geotiff
@@ -523,3 +539,22 @@ def test_exports_of_a_perfect_field_match_the_synthetic_ground_truth(tmp_path):
     assert s["dsm"]["coverage"] == pytest.approx(59 / 60) and s["dsm"]["rmse_m"] < 1e-3
     assert s["ortho"]["psnr_db"] > 50.0
     assert w["dsm"]["rmse_m"] > 0.5 and w["ortho"]["psnr_db"] < a["ortho"]["psnr_db"] - 20
+
+
+def test_export_scene_views_and_tsdf_stay_in_the_rect(scene, tmp_path):
+    pytest.importorskip("open3d", reason="the mesh extra (open3d) is not installed")
+    import laspy
+
+    rect = (-10.0, -8.0, 10.0, 9.0)
+    options = ExportOptions(what=("las", "mesh"), gsd=0.5, rect=rect, points_from="views", mesh_method="tsdf",
+                            mesh_formats=("ply",), view_size=48, progress=False)
+    manifest = export_scene(scene, tmp_path, options)
+    assert set(manifest["files"]) == {"las", "mesh_ply"} and manifest["counts"]["views"] == 20
+    las = laspy.read(tmp_path / "points.las")
+    x, y = np.asarray(las.x) - ORIGIN[0], np.asarray(las.y) - ORIGIN[1]
+    assert len(x) == manifest["counts"]["points"] > 300
+    assert x.min() >= rect[0] - 1e-3 and x.max() <= rect[2] + 1e-3
+    assert y.min() >= rect[1] - 1e-3 and y.max() <= rect[3] + 1e-3
+    _, v, faces = read_ply(tmp_path / "mesh.ply")
+    assert len(faces) == manifest["counts"]["mesh_faces"] > 1000
+    assert v["x"].min() >= rect[0] and v["x"].max() <= rect[2] and v["y"].min() >= rect[1] and v["y"].max() <= rect[3]

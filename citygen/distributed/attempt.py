@@ -14,8 +14,18 @@ import traceback
 
 from survey_io.atomic import atomic_write_json
 
-from .state import (DONE, FAILED, RESULT_FILE, RUNNING, is_finished, read_result, read_state, this_host,
-                    update_state, utc_now)
+from .state import (
+    DONE,
+    FAILED,
+    RESULT_FILE,
+    RUNNING,
+    is_finished,
+    read_result,
+    read_state,
+    this_host,
+    update_state,
+    utc_now,
+)
 from .task import BlockTask, resolve_job
 
 

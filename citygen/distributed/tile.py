@@ -13,8 +13,20 @@ from typing import Any, Iterator, Protocol, Sequence
 from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
-from .state import (DONE, FAILED, PENDING, RUNNING, STATES, is_finished, process_alive, read_result,
-                    read_state, this_host, update_state, utc_now)
+from .state import (
+    DONE,
+    FAILED,
+    PENDING,
+    RUNNING,
+    STATES,
+    is_finished,
+    process_alive,
+    read_result,
+    read_state,
+    this_host,
+    update_state,
+    utc_now,
+)
 from .task import BlockTask, resolve_job
 
 MANIFEST_FILE = "tile_run.json"

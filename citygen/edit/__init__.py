@@ -12,6 +12,15 @@
 
 See :mod:`citygen.edit.ops` for what each operation does, :mod:`citygen.edit.selection` for
 the selections and :mod:`citygen.edit.stack` for the file format.
+
+Limits: a renderer that marches each block only inside the block's own box (the tile
+renderer takes boxes from the checkpoints) clips matter an edit moves out of it (a building
+raised above the box top); moved and inserted objects keep the view dependence of their
+source direction (directions are rotated for inserts only); the wrapper reads the stack once,
+so a renderer must be given a new wrapper (or ``clear_cache()``) after the stack changes.
+Cost: each edit adds per-sample work (mapping edits read the field twice in the columns they
+touch), and building an :class:`EditedField` scans the block once per remove/raise/instance
+edit to find footprints; ``bake`` removes the per-sample cost.
 """
 
 from .field import EditedField
@@ -20,6 +29,18 @@ from .selection import build_selection, validate_selection
 from .stack import STACK_FILE, EditStack, validate_stack
 from .tile import tile_blocks, tile_field_wrapper, tile_georef
 
-__all__ = ["EditStack", "EditedField", "GroundHeight", "PlaneGround", "RasterGround", "STACK_FILE", "build_selection",
-           "estimate_ground", "tile_blocks", "tile_field_wrapper", "tile_georef", "validate_selection",
-           "validate_stack"]
+__all__ = [
+           "STACK_FILE",
+           "EditStack",
+           "EditedField",
+           "GroundHeight",
+           "PlaneGround",
+           "RasterGround",
+           "build_selection",
+           "estimate_ground",
+           "tile_blocks",
+           "tile_field_wrapper",
+           "tile_georef",
+           "validate_selection",
+           "validate_stack",
+]

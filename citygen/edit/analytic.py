@@ -147,4 +147,4 @@ class AnalyticCityField(nn.Module):
         return self.appearance.weight[0]
 
 
-__all__ = ["AnalyticCityField", "Box", "DEFAULT_BOXES"]
+__all__ = ["DEFAULT_BOXES", "AnalyticCityField", "Box"]

@@ -38,7 +38,7 @@ from .stack import STACK_FILE, EditStack
 from .tile import tile_blocks, tile_georef
 
 
-def distill(teacher, student, steps: int = 500, batch: int = 8192, lr: float = 3e-3, step_size: float = 0.5,
+def distill(teacher, student, steps: int = 500, batch: int = 8192, lr: float = 1e-2, step_size: float = 0.5,
             seed: int = 0, progress=None) -> list[float]:
     """Fit ``student`` (trainable, CityField interface) to ``teacher`` at random points; returns the losses."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -73,7 +73,7 @@ def distill(teacher, student, steps: int = 500, batch: int = 8192, lr: float = 3
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress is not None:
             progress(len(losses), losses[-1])
     return losses
@@ -126,7 +126,7 @@ def bake_tile(tile_dir: str | Path, out_dir: str | Path, steps: int = 500, batch
         losses = distill(teacher, student, steps=steps, batch=batch, step_size=step_size, seed=seed)
         copy_occupancy(teacher, student)
         sidecar = resolve_checkpoint(folder)
-        tensors, old_meta = load_checkpoint(sidecar, "cpu")
+        _, old_meta = load_checkpoint(sidecar, "cpu")  # validated sidecar of the source weights
         new_tensors = {f"model.{k}": v for k, v in student.state_dict().items()}
         rel = sidecar.parent.relative_to(folder)
         new_meta = {k: v for k, v in old_meta.items()

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +120,7 @@ class EditContext:
     def _raster(self) -> Raster2D:
         aabb = self.field.aabb.detach().float().cpu()
         ext = (aabb[1] - aabb[0])[:2]
-        nx, ny = max(int(math.ceil(float(ext[0]) / self.cell)), 1), max(int(math.ceil(float(ext[1]) / self.cell)), 1)
+        nx, ny = max(math.ceil(float(ext[0]) / self.cell), 1), max(math.ceil(float(ext[1]) / self.cell), 1)
         return Raster2D(torch.zeros(ny, nx, 1), (float(aabb[0, 0]), float(aabb[0, 1])), (self.cell, self.cell))
 
     @torch.no_grad()
@@ -297,7 +297,7 @@ class EditedField(nn.Module):
         self.aabb = aabb.to(field.aabb.device)
         self.occupancy = None
         if base_occ_grid is not None:
-            self.occupancy = self._edited_grid(base_occ_grid.resolution)
+            self.occupancy = self._edited_grid(base_occ_grid)
 
     def __getattr__(self, name):
         try:
@@ -309,17 +309,31 @@ class EditedField(nn.Module):
             return getattr(field, name)
 
     @torch.no_grad()
-    def _edited_grid(self, resolution: int) -> OccupancyGrid:
-        grid = OccupancyGrid(self.aabb.cpu(), resolution).to(self.aabb.device)
-        cells = torch.arange(grid.n_cells, device=self.aabb.device)
-        r = resolution
+    def _edited_grid(self, base: OccupancyGrid) -> OccupancyGrid:
+        """An occupancy grid over the edited box: each cell is tested at enough points that no
+        cell of the base grid falls between them, then dilated by one cell (conservative)."""
+        device = self.aabb.device
+        # keep the base grid's cell size where the box grew (up to twice the resolution)
+        growth = float(((self.aabb[1] - self.aabb[0]) / (base.aabb[1] - base.aabb[0]).to(device)).max())
+        r = min(math.ceil(base.resolution * growth - 1e-6), 2 * base.resolution)
+        grid = OccupancyGrid(self.aabb.cpu(), r).to(device)
+        size = (self.aabb[1] - self.aabb[0]) / r
+        base_size = (base.aabb[1] - base.aabb[0]).to(device) / r
+        n = torch.ceil(size / base_size - 1e-6).clamp_min(1).long().tolist()
+        offsets = torch.stack(torch.meshgrid(*[(torch.arange(k, device=device) + 0.5) / k for k in n], indexing="ij"),
+                              -1).reshape(-1, 3)
+        cells = torch.arange(grid.n_cells, device=device)
         ijk = torch.stack([cells // (r * r), (cells // r) % r, cells % r], dim=-1).float()
-        occ = torch.zeros(grid.n_cells, dtype=torch.bool, device=self.aabb.device)
-        for i in range(0, grid.n_cells, CHUNK):
-            x = self.aabb[0] + (ijk[i:i + CHUNK] + 0.5) / r * (self.aabb[1] - self.aabb[0])
-            occ[i:i + CHUNK] = self._occ(x)
-        # One cell of dilation: the maps above test cell centres only.
-        occ = F.max_pool3d(occ.reshape(1, 1, r, r, r).float(), 3, stride=1, padding=1).reshape(-1) > 0
+        occ = torch.zeros(grid.n_cells, dtype=torch.bool, device=device)
+        step = max(CHUNK // len(offsets), 1)
+        for i in range(0, grid.n_cells, step):
+            corner = self.aabb[0] + ijk[i:i + step] * size
+            x = (corner[:, None, :] + offsets[None] * size).reshape(-1, 3)
+            occ[i:i + step] = self._occ(x).reshape(-1, len(offsets)).any(-1)
+        colour_only = all(op.edit["op"] in ("recolor", "restyle") for op in self.ops)
+        if not (colour_only and torch.equal(self.aabb, base.aabb.to(device))):
+            # one cell of dilation: moved matter and thin ground layers need not cover a test point
+            occ = F.max_pool3d(occ.reshape(1, 1, r, r, r).float(), 3, stride=1, padding=1).reshape(-1) > 0
         grid.occupied.copy_(occ)
         grid.density.copy_(occ.float() * 1e3)
         return grid

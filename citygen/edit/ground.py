@@ -50,7 +50,7 @@ class RasterGround:
         return self.raster.bilinear(xy)[..., 0]
 
     @classmethod
-    def from_geotiff(cls, path: str | Path, georef) -> "RasterGround":
+    def from_geotiff(cls, path: str | Path, georef) -> RasterGround:
         """A DTM GeoTIFF in the tile's CRS (heights in the CRS's vertical units)."""
         from ..partition.ground import GroundModel
 
@@ -58,7 +58,7 @@ class RasterGround:
         return cls.from_ground_model(model)
 
     @classmethod
-    def from_ground_model(cls, model) -> "RasterGround | PlaneGround":
+    def from_ground_model(cls, model) -> RasterGround | PlaneGround:
         if model.heights is None:
             return PlaneGround(model.height)
         h = np.asarray(model.heights, dtype=np.float32)[::-1].copy()  # row 0 = southern edge

@@ -31,8 +31,9 @@ occupancy grid (``extend_aabb`` / ``occupancy``), both conservatively.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -366,15 +367,33 @@ class _MappingOp(Op):
 
 
 class _HeightMap(_MappingOp):
+    """Vertical maps: only the columns where the selection holds matter change, so those
+    columns (a 2-D footprint found at prepare time) are the only ones read twice."""
+
+    def prepare(self, prev, prev_occ):
+        super().prepare(prev, prev_occ)
+        fp = self.ctx.scan(prev, prev_occ, lambda x, labels: self.selection.evaluate(x, labels),
+                           bound=self.selection.bound)
+        self.footprint = Raster2D(dilate(fp.values[..., 0] > 0, 1)[..., None].float(), fp.origin, fp.cell)
+
+    def _in_footprint(self, x: Tensor) -> Tensor:
+        r, c, inside = self.footprint.index(x[:, :2])
+        return inside & (self.footprint.values.to(x.device)[r, c, 0] > 0)
+
     def evaluate(self, x, rays, prev, need_rgb):
-        moved, m_src = self.copy_part(x, rays, prev, need_rgb)
-        rest = (~m_src).nonzero().squeeze(-1)
-        if rest.numel() == 0:
-            return moved
-        xr = x[rest]
-        here = prev(xr, None if rays is None else rays.take(rest), need_rgb)
-        here = here.masked(~self.selection.evaluate(xr, here.labels))  # vacated
-        return moved.masked(m_src).scatter(rest, here)
+        here = prev(x, rays, need_rgb)
+        idx = self._in_footprint(x).nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            return here
+        xi = x[idx]
+        moved, m_src = self.copy_part(xi, None if rays is None else rays.take(idx), prev, need_rgb)
+        stay = here.take(idx)
+        stay = stay.masked(~self.selection.evaluate(xi, stay.labels))  # vacated where it was selected
+        return here.scatter(idx, moved.where(m_src, stay))
+
+    def occupancy(self, x, prev_occ):
+        xs, _ = self.source(x)
+        return prev_occ(x) | (self._in_footprint(x) & self.selection.bound(xs) & prev_occ(xs))
 
 
 class RaiseOp(_HeightMap):

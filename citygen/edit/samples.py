@@ -17,7 +17,7 @@ class Rays:
     appearance: Tensor
     ray_index: Tensor | None = None
 
-    def take(self, idx: Tensor) -> "Rays":
+    def take(self, idx: Tensor) -> Rays:
         """The context of a subset of the samples (indices into the samples)."""
         if self.ray_index is None:
             return Rays(self.dirs[idx], self.appearance[idx])
@@ -46,12 +46,17 @@ class Samples:
     def labels(self) -> Tensor:
         return self.logits.argmax(-1)
 
-    def masked(self, keep: Tensor) -> "Samples":
+    def take(self, idx: Tensor) -> Samples:
+        """The samples at ``idx``."""
+        return Samples(self.sigma[idx], None if self.rgb is None else self.rgb[idx], self.logits[idx],
+                       None if self.geo is None else self.geo[idx], None if self.has_geo is None else self.has_geo[idx])
+
+    def masked(self, keep: Tensor) -> Samples:
         """Density zeroed where ``keep`` is False (other outputs untouched)."""
         return Samples(torch.where(keep, self.sigma, torch.zeros_like(self.sigma)), self.rgb, self.logits,
                        self.geo, self.has_geo)
 
-    def where(self, cond: Tensor, other: "Samples") -> "Samples":
+    def where(self, cond: Tensor, other: Samples) -> Samples:
         """Self where ``cond``, else ``other``, per sample."""
         c1 = cond[:, None]
         rgb = None if self.rgb is None or other.rgb is None else torch.where(c1, self.rgb, other.rgb)
@@ -59,7 +64,7 @@ class Samples:
         return Samples(torch.where(cond, self.sigma, other.sigma), rgb, torch.where(c1, self.logits, other.logits),
                        geo, has_geo)
 
-    def scatter(self, idx: Tensor, part: "Samples") -> "Samples":
+    def scatter(self, idx: Tensor, part: Samples) -> Samples:
         """A copy with the samples at ``idx`` replaced by ``part``."""
         sigma = self.sigma.index_copy(0, idx, part.sigma.to(self.sigma.dtype))
         rgb = None if self.rgb is None or part.rgb is None else self.rgb.index_copy(0, idx, part.rgb.to(self.rgb.dtype))
@@ -74,7 +79,7 @@ class Samples:
         return Samples(sigma, rgb, logits, geo, has_geo)
 
     @staticmethod
-    def union(a: "Samples", b: "Samples") -> "Samples":
+    def union(a: Samples, b: Samples) -> Samples:
         """Two volumes in the same space: densities add, colours and logits mix by density."""
         sigma = a.sigma + b.sigma
         wa = torch.where(sigma > 0, a.sigma / sigma.clamp_min(1e-20), torch.ones_like(sigma))[:, None]

@@ -21,7 +21,8 @@ semantic argmax ``labels`` (N,) there.  Kinds (JSON, as stored in the edit stack
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

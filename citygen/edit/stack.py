@@ -111,7 +111,7 @@ class EditStack:
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, tile_dir: str | Path, missing_ok: bool = True) -> "EditStack":
+    def load(cls, tile_dir: str | Path, missing_ok: bool = True) -> EditStack:
         """The stack of a tile (an empty one when the tile has no ``edits.json`` yet)."""
         path = stack_path(tile_dir)
         if not path.exists():
@@ -121,7 +121,7 @@ class EditStack:
         return cls.from_file(path, tile_dir)
 
     @classmethod
-    def from_file(cls, path: str | Path, tile_dir: str | Path | None = None) -> "EditStack":
+    def from_file(cls, path: str | Path, tile_dir: str | Path | None = None) -> EditStack:
         path = Path(path)
         try:
             if path.stat().st_size > MAX_BYTES:
@@ -134,7 +134,7 @@ class EditStack:
         return cls.from_dict(data, path, tile_dir if tile_dir is not None else path.parent)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | Path | None = None, tile_dir: str | Path | None = None) -> "EditStack":
+    def from_dict(cls, data: Any, source: str | Path | None = None, tile_dir: str | Path | None = None) -> EditStack:
         try:
             validate_stack(data)
         except SpecError as err:
@@ -216,4 +216,4 @@ class EditStack:
         return stack_path(self.tile_dir) if self.tile_dir else None
 
 
-__all__ = ["EditStack", "STACK_FILE", "STACK_VERSION", "stack_path", "validate_edit", "validate_stack"]
+__all__ = ["STACK_FILE", "STACK_VERSION", "EditStack", "stack_path", "validate_edit", "validate_stack"]

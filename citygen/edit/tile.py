@@ -8,8 +8,8 @@ trained block, as ``citygen train-tile`` writes it), or a single training run fo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import CitygenError
 from ..train.checkpoint import list_checkpoints

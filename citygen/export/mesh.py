@@ -44,6 +44,20 @@ class TriangleMesh:
     georef: Georef
     classes: np.ndarray | None = None
 
+    def cropped(self, lo, hi) -> TriangleMesh:
+        """The triangles whose three vertices lie in the box [lo, hi] (local, 3 or 2 values:
+        xy only), without the vertices no triangle uses any more."""
+        lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+        k = len(lo)
+        inside = np.all((self.vertices[:, :k] >= lo) & (self.vertices[:, :k] <= hi), axis=1)
+        faces = self.faces[np.all(inside[self.faces], axis=1)]
+        used = np.unique(faces)
+        remap = np.full(len(self.vertices), -1, np.int64)
+        remap[used] = np.arange(len(used))
+        return TriangleMesh(vertices=self.vertices[used], faces=remap[faces].astype(np.int32),
+                            colors=self.colors[used], georef=self.georef,
+                            classes=None if self.classes is None else self.classes[used])
+
     def face_normals(self) -> np.ndarray:
         """(F, 3) unit normals (by the right-hand rule on the vertex order)."""
         a, b, c = (self.vertices[self.faces[:, k]] for k in range(3))
@@ -175,14 +189,8 @@ def tsdf_mesh(source: RaySource, views: Sequence[tuple[Camera, np.ndarray]], vox
     colors = np.clip(np.rint(np.asarray(m.vertex_colors) * 255), 0, 255).astype(np.uint8)
     if len(faces) == 0:
         raise CitygenError(None, "TSDF fusion produced no surface (no view saw the scene?)")
-    if crop_to_bounds:
-        inside = np.all((vertices >= bounds[0] - voxel_size) & (vertices <= bounds[1] + voxel_size), axis=1)
-        faces = faces[np.all(inside[faces], axis=1)]
-        used = np.unique(faces)
-        remap = np.full(len(vertices), -1, np.int64)
-        remap[used] = np.arange(len(used))
-        vertices, colors, faces = vertices[used], colors[used], remap[faces].astype(np.int32)
-    return TriangleMesh(vertices=vertices, faces=faces, colors=colors, georef=source.georef)
+    mesh = TriangleMesh(vertices=vertices, faces=faces, colors=colors, georef=source.georef)
+    return mesh.cropped(bounds[0] - voxel_size, bounds[1] + voxel_size) if crop_to_bounds else mesh
 
 
 # ------------------------------------------------------------------------------------------

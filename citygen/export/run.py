@@ -152,6 +152,8 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions) -> 
         else:
             cloud = timed("render_points", points_from_views, source, get_views(), min_acc=options.min_acc,
                           chunk=options.chunk, progress=options.progress)
+            inside = np.all((cloud.xyz[:, :2] >= rect[:2]) & (cloud.xyz[:, :2] <= rect[2:]), axis=1)
+            cloud = replace(cloud, xyz=cloud.xyz[inside], rgb=cloud.rgb[inside], classes=cloud.classes[inside])
         counts["points"] = len(cloud)
         for kind, name in (("las", "points.las"), ("laz", "points.laz")):
             if kind in what:
@@ -164,6 +166,7 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions) -> 
         else:
             mesh = timed("tsdf", tsdf_mesh, source, get_views(), options.voxel_size or options.gsd,
                          min_acc=options.min_acc, chunk=options.chunk, progress=options.progress)
+            mesh = mesh.cropped(rect[:2], rect[2:])
         counts["mesh_vertices"], counts["mesh_faces"] = len(mesh.vertices), len(mesh.faces)
         for fmt in options.mesh_formats:
             files[f"mesh_{fmt}"] = str(timed(f"write_mesh_{fmt}", write_mesh, mesh, out / f"mesh.{fmt}"))

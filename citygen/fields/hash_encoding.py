@@ -87,7 +87,7 @@ class HashGridConfig:
 
     @classmethod
     def from_max_resolution(cls, max_resolution: float, n_levels: int = 16, base_resolution: int = 16,
-                            **kwargs: Any) -> "HashGridConfig":
+                            **kwargs: Any) -> HashGridConfig:
         """The config whose finest level has ``max_resolution`` (geometric growth from the base)."""
         if n_levels < 2:
             return cls(n_levels=n_levels, base_resolution=base_resolution, per_level_scale=1.0, **kwargs)
@@ -102,7 +102,7 @@ class HashGridConfig:
         return {"otype": "HashGrid", **asdict(self)}
 
     @classmethod
-    def from_tcnn(cls, d: dict) -> "HashGridConfig":
+    def from_tcnn(cls, d: dict) -> HashGridConfig:
         """Read a tiny-cuda-nn ``HashGrid``/``Grid`` config (missing fields get tcnn's defaults)."""
         otype = d.get("otype", "HashGrid")
         grid_type = d.get("type", "Hash")

@@ -106,7 +106,7 @@ class PackedField:
         start = off + hidden * sh_dim
         self.weights[start:start + hidden] = bias.to(self.weights)
 
-    def with_view(self, clip: np.ndarray | None = None, n_active_levels: int | None = None) -> "PackedField":
+    def with_view(self, clip: np.ndarray | None = None, n_active_levels: int | None = None) -> PackedField:
         """A shallow copy whose clip box / active levels differ (buffers shared)."""
         geom_f, geom_i = self.geom_f.clone(), self.geom_i.clone()
         if clip is not None:
@@ -115,13 +115,15 @@ class PackedField:
             geom_i[2] = int(min(max(n_active_levels, 1), self.n_levels))
         return replace(self, geom_f=geom_f, geom_i=geom_i)
 
-    def to(self, device: torch.device | str) -> "PackedField":
-        """The device copy: float16 weights and table on CUDA, float32 on the CPU."""
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedField:
+        """The device copy: float16 weights and table on CUDA, float32 on the CPU.  With
+        ``non_blocking`` from pinned memory, the copies are queued on the current stream."""
         device = torch.device(device)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        return replace(self, weights=self.weights.to(device, dtype), table=self.table.to(device, dtype),
-                       offsets=self.offsets.to(device), scales=self.scales.to(device),
-                       occ_bits=self.occ_bits.to(device))
+        nb = {"non_blocking": non_blocking}
+        return replace(self, weights=self.weights.to(device, **nb).to(dtype),
+                       table=self.table.to(device, **nb).to(dtype), offsets=self.offsets.to(device, **nb),
+                       scales=self.scales.to(device, **nb), occ_bits=self.occ_bits.to(device, **nb))
 
     def tensors(self) -> dict[str, Tensor]:
         """Everything as named CPU tensors (for safetensors)."""
@@ -133,7 +135,7 @@ class PackedField:
         return out
 
     @classmethod
-    def from_tensors(cls, t: dict[str, Tensor]) -> "PackedField":
+    def from_tensors(cls, t: dict[str, Tensor]) -> PackedField:
         return cls(layout=t["layout"], weights=t["weights"], table=t["table"], offsets=t["offsets"],
                    scales=t["scales"], occ_bits=t["occ_bits"], geom_f=t["geom_f"], geom_i=t["geom_i"],
                    cond_weight=t["cond_weight"], cond_bias=t["cond_bias"],
@@ -166,13 +168,12 @@ def pack_field(field: Any, render: RenderConfig | None = None, appearance: Tenso
     cfg = enc.config
     if cfg.n_features_per_level != 2:
         raise CitygenError(None, f"realtime: needs 2 features per hash level, the field has {cfg.n_features_per_level}")
-    d1, d2 = _linears(field.density_mlp)
-    if len(_linears(field.density_mlp)) != 2:
-        raise CitygenError(None, "realtime: the density MLP must have one hidden layer")
+    density_layers, semantic_layers = _linears(field.density_mlp), _linears(field.semantic_mlp)
+    if len(density_layers) != 2 or len(semantic_layers) != 2:
+        raise CitygenError(None, "realtime: the density and semantic MLPs must have one hidden layer each")
+    d1, d2 = density_layers
+    s1, s2 = semantic_layers
     color = _linears(field.color_mlp)
-    s1, s2 = _linears(field.semantic_mlp) if len(_linears(field.semantic_mlp)) == 2 else (None, None)
-    if s1 is None:
-        raise CitygenError(None, "realtime: the semantic MLP must have one hidden layer")
     E, H, G = d1.in_features, d1.out_features, d2.out_features - 1
     S, C = s1.out_features, s2.out_features
     sh_dim = field.sh_dim
@@ -257,7 +258,7 @@ class FrameState:
     """Per-pixel compositing state carried across the blocks of one frame (front to back)."""
 
     def __init__(self, n_pixels: int, n_classes: int, device: torch.device, with_semantics: bool = True):
-        f32 = dict(dtype=torch.float32, device=device)
+        f32 = {"dtype": torch.float32, "device": device}
         self.rgb = torch.zeros(n_pixels, 3, **f32)
         self.depth_sum = torch.zeros(n_pixels, **f32)
         self.log_t = torch.zeros(n_pixels, **f32)
@@ -374,9 +375,8 @@ class RealtimeRenderer:
         t0 = time.perf_counter()
         code = self._code(appearance, origin)
         key = code.detach().cpu().numpy().tobytes()
-        if key != self._code_key:  # refold the code only when it changes
-            packed_cpu_bias = self._packed
-            packed_cpu_bias.set_appearance(code)
+        if key != self._code_key:  # refold the code into the device weights only when it changes
+            self._packed.set_appearance(code)
             self._code_key = key
         block = self._packed if n_active_levels is None else self._packed.with_view(n_active_levels=n_active_levels)
         cam = camera_vector(camera, c2w_np)

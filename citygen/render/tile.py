@@ -10,9 +10,13 @@ single field (the reference renderer, :func:`citygen.render.volume.render_rays`)
   extended rectangle), clamped to [0, 1], so ``u`` ramps from 0 on the extended boundary to
   1 on the core boundary and stays 1 inside the core; ``w_b = S(u_x) * S(u_y)`` with the
   smoothstep ``S(u) = u^2 (3 - 2u)`` (continuous with a continuous derivative; zero outside
-  the field's box).  Weights are normalised over the blocks covering ``x``:
-  ``omega_b = w_b / sum_k w_k``, a partition of unity.  Inside a core away from the margin
-  band only that block counts; on a shared core edge two neighbours count half each.
+  the field's box).  Weights are normalised over the blocks covering ``x`` by
+  ``omega_b = w_b / max(1, sum_k w_k)``: a partition of unity wherever a core covers ``x``
+  (its block has ``w = 1`` there), so inside a core away from the margin band only that
+  block counts and on a shared core edge two neighbours count half each; where no core
+  covers ``x`` (the tile's outer margin, or heights outside the core block's box) a lone
+  block fades out towards its box boundary instead of being stretched to full weight, which
+  would switch its density on abruptly there.
 * Blended field: density ``sigma = sum_b omega_b sigma_b``; colour and semantic logits are
   density-weighted means ``c = sum_b omega_b sigma_b c_b / sigma`` (a block that is empty at
   ``x`` does not dilute its neighbour's colour).
@@ -158,7 +162,7 @@ class _BlendedField:
 
     def weights(self, x: Tensor) -> Tensor:
         w = blend_weights(x, self.cores, self.extended, self.aabbs)
-        return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+        return w / w.sum(-1, keepdim=True).clamp_min(1.0)
 
     def __call__(self, x: Tensor, dirs: Tensor, appearance: Tensor, ray_index: Tensor | None = None,
                  with_semantics: bool = True) -> dict[str, Tensor]:
@@ -332,9 +336,10 @@ class TileRenderer:
 
     def blend_weights(self, points: Tensor) -> Tensor:
         """Normalised blend weights (N, B) of the renderable blocks (``block_ids`` order) at
-        points (N, 3); rows sum to 1 where any block covers the point, else 0."""
+        points (N, 3); rows sum to 1 where a block's core covers the point, less towards the
+        outer edges of the tile's margin, 0 outside every block."""
         w = blend_weights(points.to(self.device, torch.float32), self._cores, self._extended, self._aabbs)
-        return (w / w.sum(-1, keepdim=True).clamp_min(1e-12)).cpu()
+        return (w / w.sum(-1, keepdim=True).clamp_min(1.0)).cpu()
 
     @torch.no_grad()
     def render_rays(self, origins: Tensor, dirs: Tensor, appearance: Any = None) -> dict[str, Tensor]:

@@ -1,7 +1,8 @@
 """Render survey views of a trained tile to PNGs and score them against the ground truth.
 
 Backs ``citygen render TILE``.  Per view: ``<stem>_rgb.png``, ``<stem>_depth.png``
-(colourised z-depth), ``<stem>_semantics.png`` (class colours), and, where the survey has the
+(colourised z-depth), ``<stem>_semantics.png`` (class colours), ``<stem>_blocks.png`` (which
+block each pixel comes from, blends mixing the blocks' colours), and, where the survey has the
 ground truth, PSNR / SSIM (of the 8-bit PNG, as :mod:`citygen.train.evaluate` scores single
 blocks), semantic pixel accuracy / mIoU, depth MAE and the seam metric
 (:mod:`citygen.render.seams`).  Everything goes to ``metrics.json`` in the output folder.
@@ -79,6 +80,7 @@ def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[st
         write_png(out / f"{stem}_rgb.png", rgb8)
         write_png(out / f"{stem}_depth.png", colorize_depth(depth, r["acc"].numpy() > 0.5))
         write_png(out / f"{stem}_semantics.png", colorize_labels(labels))
+        write_png(out / f"{stem}_blocks.png", colorize_blocks(r["weights"].numpy()))
         row: dict[str, Any] = {"name": im.name, "seconds": round(seconds, 3),
                                "rays_per_s": round(cam.width * cam.height / max(seconds, 1e-9), 1)}
         image_path = survey.image_path(im)
@@ -109,6 +111,17 @@ def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[st
               "downscale": downscale, "render_seconds": round(t_total, 3)}
     atomic_write_json(out / "metrics.json", _json_safe(report))
     return report
+
+
+def colorize_blocks(weights: np.ndarray) -> np.ndarray:
+    """(H, W, B) per-ray block weights -> (H, W, 3) uint8: each block a hue, blends mix them,
+    black where the ray hit nothing (shows where blocks meet and how wide the blend is)."""
+    B = weights.shape[-1]
+    hues = np.arange(B) * 0.618034 % 1.0  # golden-ratio hues: neighbours in the list differ
+    k = (np.array([5.0, 3.0, 1.0])[None, :] + hues[:, None] * 6.0) % 6.0
+    palette = 1.0 - 0.8 * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)  # HSV -> RGB, s = 0.8, v = 1
+    rgb = weights @ palette
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
 def _json_safe(x: Any) -> Any:

@@ -30,12 +30,12 @@ def stats_transforms(fields, reference: Path, labels: Path | None = None, classe
     applied) to the reference image's."""
     from .stats import load_reference, match_statistics, scene_colors
 
+    ref_c, ref_l = load_reference(reference, labels)  # first: a bad file fails before any rendering
     cols, labs = [], []
     for f in fields:
         c, lab = scene_colors(f, n=n)
         cols.append(c)
         labs.append(lab)
-    ref_c, ref_l = load_reference(reference, labels)
     ids = None if classes is None else [CLASSES.index(c) for c in classes]
     tr = match_statistics(torch.cat(cols), torch.cat(labs), ref_c, ref_l, ids, method=method, space=space)
     if not tr:
@@ -45,7 +45,8 @@ def stats_transforms(fields, reference: Path, labels: Path | None = None, classe
 
 def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str | Path | None = None,
               labels: str | Path | None = None, classes: list[str] | None = None, method: str = "stats",
-              weights: str | Path | None = None, steps: int = 200, device: str = "cpu") -> dict:
+              weights: str | Path | None = None, steps: int = 200, device: str = "cpu",
+              optimize_config=None) -> dict:
     """Add a ``restyle`` edit to the tile's stack (and save it); returns the edit.
 
     Args:
@@ -56,10 +57,12 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
             "optimize" (fine-tune the colour branch of each block; ``weights``: VGG16
             safetensors for the Gram loss, else the weights-free random features).
         steps: optimisation steps per block (optimize).
+        optimize_config: a full :class:`~citygen.style.optimize.StyleOptimizeConfig` (overrides ``steps``).
     """
+    from survey_io.atomic import atomic_path
+
     from ..edit.selection import SpecError, class_ids
     from ..edit.stack import EditStack
-    from survey_io.atomic import atomic_path
 
     tile_dir = Path(tile_dir)
     if (named is None) == (reference is None):
@@ -75,6 +78,9 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
 
         return _push(stack, {"method": "named", "name": named, "transforms": named_style(named, classes)}, None)
     if method == "stats":
+        from .stats import load_reference
+
+        load_reference(reference, labels)  # fail fast on a bad reference, before loading the blocks
         fields = [edited for _, edited in _load_blocks(tile_dir, device).values()]
         params = {"method": "stats", "reference": Path(reference).name,
                   "transforms": stats_transforms(fields, Path(reference), None if labels is None else Path(labels),
@@ -84,7 +90,13 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
         raise CitygenError(None, f"style: unknown method {method!r} (stats, optimize)")
     from safetensors.torch import save_file
 
-    from .optimize import RandomFeatures, StyleOptimizeConfig, VGG16Features, load_reference_image, optimize_color_branch
+    from .optimize import (
+        RandomFeatures,
+        StyleOptimizeConfig,
+        VGG16Features,
+        load_reference_image,
+        optimize_color_branch,
+    )
 
     net = VGG16Features(weights) if weights is not None else RandomFeatures()
     ref = load_reference_image(reference)
@@ -92,7 +104,7 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
     ids = None if classes is None else class_ids(classes)
     files, report = {}, {}
     for block_id, (field, _) in _load_blocks(tile_dir, device).items():
-        tensors, rep = optimize_color_branch(field, ref, StyleOptimizeConfig(steps=steps), net, ids)
+        tensors, rep = optimize_color_branch(field, ref, optimize_config or StyleOptimizeConfig(steps=steps), net, ids)
         rel = f"edits/{edit_id}_{block_id}.safetensors"
         with atomic_path(tile_dir / rel) as tmp:
             save_file(tensors, str(tmp))

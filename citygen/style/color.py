@@ -91,7 +91,7 @@ class ColorTransform:
         return {"space": self.space, "matrix": self.matrix.tolist(), "offset": self.offset.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ColorTransform":
+    def from_dict(cls, d: dict) -> ColorTransform:
         return cls(d["matrix"], d.get("offset", (0.0, 0.0, 0.0)), d.get("space", "rgb"))
 
 

@@ -39,7 +39,7 @@ NAMED_STYLES: dict[str, dict[str, dict]] = {
                "ground": _t(_mul(_diag(0.25, 0.25, 0.27), saturation_matrix(0.0)), (0.7, 0.72, 0.76)),
                "vegetation": _t(_mul(_diag(0.35, 0.35, 0.38), saturation_matrix(0.2)), (0.55, 0.57, 0.62)),
                "water": _t(_mul(_diag(0.5, 0.55, 0.6), saturation_matrix(0.3)), (0.35, 0.42, 0.5))},
-    "autumn": {"vegetation": _t(_mul(hue_rotation_matrix(-55.0), saturation_matrix(1.3)), (0.03, 0.0, 0.0)),
+    "autumn": {"vegetation": _t(_mul(hue_rotation_matrix(-85.0), saturation_matrix(1.2)), (0.03, 0.0, 0.0)),
                "*": _t(_diag(1.03, 1.0, 0.93))},
     "overcast": {"*": _t(_mul(_diag(0.85, 0.87, 0.9), saturation_matrix(0.6)), (0.08, 0.08, 0.09))},
     "sepia": {"*": _t(SEPIA)},

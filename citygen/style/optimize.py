@@ -30,7 +30,7 @@ weights only there.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,10 +124,15 @@ class RandomFeatures(nn.Module):
         return taps
 
 
-def gram(f: Tensor) -> Tensor:
+def gram(f: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Gram matrices (B, C, C) of features (B, C, H, W), over the pixels of ``mask`` (B, 1, h, w) when given."""
     b, c, h, w = f.shape
-    f = f.reshape(b, c, h * w)
-    return f @ f.transpose(1, 2) / (c * h * w)
+    if mask is None:
+        f = f.reshape(b, c, h * w)
+        return f @ f.transpose(1, 2) / (c * h * w)
+    m = F.interpolate(mask, size=(h, w), mode="area")
+    f = (f * m).reshape(b, c, h * w)
+    return f @ f.transpose(1, 2) / (c * m.sum((1, 2, 3)).clamp_min(1.0)[:, None, None])
 
 
 def sliced_wasserstein(a: Tensor, b: Tensor, n_dirs: int = 32, generator: torch.Generator | None = None) -> Tensor:
@@ -174,22 +179,23 @@ def random_views(aabb: Tensor, n: int, size: int, rng: np.random.Generator, fov_
 @dataclass
 class StyleOptimizeConfig:
     steps: int = 200
+    #: the fixed pool of random views (looking down into the block) trained and scored on
+    n_views: int = 8
     views_per_step: int = 2
     size: int = 48
-    lr: float = 5e-3
+    lr: float = 2e-2
     style_weight: float = 1.0
     color_weight: float = 10.0
     content_weight: float = 0.05
     step_size: float | None = None     # marching step, metres (default: box diagonal / 256)
     seed: int = 0
-    history: list = dc_field(default_factory=list)
 
 
 def _render(field, views, code, step_size, classes):
     imgs, masks = [], []
     for o, d in views:
         out = render_rays(field, o, d, code, step_size=step_size, occupancy=getattr(field, "occupancy", None))
-        s = int(math.isqrt(o.shape[0]))
+        s = math.isqrt(o.shape[0])
         imgs.append(out["rgb"].reshape(s, s, 3).permute(2, 0, 1))
         if classes is not None:
             lab = out["semantics"].argmax(-1)
@@ -203,7 +209,7 @@ def style_loss(img: Tensor, img0: Tensor, mask: Tensor | None, ref_feats, ref_pi
     if mask is not None:
         img = mask * img + (1 - mask) * img0
     feats = net(img)
-    style = sum(((gram(f) - gram(r).expand(f.shape[0], -1, -1)) ** 2).sum((1, 2)).mean()
+    style = sum(((gram(f, mask) - gram(r).expand(f.shape[0], -1, -1)) ** 2).sum((1, 2)).mean()
                 for f, r in zip(feats, ref_feats))
     pix = img.permute(0, 2, 3, 1).reshape(-1, 3)
     if mask is not None and bool((mask > 0).any()):
@@ -213,16 +219,16 @@ def style_loss(img: Tensor, img0: Tensor, mask: Tensor | None, ref_feats, ref_pi
         f0 = net(img0)[-1]
     content = F.mse_loss(feats[-1], f0)
     total = cfg.style_weight * style + cfg.color_weight * color + cfg.content_weight * content
-    return total, {"style": float(style), "color": float(color), "content": float(content)}
+    return total, {"style": float(style.detach()), "color": float(color.detach()), "content": float(content.detach())}
 
 
 def optimize_color_branch(field, reference: Tensor, cfg: StyleOptimizeConfig | None = None, net: nn.Module | None = None,
-                          classes: list[int] | None = None, eval_views: int = 2) -> tuple[dict[str, Tensor], dict]:
+                          classes: list[int] | None = None) -> tuple[dict[str, Tensor], dict]:
     """Fine-tune a copy of ``field``'s colour branch towards the style of ``reference`` (3, H, W).
 
     Returns:
-        (colour-branch tensors ``{"<module>.<param>": tensor}``, report with the loss on fixed
-        evaluation views before and after, and the per-step history).
+        (colour-branch tensors ``{"<module>.<param>": tensor}``, report with the mean loss over
+        the view pool before and after, and the per-step history).
     """
     cfg = cfg or StyleOptimizeConfig()
     net = net or RandomFeatures(cfg.seed)
@@ -242,31 +248,36 @@ def optimize_color_branch(field, reference: Tensor, cfg: StyleOptimizeConfig | N
     with torch.no_grad():
         ref_feats = [f.detach() for f in net(ref)]
     ref_pixels = ref[0].permute(1, 2, 0).reshape(-1, 3)
-    rng = np.random.default_rng(cfg.seed)
-    eval_set = random_views(field.aabb, eval_views, cfg.size, np.random.default_rng(cfg.seed + 1))
+    pool = random_views(field.aabb, cfg.n_views, cfg.size, np.random.default_rng(cfg.seed))
+    with torch.no_grad():  # the unstylized renders of the pool (density and geometry are frozen)
+        originals = [_render(field, [v], code, step_size, classes) for v in pool]
+
+    def loss_on(k: int, generator: torch.Generator):
+        img, _ = _render(styled, [pool[k]], code, step_size, None)
+        img0, mask = originals[k]
+        return style_loss(img, img0, mask, ref_feats, ref_pixels, net, cfg, generator)
 
     def evaluate() -> float:
-        g = torch.Generator().manual_seed(cfg.seed + 2)
+        g = torch.Generator().manual_seed(cfg.seed + 1)
         with torch.no_grad():
-            img0, mask = _render(field, eval_set, code, step_size, classes)
-            img, _ = _render(styled, eval_set, code, step_size, None)
-            return float(style_loss(img, img0, mask, ref_feats, ref_pixels, net, cfg, g)[0])
+            return sum(float(loss_on(k, g)[0]) for k in range(len(pool))) / len(pool)
 
     opt = torch.optim.Adam(params, lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
+    order = np.random.default_rng(cfg.seed + 2)
     history = []
     try:
         before = evaluate()
         for step in range(cfg.steps):
-            views = random_views(field.aabb, cfg.views_per_step, cfg.size, rng)
-            with torch.no_grad():
-                img0, mask = _render(field, views, code, step_size, classes)
-            img, _ = _render(styled, views, code, step_size, None)
-            loss, parts = style_loss(img, img0, mask, ref_feats, ref_pixels, net, cfg, g)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            record = {"step": step + 1, "loss": 0.0}
+            for k in order.choice(len(pool), size=min(cfg.views_per_step, len(pool)), replace=False):
+                loss, parts = loss_on(int(k), g)
+                (loss / cfg.views_per_step).backward()
+                for name, value in [("loss", float(loss.detach())), *parts.items()]:
+                    record[name] = record.get(name, 0.0) + value / cfg.views_per_step
             opt.step()
-            history.append({"step": step + 1, "loss": float(loss), **parts})
+            history.append(record)
         after = evaluate()
     finally:
         for p in frozen:

@@ -32,6 +32,8 @@ from .color import ColorTransform, to_space
 
 #: fewer samples than this and a class's statistics are not trusted (joint fallback).
 MIN_SAMPLES = 50
+#: the largest colour gain a transfer may apply along a direction (see match_statistics).
+MAX_GAIN = 50.0
 
 
 def color_stats(colors: Tensor, space: str = "lab") -> tuple[Tensor, Tensor]:
@@ -47,19 +49,24 @@ def _sqrtm(m: Tensor) -> Tensor:
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
 
-def mk_map(src_mean, src_cov, ref_mean, ref_cov, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """The Monge-Kantorovich affine map between two Gaussians: (A (3, 3), b (3,))."""
+def mk_map(src_mean, src_cov, ref_mean, ref_cov, eps: float = 1e-6, floor: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The Monge-Kantorovich affine map between two Gaussians: (A (3, 3), b (3,)).
+
+    ``floor`` is a lower bound on the source's variances (eigenvalues): a nearly flat source
+    (one colour) would otherwise need an unbounded gain along its thin directions.
+    """
     scale = float(torch.trace(src_cov)) / 3 + 1e-12
-    s = src_cov + eps * scale * torch.eye(3, dtype=src_cov.dtype)
+    w, v = torch.linalg.eigh((src_cov + src_cov.T) / 2)
+    s = (v * w.clamp_min(max(floor, eps * scale))) @ v.T
     s_half = _sqrtm(s)
     s_inv_half = torch.linalg.inv(s_half)
     a = s_inv_half @ _sqrtm(s_half @ ref_cov @ s_half) @ s_inv_half
     return a, ref_mean - a @ src_mean
 
 
-def reinhard_map(src_mean, src_cov, ref_mean, ref_cov, eps: float = 1e-9) -> tuple[Tensor, Tensor]:
+def reinhard_map(src_mean, src_cov, ref_mean, ref_cov, eps: float = 1e-9, floor: float = 0.0) -> tuple[Tensor, Tensor]:
     """Per-channel mean/std matching: (diagonal A, b)."""
-    a = torch.diag(ref_cov.diagonal().clamp_min(0).sqrt() / src_cov.diagonal().clamp_min(eps).sqrt())
+    a = torch.diag(ref_cov.diagonal().clamp_min(0).sqrt() / src_cov.diagonal().clamp_min(max(eps, floor)).sqrt())
     return a, ref_mean - a @ src_mean
 
 
@@ -80,7 +87,11 @@ def match_statistics(src_colors: Tensor, src_labels: Tensor, ref_colors: Tensor,
     """
     if method not in ("mk", "reinhard"):
         raise CitygenError(None, f"style method must be 'mk' or 'reinhard', got {method!r}")
-    fit = mk_map if method == "mk" else reinhard_map
+    def fit(src_mean, src_cov, ref_mean, ref_cov):
+        # Source variances are floored at the reference's mean variance / MAX_GAIN^2, so a flat
+        # class (one colour) never gets a gain above ~MAX_GAIN along its thin directions.
+        floor = float(torch.trace(ref_cov)) / 3 / MAX_GAIN ** 2
+        return (mk_map if method == "mk" else reinhard_map)(src_mean, src_cov, ref_mean, ref_cov, floor=floor)
     if classes is None:
         classes = sorted(int(c) for c in torch.unique(src_labels))
     if ref_colors.shape[0] < MIN_SAMPLES:

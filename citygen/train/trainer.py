@@ -180,6 +180,11 @@ class BlockTrainer:
         self.cpu_seconds = float(meta.get("cpu_seconds", 0.0))
         self.aabb = np.asarray(meta["aabb"], dtype=np.float64)
 
+    @property
+    def height(self) -> float:
+        """The block's vertical extent (metres): the length unit of the distortion loss."""
+        return float(self.aabb[1, 2] - self.aabb[0, 2])
+
     # -- loop ----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -193,7 +198,8 @@ class BlockTrainer:
                               step_size=cfg.render.step_size, occupancy=self.field.occupancy,
                               z_scale=batch.z_scale, jitter=jitter, segment=cfg.render.segment_samples,
                               min_transmittance=cfg.render.min_transmittance,
-                              with_semantics=batch.semantics is not None)
+                              with_semantics=batch.semantics is not None,
+                              distortion_scale=1.0 / self.height if cfg.optim.distortion_weight > 0 else None)
         mse = F.mse_loss(out["rgb"], batch.rgb)
         loss_rgb = mse if cfg.optim.rgb_loss == "mse" else F.huber_loss(out["rgb"], batch.rgb, delta=0.1)
         loss = loss_rgb
@@ -212,6 +218,10 @@ class BlockTrainer:
             a = out["acc"].clamp(1e-6, 1 - 1e-6)
             entropy = -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
             loss = loss + cfg.optim.entropy_weight * entropy
+        if cfg.optim.distortion_weight > 0:
+            distortion = out["distortion"].mean()
+            loss = loss + cfg.optim.distortion_weight * distortion
+            stats["loss_distortion"] = float(distortion.detach())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

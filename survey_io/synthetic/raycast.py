@@ -330,12 +330,16 @@ def _object_hits(geo, ray, obj, o, d, ignore):
     if len(rb):
         tn = box_entry(geo, ob, o[rb], d[rb])
         ok = np.isfinite(tn)
-        out_r.append(rb[ok]); out_o.append(ob[ok]); out_t.append(tn[ok])
+        out_r.append(rb[ok])
+        out_o.append(ob[ok])
+        out_t.append(tn[ok])
     re, oe = ray[~is_box], obj[~is_box]
     if len(re):
         tn = ellipsoid_entry(geo, oe - geo.n_boxes, o[re], d[re])
         ok = np.isfinite(tn)
-        out_r.append(re[ok]); out_o.append(oe[ok]); out_t.append(tn[ok])
+        out_r.append(re[ok])
+        out_o.append(oe[ok])
+        out_t.append(tn[ok])
     if not out_r:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     return np.concatenate(out_r), np.concatenate(out_o), np.concatenate(out_t)
