@@ -144,11 +144,12 @@ def _export(tile: Path, data: Path, out: Path) -> dict[str, Any]:
 
     options = ExportOptions(what=("ortho", "dsm", "semantics", "las", "ply"), gsd=EXPORT_GSD_M, survey=data)
     manifest = export_tile(tile, out, options)
-    files = manifest["files"]
+    files = {kind: out / name for kind, name in manifest["files"].items()}  # names relative to out
     truth = data.parent
     scores = compare_to_ground_truth(files["dsm"], truth / "dsm.tif", files["ortho"], truth / "ortho.tif",
-                                     files.get("semantics"), truth / "ortho_semantics.tif")
-    return {"files": files, "vs_ground_truth": scores}
+                                     files["semantics"], truth / "ortho_semantics.tif")
+    return {"files": {kind: str(path) for kind, path in files.items()}, "vs_ground_truth": scores,
+            "seconds": manifest.get("timings_s")}
 
 
 def _picture(out: Path, data: Path, summary: dict[str, Any]) -> None:

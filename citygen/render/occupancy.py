@@ -3,7 +3,7 @@ skip empty space.
 
 Each cell holds an exponential moving maximum of the field's density at random points in
 the cell, refreshed every few training steps: a sampled cell becomes
-``max(decay * old, sigma(random point in cell))``.  A cell is occupied when its density
+``max(decay * old, sigma(random point in cell))``, and every other cell decays to ``decay * old``.  A cell is occupied when its density
 gives an opacity above ``alpha_threshold`` over one marching step, i.e.
 ``sigma > alpha_threshold / step_size`` (capped by the mean cell density, so that a young,
 foggy field is never emptied wholesale).  The grid starts fully occupied, and a cell stays
@@ -84,8 +84,12 @@ class OccupancyGrid(nn.Module):
                 cells = uniform.unique()
         points = self.cell_points(cells, generator)
         sigma = torch.cat([density_fn(points[i:i + chunk]).float() for i in range(0, len(points), chunk)])
+        # instant-ngp: every known cell decays at every refresh, sampled or not, so a density
+        # the field has since dropped (early fog) fades in a few refreshes instead of waiting
+        # for its cell to be drawn again; a sampled cell then takes the max with its new value.
         old = self.density[cells]
-        self.density[cells] = torch.where(old < 0, sigma, torch.maximum(old * decay, sigma))
+        self.density.copy_(torch.where(self.density < 0, self.density, self.density * decay))
+        self.density[cells] = torch.where(old < 0, sigma, torch.maximum(self.density[cells], sigma))
         known = self.density >= 0
         mean = float(self.density[known].mean()) if bool(known.any()) else 0.0
         threshold = min(alpha_threshold / step_size, mean)
