@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyproj
 import pytest
+from _paths import CALITERRA
 from PIL import Image, TiffImagePlugin
 
 from survey_io import SurveyError
@@ -16,9 +17,7 @@ from survey_io.drone import read_drone_folder
 from survey_io.exif import gimbal_to_c2w_rotation, parse_dji_xmp, read_image_metadata
 from survey_io.georef import Georef
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "caliterra"
-if not REAL.is_dir():
-    REAL = Path("/work/shared/data/real/caliterra")
+REAL = CALITERRA
 
 Q = TiffImagePlugin.IFDRational
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _paths import CALITERRA
 
 from survey_io.align import Similarity, _so3_exp, align_similarity, umeyama
 
-REAL = Path("/work/shared/data/real/caliterra")
+REAL = CALITERRA
 
 
 def _angle_deg(Ra: np.ndarray, Rb: np.ndarray) -> float:
