@@ -89,22 +89,13 @@ def observed_heights(survey, images, rect: tuple[float, float, float, float],
                      stride: int = 8) -> tuple[float, float] | None:
     """Robust (0.5 / 99.5 percentile) height range of the depth-map points of ``images`` that
     fall inside the horizontal rectangle ``rect``; None without depth maps (or points)."""
-    from .train.data import load_depth
+    from .train.data import depth_points
 
     if not images or any(im.depth is None for im in images):
         return None
     zs = []
     for im in images:
-        cam = survey.camera_of(im)
-        depth = load_depth(im.depth)
-        if depth.shape != (cam.height, cam.width):
-            raise CitygenError(im.depth, f"depth map is {depth.shape}, the image is {(cam.height, cam.width)}")
-        rows, cols = np.mgrid[0:cam.height:stride, 0:cam.width:stride]
-        z = depth[rows, cols]
-        ok = z > 0
-        x = (cols[ok] + 0.5 - cam.cx) / cam.fl_x * z[ok]
-        y = (rows[ok] + 0.5 - cam.cy) / cam.fl_y * z[ok]
-        pts = np.stack([x, y, z[ok]], axis=-1) @ im.c2w[:3, :3].T + im.c2w[:3, 3]
+        pts = depth_points(survey, im, stride)
         inside = (pts[:, 0] >= rect[0]) & (pts[:, 0] <= rect[2]) & (pts[:, 1] >= rect[1]) & (pts[:, 1] <= rect[3])
         zs.append(pts[inside, 2])
     z = np.concatenate(zs)

@@ -265,7 +265,8 @@ def test_style_cli_on_a_trained_run(tmp_path, reference, capsys):
     tile = tmp_path / "run"
     save_checkpoint(tile / "checkpoints", 1, {f"model.{k}": v for k, v in f.state_dict().items()},
                     {"config": to_dict(cfg), "aabb": aabb.tolist(), "classes": list(CLASSES),
-                     "image_names": ["a", "b"], "optimizer": {"type": "Adam", "groups": []}})
+                     "image_names": ["a", "b"], "optimizer": {"type": "Adam", "groups": []},
+                     "georef": {"crs": "EPSG:32651", "origin": [354281.0, 3456101.0, 14.0]}})
     assert entrypoint(["style", str(tile), "--reference", str(reference[0])]) == 0
     edit = EditStack.load(tile).edits[0]
     assert edit["params"]["method"] == "stats" and edit["params"]["transforms"]
@@ -283,6 +284,16 @@ def test_style_cli_on_a_trained_run(tmp_path, reference, capsys):
     out = render_image(wrapped, Camera(width=8, height=8, fl_x=8.0, fl_y=8.0, cx=4.0, cy=4.0),
                        look_at(np.array([0.0, 0.0, 20.0]), np.zeros(3)), render=RenderConfig(step_size=0.5))
     assert out["rgb"].shape == (8, 8, 3) and bool(torch.isfinite(out["rgb"]).all())
+    # every renderer opened on the tile applies its stack: TileRenderer.open equals the wrapper
+    # path above, and differs from the trained weights (apply_edits=False)
+    from citygen.render.tile import TileRenderer
+
+    cam, c2w = Camera(width=8, height=8, fl_x=8.0, fl_y=8.0, cx=4.0, cy=4.0), look_at(np.array([0.0, 0.0, 20.0]), np.zeros(3))
+    styled = TileRenderer.open(tile).render_view(cam, c2w)["rgb"]
+    plain = TileRenderer.open(tile, apply_edits=False).render_view(cam, c2w)["rgb"]
+    plain_direct = render_image(field, cam, c2w, render=RenderConfig(step_size=0.5))["rgb"]
+    assert (styled - plain).abs().max() > 1e-3
+    assert (plain - plain_direct).abs().max() < 0.05
     capsys.readouterr()
     assert entrypoint(["style", str(tile), "--reference", str(tmp_path / "nope.jpg")]) == 2
     assert "nope.jpg" in capsys.readouterr().err

@@ -236,13 +236,28 @@ class TileRenderer:
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def open(cls, tile_dir: str | Path, device: str | torch.device = "cpu", max_cached_blocks: int = 8) -> TileRenderer:
+    def open(cls, tile_dir: str | Path, device: str | torch.device = "cpu", max_cached_blocks: int = 8,
+             apply_edits: bool = True) -> TileRenderer:
         """A renderer over ``tile_dir/plan.json`` and each block's newest checkpoint
         (``tile_dir/block_<id>/checkpoints``); blocks without one are listed in ``missing_blocks``.
+
+        The tile's edit stack (``tile_dir/edits.json``, :mod:`citygen.edit`) is applied at render
+        time when present, so views, exports and the viewer all show the edited scene;
+        ``apply_edits=False`` renders the trained weights as they are.
 
         Raises:
             CitygenError: no plan, a broken checkpoint sidecar, or no block trained at all.
         """
+        renderer = cls._open_weights(Path(tile_dir), device, max_cached_blocks)
+        if apply_edits:
+            from ..edit import STACK_FILE, tile_field_wrapper  # edit builds on render: import late
+
+            if (Path(tile_dir) / STACK_FILE).is_file():
+                renderer.field_wrapper = tile_field_wrapper(tile_dir)
+        return renderer
+
+    @classmethod
+    def _open_weights(cls, tile_dir: Path, device: str | torch.device, max_cached_blocks: int) -> TileRenderer:
         from ..tile import PLAN_FILE, block_dir
         from ..train.checkpoint import list_checkpoints, resolve_checkpoint
 

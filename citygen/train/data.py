@@ -181,6 +181,21 @@ def _undistort_batch(x: Tensor, y: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
     return undistort_normalized(_Cam, x, y)
 
 
+def depth_points(survey: Survey, image: SurveyImage, stride: int = 8) -> np.ndarray:
+    """World points (N, 3) of every ``stride``-th pixel of ``image``'s depth map with a known
+    depth (z-depth > 0), back-projected through its pinhole camera."""
+    cam = survey.camera_of(image)
+    depth = load_depth(image.depth)
+    if depth.shape != (cam.height, cam.width):
+        raise CitygenError(image.depth, f"depth map is {depth.shape}, the image is {(cam.height, cam.width)}")
+    rows, cols = np.mgrid[0:cam.height:stride, 0:cam.width:stride]
+    z = depth[rows, cols]
+    ok = z > 0
+    x = (cols[ok] + 0.5 - cam.cx) / cam.fl_x * z[ok]
+    y = (rows[ok] + 0.5 - cam.cy) / cam.fl_y * z[ok]
+    return np.stack([x, y, z[ok]], axis=-1) @ image.c2w[:3, :3].T + image.c2w[:3, 3]
+
+
 def scene_aabb(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
                ground_z: float = 0.0, stride: int = 8) -> np.ndarray:
     """Derive a block's (2, 3) AABB from its images.
@@ -197,19 +212,7 @@ def scene_aabb(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
     """
     points = []
     if all(im.depth is not None for im in images):
-        for im in images:
-            cam = survey.camera_of(im)
-            depth = load_depth(im.depth)
-            if depth.shape != (cam.height, cam.width):
-                raise CitygenError(im.depth, f"depth map is {depth.shape}, the image is {(cam.height, cam.width)}")
-            rows, cols = np.mgrid[0:cam.height:stride, 0:cam.width:stride]
-            z = depth[rows, cols]
-            ok = z > 0
-            x = (cols[ok] + 0.5 - cam.cx) / cam.fl_x * z[ok]
-            y = (rows[ok] + 0.5 - cam.cy) / cam.fl_y * z[ok]
-            pts = np.stack([x, y, z[ok]], axis=-1) @ im.c2w[:3, :3].T + im.c2w[:3, 3]
-            points.append(pts)
-        pts = np.concatenate(points) if points else np.zeros((0, 3))
+        pts = np.concatenate([depth_points(survey, im, stride) for im in images]) if images else np.zeros((0, 3))
         if len(pts) >= 8:
             lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
             return _pad(lo, hi, margin)
