@@ -41,12 +41,7 @@ NADIR = look_at(np.array([0.0, 0.0, 40.0]), np.array([0.0, 0.0, 0.0]))
 OBLIQUE = look_at(np.array([28.0, -26.0, 34.0]), np.array([-3.0, 2.0, 0.0]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
