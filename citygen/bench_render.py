@@ -47,6 +47,7 @@ from survey_io import Camera
 from .bench import _cpu_name
 from .config import FieldConfig, RenderConfig
 from .errors import CitygenError
+from .render.sampling import look_at
 
 GPU_PENDING = ("GPU figures pending: this run had no CUDA device; the numbers below are CPU figures of the "
                "same per-ray math (native CPU build) and say nothing about GPU frame rates.")
@@ -61,17 +62,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
     if w < 1 or h < 1:
         raise CitygenError(None, f"bench render: resolution must be positive, got {text!r}")
     return w, h
-
-
-def look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """OpenCV camera-to-world looking from ``eye`` at ``target`` (+Z up)."""
-    fwd = np.asarray(target, dtype=np.float64) - eye
-    fwd /= np.linalg.norm(fwd)
-    right = np.cross(fwd, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    c2w = np.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, np.cross(fwd, right), fwd, eye
-    return c2w
 
 
 def fly_path(aabb: np.ndarray, n_frames: int, altitude: float, pitch_deg: float = 40.0,

@@ -19,7 +19,7 @@ from citygen.config import RenderConfig
 from citygen.edit import EditedField, EditStack, PlaneGround
 from citygen.edit.analytic import BUILDING, AnalyticCityField
 from citygen.render import render_image
-from citygen.style.optimize import look_at
+from citygen.render.sampling import look_at
 from survey_io import Camera, Georef
 
 GEOREF = Georef("EPSG:32633", (500000.0, 4500000.0, 0.0))

@@ -19,7 +19,7 @@ from citygen.config import RenderConfig
 from citygen.edit import EditedField, EditStack
 from citygen.edit.analytic import VEHICLE, AnalyticCityField
 from citygen.render import render_image
-from citygen.style.optimize import look_at
+from citygen.render.sampling import look_at
 from survey_io import Camera
 
 

@@ -29,8 +29,7 @@ from citygen.edit.analytic import (
 from citygen.edit.field import base_samples
 from citygen.errors import CitygenError
 from citygen.render import intersect_aabb, render_image
-from citygen.render.sampling import camera_rays
-from citygen.style.optimize import look_at
+from citygen.render.sampling import camera_rays, look_at
 from survey_io import Camera, Georef
 
 STEP = 0.2

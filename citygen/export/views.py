@@ -12,20 +12,7 @@ import numpy as np
 
 from survey_io import Camera
 
-
-def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
-    """OpenCV camera-to-world (x right, y down, z forward) at ``eye`` looking at ``target``."""
-    eye, target = np.asarray(eye, np.float64), np.asarray(target, np.float64)
-    z = target - eye
-    z /= np.linalg.norm(z)
-    x = np.cross(z, up)
-    if np.linalg.norm(x) < 1e-9:  # looking straight down: put image-up towards north
-        x = np.array([1.0, 0.0, 0.0])
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    m = np.eye(4)
-    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = x, y, z, eye
-    return m
+from ..render.sampling import look_at
 
 
 def aerial_views(bounds: np.ndarray, gsd: float, image_size: int = 256, fov_deg: float = 60.0,

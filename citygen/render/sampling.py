@@ -88,3 +88,21 @@ def intersect_aabb(origins: Tensor, dirs: Tensor, aabb: Tensor, near: float = 0.
     t_near = torch.minimum(t0, t1).amax(dim=-1).clamp_min(near)
     t_far = torch.maximum(t0, t1).amin(dim=-1)
     return t_near, t_far, t_far > t_near
+
+
+def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """OpenCV camera-to-world (x right, y down, z forward) at ``eye`` looking at ``target``.
+
+    Image-up follows ``up`` (+Z: the horizon stays level); looking straight along ``up`` the
+    image's x axis points east, so nadir views have north at the top.
+    """
+    eye, target = np.asarray(eye, np.float64), np.asarray(target, np.float64)
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, up)
+    if np.linalg.norm(x) < 1e-9:
+        x = np.array([1.0, 0.0, 0.0])
+    x /= np.linalg.norm(x)
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = x, np.cross(z, x), z, eye
+    return m

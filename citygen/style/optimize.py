@@ -42,7 +42,7 @@ from survey_io import Camera
 
 from ..edit.field import color_branch, with_color_branch
 from ..errors import CitygenError
-from ..render.sampling import camera_rays
+from ..render.sampling import camera_rays, look_at
 from ..render.volume import render_rays
 
 _VGG_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
@@ -145,17 +145,6 @@ def sliced_wasserstein(a: Tensor, b: Tensor, n_dirs: int = 32, generator: torch.
         q = (torch.arange(pa.shape[0], device=a.device) + 0.5) / pa.shape[0] * pb.shape[0] - 0.5
         pb = pb[q.round().long().clamp(0, pb.shape[0] - 1)]
     return ((pa - pb) ** 2).mean()
-
-
-def look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """OpenCV camera-to-world looking from ``eye`` at ``target`` with +Z up."""
-    z = target - eye
-    z = z / np.linalg.norm(z)
-    x = np.cross(z, [0.0, 0.0, 1.0])
-    x = x / np.linalg.norm(x) if np.linalg.norm(x) > 1e-6 else np.array([1.0, 0.0, 0.0])
-    m = np.eye(4)
-    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = x, np.cross(z, x), z, eye
-    return m
 
 
 def random_views(aabb: Tensor, n: int, size: int, rng: np.random.Generator, fov_deg: float = 60.0):
