@@ -3,6 +3,7 @@ the test-view appearance rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -60,10 +61,23 @@ def make_field(n_images=3, aabb=((-10.0, -20.0, 0.0), (30.0, 20.0, 8.0))):
     return CityField(SMALL, torch.tensor(aabb), n_images, 7, cams)
 
 
-def test_normalize_maps_the_aabb_to_the_unit_cube():
-    f = make_field()
+def test_cube_normalization_scales_every_axis_by_the_longest_side():
+    f = make_field()  # 40 x 40 x 8 m box
+    corners = torch.tensor([[-10.0, -20.0, 0.0], [30.0, 20.0, 8.0], [10.0, 0.0, 4.0]])
+    torch.testing.assert_close(f.normalize(corners), torch.tensor([[0.0, 0, 0], [1, 1, 0.2], [0.5, 0.5, 0.1]]))
+
+
+def test_per_axis_normalization_maps_the_aabb_to_the_unit_cube():
+    torch.manual_seed(0)
+    f = CityField(dataclasses.replace(SMALL, normalization="per_axis"), torch.tensor(((-10.0, -20.0, 0.0), (30.0, 20.0, 8.0))),
+                  3, 7)
     corners = torch.tensor([[-10.0, -20.0, 0.0], [30.0, 20.0, 8.0], [10.0, 0.0, 4.0]])
     torch.testing.assert_close(f.normalize(corners), torch.tensor([[0.0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5]]))
+
+
+def test_unknown_normalization_is_a_clear_error():
+    with pytest.raises(CitygenError, match="normalization"):
+        CityField(dataclasses.replace(SMALL, normalization="sphere"), torch.tensor(((0.0, 0, 0), (1.0, 1, 1))), 1, 2)
 
 
 def test_outputs_shapes_and_ranges():

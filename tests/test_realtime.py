@@ -21,6 +21,7 @@ from citygen.fields import CityField
 from citygen.render import OccupancyGrid, render_image
 from citygen.render.realtime import (
     RealtimeRenderer,
+    RealtimeSampling,
     native_module,
     occupancy_bits,
     pack_field,
@@ -38,15 +39,6 @@ from survey_io import Camera
 
 CSRC = Path(__file__).resolve().parents[1] / "cuda_ext" / "csrc"
 AABB = [[-8.0, -8.0, -2.0], [8.0, 8.0, 6.0]]
-
-
-@pytest.fixture(scope="module")
-def cpu_module():
-    module = native_module("cpu")
-    if module is None:
-        from cuda_ext import realtime as rt_ext
-        pytest.skip(f"the real-time CPU build is unavailable: {rt_ext.unavailable_reason()}")
-    return module
 
 
 def make_field(seed: int = 0, step: float = 0.25) -> tuple[CityField, RenderConfig]:
@@ -91,14 +83,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- parity with the reference renderer (the key test) -----------------------------------------------
 @pytest.mark.parametrize("eye", [(0.0, -14.0, 12.0), (9.0, 7.0, 14.0)])
-def test_realtime_matches_reference_renderer(cpu_module, eye):
+def test_realtime_matches_reference_renderer(realtime_cpu, eye):
     field, rc = make_field()
     occupied = field.occupancy.occupied_fraction()
     assert 0.05 < occupied < 0.95, f"test field should be partly empty, occupancy {occupied}"
     camera = Camera(width=24, height=18, fl_x=22.0, fl_y=22.0, cx=12.0, cy=9.0)
     c2w = look_at(eye)
     ref = render_image(field, camera, c2w, render=rc)
-    renderer = RealtimeRenderer(field, rc, backend="native")
+    # The reference's own samples: the same per-sample math must give the same image (the
+    # reduced default sampling has its own parity test, test_realtime_sampling.py).
+    renderer = RealtimeRenderer(field, rc, backend="native", sampling=RealtimeSampling.reference())
     out = renderer.render(camera, c2w)
     assert float(ref["acc"].mean()) > 0.3, "the view should see the field, not only background"
     assert psnr(out["rgb"], ref["rgb"]) >= 35.0
@@ -111,7 +105,7 @@ def test_realtime_matches_reference_renderer(cpu_module, eye):
     assert float(out["n_samples"].float().mean()) > 0
 
 
-def test_empty_space_skipping_evaluates_only_occupied_samples(cpu_module):
+def test_empty_space_skipping_evaluates_only_occupied_samples(realtime_cpu):
     """The native march evaluates exactly the samples in occupied cells (up to termination):
     with termination off, its count equals the reference's count of occupied samples."""
     field, rc = make_field(seed=1)
@@ -123,7 +117,7 @@ def test_empty_space_skipping_evaluates_only_occupied_samples(cpu_module):
     code = field.appearance_for_position(origins[0])
     ref = render_rays(field, origins, dirs, code, step_size=rc.step_size, occupancy=field.occupancy,
                       min_transmittance=0.0)
-    out = RealtimeRenderer(field, rc, backend="native").render(camera, c2w)
+    out = RealtimeRenderer(field, rc, backend="native", sampling=RealtimeSampling.reference()).render(camera, c2w)
     # Equal up to samples that sit on a cell boundary (the kernel builds its rays in float32,
     # the reference in float64 then rounds): at most a fraction of a percent.
     n_ref, n_out = int(ref["n_samples"]), int(out["n_samples"].sum())
@@ -131,7 +125,7 @@ def test_empty_space_skipping_evaluates_only_occupied_samples(cpu_module):
 
 
 # -- packed MLPs and occupancy bitfield ---------------------------------------------------------------
-def test_packed_field_matches_torch_modules(cpu_module):
+def test_packed_field_matches_torch_modules(realtime_cpu):
     field, rc = make_field(seed=2)
     code = field.appearance.weight[1]
     packed = pack_field(field, rc, appearance=code)
@@ -139,7 +133,7 @@ def test_packed_field_matches_torch_modules(cpu_module):
     lo, hi = torch.tensor(AABB[0]), torch.tensor(AABB[1])
     x = lo + torch.rand(500, 3, generator=g) * (hi - lo)
     dirs = torch.nn.functional.normalize(torch.randn(500, 3, generator=g), dim=-1)
-    sigma, rgb, sem = cpu_module.eval_points(x, dirs, packed.weights, packed.table, packed.offsets, packed.scales,
+    sigma, rgb, sem = realtime_cpu.eval_points(x, dirs, packed.weights, packed.table, packed.offsets, packed.scales,
                                              packed.occ_bits, packed.layout, packed.geom_f, packed.geom_i)
     with torch.no_grad():
         ref = field(x, dirs, code.expand(500, -1))
@@ -148,7 +142,7 @@ def test_packed_field_matches_torch_modules(cpu_module):
     torch.testing.assert_close(sem, ref["semantics"], rtol=1e-4, atol=1e-4)
 
 
-def test_packed_dense_layer_matches_nn_linear(cpu_module):
+def test_packed_dense_layer_matches_nn_linear(realtime_cpu):
     """The semantic head alone (a Linear-ReLU-Linear on the geometry features) against nn.Linear:
     feed features through a field whose density MLP passes geo through unchanged."""
     field, rc = make_field(seed=3)
@@ -163,7 +157,7 @@ def test_packed_dense_layer_matches_nn_linear(cpu_module):
     assert all(int(o) % 8 == 0 for o in packed.layout[7:18])
 
 
-def test_occupancy_bitfield_lookup_matches_grid(cpu_module):
+def test_occupancy_bitfield_lookup_matches_grid(realtime_cpu):
     grid = OccupancyGrid(torch.tensor(AABB), 8)
     g = torch.Generator().manual_seed(0)
     grid.occupied.copy_(torch.rand(grid.n_cells, generator=g) < 0.4)
@@ -171,16 +165,17 @@ def test_occupancy_bitfield_lookup_matches_grid(cpu_module):
     assert bits.numel() == math.ceil(grid.n_cells / 32)
     lo, hi = torch.tensor(AABB[0]), torch.tensor(AABB[1])
     x = lo - 1 + torch.rand(4000, 3, generator=g) * (hi - lo + 2)  # some points outside the box
-    geom_f = torch.cat([torch.tensor(AABB).reshape(-1)] * 3 + [torch.tensor([1.0, 0.1, -9.0])]).float()
-    geom_i = torch.tensor([8, 1, 1, 2], dtype=torch.int32)
-    got = cpu_module.occupancy_query(x, bits, geom_f, geom_i)
+    extent = torch.tensor(AABB)[1] - torch.tensor(AABB)[0]
+    geom_f = torch.cat([torch.tensor(AABB).reshape(-1)] * 3 + [torch.tensor([1.0, 0.1, -9.0]), extent]).float()
+    geom_i = torch.tensor([8, 1, 1, 2, 1, 1, 1], dtype=torch.int32)
+    got = realtime_cpu.occupancy_query(x, bits, geom_f, geom_i)
     assert torch.equal(got, grid.query(x))
     # Closed form: one occupied cell, its centre hits, the other cells' centres miss.
     grid.occupied.zero_()
     grid.occupied[(3 * 8 + 5) * 8 + 2] = True
     centres = grid.cell_points(torch.arange(grid.n_cells)) * 0 + grid.aabb[0] + (
         torch.stack(torch.meshgrid(*[torch.arange(8)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / 8 * (hi - lo)
-    got = cpu_module.occupancy_query(centres.float().contiguous(), occupancy_bits(grid.occupied), geom_f, geom_i)
+    got = realtime_cpu.occupancy_query(centres.float().contiguous(), occupancy_bits(grid.occupied), geom_f, geom_i)
     assert got.nonzero().squeeze(-1).tolist() == [(3 * 8 + 5) * 8 + 2]
 
 
@@ -198,14 +193,14 @@ def test_lod_levels_closed_form():
     assert ns == sorted(ns, reverse=True) and ns[0] == L and ns[-1] == 1
 
 
-def test_lod_zeroes_finest_levels(cpu_module):
+def test_lod_zeroes_finest_levels(realtime_cpu):
     """With k active levels the encoding's finer levels contribute nothing: the packed field
     then equals the torch field whose finer-level parameters are zero."""
     field, rc = make_field(seed=4)
     packed = pack_field(field, rc).with_view(n_active_levels=3)
     x = torch.rand(64, 3) * 10 - 5
     dirs = torch.nn.functional.normalize(torch.randn(64, 3), dim=-1)
-    sigma, _, _ = cpu_module.eval_points(x, dirs, packed.weights, packed.table, packed.offsets, packed.scales,
+    sigma, _, _ = realtime_cpu.eval_points(x, dirs, packed.weights, packed.table, packed.offsets, packed.scales,
                                          packed.occ_bits, packed.layout, packed.geom_f, packed.geom_i)
     with torch.no_grad():
         start = field.encoding.levels[3].offset * 2
@@ -222,7 +217,7 @@ def _block(i: int, nbytes: int = 100, delay: float = 0.0) -> BlockInfo:
     def load():
         time.sleep(delay)
         field, rc = make_field(seed=0)
-        return pack_field(field, rc)
+        return pack_field(field, rc, sampling=RealtimeSampling.reference())  # no fine bake: cache tests
 
     return BlockInfo(f"b{i}", None, box, box, nbytes, load=load)
 
@@ -284,7 +279,7 @@ def test_frustum_culling():
     assert not frustum_visible(camera, c2w, np.array([[-10, -10, 0], [10, 10, 5]]), far=50)         # too far
 
 
-def test_streaming_single_block_matches_realtime(cpu_module):
+def test_streaming_single_block_matches_realtime(realtime_cpu):
     """One block streamed through the cache renders the same image as the direct renderer."""
     field, rc = make_field(seed=0)
     camera = Camera(width=16, height=12, fl_x=15.0, fl_y=15.0, cx=8.0, cy=6.0)
@@ -296,7 +291,7 @@ def test_streaming_single_block_matches_realtime(cpu_module):
     info = BlockInfo("b", None, np.array(AABB), np.array(AABB), packed.nbytes, load=lambda: packed)
     cache = BlockCache([info], budget_bytes=10 * packed.nbytes)
     try:
-        streamer = StreamingRenderer(cache, cpu_module, far=1e4, oversample=1e9)  # LOD off: all levels
+        streamer = StreamingRenderer(cache, realtime_cpu, far=1e4, oversample=1e9)  # LOD off: all levels
         first = streamer.render(camera, c2w)
         assert first["blocks"].loading == ["b"]
         cache.wait_idle()
@@ -308,7 +303,7 @@ def test_streaming_single_block_matches_realtime(cpu_module):
 
 
 @pytest.mark.parametrize("eye", [(9.0, 7.0, 14.0), (-12.0, 3.0, 10.0)])
-def test_streaming_two_blocks_composite_like_one(cpu_module, eye):
+def test_streaming_two_blocks_composite_like_one(realtime_cpu, eye):
     """The field split at x = 0 into two blocks (clip boxes), composited front to back in the
     cache's visibility order, renders the unsplit image (the sample grid restarts at the split,
     so equality holds up to quadrature)."""
@@ -325,7 +320,7 @@ def test_streaming_two_blocks_composite_like_one(cpu_module, eye):
              BlockInfo("right", None, box, right, packed.nbytes, load=lambda: packed)]
     cache = BlockCache(infos, budget_bytes=10 * packed.nbytes)
     try:
-        streamer = StreamingRenderer(cache, cpu_module, far=1e4, oversample=1e9)
+        streamer = StreamingRenderer(cache, realtime_cpu, far=1e4, oversample=1e9)
         streamer.render(camera, c2w)
         cache.wait_idle()
         out = streamer.render(camera, c2w)
@@ -365,7 +360,7 @@ def test_realtime_kernel_compiles_with_nvcc(tmp_path):
     assert out.stat().st_size > 0
 
 
-def test_bench_render_cpu_reports_pending_gpu_figures(cpu_module):
+def test_bench_render_cpu_reports_pending_gpu_figures(realtime_cpu):
     from citygen.bench_render import bench_render
 
     result = bench_render(resolutions=[(32, 18)], n_frames=2, reference_frames=1, device="cpu",

@@ -7,10 +7,13 @@ Layout (instant-ngp / nerfacto):
     appearance code (per training image) --+--> color MLP (2 x 64) --> sigmoid RGB
     geo --semantic MLP--> class logits
 
-Positions are normalised per axis: ``u = (x - aabb_min) / (aabb_max - aabb_min)``.  The
-AABB (offset and scale) is a buffer saved with the weights, so a checkpoint maps back to
-metres without outside help.  Per-axis scaling gives the (short) vertical axis finer
-hash cells per metre, which suits aerial blocks whose facades are vertical.
+Positions map to the hash grid's unit cube as ``u = (x - aabb_min) / norm_extent``.  With
+``normalization: cube`` (the default) ``norm_extent`` is the AABB's longest side on every
+axis, so hash cells are cubes in metres and a flat aerial block occupies a slab of the grid
+(tiny-cuda-nn's isotropic HashGrid sees the same coordinates).  ``per_axis`` (older
+checkpoints) stretches each axis to [0, 1], which made the short vertical axis ~6x finer than
+needed and cost hash capacity.  The AABB is a buffer saved with the weights, so a checkpoint
+maps back to metres without outside help.
 
 Appearance codes: one learned ``appearance_dim`` vector per training image
 (``nn.Embedding``).  A view that was not trained on (held-out test views, novel camera
@@ -65,6 +68,16 @@ def mlp(d_in: int, d_hidden: int, n_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def norm_extent(aabb: Tensor, normalization: str) -> Tensor:
+    """The (3,) lengths in metres that map to the hash grid's unit interval, per axis."""
+    size = (aabb[1] - aabb[0]).float()
+    if normalization == "cube":
+        return size.max().expand(3).clone()
+    if normalization == "per_axis":
+        return size.clone()
+    raise CitygenError(None, f"field: normalization must be 'cube' or 'per_axis', got {normalization!r}")
+
+
 def hash_grid_config(cfg: FieldConfig) -> HashGridConfig:
     """The hash-grid config of a field config (max resolution over the block's longest side)."""
     return HashGridConfig.from_max_resolution(
@@ -92,6 +105,7 @@ class CityField(nn.Module):
         self.cfg = cfg
         self.n_classes = n_classes
         self.register_buffer("aabb", aabb.clone())
+        self.norm_extent = norm_extent(aabb, cfg.normalization)
         # Densities are learned per 1/16 of the mean AABB side and converted to 1/metre: the
         # initial density (~e^-1 per unit) gives a ray crossing the block an optical depth of
         # a few units (semi-transparent, as nerfacto's start), whatever the block's size in metres,
@@ -122,8 +136,8 @@ class CityField(nn.Module):
 
     # -- geometry ---------------------------------------------------------------------------
     def normalize(self, x: Tensor) -> Tensor:
-        """Metres in the local frame -> [0, 1]^3 of the block's AABB (clamped)."""
-        return ((x - self.aabb[0]) / (self.aabb[1] - self.aabb[0])).clamp(0.0, 1.0)
+        """Metres in the local frame -> the hash grid's [0, 1]^3 (clamped; see the module docstring)."""
+        return ((x - self.aabb[0]) / self.norm_extent.to(x)).clamp(0.0, 1.0)
 
     def density(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Density sigma (N,) in 1/metre and geometry features (N, geo_feat_dim) at positions (N, 3)."""
@@ -197,4 +211,4 @@ def _make_encoding(cfg: HashGridConfig, backend: str) -> HashEncoding:
         return HashEncoding(cfg, backend="torch")
 
 
-__all__ = ["CityField", "hash_grid_config", "mlp", "trunc_exp"]
+__all__ = ["CityField", "hash_grid_config", "mlp", "norm_extent", "trunc_exp"]

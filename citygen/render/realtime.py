@@ -6,6 +6,9 @@ than proposal sampling or a baked mesh/texture: see ``citygen/bench_render.py``'
 short, the occupancy grid the trainer already keeps bounds the evaluated samples to a few per
 ray on an aerial city (measured on the CPU build, ``citygen bench render``), the field stays
 editable and restylable at render time, and semantics and depth come out of the same pass.
+On a trained tile a finer occupancy level baked at pack time and an earlier termination cut the
+samples further (:mod:`citygen.render.realtime_sampling`, measured there: 15.5 -> 8.2 samples
+per ray on the demo tile at >= 44.8 dB against the reference).
 
 Packed layout (what ``csrc/realtime_math.h`` reads):
 
@@ -18,10 +21,13 @@ Packed layout (what ``csrc/realtime_math.h`` reads):
   (``b + W_app code``), one code per block and frame.
 * ``table``: the hash grid's flat parameters; ``offsets`` int32 (L + 1); ``scales`` float32 (L).
 * ``occ_bits``: the occupancy grid as a bitfield, cell ``c`` at bit ``c % 32`` of word ``c // 32``
-  (cell order of :class:`~citygen.render.occupancy.OccupancyGrid`).
-* ``geom_f`` float32 (21): field AABB, clip box (the part of space the block renders: its core
+  (cell order of :class:`~citygen.render.occupancy.OccupancyGrid`), then the fine occupancy
+  bricks baked at pack time (:mod:`citygen.render.realtime_sampling`), when there are any.
+* ``geom_f`` float32 (24): field AABB, clip box (the part of space the block renders: its core
   in a tile, the AABB alone), occupancy box, density scale, step, log of the termination
-  transmittance; ``geom_i`` int32 (4): occupancy resolution, levels, active levels, features.
+  transmittance, and the hash grid's normalisation lengths (``u = (x - aabb_min) / length``,
+  :meth:`CityField.normalize`); ``geom_i`` int32 (7): occupancy resolution, levels, active levels, features,
+  fine occupancy cells per coarse cell along x, y, z (1, 1, 1: no fine level).
 
 On the CPU the buffers are float32; on CUDA ``weights`` and ``table`` are float16 (float
 accumulation).  Pinhole cameras only; distorted cameras go through the torch reference.
@@ -42,6 +48,7 @@ from survey_io import Camera
 
 from ..config import RenderConfig
 from ..errors import CitygenError
+from .realtime_sampling import RealtimeSampling, bake_fine_occupancy, fine_bits, fine_factors, sigma_threshold
 from .volume import render_image
 
 LAYOUT_INTS = 18
@@ -73,8 +80,8 @@ class PackedField:
     offsets: Tensor         # int32 (L + 1,)
     scales: Tensor          # float32 (L,)
     occ_bits: Tensor        # int32 words
-    geom_f: Tensor          # float32 (21,), CPU
-    geom_i: Tensor          # int32 (4,), CPU
+    geom_f: Tensor          # float32 (24,), CPU: aabb, clip, occupancy box, density scale, step, log T_min, norm extent
+    geom_i: Tensor          # int32 (7,), CPU: occupancy res, levels, active levels, features, fine factors
     cond_weight: Tensor     # (H, A) float32, CPU: appearance columns of color_cond
     cond_bias: Tensor       # (H,) float32, CPU
     level_scales: tuple[float, ...]
@@ -136,10 +143,24 @@ class PackedField:
 
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor]) -> PackedField:
+        t = dict(t)
+        if t["geom_f"].numel() == 21:  # packed before the norm extent existed: per-axis normalisation
+            box = t["geom_f"][:6].reshape(2, 3)
+            t["geom_f"] = torch.cat([t["geom_f"], box[1] - box[0]])
+        if t["geom_i"].numel() == 4:  # packed before render-time sampling existed: the reference's
+            t["geom_i"] = torch.cat([t["geom_i"], torch.ones(3, dtype=torch.int32)])
         return cls(layout=t["layout"], weights=t["weights"], table=t["table"], offsets=t["offsets"],
                    scales=t["scales"], occ_bits=t["occ_bits"], geom_f=t["geom_f"], geom_i=t["geom_i"],
                    cond_weight=t["cond_weight"], cond_bias=t["cond_bias"],
                    level_scales=tuple(float(v) for v in t["level_scales_f64"]), n_classes=int(t["n_classes"][0]))
+
+
+def _norm_extent(field: Any) -> Tensor:
+    """The field's hash-grid normalisation lengths (3,); per axis for fields without one."""
+    ext = getattr(field, "norm_extent", None)
+    if ext is None:
+        ext = field.aabb[1] - field.aabb[0]
+    return torch.as_tensor(ext).detach().float().cpu().reshape(3)
 
 
 def occupancy_bits(occupied: Tensor) -> Tensor:
@@ -151,7 +172,8 @@ def occupancy_bits(occupied: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def pack_field(field: Any, render: RenderConfig | None = None, appearance: Tensor | None = None) -> PackedField:
+def pack_field(field: Any, render: RenderConfig | None = None, appearance: Tensor | None = None,
+               sampling: RealtimeSampling | None = None) -> PackedField:
     """Pack a :class:`~citygen.fields.CityField` (and its ``occupancy``) into float32 CPU buffers.
 
     Args:
@@ -159,11 +181,15 @@ def pack_field(field: Any, render: RenderConfig | None = None, appearance: Tenso
         render: marching settings (step size, termination threshold).
         appearance: the appearance code (A,) folded into the colour layer; None = zeros
             (set a real one with :meth:`PackedField.set_appearance`).
+        sampling: render-time sample reduction (fine occupancy baked here from the field's
+            density, termination threshold); None = :class:`RealtimeSampling` defaults,
+            :meth:`RealtimeSampling.reference` = the reference renderer's samples.
 
     Raises:
         CitygenError: a field shape the kernels do not support (the caller falls back to torch).
     """
     render = render or RenderConfig()
+    sampling = sampling or RealtimeSampling()
     enc = field.encoding
     cfg = enc.config
     if cfg.n_features_per_level != 2:
@@ -211,14 +237,23 @@ def pack_field(field: Any, render: RenderConfig | None = None, appearance: Tenso
 
     aabb = field.aabb.detach().float().cpu()
     occ = getattr(field, "occupancy", None)
+    factors = (1, 1, 1)
     if occ is not None:
         occ_box, occ_res, bits = occ.aabb.detach().float().cpu(), occ.resolution, occupancy_bits(occ.occupied)
+        if sampling.occupancy_factor > 1:
+            factors = fine_factors(occ, render.step_size, sampling.occupancy_factor)
+        if factors != (1, 1, 1):
+            fine = bake_fine_occupancy(lambda x: field.density(x)[0], occ, factors,
+                                       sigma_threshold(sampling.skip_alpha, render.step_size))
+            bits = torch.cat([bits, fine_bits(fine)])
     else:  # no grid: one occupied cell over the box
         occ_box, occ_res, bits = aabb, 1, torch.tensor([1], dtype=torch.int32)
-    log_min_t = math.log(render.min_transmittance) if render.min_transmittance > 0 else -1e30
+    min_t = render.min_transmittance if sampling.min_transmittance is None else sampling.min_transmittance
+    log_min_t = math.log(min_t) if min_t > 0 else -1e30
     geom_f = torch.cat([aabb.reshape(-1), aabb.reshape(-1), occ_box.reshape(-1),
-                        torch.tensor([field.inv_unit_length, render.step_size, log_min_t])]).float()
-    geom_i = torch.tensor([occ_res, cfg.n_levels, cfg.n_levels, 2], dtype=torch.int32)
+                        torch.tensor([field.inv_unit_length, render.step_size, log_min_t]),
+                        _norm_extent(field)]).float()
+    geom_i = torch.tensor([occ_res, cfg.n_levels, cfg.n_levels, 2, *factors], dtype=torch.int32)
     packed = PackedField(layout=layout, weights=weights, table=enc.params.detach().float().cpu().contiguous(),
                          offsets=enc.level_offsets.detach().cpu().to(torch.int32).contiguous(),
                          scales=enc.level_scales.detach().cpu().float().contiguous(), occ_bits=bits,
@@ -307,6 +342,8 @@ class RealtimeRenderer:
         device: where to render; defaults to the field's device.
         backend: ``"native"`` (the cuda_ext build for the device; error if missing), ``"torch"``
             (the reference renderer) or ``"auto"`` (native where it builds, else torch).
+        sampling: the native path's sample reduction (:class:`RealtimeSampling`; None = its
+            defaults); the torch backend always renders the reference samples.
 
     Attributes:
         backend: the backend in use ("native" or "torch"); ``fallback_reason`` says why torch.
@@ -314,7 +351,7 @@ class RealtimeRenderer:
     """
 
     def __init__(self, field: Any, render: RenderConfig | None = None, device: torch.device | str | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", sampling: RealtimeSampling | None = None):
         if backend not in BACKENDS:
             raise CitygenError(None, f"realtime: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
         self.field = field
@@ -332,7 +369,7 @@ class RealtimeRenderer:
                 self.fallback_reason = rt_ext.unavailable_reason() or "cuda_ext is not importable"
             else:
                 try:
-                    self._packed = pack_field(field, self.render_config).to(self.device)
+                    self._packed = pack_field(field, self.render_config, sampling=sampling).to(self.device)
                 except CitygenError as err:
                     self.fallback_reason = str(err)
                     self._module = None
@@ -393,5 +430,5 @@ class RealtimeRenderer:
         return out
 
 
-__all__ = ["FrameState", "PackedField", "RealtimeRenderer", "camera_vector", "finish", "march", "native_module",
+__all__ = ["FrameState", "PackedField", "RealtimeRenderer", "RealtimeSampling", "camera_vector", "finish", "march", "native_module",
            "occupancy_bits", "pack_field", "pixel_rect"]

@@ -41,6 +41,16 @@ Layout checked_layout(const torch::Tensor& layout, const torch::Tensor& weights)
     return L;
 }
 
+// The coarse bitfield plus, with fine factors, one brick of fx*fy*fz bits per coarse cell.
+void check_occupancy_bits(const BlockGeom& g, const torch::Tensor& occ_bits) {
+    const int64_t brick = (int64_t)g.occ_fine[0] * g.occ_fine[1] * g.occ_fine[2];
+    TORCH_CHECK(g.occ_res >= 1 && g.occ_fine[0] >= 1 && g.occ_fine[1] >= 1 && g.occ_fine[2] >= 1 && brick <= 64,
+                "realtime: occupancy resolution and fine factors must be >= 1, at most 64 fine cells per coarse cell");
+    const int64_t cells = (int64_t)g.occ_res * g.occ_res * g.occ_res;
+    const int64_t fine_words = brick > 1 ? (cells * brick + 31) / 32 : 0;
+    TORCH_CHECK(occ_bits.numel() >= realtime::coarse_words(g) + fine_words, "realtime: occupancy bitfield too small");
+}
+
 BlockGeom checked_geom(const torch::Tensor& geom_f, const torch::Tensor& geom_i, const torch::Tensor& offsets,
                        const torch::Tensor& scales, const torch::Tensor& table, const torch::Tensor& occ_bits,
                        const Layout& L) {
@@ -56,8 +66,7 @@ BlockGeom checked_geom(const torch::Tensor& geom_f, const torch::Tensor& geom_i,
     TORCH_CHECK(g.n_features == 2 && g.n_levels * 2 == L.enc, "realtime: 2 features per level, n_levels*2 == enc");
     TORCH_CHECK(scales.numel() == g.n_levels && offsets.numel() == g.n_levels + 1, "realtime: level table size");
     TORCH_CHECK(table.numel() >= (int64_t)offsets.data_ptr<int32_t>()[g.n_levels] * 2, "realtime: table too small");
-    const int64_t cells = (int64_t)g.occ_res * g.occ_res * g.occ_res;
-    TORCH_CHECK(occ_bits.numel() * 32 >= cells, "realtime: occupancy bitfield too small");
+    check_occupancy_bits(g, occ_bits);
     return g;
 }
 
@@ -148,7 +157,7 @@ std::vector<torch::Tensor> eval_points(torch::Tensor x, torch::Tensor dirs, torc
     for (int64_t i = 0; i < n; ++i) {
         float u[3], enc[realtime::kMaxWidth], geo[realtime::kMaxWidth], cond[realtime::kMaxWidth];
         for (int a = 0; a < 3; ++a)
-            u[a] = fminf(fmaxf((px[3 * i + a] - g.aabb_lo[a]) / (g.aabb_hi[a] - g.aabb_lo[a]), 0.0f), 1.0f);
+            u[a] = fminf(fmaxf((px[3 * i + a] - g.aabb_lo[a]) / g.norm_extent[a], 0.0f), 1.0f);
         realtime::encode_point(table.data_ptr<float>(), offsets.data_ptr<int32_t>(), scales.data_ptr<float>(),
                                g.n_levels, g.n_active_levels, u, enc);
         const float s = realtime::density(w, L, g.inv_unit_length, enc, geo);
@@ -164,15 +173,19 @@ std::vector<torch::Tensor> eval_points(torch::Tensor x, torch::Tensor dirs, torc
 torch::Tensor occupancy_query(torch::Tensor x, torch::Tensor occ_bits, torch::Tensor geom_f, torch::Tensor geom_i) {
     check_f32(x, "x");
     check_i32(occ_bits, "occupancy bits");
+    check_f32(geom_f, "geom_f");
+    TORCH_CHECK(geom_f.numel() == realtime::kGeomFloats && geom_i.numel() == realtime::kGeomInts,
+                "geom_f/geom_i: expected ", realtime::kGeomFloats, "/", realtime::kGeomInts, " values");
+    check_i32(geom_i, "geom_i");
     const BlockGeom g = realtime::geom_from(geom_f.data_ptr<float>(), geom_i.data_ptr<int32_t>());
+    check_occupancy_bits(g, occ_bits);
     const uint32_t* bits = reinterpret_cast<const uint32_t*>(occ_bits.data_ptr<int32_t>());
     auto out = torch::empty({x.size(0)}, x.options().dtype(torch::kBool));
     bool* po = out.data_ptr<bool>();
     const float* px = x.data_ptr<float>();
     for (int64_t i = 0; i < x.size(0); ++i) {
-        int ijk[3];
-        const int64_t cell = realtime::occupancy_cell(g, px + 3 * i, ijk);
-        po[i] = cell >= 0 && realtime::bit_set(bits, cell);
+        int ijk[3], res[3];
+        po[i] = realtime::occupancy_lookup(g, bits, px + 3 * i, ijk, res) == 0;
     }
     return out;
 }

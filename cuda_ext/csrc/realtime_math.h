@@ -12,7 +12,9 @@
 //             The colour MLP's direction/appearance layer is stored for the SH part only; the
 //             appearance code is folded into its bias when a frame is packed (one code per block).
 //   table     the hash grid's flat parameters (tiny-cuda-nn layout, hashgrid_math.h).
-//   occupancy bitfield of the block's OccupancyGrid, cell (i, j, k) -> bit (i*R + j)*R + k.
+//   occupancy bitfield of the block's OccupancyGrid, cell (i, j, k) -> bit (i*R + j)*R + k (the
+//             coarse level, cells as OccupancyGrid.cell_index), then optionally a fine level baked
+//             at pack time: per coarse cell a brick of fx*fy*fz bits (realtime_sampling.py).
 //   pixel state (carried across blocks, front to back): rgb[3], depth_sum, log_t, sem[C], n_samples.
 #pragma once
 
@@ -96,7 +98,7 @@ RT_HD Layout layout_from(const int32_t* a) {
 
 // One block as the march sees it.  Read from a float array (kGeomFloats) and an int array.
 struct BlockGeom {
-    float aabb_lo[3], aabb_hi[3];   // the field's box (normalisation to [0, 1]^3)
+    float aabb_lo[3], aabb_hi[3];   // the field's box (where it is defined)
     float clip_lo[3], clip_hi[3];   // the part of space this block renders (its core in a tile)
     float occ_lo[3], occ_hi[3];     // the occupancy grid's box
     float inv_unit_length;          // CityField's density scale (1/metre per unit)
@@ -106,9 +108,11 @@ struct BlockGeom {
     int n_levels;                   // hash levels
     int n_active_levels;            // levels evaluated (level of detail): finer ones count as 0
     int n_features;                 // features per level (2 supported by the kernels)
+    int occ_fine[3];                // fine occupancy cells per coarse cell along x, y, z (1, 1, 1: no fine level)
+    float norm_extent[3];           // hash-grid coordinates: u = (x - aabb_lo) / norm_extent (CityField.normalize)
 };
-constexpr int kGeomFloats = 21;
-constexpr int kGeomInts = 4;
+constexpr int kGeomFloats = 24;
+constexpr int kGeomInts = 7;
 
 RT_HD BlockGeom geom_from(const float* f, const int32_t* i) {
     BlockGeom g;
@@ -118,7 +122,9 @@ RT_HD BlockGeom geom_from(const float* f, const int32_t* i) {
         g.occ_lo[d] = f[12 + d]; g.occ_hi[d] = f[15 + d];
     }
     g.inv_unit_length = f[18]; g.step = f[19]; g.log_min_transmittance = f[20];
+    for (int d = 0; d < 3; ++d) g.norm_extent[d] = f[21 + d];
     g.occ_res = i[0]; g.n_levels = i[1]; g.n_active_levels = i[2]; g.n_features = i[3];
+    for (int d = 0; d < 3; ++d) g.occ_fine[d] = i[4 + d];
     return g;
 }
 
@@ -165,26 +171,53 @@ RT_HD bool intersect_box(const float* o, const float* d, const float* lo, const 
 }
 
 // -- occupancy bitfield -------------------------------------------------------------------------
-// Cell of a point (as OccupancyGrid.cell_index): -1 outside the grid's box.
-RT_HD int64_t occupancy_cell(const BlockGeom& g, const float* x, int* ijk) {
-    const int R = g.occ_res;
-    for (int d = 0; d < 3; ++d) {
-        const float u = (x[d] - g.occ_lo[d]) / (g.occ_hi[d] - g.occ_lo[d]);
-        if (!(u >= 0.0f && u <= 1.0f)) return -1;
-        int c = (int)(u * (float)R);
-        ijk[d] = c < R - 1 ? c : R - 1;
-    }
-    return ((int64_t)ijk[0] * R + ijk[1]) * R + ijk[2];
-}
-
 RT_HD bool bit_set(const uint32_t* bits, int64_t cell) { return (bits[cell >> 5] >> (cell & 31)) & 1u; }
 
-// Distance along the ray at which it leaves occupancy cell ijk (empty-space skipping).
-RT_HD float cell_exit(const BlockGeom& g, const int* ijk, const float* o, const float* d) {
+// Words of the coarse bitfield: the fine section starts right after it.
+RT_HD int64_t coarse_words(const BlockGeom& g) {
+    return ((int64_t)g.occ_res * g.occ_res * g.occ_res + 31) >> 5;
+}
+
+// Two-level occupancy lookup (citygen/render/realtime_sampling.py documents the bit layout).
+// Returns 0 when x lies in an occupied (fine) cell, -1 outside the grid's box, else 1 for an
+// empty coarse cell and 2 for an empty fine cell of an occupied coarse one; `ijk` and `res`
+// (cells per axis of that level) then name the empty cell, so the march can jump to its exit.
+RT_HD int occupancy_lookup(const BlockGeom& g, const uint32_t* bits, const float* x, int* ijk, int* res) {
+    const int R = g.occ_res;
+    float u[3];
+    for (int d = 0; d < 3; ++d) {
+        u[d] = (x[d] - g.occ_lo[d]) / (g.occ_hi[d] - g.occ_lo[d]);
+        if (!(u[d] >= 0.0f && u[d] <= 1.0f)) return -1;
+        const int c = (int)(u[d] * (float)R);
+        ijk[d] = c < R - 1 ? c : R - 1;
+        res[d] = R;
+    }
+    const int64_t cell = ((int64_t)ijk[0] * R + ijk[1]) * R + ijk[2];
+    if (!bit_set(bits, cell)) return 1;
+    const int fx = g.occ_fine[0], fy = g.occ_fine[1], fz = g.occ_fine[2];
+    if (fx * fy * fz <= 1) return 0;
+    // Fine index on the global fine lattice, kept inside this coarse cell (float rounding at
+    // its faces must not pick a neighbour's brick).
+    int local = 0;
+    for (int d = 0; d < 3; ++d) {
+        const int f = g.occ_fine[d];
+        int c = (int)(u[d] * (float)(R * f));
+        const int first = ijk[d] * f;
+        c = c < first ? first : (c > first + f - 1 ? first + f - 1 : c);
+        local = local * f + (c - first);
+        ijk[d] = c;
+        res[d] = R * f;
+    }
+    const int64_t bit = cell * (int64_t)(fx * fy * fz) + local;
+    return bit_set(bits + coarse_words(g), bit) ? 0 : 2;
+}
+
+// Distance along the ray at which it leaves cell ijk of a grid with res[a] cells along axis a.
+RT_HD float cell_exit(const BlockGeom& g, const int* ijk, const int* res, const float* o, const float* d) {
     float t = INFINITY;
     for (int a = 0; a < 3; ++a) {
         if (fabsf(d[a]) < 1e-12f) continue;
-        const float size = (g.occ_hi[a] - g.occ_lo[a]) / (float)g.occ_res;
+        const float size = (g.occ_hi[a] - g.occ_lo[a]) / (float)res[a];
         const float bound = g.occ_lo[a] + (float)(ijk[a] + (d[a] > 0.0f ? 1 : 0)) * size;
         t = fminf(t, (bound - o[a]) / d[a]);
     }
@@ -315,8 +348,9 @@ struct PixelState {
 
 // March one ray through one block, compositing into the pixel state.  Samples sit at
 // t_k = t0 + (k + 0.5) step over the block's (box ∩ clip) range, as in the reference renderer;
-// samples in empty occupancy cells are never evaluated, and a run of them is jumped over in one
-// step (to the first sample past the cell's exit); the ray stops once log T < log_min_t.
+// samples in empty occupancy cells (coarse, or fine inside an occupied coarse cell) are never
+// evaluated, and a run of them is jumped over in one step (to the first sample past the cell's
+// exit); the ray stops once log T < log_min_t.
 template <typename T>
 RT_HD void march_ray(const T* w, const T* table, const int32_t* offsets, const float* scales,
                      const uint32_t* occ_bits, const Layout& L, const BlockGeom& g, const float* o,
@@ -333,8 +367,6 @@ RT_HD void march_ray(const T* w, const T* table, const int32_t* offsets, const f
     const int n_steps = (int)ceilf((t1 - t0) / g.step);
     float cond[kMaxWidth];
     bool have_cond = false;
-    float extent[3];
-    for (int a = 0; a < 3; ++a) extent[a] = g.aabb_hi[a] - g.aabb_lo[a];
     float rgb[3] = {px.rgb[0], px.rgb[1], px.rgb[2]};
     float depth_sum = *px.depth_sum;
     float sem[kMaxClasses];
@@ -347,19 +379,19 @@ RT_HD void march_ray(const T* w, const T* table, const int32_t* offsets, const f
         const float t = t0 + ((float)k + 0.5f) * g.step;
         float x[3];
         for (int a = 0; a < 3; ++a) x[a] = o[a] + t * d[a];
-        int ijk[3];
-        const int64_t cell = occupancy_cell(g, x, ijk);
-        if (cell < 0) { ++k; continue; }
-        if (!bit_set(occ_bits, cell)) {
-            // First sample past the cell's exit, backed off by one against rounding (that sample
-            // is tested again and skipped cheaply if it is still in this cell).
-            const float t_exit = cell_exit(g, ijk, o, d);
+        int ijk[3], res[3];
+        const int empty = occupancy_lookup(g, occ_bits, x, ijk, res);
+        if (empty < 0) { ++k; continue; }
+        if (empty > 0) {
+            // First sample past the empty (coarse or fine) cell's exit, backed off by one against
+            // rounding (that sample is tested again and skipped cheaply if still in this cell).
+            const float t_exit = cell_exit(g, ijk, res, o, d);
             const int next = (int)ceilf((t_exit - t0) / g.step - 0.5f) - 1;
             k = next > k + 1 ? next : k + 1;
             continue;
         }
         float u[3];
-        for (int a = 0; a < 3; ++a) u[a] = fminf(fmaxf((x[a] - g.aabb_lo[a]) / extent[a], 0.0f), 1.0f);
+        for (int a = 0; a < 3; ++a) u[a] = fminf(fmaxf((x[a] - g.aabb_lo[a]) / g.norm_extent[a], 0.0f), 1.0f);
         float enc[kMaxWidth], geo[kMaxWidth];
         encode_point(table, offsets, scales, g.n_levels, g.n_active_levels, u, enc);
         const float sigma = density(w, L, g.inv_unit_length, enc, geo);
