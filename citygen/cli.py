@@ -36,16 +36,19 @@ def synth(out: tyro.conf.Positional[Path], preset: str = "tiny", seed: int = 0) 
     make_survey(out, PRESETS[preset], seed=seed)
 
 
-def demo(out: Path = Path("outputs/demo"), seed: int = 0) -> None:
+def demo(out: Path = Path("outputs/demo"), seed: int = 0, lpips_weights: Path | None = None) -> None:
     """Run the whole pipeline on the built-in synthetic city and write a summary.
 
     Args:
         out: output folder (images, metrics, exports, summary.json).
         seed: seed of the synthetic city.
+        lpips_weights: LPIPS weights (safetensors, from scripts/convert_lpips_weights.py) to score
+            the held-out views with LPIPS too (default: $CITYGEN_LPIPS_WEIGHTS; none: no LPIPS).
     """
     from .demo import run_demo
+    from .nets.lpips import resolve_lpips_weights
 
-    run_demo(out, seed=seed)
+    run_demo(out, seed=seed, lpips_weights=resolve_lpips_weights(lpips_weights))
 
 
 def status(tile_dir: tyro.conf.Positional[Path],
@@ -219,7 +222,8 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
 def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None, resume: bool = False,
           rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
           downscale: int | None = None, seed: int | None = None, max_seconds: float | None = None,
-          override: tuple[str, ...] = (), no_eval: bool = False, no_progress: bool = False) -> None:
+          override: tuple[str, ...] = (), no_eval: bool = False, no_progress: bool = False,
+          lpips_weights: Path | None = None) -> None:
     """Train one block's neural field on a survey (all its training images), then evaluate the
     held-out views.  Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/ and OUT/eval/.
 
@@ -238,10 +242,13 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
         override: further config overrides as dotted KEY=VALUE, e.g. --override optim.lr_grid=0.005 field.n_levels=12.
         no_eval: skip the held-out evaluation at the end.
         no_progress: no progress bar.
+        lpips_weights: LPIPS weights (safetensors, from scripts/convert_lpips_weights.py) for the
+            evaluation (default: $CITYGEN_LPIPS_WEIGHTS; none: no LPIPS).
     """
     import json
 
     from .config import load_config
+    from .nets.lpips import resolve_lpips_weights
     from .train import train_block
 
     overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
@@ -254,7 +261,8 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
         overrides[key.strip()] = value.strip()
     if no_eval:
         overrides["eval_at_end"] = False
-    result = train_block(load_config(preset, overrides), data, out, resume=resume, progress=not no_progress)
+    result = train_block(load_config(preset, overrides), data, out, resume=resume, progress=not no_progress,
+                         lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
     summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
                "train_seconds": round(result.seconds, 2),
                "eval": result.eval["mean"] if result.eval else None}
@@ -303,11 +311,12 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
 
 
 def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] = ("test",), data: Path | None = None,
-           device: str = "cpu", downscale: int | None = None, seam_band: float | None = None) -> None:
+           device: str = "cpu", downscale: int | None = None, seam_band: float | None = None,
+           lpips_weights: Path | None = None) -> None:
     """Render survey views of a trained tile (all blocks blended) and score them against the
     survey's ground truth.  Writes OUT/<view>_rgb.png, _depth.png, _semantics.png and
-    OUT/metrics.json (PSNR, SSIM, semantic accuracy/mIoU, depth error, and the seam metric:
-    PSNR near block boundaries vs inside blocks, where the survey has depth maps).
+    OUT/metrics.json (PSNR, SSIM, LPIPS with weights, semantic accuracy/mIoU, depth error, and
+    the seam metric: PSNR near block boundaries vs inside blocks, where the survey has depth maps).
 
     Args:
         tile: the tile folder (plan.json + block_<id>/ checkpoints).
@@ -318,14 +327,18 @@ def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] =
         downscale: render at 1/downscale of the survey's image size (default: the training downscale).
         seam_band: seam metric: pixels within this many metres of a block boundary count as
             boundary pixels (default: the plan's overlap margin).
+        lpips_weights: LPIPS weights (safetensors, from scripts/convert_lpips_weights.py)
+            (default: $CITYGEN_LPIPS_WEIGHTS; none: no LPIPS).
     """
     import json
 
+    from .nets.lpips import load_lpips, resolve_lpips_weights
     from .render.tile import TileRenderer
     from .render.tile_views import render_tile_views
     from .tile import read_tile_config
     from .train.data import load_survey
 
+    lpips_net = load_lpips(resolve_lpips_weights(lpips_weights), device)  # fail before any rendering
     record = read_tile_config(tile) or {}
     if data is None:
         if "data" not in record:
@@ -336,7 +349,8 @@ def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] =
     if downscale < 1:
         raise CitygenError(None, f"--downscale must be >= 1, got {downscale}")
     renderer = TileRenderer.open(tile, device=device)
-    report = render_tile_views(renderer, load_survey(data), views, out, downscale=downscale, seam_band_m=seam_band)
+    report = render_tile_views(renderer, load_survey(data), views, out, downscale=downscale, seam_band_m=seam_band,
+                               lpips_weights=lpips_net)
     seams = report["seams"] or {}
     print(json.dumps({"out": str(out), "views": len(report["views"]), "mean": report["mean"],
                       "seams": {k: v for k, v in seams.items() if k != "views"} or None,
@@ -350,7 +364,8 @@ def view(tile: tyro.conf.Positional[Path], ply: Path | None = None, survey: Path
     """Open the desktop viewer on a trained tile (neural rendering) or on a baked PLY preview
     (mesh or point cloud from `citygen export`).  Fly with W/A/S/D/Q/E and the mouse; keys
     1/2/3 switch RGB/depth/classes, b block boundaries, m measure, k/l/j camera-path
-    keyframe/play/save, f screenshot, r survey view, n/p training cameras.  With --screenshot
+    keyframe/play/save, f screenshot, r survey view, n/p training cameras, t the tile's edits
+    on/off, c the next style (none, named styles, styles stored on the tile).  With --screenshot
     nothing opens: the view is rendered headless (EGL) and saved.
 
     Args:

@@ -10,7 +10,7 @@ Stages (each timed; all outputs under ``out``):
 4. training      — every block trained through the local executor (``tiny`` preset, a time
    budget per block), resumable: running the demo again continues where it stopped.
 5. ``renders/``  — held-out views composited from all blocks, scored against ground truth
-   (PSNR, SSIM, semantic accuracy, depth error, seam metric).
+   (PSNR, SSIM, semantic accuracy, depth error, seam metric; LPIPS with ``lpips_weights``).
 6. ``export/``   — true orthophoto, DSM and semantic GeoTIFFs, LAS and PLY point clouds in the
    tile's CRS, scored against the ground-truth rasters.
 7. ``summary.json`` and ``summary.png`` (a held-out view: ground truth | render | classes | depth).
@@ -36,9 +36,13 @@ EXPORT_GSD_M = 1.0
 RENDER_DOWNSCALE = 2
 
 
-def run_demo(out: str | Path, seed: int = 0, block_seconds: float = BLOCK_SECONDS) -> dict[str, Any]:
+def run_demo(out: str | Path, seed: int = 0, block_seconds: float = BLOCK_SECONDS,
+             lpips_weights: str | Path | None = None) -> dict[str, Any]:
     from rich.console import Console
 
+    from .nets.lpips import load_lpips
+
+    lpips_net = load_lpips(lpips_weights)  # a bad weights file fails now, not after training
     console = Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +61,7 @@ def run_demo(out: str | Path, seed: int = 0, block_seconds: float = BLOCK_SECOND
     with stage("train tile"):
         summary["train"] = _train(out / "tile", data, block_seconds)
     with stage("render held-out views"):
-        summary["render"] = _render(out / "tile", data, out / "renders")
+        summary["render"] = _render(out / "tile", data, out / "renders", lpips_net)
     with stage("export"):
         summary["export"] = _export(out / "tile", data, out / "export")
     _picture(out, data, summary)
@@ -130,16 +134,18 @@ def _train(tile: Path, data: Path, block_seconds: float) -> dict[str, Any]:
             for block_id, o in result.blocks.items()}
 
 
-def _render(tile: Path, data: Path, out: Path) -> dict[str, Any]:
+def _render(tile: Path, data: Path, out: Path, lpips_net=None) -> dict[str, Any]:
     from .render.tile import TileRenderer
     from .render.tile_views import render_tile_views
     from .train.data import load_survey
 
-    report = render_tile_views(TileRenderer.open(tile), load_survey(data), ("test",), out, downscale=RENDER_DOWNSCALE)
+    report = render_tile_views(TileRenderer.open(tile), load_survey(data), ("test",), out, downscale=RENDER_DOWNSCALE,
+                               lpips_weights=lpips_net)
     atomic_write_json(out / "metrics.json", report)
     seams = report.get("seams") or {}
     return {"mean": report["mean"], "seams": {k: v for k, v in seams.items() if k != "views"},
-            "views": [v["name"] for v in report["views"]], "metrics": str(out / "metrics.json")}
+            "views": [v["name"] for v in report["views"]], "metrics": str(out / "metrics.json"),
+            "lpips": report["lpips"]}
 
 
 def _export(tile: Path, data: Path, out: Path) -> dict[str, Any]:
@@ -207,7 +213,8 @@ def _print(console, summary: dict[str, Any], out: Path) -> None:
 
 def _fmt_mean(mean: dict[str, Any]) -> str:
     parts = []
-    for key, label, unit in (("psnr", "PSNR", " dB"), ("ssim", "SSIM", ""), ("pixel_accuracy", "classes", ""),
+    for key, label, unit in (("psnr", "PSNR", " dB"), ("ssim", "SSIM", ""), ("lpips", "LPIPS", ""),
+                             ("pixel_accuracy", "classes", ""),
                              ("depth_mae_m", "depth MAE", " m")):
         if key in mean and mean[key] is not None:
             parts.append(f"{label} {mean[key]:.3g}{unit}")

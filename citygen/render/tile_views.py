@@ -4,8 +4,9 @@ Backs ``citygen render TILE``.  Per view: ``<stem>_rgb.png``, ``<stem>_depth.png
 (colourised z-depth), ``<stem>_semantics.png`` (class colours), ``<stem>_blocks.png`` (which
 block each pixel comes from, blends mixing the blocks' colours), and, where the survey has the
 ground truth, PSNR / SSIM (of the 8-bit PNG, as :mod:`citygen.train.evaluate` scores single
-blocks), semantic pixel accuracy / mIoU, depth MAE and the seam metric
-(:mod:`citygen.render.seams`).  Everything goes to ``metrics.json`` in the output folder.
+blocks), LPIPS when given a weights file (:mod:`citygen.nets.lpips`), semantic pixel accuracy /
+mIoU, depth MAE and the seam metric (:mod:`citygen.render.seams`).  Everything goes to
+``metrics.json`` in the output folder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from survey_io import Survey
 from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
+from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
 from ..train.data import load_depth, load_labels, load_rgb
 from ..train.evaluate import colorize_depth, colorize_labels, write_png
 from ..train.metrics import confusion_matrix, psnr, semantic_scores, ssim
@@ -48,9 +50,14 @@ def select_views(survey: Survey, views: Sequence[str]) -> list:
 
 
 def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[str], out: str | Path,
-                      downscale: int = 1, seam_band_m: float | None = None) -> dict[str, Any]:
-    """Render ``views`` of ``survey`` through ``renderer`` into ``out``; returns the metrics report."""
+                      downscale: int = 1, seam_band_m: float | None = None,
+                      lpips_weights: str | Path | LPIPS | None = None) -> dict[str, Any]:
+    """Render ``views`` of ``survey`` through ``renderer`` into ``out``; returns the metrics report.
+
+    ``lpips_weights``: an LPIPS weights file (or loaded model) to score the views with LPIPS too.
+    """
     out = Path(out)
+    lpips_net = load_lpips(lpips_weights, renderer.device)
     images = select_views(survey, views)
     if not images:
         raise CitygenError(survey.root, "no views to render (the survey has no held-out views; try --views all)")
@@ -88,6 +95,8 @@ def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[st
             gt8 = load_rgb(image_path, size)
             pred, gt = torch.from_numpy(rgb8).float() / 255, torch.from_numpy(gt8).float() / 255
             row["psnr"], row["ssim"] = psnr(pred, gt), ssim(pred, gt)
+            if lpips_net is not None:
+                row["lpips"] = lpips_distance(lpips_net, pred, gt)
             if im.depth is not None and Path(im.depth).is_file():
                 gt_depth = load_depth(Path(im.depth), size)
                 known = gt_depth > 0
@@ -102,13 +111,13 @@ def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[st
             conf_total += conf
             row.update(semantic_scores(conf))
         rows.append(row)
-    keys = [k for k in ("psnr", "ssim", "pixel_accuracy", "miou", "depth_mae_m") if any(k in r for r in rows)]
+    keys = [k for k in ("psnr", "ssim", "lpips", "pixel_accuracy", "miou", "depth_mae_m") if any(k in r for r in rows)]
     mean = {k: float(np.mean([r[k] for r in rows if k in r and math.isfinite(r[k])])) for k in keys}
     seam_report = seams.report() if seams is not None and seams.views else None
     report = {"kind": "citygen.tile_render", "views": rows, "mean": mean,
               "semantic_total": semantic_scores(conf_total) if int(conf_total.sum()) else None,
               "seams": seam_report, "blocks": renderer.block_ids, "missing_blocks": renderer.missing_blocks,
-              "downscale": downscale, "render_seconds": round(t_total, 3)}
+              "downscale": downscale, "render_seconds": round(t_total, 3), **lpips_report(lpips_net, mean)}
     atomic_write_json(out / "metrics.json", _json_safe(report))
     return report
 

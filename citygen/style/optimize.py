@@ -11,13 +11,13 @@ random views looking down into the block and minimises
 
 with ``F`` a feature network:
 
-* :class:`VGG16Features`: VGG16's convolutional layers (``relu1_2, relu2_2, relu3_3,
-  relu4_3``), weights **supplied by the user** as a safetensors file with torchvision's key
-  layout (``features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}``; the ``features.``
-  prefix is optional).  Nothing is downloaded.  One way to make such a file, on a machine
+* :class:`VGG16Features` (:mod:`citygen.nets.vgg16`): VGG16's convolutional layers
+  (``relu1_2, relu2_2, relu3_3, relu4_3``), weights **supplied by the user** as a safetensors
+  file with torchvision's key layout (``features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}``;
+  the ``features.`` prefix is optional).  Nothing is downloaded.  One way to make such a file, on a machine
   with torchvision: ``safetensors.torch.save_file({k: v for k, v in
   torchvision.models.vgg16(weights="DEFAULT").state_dict().items() if k.startswith("features.")},
-  "vgg16.safetensors")``.
+  "vgg16.safetensors")``.  An LPIPS weights file (``scripts/convert_lpips_weights.py``) works too.
 * :class:`RandomFeatures`: weights-free mode: a fixed, deterministically seeded random
   multi-scale conv net (random features carry texture statistics well enough for
   Gram matching, Ustyuzhaninov et al. 2017); with the colour term this needs no file.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,60 +41,9 @@ from survey_io import Camera
 
 from ..edit.field import color_branch, with_color_branch
 from ..errors import CitygenError
+from ..nets.vgg16 import VGG16Features  # shared with LPIPS; re-exported here for the style API
 from ..render.sampling import camera_rays, look_at
 from ..render.volume import render_rays
-
-_VGG_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
-              (256, 512), (512, 512), (512, 512), "M", (512, 512), (512, 512), (512, 512), "M"]
-_VGG_TAPS = (3, 8, 15, 22)  # relu1_2, relu2_2, relu3_3, relu4_3 in torchvision's numbering
-
-
-class VGG16Features(nn.Module):
-    """VGG16 ``features`` up to relu4_3, loaded from a user-supplied safetensors file."""
-
-    def __init__(self, weights: str | Path):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for spec in _VGG_CONVS:
-            if spec == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(spec[0], spec[1], 3, padding=1), nn.ReLU(inplace=False)]
-        self.features = nn.Sequential(*layers[:_VGG_TAPS[-1] + 1])
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self._load(Path(weights))
-        self.requires_grad_(False)
-
-    def _load(self, path: Path) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError, ValueError, RuntimeError) as err:
-            raise CitygenError(path, f"feature-network weights unreadable ({err})") from None
-        sd = {}
-        for name, p in self.features.state_dict().items():
-            for key in (f"features.{name}", name):
-                if key in tensors:
-                    if tuple(tensors[key].shape) != tuple(p.shape):
-                        raise CitygenError(path, f"{key} has shape {tuple(tensors[key].shape)}, VGG16 needs {tuple(p.shape)}")
-                    sd[name] = tensors[key].float()
-                    break
-            else:
-                raise CitygenError(path, f"not VGG16 conv weights: {f'features.{name}'!r} is missing "
-                                         "(expected torchvision's vgg16 'features.*' keys)")
-        self.features.load_state_dict(sd)
-
-    def forward(self, img: Tensor) -> list[Tensor]:
-        x = (img - self.mean) / self.std
-        taps = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in _VGG_TAPS:
-                taps.append(x)
-        return taps
 
 
 class RandomFeatures(nn.Module):

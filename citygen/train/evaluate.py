@@ -5,7 +5,8 @@ PSNR/SSIM in ``report.json`` are those of ``<view>_rgb.png`` against the ground-
 Per view: PSNR, SSIM (11x11 Gaussian, sigma 1.5), semantic pixel accuracy and mIoU against
 the label map (255 ignored), depth mean absolute error (metres, pixels with known depth).
 The report's ``mean`` averages the per-view numbers; ``semantic_total`` scores all pixels
-of all views together.  LPIPS is not computed (it needs network weights citygen does not ship).
+of all views together.  LPIPS (vgg, v0.1; :mod:`citygen.nets.lpips`) is computed when a
+weights file is given; the report's ``lpips`` then names that file, else says how to get one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from survey_io import Survey
 from survey_io.atomic import atomic_path, atomic_write_json
 from survey_io.semantics import CLASS_COLORS
 
+from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
 from .data import load_depth, load_labels, load_rgb, load_survey, select_images
 from .metrics import confusion_matrix, psnr, semantic_scores, ssim
 
@@ -57,7 +59,8 @@ def colorize_labels(labels: np.ndarray, colors=CLASS_COLORS) -> np.ndarray:
 
 
 def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | str,
-             image_names: list[str] | None = None, device: str = "cpu", write_images: bool = True) -> dict[str, Any]:
+             image_names: list[str] | None = None, device: str = "cpu", write_images: bool = True,
+             lpips_weights: str | Path | LPIPS | None = None) -> dict[str, Any]:
     """Render and score the held-out views of ``survey`` with the field in ``checkpoint``.
 
     Args:
@@ -65,6 +68,8 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
         survey: the survey or its ``transforms.json``.
         out: folder for PNGs and ``report.json``.
         image_names: test views to score (None: all of the survey's test views).
+        lpips_weights: LPIPS weights file (``scripts/convert_lpips_weights.py``) or a loaded
+            :class:`~citygen.nets.lpips.LPIPS`; None: no LPIPS.
 
     Returns:
         the report: ``{"views": [...], "mean": {...}, "semantic_total": {...}}``.
@@ -73,6 +78,7 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
     from .trainer import load_field
 
     out = Path(out)
+    lpips_net = load_lpips(lpips_weights, device)  # a bad weights file fails before any rendering
     survey = load_survey(survey)
     field, meta = load_field(checkpoint, device)
     cfg = meta["train_config"]
@@ -88,11 +94,10 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
         r = render_image(field, cam, im.c2w, render=cfg.render, with_semantics=True)
         rgb8 = (r["rgb"].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         gt8 = load_rgb(survey.image_path(im), size)
-        row: dict[str, Any] = {
-            "name": im.name,
-            "psnr": psnr(torch.from_numpy(rgb8).float() / 255, torch.from_numpy(gt8).float() / 255),
-            "ssim": ssim(torch.from_numpy(rgb8).float() / 255, torch.from_numpy(gt8).float() / 255),
-        }
+        pred, gt = torch.from_numpy(rgb8).float() / 255, torch.from_numpy(gt8).float() / 255
+        row: dict[str, Any] = {"name": im.name, "psnr": psnr(pred, gt), "ssim": ssim(pred, gt)}
+        if lpips_net is not None:
+            row["lpips"] = lpips_distance(lpips_net, pred, gt)
         pred_labels = r["semantics"].argmax(-1).to(torch.uint8).cpu()
         if im.semantics is not None:
             gt_labels = torch.from_numpy(load_labels(im.semantics, size).copy())
@@ -111,10 +116,10 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
             write_png(out / f"{stem}_depth.png", colorize_depth(depth, r["acc"].cpu().numpy() > 0.5))
             write_png(out / f"{stem}_semantics.png", colorize_labels(pred_labels.numpy()))
         rows.append(row)
-    keys = [k for k in ("psnr", "ssim", "pixel_accuracy", "miou", "depth_mae_m") if any(k in r for r in rows)]
+    keys = [k for k in ("psnr", "ssim", "lpips", "pixel_accuracy", "miou", "depth_mae_m") if any(k in r for r in rows)]
     mean = {k: float(np.mean([r[k] for r in rows if k in r and math.isfinite(r[k])])) for k in keys}
     report = {"checkpoint": str(checkpoint), "step": meta["step"], "views": rows, "mean": mean,
               "semantic_total": semantic_scores(conf_total) if int(conf_total.sum()) else None,
-              "lpips": None, "lpips_note": "not computed: LPIPS needs network weights citygen does not ship"}
+              **lpips_report(lpips_net, mean)}
     atomic_write_json(out / "report.json", report)
     return report

@@ -45,6 +45,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import RayDataset, load_survey, scene_aabb, select_images
+from .optim import HashGridAdam
 
 
 @dataclass
@@ -86,16 +87,19 @@ def build_field(cfg: TrainConfig, aabb: np.ndarray | torch.Tensor, n_images: int
 
 
 def make_optimizer(field: CityField, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam: the hash table with eps 1e-15 and no weight decay, the MLPs with a little decay."""
+    """Adam: the hash table with eps 1e-15, no weight decay and (``optim.sparse_grid``) row-sparse
+    steps as in tiny-cuda-nn; the MLPs with a little decay."""
     o = cfg.optim
     groups = [
-        {"params": field.grid_parameters(), "lr": o.lr_grid, "weight_decay": 0.0, "name": "grid"},
-        {"params": field.mlp_parameters(), "lr": o.lr_mlp, "weight_decay": o.weight_decay_mlp, "name": "mlp"},
+        {"params": field.grid_parameters(), "lr": o.lr_grid, "weight_decay": 0.0, "name": "grid",
+         "sparse": o.sparse_grid},
+        {"params": field.mlp_parameters(), "lr": o.lr_mlp, "weight_decay": o.weight_decay_mlp, "name": "mlp",
+         "sparse": False},
     ]
     for g in groups:
         g["initial_lr"] = g["lr"]
-    # fused Adam is the fastest step on CPU (BUILD-NOTES) and on CUDA.
-    return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=o.eps, fused=True)
+    # fused Adam is the fastest dense step on CPU (BUILD-NOTES) and on CUDA.
+    return HashGridAdam(groups, betas=(0.9, 0.99), eps=o.eps, fused=True)
 
 
 class BlockTrainer:
@@ -165,6 +169,10 @@ class BlockTrainer:
     def restore(self, path: Path) -> None:
         tensors, meta = load_checkpoint(path, self.device)
         source = Path(path)
+        saved = meta.get("config", {}).get("field", {}).get("normalization", "per_axis")
+        if saved != self.cfg.field.normalization:
+            raise CitygenError(source, f"checkpoint field uses normalization {saved!r}, this config "
+                                       f"{self.cfg.field.normalization!r}: resume with the run's own config")
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.field.load_state_dict(model)
@@ -277,7 +285,8 @@ class BlockTrainer:
 
 
 def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resume: bool = False,
-                image_names: list[str] | None = None, aabb: Any = None, progress: bool = True) -> TrainResult:
+                image_names: list[str] | None = None, aabb: Any = None, progress: bool = True,
+                lpips_weights: Path | str | None = None) -> TrainResult:
     """Train one block and (when ``config.eval_at_end``) evaluate it on the held-out views.
 
     Args:
@@ -289,8 +298,13 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
         aabb: the block's (2, 3) box (min xyz, max xyz) in the local frame; None derives it
             (depth maps when present, else camera footprints on z = 0; see ``scene_aabb``).
         progress: show a progress bar.
+        lpips_weights: LPIPS weights file for the evaluation (see :mod:`citygen.nets.lpips`);
+            read before training, so a bad file fails at once.
     """
+    from ..nets.lpips import load_lpips
+
     out = Path(out)
+    lpips_net = load_lpips(lpips_weights) if config.eval_at_end else None
     trainer = BlockTrainer(config, data, out, image_names, aabb)
     if resume:
         steps = list_checkpoints(out / "checkpoints")
@@ -302,7 +316,7 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
     if config.eval_at_end and trainer.survey.test_names:
         from .evaluate import evaluate
 
-        report = evaluate(ckpt, trainer.survey, out / "eval")
+        report = evaluate(ckpt, trainer.survey, out / "eval", lpips_weights=lpips_net)
     return TrainResult(out=out, checkpoint=ckpt, step=trainer.step, seconds=trainer.seconds,
                        metrics_path=trainer.metrics_path, eval=report)
 
@@ -313,7 +327,11 @@ def load_field(checkpoint: Path | str, device: torch.device | str = "cpu") -> tu
     Returns the field in eval mode and the checkpoint's sidecar metadata (config, AABB, georef, ...).
     """
     tensors, meta = load_checkpoint(Path(checkpoint), device)
-    cfg = from_dict(meta["config"], str(checkpoint))
+    config = meta["config"]
+    if "normalization" not in config.get("field", {}):
+        # written before FieldConfig.normalization existed: those fields were per-axis
+        config = {**config, "field": {**config.get("field", {}), "normalization": "per_axis"}}
+    cfg = from_dict(config, str(checkpoint))
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     n_images = model["appearance.weight"].shape[0]
     field = build_field(cfg, np.asarray(meta["aabb"]), n_images, len(meta["classes"]),
