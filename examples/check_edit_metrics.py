@@ -5,8 +5,13 @@ tile renderer with the edits applied, and measures against the survey's ground t
 
 1. remove class ``building`` (with a ground fill): % of rendered pixels still classified
    building; the exported DSM inside the ground-truth building footprints vs the bare-terrain
-   ``dtm.tif`` (RMSE / median, before and after); and what the edit did outside the selection
-   (PSNR on the pixels the unedited render does not call building).
+   ``dtm.tif`` (RMSE / median, before and after); and what the edit did outside the selection:
+   PSNR against ground truth, before and after, on the pixels outside it.  A pixel is outside
+   the selection when its *unedited* ray puts less than ``--outside-weight`` (default 1 %) of
+   its opacity on samples the stack selects (:func:`citygen.edit.probe.selection_weight`,
+   computed by the renderer in 3-D, so oblique rays grazing a wall and rays through a
+   building's soft fringe count as inside).  The older 2-D definition (pixels the unedited
+   render does not label building) is reported beside it for comparison.
 2. style: the named style ``sunset`` on buildings, and reference-image colour statistics
    (a synthetic gradient image unless ``--reference`` is given): multi-view consistency
    (view A warped into an overlapping view B with A's rendered depth, mean abs colour
@@ -15,7 +20,8 @@ tile renderer with the edits applied, and measures against the survey's ground t
 
 The tile's edit stack is restored when the script ends.  Writes ``OUT/edit_metrics.json``,
 ``OUT/edit_style.png`` (unedited | buildings removed | sunset on buildings | reference
-statistics, one view) and the per-phase renders.
+statistics, one view) and ``OUT/remove_<view>.png`` (unedited | buildings removed | the
+selection weight in blue with the change outside the selection, x4, in yellow).
 
     python examples/check_edit_metrics.py --tile TILE --survey transforms.json --out DIR
 """
@@ -34,6 +40,7 @@ import torch
 from PIL import Image
 
 from citygen.edit import EditStack, tile_field_wrapper
+from citygen.edit.probe import selection_weight
 from citygen.edit.stack import stack_path
 from citygen.export.run import ExportOptions, core_rect, export_scene
 from citygen.render.tile import TileRenderer
@@ -77,6 +84,20 @@ def with_stack(tile: Path, renderer: TileRenderer, edits: list[dict], ground: di
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a - b) ** 2))
     return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+def change_outside(before: dict, after: dict, outside: dict[str, np.ndarray]) -> dict:
+    """PSNR of the unedited and edited renders against ground truth (and against each other)
+    over the ``outside`` pixels of each view, pooled over the views."""
+    e = np.concatenate([after[n]["rgb"][m] for n, m in outside.items()])
+    u = np.concatenate([before[n]["rgb"][m] for n, m in outside.items()])
+    n_px = sum(before[n]["labels"].size for n in outside)
+    report = {"pixels": int(len(e)), "fraction": len(e) / n_px, "psnr_edited_vs_unedited": psnr(e, u)}
+    if all(before[n]["gt"] is not None for n in outside):
+        g = np.concatenate([before[n]["gt"][m] for n, m in outside.items()])
+        report.update({"psnr_unedited_vs_gt": psnr(u, g), "psnr_edited_vs_gt": psnr(e, g)})
+        report["psnr_change_db"] = report["psnr_edited_vs_gt"] - report["psnr_unedited_vs_gt"]
+    return report
 
 
 # -- DSM vs terrain inside the footprints -------------------------------------------------------
@@ -191,6 +212,9 @@ def main() -> dict:
     ap.add_argument("--gsd", type=float, default=2.0, help="DSM cell size, metres")
     ap.add_argument("--style", default="sunset")
     ap.add_argument("--reference", type=Path, default=None, help="reference image (default: a synthetic gradient)")
+    ap.add_argument("--outside-weight", type=float, default=0.01,
+                    help="a pixel is outside the selection when its unedited ray puts less than this share of "
+                         "its opacity on selected samples")
     ap.add_argument("--ground-dtm", type=Path, default=None,
                     help="a DTM GeoTIFF the removal fills the ground at (copied into the tile for the run); "
                          "default: the ground the edit estimates from the field")
@@ -247,23 +271,21 @@ def main() -> dict:
         removed = render_views(renderer, survey, tests, args.downscale)
         dsm_after = export_dsm(out / "export_removed")
         timings["remove_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # share of each unedited ray's opacity on selected samples (whole stack: base edits too)
+        sel_weight = {n: selection_weight(renderer, args.tile, r["camera"], r["c2w"]).numpy()
+                      for n, r in removed.items()}
+        timings["selection_weight_s"] = time.perf_counter() - t0
 
         n_px = sum(r["labels"].size for r in removed.values())
         bld_before = sum(int((r["labels"] == BUILDING).sum()) for n, r in before.items() if n in removed)
         bld_after = sum(int((r["labels"] == BUILDING).sum()) for r in removed.values())
-        keep_e, keep_u, keep_g = [], [], []
-        for name, r in removed.items():
-            keep = before[name]["labels"] != BUILDING
-            keep_e.append(r["rgb"][keep])
-            keep_u.append(before[name]["rgb"][keep])
-            if r["gt"] is not None:
-                keep_g.append(r["gt"][keep])
-        e, u = np.concatenate(keep_e), np.concatenate(keep_u)
-        outside = {"pixels": int(len(e)), "psnr_edited_vs_unedited": psnr(e, u)}
-        if len(keep_g) == len(keep_e):
-            g = np.concatenate(keep_g)
-            outside.update({"psnr_unedited_vs_gt": psnr(u, g), "psnr_edited_vs_gt": psnr(e, g)})
-            outside["psnr_change_db"] = outside["psnr_edited_vs_gt"] - outside["psnr_unedited_vs_gt"]
+        outside = change_outside(before, removed, {n: w < args.outside_weight for n, w in sel_weight.items()})
+        outside["definition"] = (f"unedited ray puts < {args.outside_weight:g} of its opacity on samples the "
+                                 "edit stack selects (3-D, from the renderer)")
+        outside["older_2d_definition"] = {
+            "definition": "pixels the unedited render does not label building (2-D label map)",
+            **change_outside(before, removed, {n: before[n]["labels"] != BUILDING for n in removed})}
         report["remove_building"] = {
             "building_pixels_pct_before": 100 * bld_before / n_px,
             "building_pixels_pct_after": 100 * bld_after / n_px,
@@ -325,9 +347,12 @@ def main() -> dict:
                   styles["reference_stats"][a]["rgb"]]
         Image.fromarray(np.concatenate([to8(p) for p in panels], axis=1)).save(out / "edit_style.png")
         for name in removed:
-            stem = Path(name).stem
-            Image.fromarray(np.concatenate([to8(before[name]["rgb"]), to8(removed[name]["rgb"])], 1)).save(
-                out / f"remove_{stem}.png")
+            # unedited | buildings removed | selection weight (blue) and the change outside it (yellow, x4)
+            outside_px = sel_weight[name] < args.outside_weight
+            change = np.clip(4 * np.abs(removed[name]["rgb"] - before[name]["rgb"]).mean(-1), 0, 1) * outside_px
+            probe = np.stack([change, change, sel_weight[name]], -1)
+            Image.fromarray(np.concatenate([to8(before[name]["rgb"]), to8(removed[name]["rgb"]), to8(probe)], 1)).save(
+                out / f"remove_{Path(name).stem}.png")
     finally:
         (args.tile / GROUND_COPY).unlink(missing_ok=True)
         if saved is None:

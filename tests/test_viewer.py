@@ -698,3 +698,107 @@ def test_cli_view_headless_ply_and_bad_input(tmp_path, capsys, gl_ctx):
     assert "missing: no such tile folder" in capsys.readouterr().err
     (tmp_path / "x.txt").write_text("x")
     assert entrypoint(["view", str(tmp_path / "x.txt")]) == 2
+
+
+# -- live edit and style toggles -------------------------------------------------------------------
+def _analytic_tile(tmp_path: Path):
+    """A one-block TileRenderer over the closed-form city of citygen.edit.analytic, and a tile
+    folder whose stack removes vehicles and stores a 'night' style on buildings."""
+    from citygen.config import RenderConfig
+    from citygen.edit import EditStack
+    from citygen.edit.analytic import AnalyticCityField
+    from citygen.partition.plan import Block, Grid, TilePlan
+    from citygen.render.tile import BlockSource, TileRenderer
+    from citygen.style import named_style
+
+    field = AnalyticCityField(with_occupancy=True, occupancy_resolution=32)
+    rect = (-20.0, -20.0, 20.0, 20.0)
+    plan = TilePlan(georef=Georef("EPSG:32651", (350000.0, 3450000.0, 0.0)),
+                    grid=Grid(origin=rect[:2], block_size=(40.0, 40.0), rows=1, cols=1), margin_m=0.0,
+                    blocks=[Block(id="b", row=0, col=0, core=rect, extended=rect, z_range=(-2.0, 14.0))])
+    loads = []
+    source = BlockSource("b", rect, rect, field.aabb.numpy().astype(np.float64), lambda: loads.append(1) or field)
+    renderer = TileRenderer(plan, [source], classes=CLASSES, render_config=RenderConfig(step_size=0.25))
+    stack = EditStack(tile_dir=tmp_path, ground={"kind": "plane", "height": 0.0})
+    stack.add("remove", {"class": "vehicle"})
+    stack.add("restyle", {"class": "building"}, {"method": "named", "name": "night",
+                                                 "transforms": named_style("night", ["building"])})
+    stack.save()
+    return renderer, loads
+
+
+def test_edit_and_style_toggles_rerender_live(gl_ctx, tmp_path):
+    """t toggles the stack's edits, c cycles none / named styles / the tile's stored style; each
+    press re-renders, and the pixels match the closed-form scene under the transforms."""
+    from citygen.edit.analytic import BUILDING, DEFAULT_BOXES, GROUND_RGB, VEHICLE
+    from citygen.style import NAMED_STYLES
+    from viewer.edits import live_edits_for_tile
+
+    renderer, loads = _analytic_tile(tmp_path)
+    live = live_edits_for_tile(renderer, tmp_path, raster_cell=0.5)
+    app = ViewerApp(TileSource(renderer), size=(64, 64), live_edits=live, scheduler=RenderScheduler(frame_budget=10.0))
+    app.camera.set_c2w(nadir(45.0))
+    app.camera.fov_y = 50.0
+    cam, c2w = app.window_camera, app.camera.c2w()
+    roof, car = DEFAULT_BOXES[0], DEFAULT_BOXES[3]
+    (roof_px, car_px, ground_px), _ = project(cam, c2w, np.array([[-8.0, -6.0, 10.0], [-0.5, 5.8, 1.5],
+                                                                  [-16.0, 16.0, 0.0]]))
+    at = lambda uv: (int(uv[1]), int(uv[0]))  # (row, col) of a continuous pixel position
+
+    def affine(style, key, rgb):
+        t = NAMED_STYLES[style][key]
+        return np.clip(np.asarray(t["matrix"]) @ np.asarray(rgb) + np.asarray(t["offset"]), 0.0, 1.0)
+
+    hv = HeadlessViewer(app, ctx=gl_ctx)
+
+    def shown():
+        img = hv.settle()
+        f = app.frame
+        assert app.scheduler.done and f.rgb.shape == (64, 64, 3)
+        return img, f, "\n".join(hud_lines(app.hud_info()))
+
+    # opened as stored: vehicles removed, the tile's night style on buildings
+    img, f, hud = shown()
+    assert live.style.name == "tile:e2_restyle" and "edits on (1)" in hud and "style tile:e2_restyle" in hud
+    assert f.class_ids[at(roof_px)] == BUILDING and f.class_ids[at(car_px)] != VEHICLE
+    np.testing.assert_allclose(f.rgb[at(roof_px)], affine("night", "building", roof.rgb), atol=0.01)
+    np.testing.assert_allclose(f.rgb[at(ground_px)], GROUND_RGB, atol=0.01)   # the style is on buildings only
+    assert np.abs(img.astype(int) - colorize(f).astype(int))[outside(app.overlays, img.shape)].max() <= 2
+
+    assert app.update() is False  # settled: nothing left to render
+    app.key_down("t")  # edits off: the vehicle is back, the style stays
+    assert app.update() is True and app.message == "edits off"  # a new pass starts at once
+    _, f, hud = shown()
+    assert "edits off (1)" in hud and f.class_ids[at(car_px)] == VEHICLE
+    np.testing.assert_allclose(f.rgb[at(car_px)], car.rgb, atol=0.01)
+    np.testing.assert_allclose(f.rgb[at(roof_px)], affine("night", "building", roof.rgb), atol=0.01)
+
+    app.key_down("c")  # the cycle wraps from the tile's style to none: the trained colours
+    _, f, hud = shown()
+    assert "style none" in hud
+    np.testing.assert_allclose(f.rgb[at(roof_px)], roof.rgb, atol=0.01)
+
+    app.key_down("c")  # the first named style, on every class
+    _, f, hud = shown()
+    first = next(iter(NAMED_STYLES))
+    assert f"style {first}" in hud
+    np.testing.assert_allclose(f.rgb[at(roof_px)], affine(first, "*", roof.rgb), atol=0.01)
+    np.testing.assert_allclose(f.rgb[at(ground_px)], affine(first, "*", GROUND_RGB), atol=0.01)
+
+    app.key_down("t")  # edits on again, with the named style
+    _, f, hud = shown()
+    assert "edits on (1)" in hud and f.class_ids[at(car_px)] != VEHICLE
+    app.key_down("shift")
+    app.key_down("c")  # shift+c: back to none
+    app.key_up("shift")
+    _, f, hud = shown()
+    assert "style none" in hud and f.class_ids[at(car_px)] != VEHICLE
+    np.testing.assert_allclose(f.rgb[at(roof_px)], roof.rgb, atol=0.01)
+    assert len(loads) == 1  # switching re-wraps the loaded block: nothing is reloaded from disk
+    hv.release()
+
+
+def test_toggles_without_a_tile_say_so():
+    app = make_app()
+    assert app.toggle_edits() is None and "no edit stack" in app.message
+    assert app.next_style() is None and "no styles" in app.message

@@ -4,6 +4,7 @@ overlay, measuring, camera paths, screenshots; a glfw window or headless (EGL).
 Layers, each usable alone: ``camera`` / ``controls`` (pose and input, numpy only),
 ``scheduler`` (progressive rendering decisions), ``display`` / ``colormap`` / ``hud`` /
 ``measure`` / ``camera_path`` / ``ply`` (host-side data), ``gl`` (moderngl drawing),
+``edits`` (live edit and style toggles of a tile, imported on use: it needs the engine),
 ``app`` (the application state and frame loop), ``window`` (glfw) and ``launch``
 (what ``citygen view`` calls).  Nothing outside this package imports it.
 """

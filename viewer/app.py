@@ -13,6 +13,7 @@ Keys (besides the camera's W/A/S/D/Q/E, Shift, drag and scroll):
     m           measuring tool (click two points)  right click   orbit around the clicked point
     k           add a camera-path keyframe         x   clear the keyframes
     l           play the camera path               j   save the camera path (JSON)
+    t           tile's edits on / off              c   next style (none, named, the tile's)
     f           screenshot (PNG)                   escape   quit
 """
 
@@ -65,6 +66,8 @@ class ViewerApp:
         georef: the tile's georeferencing (default: the source's).
         survey_views: training cameras for jumping (``n`` / ``p``).
         edit_state: text for the HUD's edit/style line, or a function returning it.
+        live_edits: the edit/style toggles of the tile (:class:`~viewer.edits.LiveEdits`),
+            switched by ``t`` / ``c``; they then give the HUD's edit line.
         out_dir: where screenshots and camera paths are saved.
         clock: time source (seconds); tests pass a fake one.
     """
@@ -72,7 +75,8 @@ class ViewerApp:
     def __init__(self, source=None, baked: PlyModel | None = None, size: tuple[int, int] = (1280, 720),
                  georef: Georef | None = None, survey_views: list[SurveyView] | None = None,
                  edit_state: str | Callable[[], str] = "", out_dir: str | Path = ".",
-                 clock: Callable[[], float] = time.perf_counter, scheduler: RenderScheduler | None = None):
+                 clock: Callable[[], float] = time.perf_counter, scheduler: RenderScheduler | None = None,
+                 live_edits=None):
         if source is None and baked is None:
             raise CitygenError(None, "the viewer needs a tile or a baked PLY to show")
         self.source, self.baked = source, baked
@@ -83,6 +87,7 @@ class ViewerApp:
         self.plan = source.plan if source is not None else None
         self.survey_views = survey_views or []
         self.edit_state = edit_state
+        self.live_edits = live_edits
         self.out_dir = Path(out_dir)
         self.clock = clock
         self.scheduler = scheduler or RenderScheduler()
@@ -190,6 +195,10 @@ class ViewerApp:
             self.play_path()
         elif key == "j":
             self.save_path()
+        elif key == "t":
+            self.toggle_edits()
+        elif key == "c":
+            self.next_style(-1 if "shift" in self.controls.held else 1)
         elif key == "f":
             self.screenshot()
         elif key == "escape":
@@ -250,6 +259,29 @@ class ViewerApp:
         if self.measuring:
             self.measurement.add(p.local)
         return p
+
+    # -- edits and styles ----------------------------------------------------------------------
+    def toggle_edits(self) -> bool | None:
+        """The tile's edit stack on/off; the view is rendered again.  None without toggles."""
+        if self.live_edits is None:
+            self.message = "no edit stack to toggle (a tile folder has one)"
+            return None
+        on = self.live_edits.toggle_edits()
+        self._scene_changed(f"edits {'on' if on else 'off'}")
+        return on
+
+    def next_style(self, step: int = 1):
+        """Next (``step`` -1: previous) style of the cycle; the view is rendered again."""
+        if self.live_edits is None:
+            self.message = "no styles here (a tile folder has them)"
+            return None
+        style = self.live_edits.next_style(step)
+        self._scene_changed(f"style {style.name}")
+        return style
+
+    def _scene_changed(self, message: str) -> None:
+        self.message = message
+        self.scheduler.invalidate()  # a fresh coarse pass at once, refined as usual
 
     # -- camera paths ----------------------------------------------------------------------------
     def play_path(self) -> None:
@@ -366,7 +398,10 @@ class ViewerApp:
             j = int(np.clip(self._cursor[1] * h / self.size[1], 0, h - 1))
             if frame.depth[j, i] > 0:
                 gsd = ground_sample_distance(self.window_camera, float(frame.depth[j, i]))
-        edit = self.edit_state() if callable(self.edit_state) else self.edit_state
+        if self.live_edits is not None:
+            edit = self.live_edits.describe()
+        else:
+            edit = self.edit_state() if callable(self.edit_state) else self.edit_state
         return HudInfo(self.camera.position, self.camera.heading, self.camera.pitch, self.georef, self._fps,
                        self.mode.value, self.frame_scale if self.source is not None else None, gsd, edit, lines)
 

@@ -43,15 +43,20 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
              max_cached_blocks: int = 8) -> ViewerApp:
     """A :class:`ViewerApp` on a tile folder (neural rendering) or a ``.ply`` file (baked
     preview).  ``ply`` adds a baked model to a tile; ``survey`` a transforms.json whose
-    training cameras ``n`` / ``p`` jump to (default: the survey the tile was trained on)."""
+    training cameras ``n`` / ``p`` jump to (default: the survey the tile was trained on).
+    A tile opens with its edit stack applied and live toggles for it (``t`` / ``c``)."""
     target = Path(target)
     if not target.exists():
         raise CitygenError(target, "no such tile folder or PLY file")
-    source, baked, georef = None, None, None
+    source, baked, georef, live = None, None, None, None
     if target.is_dir():
         from citygen.render.tile import TileRenderer
 
-        source = TileSource(TileRenderer.open(target, device=device, max_cached_blocks=max_cached_blocks))
+        from .edits import live_edits_for_tile
+
+        renderer = TileRenderer.open(target, device=device, max_cached_blocks=max_cached_blocks, apply_edits=False)
+        live = live_edits_for_tile(renderer, target)
+        source = TileSource(renderer)
         georef = source.georef
         survey = survey or _find_survey(target)
     elif target.suffix.lower() == ".ply":
@@ -64,7 +69,7 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
         baked = model.localized(georef)
     views = survey_views_from(survey) if survey else []
     out = Path(out_dir) if out_dir else (target if target.is_dir() else target.parent)
-    return ViewerApp(source, baked, size=size, georef=georef, survey_views=views, out_dir=out)
+    return ViewerApp(source, baked, size=size, georef=georef, survey_views=views, out_dir=out, live_edits=live)
 
 
 def run_window(app: ViewerApp, title: str = "citygen viewer") -> None:

@@ -83,6 +83,15 @@ class EditContext:
         self.cell = float(raster_cell or max(ext / 192.0, 0.05))
         #: rings of cells around a removed footprint that ground colour is copied from.
         self.ring_cells = 6
+        #: cell (metres) of the footprint a ground fill covers: the coarse scan's cells,
+        #: blocks wide, would let the fill cover ground beside the removed object.
+        self.fine_cell = min(self.cell, 0.5)
+        #: fine cells the fill footprint is grown by: 0, the fill stops where the removed
+        #: matter stops (within half a fine cell); a margin closes slivers where a partly covered
+        #: cell shows the field under the removed object, at the price of covering real ground.
+        self.fine_margin = 0
+        #: opacity the removed matter of a column must reach, stacked up, for the fill to cover it.
+        self.fill_opacity = 0.5
         self._ground = ground
         self._ground_spec = ground_spec
 
@@ -117,33 +126,48 @@ class EditContext:
     def default_code(self, field) -> Tensor:
         return default_code(field)
 
-    def _raster(self) -> Raster2D:
+    def _raster(self, cell: float | None = None) -> Raster2D:
+        cell = float(cell or self.cell)
         aabb = self.field.aabb.detach().float().cpu()
         ext = (aabb[1] - aabb[0])[:2]
-        nx, ny = max(math.ceil(float(ext[0]) / self.cell), 1), max(math.ceil(float(ext[1]) / self.cell), 1)
-        return Raster2D(torch.zeros(ny, nx, 1), (float(aabb[0, 0]), float(aabb[0, 1])), (self.cell, self.cell))
+        nx, ny = max(math.ceil(float(ext[0]) / cell), 1), max(math.ceil(float(ext[1]) / cell), 1)
+        return Raster2D(torch.zeros(ny, nx, 1), (float(aabb[0, 0]), float(aabb[0, 1])), (cell, cell))
 
     @torch.no_grad()
     def scan(self, stage: Callable, occ: Callable, predicate: Callable, band: tuple[float, float] | None = None,
-             bound: Callable | None = None) -> Raster2D:
+             bound: Callable | None = None, cell: float | None = None, within: Raster2D | None = None,
+             column_opacity: float | None = None, top: bool = False) -> Raster2D:
         """2-D mask of the columns holding matter (opacity > 0.1 per step) where ``predicate(x,
-        labels)`` holds; columns span ``band`` metres about the ground, or the whole box."""
-        raster = self._raster()
+        labels)`` holds; columns span ``band`` metres about the ground, or the whole box.
+        With ``column_opacity``, a column counts when that matter, stacked up, is at least
+        this opaque (it would hide what lies below it) instead.  With ``top``, the raster
+        holds the height (local z) of the highest such matter per column, -inf where none.
+
+        ``cell`` overrides the raster's cell size; ``within`` (a mask raster, any cell size)
+        limits the test to the columns whose centre lies in one of its set cells (the others
+        are reported empty): a fine scan refines a coarse one where it found something."""
+        raster = self._raster(cell)
         rows, cols = raster.shape
-        xy = raster.cell_centres().reshape(-1, 2)
+        xy_all = raster.cell_centres().reshape(-1, 2)
+        columns = torch.arange(xy_all.shape[0])
+        if within is not None:
+            r, c, inside = within.index(xy_all)
+            columns = (inside & (within.values[r, c, 0] > 0)).nonzero().squeeze(-1)
+        xy = xy_all[columns]
         aabb = self.field.aabb.detach().float().cpu()
         if band is None:
-            dz = max(float(aabb[1, 2] - aabb[0, 2]) / 128.0, min(self.cell, 0.25))
+            dz = max(float(aabb[1, 2] - aabb[0, 2]) / 128.0, min(raster.cell[0], 0.25))
             z = torch.arange(float(aabb[0, 2]) + dz / 2, float(aabb[1, 2]), dz)
             zz = z[None, :].expand(xy.shape[0], -1)
         else:
-            dz = min(self.cell, 0.25)
+            dz = min(raster.cell[0], 0.25)
             z = torch.arange(band[0] + dz / 2, band[1], dz)
             zz = self.ground.height(xy)[:, None] + z[None, :]
         nz = zz.shape[1]
         pts = torch.cat([xy[:, None, :].expand(-1, nz, -1), zz[..., None]], dim=-1).reshape(-1, 3)
         device = self.field.aabb.device
         hit = torch.zeros(pts.shape[0], dtype=torch.bool)
+        tau = torch.zeros(pts.shape[0])  # optical depth of the matching matter per sample
         threshold = 0.1 / dz
         for i in range(0, pts.shape[0], CHUNK):
             x = pts[i:i + CHUNK].to(device)
@@ -154,10 +178,20 @@ class EditContext:
             if idx.numel() == 0:
                 continue
             s = stage(x[idx], None, False)
-            h = (s.sigma > threshold) & predicate(x[idx], s.labels)
-            hit[i + idx.cpu()] = h.cpu()
-        mask = hit.reshape(rows * cols, nz).any(-1).reshape(rows, cols, 1).float()
-        return Raster2D(mask, raster.origin, raster.cell)
+            m = predicate(x[idx], s.labels)
+            hit[i + idx.cpu()] = ((s.sigma > threshold) & m).cpu()
+            tau[i + idx.cpu()] = torch.where(m, s.sigma.float() * dz, torch.zeros((), device=m.device)).cpu()
+        if top:
+            z_hit = torch.where(hit.reshape(-1, nz), pts[:, 2].reshape(-1, nz), torch.full((), -math.inf))
+            heights = torch.full((rows * cols,), -math.inf)
+            heights[columns] = z_hit.amax(-1) if nz else -math.inf
+            return Raster2D(heights.reshape(rows, cols, 1), raster.origin, raster.cell)
+        mask = torch.zeros(rows * cols)
+        if column_opacity is None:
+            mask[columns] = hit.reshape(-1, nz).any(-1).float()
+        else:
+            mask[columns] = ((1 - torch.exp(-tau.reshape(-1, nz).sum(-1))) >= column_opacity).float()
+        return Raster2D(mask.reshape(rows, cols, 1), raster.origin, raster.cell)
 
     @torch.no_grad()
     def ground_look(self, stage: Callable, window: Raster2D, band: tuple[float, float] = (-1.0, 1.5), n: int = 24):
@@ -282,6 +316,7 @@ class EditedField(nn.Module):
             occ = lambda x: torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         aabb = field.aabb.detach().float().clone()
         self.ops = []
+        self._inputs: list[Callable] = []  # the stage each op reads (for selected())
         for edit in _enabled(edits):
             try:
                 sel = build_selection(edit.get("selection"), georef, lambda: ctx.ground)
@@ -290,6 +325,7 @@ class EditedField(nn.Module):
             except SpecError as err:
                 raise CitygenError(tile_dir, f"edit {edit.get('id', '?')}: {err}") from None
             aabb = op.extend_aabb(aabb)
+            self._inputs.append(stage)
             stage = _chain(op, stage)
             occ = _chain_occ(op, occ)
             self.ops.append(op)
@@ -361,6 +397,16 @@ class EditedField(nn.Module):
 
     def semantics(self, geo: Tensor) -> Tensor:
         return self._stage(geo, None, False).logits
+
+    @torch.no_grad()
+    def selected(self, x: Tensor) -> Tensor:
+        """(N,) bool: the samples some edit selects, each edit's selection tested on the field
+        it reads (the stage before it), plus where mapping edits put matter.  What a pixel's
+        unedited ray spends weight on here is what the stack may rightly change in it."""
+        out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for op, prev in zip(self.ops, self._inputs):
+            out |= op.selected(x, prev)
+        return out
 
     def background(self, dirs: Tensor) -> Tensor:
         rgb = self.field.background(dirs)

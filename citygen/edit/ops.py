@@ -188,6 +188,10 @@ class Op:
     def occupancy(self, x: Tensor, prev_occ: OccStage) -> Tensor:
         return prev_occ(x)
 
+    def selected(self, x: Tensor, prev: Stage) -> Tensor:
+        """(N,) bool: where this edit's selection holds on the field it reads (``prev``)."""
+        return self.selection.evaluate(x, prev(x, None, False).labels)
+
     def extend_aabb(self, aabb: Tensor) -> Tensor:
         return aabb
 
@@ -207,11 +211,30 @@ class RemoveOp(Op):
             return
         ctx = self.ctx
         # Footprint: columns where the selection removes matter within `reach` of the ground.
-        fp = ctx.scan(prev, prev_occ, lambda x, labels: self.selection.evaluate(x, labels),
-                      band=(-1.0, self.reach), bound=self.selection.bound)
+        # A test at cell centres misses matter between them, so the coarse mask, grown by a
+        # cell, holds every column that may need the fill (and sets where the fill's colour
+        # is inpainted); the fill itself covers only the columns where a fine scan inside it
+        # finds the removed matter opaque enough to have hidden the ground.  The fill
+        # replaces the ground it covers, so covering more would change what the edit did
+        # not select (ground and water beside a building, ground under a thin fringe).
+        selected = lambda x, labels: self.selection.evaluate(x, labels)  # noqa: E731
+        band = (-1.0, self.reach)
+        fp = ctx.scan(prev, prev_occ, selected, band=band, bound=self.selection.bound)
         mask = dilate(fp.values[..., 0] > 0, 1)
         if not bool(mask.any()):
             return
+        fine = ctx.scan(prev, prev_occ, selected, band=band, bound=self.selection.bound, cell=ctx.fine_cell,
+                        within=Raster2D(mask[..., None].float(), fp.origin, fp.cell), column_opacity=ctx.fill_opacity)
+        self.fill_mask = Raster2D(dilate(fine.values[..., 0] > 0, ctx.fine_margin)[..., None].float(),
+                                  fine.origin, fine.cell)
+        # The removed object's envelope: under its top, every view saw the object, so what the
+        # field holds there besides it (unlabelled haze, the inside of a building) was never
+        # observed; it is cleared with the object where the fill goes.  Tops per coarse column,
+        # grown by a cell (the fine fill cells lie between coarse centres).
+        tops = ctx.scan(prev, prev_occ, selected, bound=self.selection.bound,
+                        within=Raster2D(mask[..., None].float(), fp.origin, fp.cell), top=True)
+        grown = torch.nn.functional.max_pool2d(tops.values[..., 0][None, None], 3, stride=1, padding=1)[0, 0]
+        self.envelope_top = Raster2D(grown[..., None], tops.origin, tops.cell)
         rows, cols = torch.nonzero(mask, as_tuple=True)
         ring = ctx.ring_cells
         r0, r1 = max(int(rows.min()) - ring, 0), min(int(rows.max()) + ring + 1, mask.shape[0])
@@ -234,15 +257,16 @@ class RemoveOp(Op):
         ground_probs = filled[..., list(GROUND_IDS)]
         label = torch.tensor(GROUND_IDS)[ground_probs.argmax(-1)]
         self.label = Raster2D(label[..., None].float(), window.origin, window.cell)
-        self.footprint = window
+        self.footprint = self.fill_mask
 
     def _layer(self, x: Tensor):
-        """(in footprint, in the layer slab, in the cleared band) masks and the ground height."""
-        r, c, inside = self.footprint.index(x[:, :2])
-        infp = inside & (self.footprint.values.to(x.device)[r, c, 0] > 0)
+        """(in footprint, in the layer slab, in the cleared band) masks."""
+        r, c, inside = self.fill_mask.index(x[:, :2])
+        infp = inside & (self.fill_mask.values.to(x.device)[r, c, 0] > 0)
         g = self.ctx.ground.height(x[:, :2])
         h = x[:, 2] - g
-        return infp, infp & (h <= 0) & (h >= -self.thickness), infp & (h >= -self.thickness) & (h <= 0.5)
+        below_top = (h <= 0.5) | (x[:, 2] <= self.envelope_top.nearest(x[:, :2])[:, 0].to(x))
+        return infp, infp & (h <= 0) & (h >= -self.thickness), infp & (h >= -self.thickness) & below_top
 
     def evaluate(self, x, rays, prev, need_rgb):
         s = prev(x, rays, need_rgb)
@@ -365,6 +389,11 @@ class _MappingOp(Op):
         xs, _ = self.source(x)
         return prev_occ(x) | (self.selection.bound(xs) & prev_occ(xs))
 
+    def selected(self, x, prev):
+        """The selected matter where it was, and where it is put."""
+        xs, _ = self.source(x)
+        return super().selected(x, prev) | self.selection.evaluate(xs, prev(xs, None, False).labels)
+
 
 class _HeightMap(_MappingOp):
     """Vertical maps: only the columns where the selection holds matter change, so those
@@ -394,6 +423,9 @@ class _HeightMap(_MappingOp):
     def occupancy(self, x, prev_occ):
         xs, _ = self.source(x)
         return prev_occ(x) | (self._in_footprint(x) & self.selection.bound(xs) & prev_occ(xs))
+
+    def selected(self, x, prev):
+        return super().selected(x, prev) & self._in_footprint(x)
 
 
 class RaiseOp(_HeightMap):
@@ -455,6 +487,10 @@ class DuplicateOp(_RigidCopy):
     def evaluate(self, x, rays, prev, need_rgb):
         copy_, m = self.copy_part(x, rays, prev, need_rgb)
         return Samples.union(prev(x, rays, need_rgb), copy_.masked(m))
+
+    def selected(self, x, prev):  # the original stays: only where the copy goes
+        xs, _ = self.source(x)
+        return self.selection.evaluate(xs, prev(xs, None, False).labels)
 
 
 class MoveOp(_RigidCopy):
@@ -528,6 +564,14 @@ class InsertOp(Op):
     def occupancy(self, x, prev_occ):
         xs, inside = self._source(x)
         return prev_occ(x) | (inside & self.asset_occ(xs) & self.selection.bound(xs))
+
+    def selected(self, x, prev):
+        xs, inside = self._source(x)
+        out = torch.zeros_like(inside)
+        idx = inside.nonzero().squeeze(-1)
+        if idx.numel():
+            out[idx] = self.selection.evaluate(xs[idx], self.asset_stage(xs[idx], None, False).labels)
+        return out
 
     def extend_aabb(self, aabb):
         corners = torch.stack([torch.tensor([self.lo[0] if i == 0 else self.hi[0], self.lo[1] if j == 0 else self.hi[1],
