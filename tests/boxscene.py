@@ -36,6 +36,15 @@ def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
     return m
 
 
+def box_entry_exit(origins: np.ndarray, dirs: np.ndarray, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """Slab test: the ray parameters (N,) where rays enter and leave the box [lo, hi]
+    (a ray misses it where entry > exit)."""
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t0, t1 = (lo - origins) / dirs, (hi - origins) / dirs
+    return np.nanmax(np.minimum(t0, t1), axis=1), np.nanmin(np.maximum(t0, t1), axis=1)
+
+
 def cast(origins: np.ndarray, dirs: np.ndarray):
     """Nearest hit of rays (N, 3) with the ground z = 0 and the boxes: (t, rgb, label)."""
     n = len(origins)
@@ -51,11 +60,7 @@ def cast(origins: np.ndarray, dirs: np.ndarray):
     rgb[hit] = np.where(stripe[hit, None], GROUND_COLORS[1], GROUND_COLORS[0])
     label[hit] = np.where(stripe[hit], 1, 0)
     for lo, hi, color, lab in BOXES:
-        lo, hi = np.asarray(lo), np.asarray(hi)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t0, t1 = (lo - origins) / dirs, (hi - origins) / dirs
-        tn = np.nanmax(np.minimum(t0, t1), axis=1)
-        tf = np.nanmin(np.maximum(t0, t1), axis=1)
+        tn, tf = box_entry_exit(origins, dirs, lo, hi)
         h = (tf >= tn) & (tn > 0) & (tn < t_best)
         t_best[h] = tn[h]
         q = origins[h] + tn[h, None] * dirs[h]

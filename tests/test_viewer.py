@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from boxscene import box_entry_exit
 
 from citygen.errors import CitygenError
 from survey_io import Camera, Georef
@@ -62,11 +63,7 @@ def cast(o: np.ndarray, d: np.ndarray):
     rgb[inside] = np.where(checker[inside, None], (0.55, 0.50, 0.42), (0.35, 0.35, 0.38))
     lab[inside] = np.where(checker[inside], 0, 1)
     for lo, hi, color, label in BOXES:
-        lo, hi = np.asarray(lo), np.asarray(hi)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t0, t1 = (lo - o) / d, (hi - o) / d
-        tn = np.nanmax(np.minimum(t0, t1), axis=1)
-        tf = np.nanmin(np.maximum(t0, t1), axis=1)
+        tn, tf = box_entry_exit(o, d, lo, hi)
         hit = (tf >= tn) & (tn > 0) & (tn < t)
         t[hit], rgb[hit], lab[hit] = tn[hit], color, label
     return t, rgb, np.isfinite(t).astype(np.float32), lab
