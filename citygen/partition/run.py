@@ -41,8 +41,6 @@ class PlanRequest:
     ortho: Path | None = None
     dry_run: bool = False
     layout: FlightLayout | None = None
-    #: dry run: "auto" (the project's synthetic flight generator when present) or "builtin".
-    layout_generator: str = "auto"
     train_preset: str = "city-100km2"
     downscale: int | None = None
     sizing: SizingConfig | None = None
@@ -72,7 +70,7 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
     config = req.partition or PartitionConfig()
     layout = req.layout or FlightLayout()
     if req.dry_run:
-        survey, generator = synthetic_survey(layout, seed=req.seed, generator=req.layout_generator)
+        survey, generator = synthetic_survey(layout, seed=req.seed)
         ground = GroundModel.plane(0.0, source="dry run: flat ground at z = 0") if req.ground_height == "auto" \
             else _ground(survey, req, config)
         source = {"dry_run": True, "generator": generator, "layout": layout.__dict__}
