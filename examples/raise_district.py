@@ -11,21 +11,17 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from citygen.config import RenderConfig
 from citygen.edit import EditedField, EditStack, PlaneGround
 from citygen.edit.analytic import AnalyticCityField
 from citygen.render import render_image
 from citygen.render.sampling import look_at
+from citygen.train.evaluate import rgb_to_uint8, write_png
 from survey_io import Camera, Georef
 
 GEOREF = Georef("EPSG:32633", (500000.0, 4500000.0, 0.0))
 DZ = 10.0
-
-
-def save_png(path: Path, rgb) -> None:
-    Image.fromarray((rgb.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
 
 
 def main(out: Path = Path("outputs/examples/raise_district"), size: int = 96) -> dict:
@@ -45,8 +41,8 @@ def main(out: Path = Path("outputs/examples/raise_district"), size: int = 96) ->
     c2w = look_at(np.array([30.0, -30.0, 45.0]), np.array([-4.0, -2.0, 0.0]))
     nadir = look_at(np.array([0.0, 0.0, 60.0]), np.array([0.0, 0.0, 0.0]))
     cfg = RenderConfig(step_size=0.2)
-    save_png(out / "before.png", render_image(field, camera, c2w, render=cfg)["rgb"])
-    save_png(out / "after.png", render_image(edited, camera, c2w, render=cfg)["rgb"])
+    write_png(out / "before.png", rgb_to_uint8(render_image(field, camera, c2w, render=cfg)["rgb"]))
+    write_png(out / "after.png", rgb_to_uint8(render_image(edited, camera, c2w, render=cfg)["rgb"]))
     # The roof of the district's building (x < 0), seen from straight above, is DZ closer.
     roof = np.linalg.inv(nadir) @ np.array([-8.0, -6.0, 10.0, 1.0])
     row = int(camera.cy + camera.fl_y * roof[1] / roof[2])

@@ -13,20 +13,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from citygen.config import RenderConfig
 from citygen.edit import EditedField, EditStack, PlaneGround
 from citygen.edit.analytic import BUILDING, AnalyticCityField
 from citygen.render import render_image
 from citygen.render.sampling import look_at
+from citygen.train.evaluate import rgb_to_uint8, write_png
 from survey_io import Camera, Georef
 
 GEOREF = Georef("EPSG:32633", (500000.0, 4500000.0, 0.0))
-
-
-def save_png(path: Path, rgb) -> None:
-    Image.fromarray((rgb.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
 
 
 def main(out: Path = Path("outputs/examples/recolor_roofs_in_polygon"), size: int = 96) -> dict:
@@ -54,8 +50,8 @@ def main(out: Path = Path("outputs/examples/recolor_roofs_in_polygon"), size: in
     c2w = look_at(np.array([0.0, 0.0, 40.0]), np.array([0.0, 0.0, 0.0]))
     cfg = RenderConfig(step_size=0.2)
     before, after = render_image(field, camera, c2w, render=cfg), render_image(edited, camera, c2w, render=cfg)
-    save_png(out / "before.png", before["rgb"])
-    save_png(out / "after.png", after["rgb"])
+    write_png(out / "before.png", rgb_to_uint8(before["rgb"]))
+    write_png(out / "after.png", rgb_to_uint8(after["rgb"]))
     changed = (after["rgb"] - before["rgb"]).abs().sum(-1) > 1e-4
     only_buildings = bool((before["semantics"].argmax(-1)[changed] == BUILDING).all())
     summary = {"changed_pixels": int(changed.sum()), "only_building_pixels_changed": only_buildings,

@@ -13,18 +13,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from citygen.config import RenderConfig
 from citygen.edit import EditedField, EditStack
 from citygen.edit.analytic import VEHICLE, AnalyticCityField
 from citygen.render import render_image
 from citygen.render.sampling import look_at
+from citygen.train.evaluate import rgb_to_uint8, write_png
 from survey_io import Camera
-
-
-def save_png(path: Path, rgb) -> None:
-    Image.fromarray((rgb.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
 
 
 def main(out: Path = Path("outputs/examples/remove_vehicles"), size: int = 96) -> dict:
@@ -43,8 +39,8 @@ def main(out: Path = Path("outputs/examples/remove_vehicles"), size: int = 96) -
     c2w = look_at(np.array([0.0, 0.0, 40.0]), np.array([0.0, 0.0, 0.0]))
     cfg = RenderConfig(step_size=0.2)
     before, after = render_image(field, camera, c2w, render=cfg), render_image(edited, camera, c2w, render=cfg)
-    save_png(out / "before.png", before["rgb"])
-    save_png(out / "after.png", after["rgb"])
+    write_png(out / "before.png", rgb_to_uint8(before["rgb"]))
+    write_png(out / "after.png", rgb_to_uint8(after["rgb"]))
     n_before = int((before["semantics"].argmax(-1) == VEHICLE).sum())
     n_after = int((after["semantics"].argmax(-1) == VEHICLE).sum())
     summary = {"vehicle_pixels_before": n_before, "vehicle_pixels_after": n_after,

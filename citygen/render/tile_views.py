@@ -26,7 +26,7 @@ from survey_io.atomic import atomic_write_json
 from ..errors import CitygenError
 from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
 from ..train.data import load_depth, load_labels, load_rgb
-from ..train.evaluate import colorize_depth, colorize_labels, write_png
+from ..train.evaluate import colorize_depth, colorize_labels, rgb_to_uint8, write_png
 from ..train.metrics import confusion_matrix, psnr, semantic_scores, ssim
 from .seams import SeamMetric
 from .tile import TileRenderer
@@ -80,7 +80,7 @@ def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[st
         r = renderer.render_view(cam, im.c2w)
         seconds = time.perf_counter() - t0
         t_total += seconds
-        rgb8 = (r["rgb"].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        rgb8 = rgb_to_uint8(r["rgb"])
         labels = r["semantics"].argmax(-1).to(torch.uint8).numpy()
         depth = r["depth"].numpy()
         stem = Path(im.name).stem

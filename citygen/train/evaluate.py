@@ -28,6 +28,11 @@ from .data import load_depth, load_labels, load_rgb, load_survey, select_images
 from .metrics import confusion_matrix, psnr, semantic_scores, ssim
 
 
+def rgb_to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    """An RGB tensor in [0, 1] (any device) as a uint8 array (clamped, rounded): what is scored and saved."""
+    return (rgb.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
 def write_png(path: Path, array: np.ndarray) -> None:
     """Write a uint8 (H, W[, 3]) array as PNG, atomically."""
     with atomic_path(path, suffix=".png") as tmp:
@@ -92,7 +97,7 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
             cam = cam.scaled(1.0 / cfg.downscale)
         size = (cam.width, cam.height)
         r = render_image(field, cam, im.c2w, render=cfg.render, with_semantics=True)
-        rgb8 = (r["rgb"].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        rgb8 = rgb_to_uint8(r["rgb"])
         gt8 = load_rgb(survey.image_path(im), size)
         pred, gt = torch.from_numpy(rgb8).float() / 255, torch.from_numpy(gt8).float() / 255
         row: dict[str, Any] = {"name": im.name, "psnr": psnr(pred, gt), "ssim": ssim(pred, gt)}
