@@ -3,6 +3,12 @@
 The level table (``offsets``: int32, n_levels + 1 entry offsets; ``scales``: float32 per-level
 scales) and the parameter layout are those of ``citygen.fields.hash_encoding`` (tiny-cuda-nn's
 HashGrid).  Gradients flow to ``params`` and to ``x`` (first order only).
+
+With ``accumulate_into_grad`` the parameter gradient is added in place into ``params.grad``
+instead of being returned to autograd (Megatron-LM's "gradient accumulation fusion").  A
+training step that encodes in several calls (the segments of the ray march) then fills one
+gradient table; returned gradients would cost each call a fresh table-sized buffer to zero and
+then add, traffic that grows with the table rather than with the batch.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ def _module_for(t: Tensor) -> ModuleType:
 
 class _HashGridEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, params: Tensor, offsets: Tensor, scales: Tensor, n_features: int) -> Tensor:
+    def forward(ctx, x: Tensor, params: Tensor, offsets: Tensor, scales: Tensor, n_features: int,
+                grad_sink: Tensor | None) -> Tensor:
         module = _module_for(x)
         x = x.contiguous()
         params_c = params.detach().contiguous()
         ctx.save_for_backward(x, params_c, offsets, scales)
         ctx.n_features = n_features
         ctx.module = module
+        ctx.grad_sink = grad_sink  # the leaf whose .grad takes the parameter gradient in place
         return module.forward(x, params_c, offsets, scales, n_features)
 
     @staticmethod
@@ -42,14 +50,20 @@ class _HashGridEncode(torch.autograd.Function):
         x, params, offsets, scales = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = grad_params = None
-        if ctx.needs_input_grad[1]:
+        sink = ctx.grad_sink
+        if sink is not None:
+            if sink.grad is None:
+                sink.grad = torch.zeros_like(sink)
+            ctx.module.backward_params_accumulate(x, grad_out, offsets, scales, ctx.n_features, sink.grad)
+        elif ctx.needs_input_grad[1]:
             grad_params = ctx.module.backward_params(x, grad_out, offsets, scales, ctx.n_features, params.numel())
         if ctx.needs_input_grad[0]:
             grad_x = ctx.module.backward_input(x, params, grad_out, offsets, scales, ctx.n_features)
-        return grad_x, grad_params, None, None, None
+        return grad_x, grad_params, None, None, None, None
 
 
-def hashgrid_encode(x: Tensor, params: Tensor, offsets: Tensor, scales: Tensor, n_features: int) -> Tensor:
+def hashgrid_encode(x: Tensor, params: Tensor, offsets: Tensor, scales: Tensor, n_features: int,
+                    accumulate_into_grad: bool = False) -> Tensor:
     """Encode (N, 3) float32 positions with the native kernels.
 
     Args:
@@ -58,10 +72,20 @@ def hashgrid_encode(x: Tensor, params: Tensor, offsets: Tensor, scales: Tensor, 
         offsets: int32 (n_levels + 1,) entry offsets of the levels, same device.
         scales: float32 (n_levels,) level scales, same device.
         n_features: features per level (1, 2, 4 or 8).
+        accumulate_into_grad: add the parameter gradient in place into ``params.grad`` (created
+            as zeros when None) during backward instead of returning it; ``params`` must then be
+            a leaf tensor (a Parameter).  ``loss.backward()`` sees the same ``.grad``;
+            ``torch.autograd.grad(..., params)`` does not, so this is for training loops only.
 
     Returns:
         (N, n_levels * n_features) float32, level-major.
     """
     if params.dtype != torch.float32:
         raise TypeError(f"cuda_ext.hashgrid: params must be float32, got {params.dtype}")
-    return _HashGridEncode.apply(x.float(), params, offsets, scales, n_features)
+    grad_sink = None
+    if accumulate_into_grad and params.requires_grad and torch.is_grad_enabled():
+        if not params.is_leaf or params.grad is not None and not params.grad.is_contiguous():
+            raise ValueError("cuda_ext.hashgrid: accumulate_into_grad needs params to be a leaf tensor "
+                             "with a contiguous (or no) .grad")
+        grad_sink = params
+    return _HashGridEncode.apply(x.float(), params, offsets, scales, n_features, grad_sink)

@@ -126,6 +126,45 @@ def test_cpu_build_trains_like_reference(cpu_build):
     torch.testing.assert_close(ext.params, ref.params, rtol=1e-5, atol=1e-6)
 
 
+def _accumulation_case(device: str) -> None:
+    # Two encode calls (like two march segments) whose gradients are summed in params.grad in
+    # place must leave the .grad the reference computes for the same loss; x's gradient still
+    # flows through autograd, and an existing .grad is added to, not replaced.
+    cfg = CONFIGS["mixed_f2"]
+    ref, ext = (enc.to(device) for enc in _pair(cfg, seed=9))
+    ext.accumulate_grad_in_place = True
+    g = torch.Generator().manual_seed(10)
+    xs = [_points(cfg, n, seed=s).to(device) for n, s in ((300, 11), (120, 12))]
+    w = [torch.randn(len(x), ref.n_output_dims, generator=g).to(device) for x in xs]
+    x_in = xs[0].clone().requires_grad_()
+    for enc in (ref, ext):
+        x_in.grad = None
+        loss = (enc(x_in) * w[0]).sum() + (enc(xs[1]) * w[1]).sum()
+        loss.backward()
+        if enc is ref:
+            x_grad_ref = x_in.grad.clone()
+    torch.testing.assert_close(ext.params.grad, ref.params.grad, rtol=1e-4, atol=1e-5)
+    scale = x_grad_ref.abs().max().item()
+    torch.testing.assert_close(x_in.grad / scale, x_grad_ref / scale, rtol=1e-4, atol=1e-5)
+    before = ext.params.grad.clone()
+    (ext(xs[1]) * w[1]).sum().backward()
+    ref.params.grad = None
+    (ref(xs[1]) * w[1]).sum().backward()
+    torch.testing.assert_close(ext.params.grad, before + ref.params.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_build_accumulates_param_grad_in_place(cpu_build):
+    _accumulation_case("cpu")
+
+
+def test_accumulate_in_place_needs_a_leaf(cpu_build):
+    from cuda_ext.hashgrid import hashgrid_encode
+    _, ext = _pair(CONFIGS["f1"], seed=13)
+    with pytest.raises(ValueError, match="leaf"):
+        hashgrid_encode(torch.rand(4, 3), ext.params * 1.0, ext.level_offsets, ext.level_scales, 1,
+                        accumulate_into_grad=True)
+
+
 def test_disabled_build_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(_backend, "_modules", {})
     monkeypatch.setattr(_backend, "_errors", {})
@@ -167,6 +206,12 @@ def test_cuda_build_matches_torch_reference(name):
     torch.testing.assert_close(ext.params.grad, ref.params.grad, rtol=1e-4, atol=1e-5)
     scale = x_ref.grad.abs().max().item()
     torch.testing.assert_close(x_ext.grad / scale, x_ref.grad / scale, rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_cuda_build_accumulates_param_grad_in_place():
+    assert _backend.cuda_available(), _backend.unavailable_reason()
+    _accumulation_case("cuda")
 
 
 @requires_cuda

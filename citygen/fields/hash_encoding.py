@@ -230,6 +230,12 @@ class HashEncoding(torch.nn.Module):
             input's device), ``"tcnn"`` (tiny-cuda-nn, CUDA only) or ``"auto"`` (``cuda_ext``
             where it builds on this machine, else ``torch``).
         init_scale: parameters start uniform in ``[-init_scale, init_scale]``.
+
+    Attributes:
+        accumulate_grad_in_place: with the ``cuda_ext`` backend, backward adds the parameter
+            gradient straight into ``params.grad`` (see ``cuda_ext.hashgrid``) instead of returning
+            one table-sized tensor per call.  Off by default because ``torch.autograd.grad``
+            then cannot see that gradient; the trainer turns it on.
     """
 
     def __init__(self, config: HashGridConfig, backend: str = "auto", init_scale: float = 1e-4):
@@ -248,6 +254,7 @@ class HashEncoding(torch.nn.Module):
         self.register_buffer("level_scales", torch.tensor([lv.scale for lv in self.levels],
                                                           dtype=torch.float32), persistent=False)
         self._tcnn: list = []  # the tcnn module, kept out of the registry (it shares `params`)
+        self.accumulate_grad_in_place = False
         self._auto = backend == "auto"
         self.backend = self._resolve_backend(backend)
 
@@ -290,7 +297,7 @@ class HashEncoding(torch.nn.Module):
         if backend == "cuda_ext":
             from cuda_ext.hashgrid import hashgrid_encode
             return hashgrid_encode(x, self.params, self.level_offsets, self.level_scales,
-                                   self.config.n_features_per_level)
+                                   self.config.n_features_per_level, self.accumulate_grad_in_place)
         return self._forward_tcnn(x)
 
     def _forward_tcnn(self, x: Tensor) -> Tensor:

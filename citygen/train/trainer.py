@@ -130,6 +130,9 @@ class BlockTrainer:
         torch.manual_seed(cfg.seed)  # network initialisation
         self.field = build_field(cfg, self.aabb, len(images), len(self.classes), self.data.camera_positions,
                                  self.device)
+        # the march encodes each step in several segment calls: sum their hash-table gradients
+        # in one buffer (cuda_ext; other backends ignore the flag)
+        self.field.encoding.accumulate_grad_in_place = True
         self.optimizer = make_optimizer(self.field, cfg, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0

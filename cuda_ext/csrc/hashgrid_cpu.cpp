@@ -4,7 +4,8 @@
 //   forward: level by level (one level's table, up to a few MiB, is reused from cache by all
 //     points; measured faster than all levels per point), points split among threads;
 //   parameter gradient: levels split among threads, so each level's slice of the gradient has
-//     exactly one writer -- no atomics, no per-thread copies, and a deterministic sum;
+//     exactly one writer -- no atomics, no per-thread copies, and a deterministic sum; it is
+//     either a fresh table (each level zeroes its slice) or added into a caller's buffer;
 //   input gradient: points split among threads, all levels per point.
 // Within a level, points go in blocks whose table entries are prefetched before they are read.
 #include <torch/extension.h>
@@ -70,14 +71,14 @@ void forward_impl(const float* x, const float* params, const int32_t* offsets, c
 
 template <int F>
 void backward_params_impl(const float* x, const float* grad_out, const int32_t* offsets, const float* scales,
-                          int64_t n, int n_levels, float* grad_params) {
+                          int64_t n, int n_levels, float* grad_params, bool accumulate) {
     const int64_t row = (int64_t)n_levels * F;
     auto add = [](float* p, float v) { *p += v; };
 #pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMinPoints)
     for (int l = 0; l < n_levels; ++l) {
         const Level lv = hashgrid::make_level(offsets, scales, l);
         float* grad_table = grad_params + (size_t)lv.offset * F;
-        std::fill(grad_table, grad_table + (size_t)lv.size * F, 0.0f);  // zeroed by its owner
+        if (!accumulate) std::fill(grad_table, grad_table + (size_t)lv.size * F, 0.0f);  // zeroed by its owner
         Corners c[kBlock];
         for (int64_t begin = 0; begin < n; begin += kBlock) {
             const int64_t count = std::min(kBlock, n - begin);
@@ -139,23 +140,48 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor params, torch::Tensor offse
     return out;
 }
 
+void check_grad_out(const torch::Tensor& x, const torch::Tensor& grad_out, const torch::Tensor& offsets,
+                    int64_t n_features, int64_t n_params) {
+    const int64_t n_levels = offsets.numel() - 1;
+    TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == n_levels * n_features,
+                "hashgrid: grad_out has the wrong shape");
+    TORCH_CHECK(n_params == (int64_t)offsets[n_levels].item<int32_t>() * n_features,
+                "hashgrid: n_params ", n_params, " does not match the level table");
+}
+
+void run_backward_params(const torch::Tensor& x, const torch::Tensor& grad_out, const torch::Tensor& offsets,
+                         const torch::Tensor& scales, int64_t n_features, float* grad, bool accumulate) {
+    dispatch_features(n_features, [&](auto f) {
+        backward_params_impl<decltype(f)::value>(x.data_ptr<float>(), grad_out.data_ptr<float>(),
+                                                 offsets.data_ptr<int32_t>(), scales.data_ptr<float>(), x.size(0),
+                                                 (int)scales.numel(), grad, accumulate);
+    });
+}
+
 torch::Tensor backward_params(torch::Tensor x, torch::Tensor grad_out, torch::Tensor offsets, torch::Tensor scales,
                               int64_t n_features, int64_t n_params) {
     check_inputs(x, offsets, scales);
     x = x.contiguous();
     grad_out = grad_out.to(torch::kFloat32).contiguous();
-    const int n_levels = (int)scales.numel();
-    TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == n_levels * n_features,
-                "hashgrid: grad_out has the wrong shape");
-    TORCH_CHECK(n_params == (int64_t)offsets[n_levels].item<int32_t>() * n_features,
-                "hashgrid: n_params ", n_params, " does not match the level table");
+    check_grad_out(x, grad_out, offsets, n_features, n_params);
     auto grad = torch::empty({n_params}, x.options());  // every level zeroes its own slice
-    dispatch_features(n_features, [&](auto f) {
-        backward_params_impl<decltype(f)::value>(x.data_ptr<float>(), grad_out.data_ptr<float>(),
-                                                 offsets.data_ptr<int32_t>(), scales.data_ptr<float>(), x.size(0),
-                                                 n_levels, grad.data_ptr<float>());
-    });
+    run_backward_params(x, grad_out, offsets, scales, n_features, grad.data_ptr<float>(), false);
     return grad;
+}
+
+// grad += d loss / d params, in place.  Lets a caller sum the gradients of several encode calls
+// (the segments of a training step) in one table instead of zeroing and adding a fresh
+// table-sized buffer per call, whose memory traffic grows with the table, not the batch.
+void backward_params_accumulate(torch::Tensor x, torch::Tensor grad_out, torch::Tensor offsets,
+                                torch::Tensor scales, int64_t n_features, torch::Tensor grad) {
+    check_inputs(x, offsets, scales);
+    TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() &&
+                    grad.dim() == 1,
+                "hashgrid: the gradient buffer must be a contiguous float32 CPU vector");
+    x = x.contiguous();
+    grad_out = grad_out.to(torch::kFloat32).contiguous();
+    check_grad_out(x, grad_out, offsets, n_features, grad.numel());
+    run_backward_params(x, grad_out, offsets, scales, n_features, grad.data_ptr<float>(), true);
 }
 
 torch::Tensor backward_input(torch::Tensor x, torch::Tensor params, torch::Tensor grad_out, torch::Tensor offsets,
@@ -221,6 +247,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "citygen hash-grid encoding, CPU (OpenMP) build";
     m.def("forward", &forward, "encode (N,3) positions -> (N, L*F)");
     m.def("backward_params", &backward_params, "gradient w.r.t. the flat parameters");
+    m.def("backward_params_accumulate", &backward_params_accumulate,
+          "add the gradient w.r.t. the flat parameters into a given buffer, in place");
     m.def("backward_input", &backward_input, "gradient w.r.t. the (N,3) positions");
     m.def("level_scales", &level_scales, "tcnn's per-level scales (float32)");
     m.def("sparse_adam", &sparse_adam, "row-sparse Adam step in place (entries with zero gradient untouched)");

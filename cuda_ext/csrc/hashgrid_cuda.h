@@ -10,7 +10,7 @@ namespace hashgrid {
 void forward_cuda(const float* x, const float* params, const int32_t* offsets, const float* scales,
                   int64_t n, int n_levels, int n_features, float* out, void* stream);
 
-// grad_params (zeroed by the caller) += d loss / d params, by atomic adds.
+// grad_params += d loss / d params, by atomic adds (zeroed by the caller for a fresh gradient).
 void backward_params_cuda(const float* x, const float* grad_out, const int32_t* offsets, const float* scales,
                           int64_t n, int n_levels, int n_features, float* grad_params, void* stream);
 

@@ -45,21 +45,39 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor params, torch::Tensor offse
     return out;
 }
 
+void run_backward_params(const torch::Tensor& x, const torch::Tensor& grad_out, const torch::Tensor& offsets,
+                         const torch::Tensor& scales, int64_t n_features, torch::Tensor& grad) {
+    const int n_levels = (int)scales.numel();
+    TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == n_levels * n_features,
+                "hashgrid: grad_out has the wrong shape");
+    hashgrid::backward_params_cuda(x.data_ptr<float>(), grad_out.data_ptr<float>(), offsets.data_ptr<int32_t>(),
+                                   scales.data_ptr<float>(), x.size(0), n_levels, (int)n_features,
+                                   grad.data_ptr<float>(), current_stream());
+    check_launch();
+}
+
 torch::Tensor backward_params(torch::Tensor x, torch::Tensor grad_out, torch::Tensor offsets, torch::Tensor scales,
                               int64_t n_features, int64_t n_params) {
     check_inputs(x, offsets, scales, n_features);
     const c10::cuda::CUDAGuard guard(x.device());
     x = x.contiguous();
     grad_out = grad_out.to(torch::kFloat32).contiguous();
-    const int n_levels = (int)scales.numel();
-    TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == n_levels * n_features,
-                "hashgrid: grad_out has the wrong shape");
     auto grad = torch::zeros({n_params}, x.options());
-    hashgrid::backward_params_cuda(x.data_ptr<float>(), grad_out.data_ptr<float>(), offsets.data_ptr<int32_t>(),
-                                   scales.data_ptr<float>(), x.size(0), n_levels, (int)n_features,
-                                   grad.data_ptr<float>(), current_stream());
-    check_launch();
+    run_backward_params(x, grad_out, offsets, scales, n_features, grad);
     return grad;
+}
+
+// grad += d loss / d params, in place (the kernels add atomically into whatever grad holds).
+void backward_params_accumulate(torch::Tensor x, torch::Tensor grad_out, torch::Tensor offsets,
+                                torch::Tensor scales, int64_t n_features, torch::Tensor grad) {
+    check_inputs(x, offsets, scales, n_features);
+    TORCH_CHECK(grad.is_cuda() && grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() &&
+                    grad.device() == x.device(),
+                "hashgrid: the gradient buffer must be a contiguous float32 vector on x's device");
+    const c10::cuda::CUDAGuard guard(x.device());
+    x = x.contiguous();
+    grad_out = grad_out.to(torch::kFloat32).contiguous();
+    run_backward_params(x, grad_out, offsets, scales, n_features, grad);
 }
 
 torch::Tensor backward_input(torch::Tensor x, torch::Tensor params, torch::Tensor grad_out, torch::Tensor offsets,
@@ -84,5 +102,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "citygen hash-grid encoding, CUDA build";
     m.def("forward", &forward, "encode (N,3) positions -> (N, L*F)");
     m.def("backward_params", &backward_params, "gradient w.r.t. the flat parameters");
+    m.def("backward_params_accumulate", &backward_params_accumulate,
+          "add the gradient w.r.t. the flat parameters into a given buffer, in place");
     m.def("backward_input", &backward_input, "gradient w.r.t. the (N,3) positions");
 }
