@@ -126,6 +126,11 @@ class TrainConfig:
     eval_at_end: bool = True
     #: image downscale factor applied when loading the survey (1 = full size).
     downscale: int = 1
+    #: fraction of each batch drawn in proportion to a per-image error map (instant-ngp;
+    #: citygen.train.error_map), the rest uniformly over all pixels; 0 = uniform only.
+    error_sampling: float = 0.0
+    #: error-map cell size in pixels.
+    error_map_cell: int = 8
     #: AABB margin added around the derived scene bounds, as a fraction of their size.
     aabb_margin: float = 0.05
     preset: str = "default"

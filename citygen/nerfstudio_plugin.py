@@ -1,4 +1,4 @@
-"""nerfstudio method ``citygen-field``: citygen's field inside nerfstudio's instant-ngp model.
+"""nerfstudio method ``citygen-field``: citygen's field and renderer as a nerfstudio model.
 
 Registered through the ``nerfstudio.method_configs`` entry point (setup.py) as
 ``citygen.nerfstudio_plugin:citygen_method``.  nerfstudio is an optional extra
@@ -6,16 +6,24 @@ Registered through the ``nerfstudio.method_configs`` entry point (setup.py) as
 for ``citygen_method`` (PEP 562 module ``__getattr__``), and then a missing nerfstudio is
 reported as a clear :class:`ImportError`.
 
-What it does: nerfstudio's ``instant-ngp`` model (nerfacc occupancy grid, volumetric
-sampler, renderers, losses) with its ``NerfactoField`` swapped for a
-:class:`~citygen.fields.CityField` (same hash grid layout as citygen's own trainer, the
-per-image appearance codes, the citygen colour MLP), so `ns-train citygen-field` trains
-the same network that ``citygen train`` trains, on any nerfstudio dataset.  The semantic
-head is present but not supervised (nerfstudio's data managers carry no label maps).
+What it does: a nerfstudio ``Model`` whose field is a :class:`~citygen.fields.CityField`
+(the hash grid, density and colour MLPs and per-image appearance codes of ``citygen train``)
+rendered by citygen's own pure-torch renderer (:func:`citygen.render.volume.render_rays` with
+an :class:`~citygen.render.occupancy.OccupancyGrid`), with the trainer's losses (RGB, opacity
+entropy, optional distortion) and its optimiser layout: a ``grid`` and an ``mlp`` parameter
+group, Adam (betas 0.9/0.99, eps 1e-15), linear warmup then exponential decay.  So
+``ns-train citygen-field`` trains the same network ``citygen train`` trains, on any nerfstudio
+dataset, on CUDA or on CPU (nerfstudio's instant-ngp model needs nerfacc's CUDA kernels).
+
+Units: nerfstudio's data parsers rescale the scene into its scene box (``[-1, 1]^3`` by
+default), so lengths here (marching step, near plane) are scene-box units, not metres.
+Held-out views use the appearance code of the nearest training camera (citygen's rule), the
+training camera centres being recorded from the training rays.  The semantic head is present
+but neither supervised nor rendered (nerfstudio's data managers carry no label maps).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: tyro (ns-train's CLI) resolves the config dataclasses'
+# annotations, which name classes local to _build_method, so they must be evaluated in place.
 from typing import Any
 
 _SPEC: list[Any] = []
@@ -32,65 +40,220 @@ def _require_nerfstudio():
 def _build_method():
     """Build the :class:`MethodSpecification` (imports nerfstudio)."""
     _require_nerfstudio()
-    import copy
-    from dataclasses import dataclass, field
+    import dataclasses
+    import math
+    import warnings
 
     import torch
-    from nerfstudio.configs.method_configs import method_configs
-    from nerfstudio.field_components.field_heads import FieldHeadNames
-    from nerfstudio.fields.base_field import Field
-    from nerfstudio.model_components.ray_samplers import VolumetricSampler
-    from nerfstudio.models.instant_ngp import InstantNGPModelConfig, NGPModel
+    import torch.nn.functional as F
+    from nerfstudio.configs.base_config import ViewerConfig
+    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+    from nerfstudio.engine.optimizers import AdamOptimizerConfig
+    from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+    from nerfstudio.engine.trainer import TrainerConfig
+    from nerfstudio.models.base_model import Model, ModelConfig
+    from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
     from nerfstudio.plugins.types import MethodSpecification
+    from nerfstudio.utils import colormaps
+
+    from survey_io.semantics import CLASSES
 
     from .config import FieldConfig
     from .fields.field import CityField
+    from .render.occupancy import OccupancyGrid
+    from .render.volume import render_rays
 
-    class CitygenNerfstudioField(Field):
-        """nerfstudio ``Field`` adapter around a :class:`CityField`."""
+    @dataclasses.dataclass
+    class CitygenAdamConfig(AdamOptimizerConfig):
+        """Adam with instant-ngp's betas (nerfstudio's config leaves torch's 0.999)."""
 
-        def __init__(self, aabb: torch.Tensor, num_images: int, cfg: FieldConfig):
-            super().__init__()
-            self.city = CityField(cfg, aabb.detach().cpu(), num_images, n_classes=7)
+        betas: tuple[float, float] = (0.9, 0.99)
 
-        def get_density(self, ray_samples):
-            positions = ray_samples.frustums.get_positions()
-            shape = positions.shape[:-1]
-            sigma, geo = self.city.density(positions.reshape(-1, 3))
-            return sigma.reshape(*shape, 1), geo.reshape(*shape, -1)
+    @dataclasses.dataclass
+    class CitygenModelConfig(ModelConfig):
+        """citygen's field and renderer; lengths are scene-box units (see the module docstring)."""
 
-        def get_outputs(self, ray_samples, density_embedding=None):
-            dirs = ray_samples.frustums.directions
-            shape = dirs.shape[:-1]
-            if ray_samples.camera_indices is not None:
-                codes = self.city.appearance(ray_samples.camera_indices.reshape(-1).long())
-            else:
-                codes = self.city.appearance.weight.mean(0).expand(dirs.reshape(-1, 3).shape[0], -1)
-            geo = density_embedding.reshape(-1, density_embedding.shape[-1])
-            rgb = self.city.color(geo, dirs.reshape(-1, 3), codes)
-            return {FieldHeadNames.RGB: rgb.reshape(*shape, 3)}
+        _target: type = dataclasses.field(default_factory=lambda: CitygenModel)
+        enable_collider: bool = False  # render_rays clips every ray to the scene box itself
+        city_field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+        render_step_size: float | None = None
+        """marching step; None: the scene box's diagonal / 1024 (instant-ngp's density)."""
+        near_plane: float = 0.0
+        segment_samples: int = 64
+        min_transmittance: float = 1e-4
+        grid_resolution: int = 128
+        occupancy_alpha_threshold: float = 0.01
+        occupancy_decay: float = 0.95
+        occupancy_update_every: int = 16
+        occupancy_cells_per_update: int = 65536
+        occupancy_warmup_steps: int = 256
+        entropy_weight: float = 1e-3
+        distortion_weight: float = 0.0
+        """mip-NeRF 360 distortion loss, distances in units of the scene box's height."""
 
-    @dataclass
-    class CitygenNGPModelConfig(InstantNGPModelConfig):
-        _target: type = field(default_factory=lambda: CitygenNGPModel)
-        city_field: FieldConfig = field(default_factory=lambda: FieldConfig(backend="auto"))
-        disable_scene_contraction: bool = True
+    class _LazyLPIPS:
+        """citygen's LPIPS (vgg), from the weights file in ``$CITYGEN_LPIPS_WEIGHTS``, loaded on
+        first use.  Not torchmetrics' LPIPS: that one fetches AlexNet weights from the network,
+        and citygen downloads nothing at run time.  Without the variable LPIPS is left out of the
+        metrics (with one warning)."""
 
-    class CitygenNGPModel(NGPModel):
-        """instant-ngp with the citygen field."""
+        def __init__(self):
+            self.model = None
+            self.warned = False
 
-        config: CitygenNGPModelConfig
+        def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> float | None:
+            from .nets.lpips import ENV_WEIGHTS, load_lpips, lpips_distance, resolve_lpips_weights
+
+            if self.model is None:
+                path = resolve_lpips_weights(None)
+                if path is None:
+                    if not self.warned:
+                        warnings.warn(f"citygen-field: no LPIPS (set {ENV_WEIGHTS} to a weights file made by "
+                                      "scripts/convert_lpips_weights.py)", stacklevel=2)
+                        self.warned = True
+                    return None
+                self.model = load_lpips(path, pred.device)
+            return lpips_distance(self.model, pred, target)
+
+    class CitygenModel(Model):
+        """A :class:`CityField` rendered by citygen's occupancy-grid volume renderer."""
+
+        config: CitygenModelConfig
 
         def populate_modules(self):
             super().populate_modules()
-            self.field = CitygenNerfstudioField(self.scene_box.aabb, self.num_train_data, self.config.city_field)
-            self.sampler = VolumetricSampler(occupancy_grid=self.occupancy_grid, density_fn=self.field.density_fn)
+            aabb = self.scene_box.aabb.detach().float().cpu()
+            self.field = CityField(self.config.city_field, aabb, self.num_train_data, n_classes=len(CLASSES))
+            self.field.occupancy = OccupancyGrid(self.field.aabb, self.config.grid_resolution)
+            # training cameras whose centre field.camera_positions holds (for the held-out rule)
+            self.register_buffer("camera_seen", torch.zeros(max(self.num_train_data, 1), dtype=torch.bool))
+            size = aabb[1] - aabb[0]
+            self.step_size = self.config.render_step_size or float(torch.linalg.norm(size)) / 1024
+            self.box_height = float(size[2])
+            self.samples_per_ray = 0.0
+            self.lpips = _LazyLPIPS()
 
-    config = copy.deepcopy(method_configs["instant-ngp-bounded"])
-    config.method_name = "citygen-field"
-    config.pipeline.model = CitygenNGPModelConfig(eval_num_rays_per_chunk=8192, grid_levels=1, alpha_thre=0.0,
-                                                  cone_angle=0.0, near_plane=0.01, background_color="black")
-    return MethodSpecification(config=config, description="citygen hash-grid field (instant-ngp renderer)")
+        def get_param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+            return {"grid": self.field.grid_parameters(), "mlp": self.field.mlp_parameters()}
+
+        def get_training_callbacks(self, training_callback_attributes) -> list[TrainingCallback]:
+            cfg = self.config
+
+            def refresh_occupancy(step: int):
+                # citygen's schedule: after every `occupancy_update_every` steps; all cells while
+                # the field is young, then random + occupied ones
+                done = step + 1
+                if done % cfg.occupancy_update_every:
+                    return
+                n_cells = None if done <= cfg.occupancy_warmup_steps else cfg.occupancy_cells_per_update
+                self.field.occupancy.update(lambda x: self.field.density(x)[0], self.step_size,
+                                            cfg.occupancy_alpha_threshold, cfg.occupancy_decay, n_cells)
+
+            return [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], refresh_occupancy)]
+
+        def _appearance(self, ray_bundle, origins: torch.Tensor) -> torch.Tensor:
+            """Per-ray appearance codes: the ray's own image while training, else the nearest
+            training camera's (citygen's held-out rule; the mean code before any training)."""
+            codes = self.field.appearance.weight
+            if self.training and ray_bundle.camera_indices is not None:
+                index = ray_bundle.camera_indices.reshape(-1).long()
+                with torch.no_grad():  # a pinhole camera's rays all start at its centre
+                    self.field.camera_positions[index] = origins.detach()
+                    self.camera_seen[index] = True
+                return codes[index]
+            seen = self.camera_seen.nonzero().squeeze(-1)
+            if seen.numel() == 0:
+                return codes.mean(0).expand(origins.shape[0], -1)
+            nearest = torch.cdist(origins, self.field.camera_positions[seen]).argmin(dim=1)
+            return codes[seen[nearest]]
+
+        def get_outputs(self, ray_bundle) -> dict[str, torch.Tensor]:
+            cfg = self.config
+            shape = ray_bundle.shape
+            origins = ray_bundle.origins.reshape(-1, 3)
+            dirs = ray_bundle.directions.reshape(-1, 3)
+            jitter = torch.rand(origins.shape[0], device=origins.device) if self.training else None
+            distortion = self.training and cfg.distortion_weight > 0
+            out = render_rays(self.field, origins, dirs, self._appearance(ray_bundle, origins),
+                              step_size=self.step_size, occupancy=self.field.occupancy, jitter=jitter,
+                              near=cfg.near_plane, segment=cfg.segment_samples,
+                              min_transmittance=cfg.min_transmittance, with_semantics=False,
+                              distortion_scale=1.0 / self.box_height if distortion else None)
+            self.samples_per_ray = float(out["n_samples"]) / max(origins.shape[0], 1)
+            outputs = {"rgb": out["rgb"].reshape(*shape, 3), "accumulation": out["acc"].reshape(*shape, 1),
+                       "depth": out["depth"].reshape(*shape, 1)}  # distance along the (unit) ray
+            if distortion:
+                outputs["distortion"] = out["distortion"].reshape(*shape, 1)
+            return outputs
+
+        def _ground_truth(self, batch) -> torch.Tensor:
+            image = batch["image"].to(self.device)
+            if image.dtype == torch.uint8:
+                image = image.float() / 255.0
+            if image.shape[-1] == 4:  # RGBA: transparent pixels are black (non-premultiplied input)
+                image = image[..., :3] * image[..., 3:]
+            return image
+
+        def get_metrics_dict(self, outputs, batch) -> dict[str, torch.Tensor | float]:
+            mse = F.mse_loss(outputs["rgb"].detach(), self._ground_truth(batch))
+            return {"psnr": -10.0 * torch.log10(mse.clamp_min(1e-12)), "samples_per_ray": self.samples_per_ray,
+                    "occupied_fraction": self.field.occupancy.occupied_fraction()}
+
+        def get_loss_dict(self, outputs, batch, metrics_dict=None) -> dict[str, torch.Tensor]:
+            cfg = self.config
+            losses = {"rgb_loss": F.mse_loss(outputs["rgb"], self._ground_truth(batch))}
+            if cfg.entropy_weight > 0:
+                a = outputs["accumulation"].clamp(1e-6, 1 - 1e-6)
+                losses["entropy_loss"] = cfg.entropy_weight * -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
+            if "distortion" in outputs:
+                losses["distortion_loss"] = cfg.distortion_weight * outputs["distortion"].mean()
+            return losses
+
+        def get_image_metrics_and_images(self, outputs, batch):
+            from torchmetrics.functional import structural_similarity_index_measure
+
+            image = self._ground_truth(batch)
+            rgb = outputs["rgb"]
+            acc = outputs["accumulation"]
+            mse = F.mse_loss(rgb, image)
+            a = torch.moveaxis(image, -1, 0)[None]  # [1, C, H, W] for the image metrics
+            b = torch.moveaxis(rgb, -1, 0)[None].clamp(0.0, 1.0)
+            metrics = {"psnr": -10.0 * math.log10(max(float(mse), 1e-12)),
+                       "ssim": float(structural_similarity_index_measure(b, a, data_range=1.0))}
+            lpips = self.lpips(rgb.clamp(0.0, 1.0), image)
+            if lpips is not None:
+                metrics["lpips"] = lpips
+            images = {"img": torch.cat([image, rgb], dim=1), "accumulation": colormaps.apply_colormap(acc),
+                      "depth": colormaps.apply_depth_colormap(outputs["depth"], accumulation=acc)}
+            return metrics, images
+
+    def schedule(max_steps: int) -> ExponentialDecaySchedulerConfig:
+        # citygen's OptimConfig defaults: warmup from 1% over 100 steps, decay to 3% at the end
+        return ExponentialDecaySchedulerConfig(lr_pre_warmup=1e-4, lr_final=3e-4, warmup_steps=100,
+                                               max_steps=max_steps, ramp="linear")
+
+    steps = 30000
+    config = TrainerConfig(
+        method_name="citygen-field",
+        steps_per_eval_batch=500,
+        steps_per_save=2000,
+        max_num_iterations=steps,
+        mixed_precision=False,
+        pipeline=VanillaPipelineConfig(
+            datamanager=VanillaDataManagerConfig(dataparser=NerfstudioDataParserConfig(),
+                                                 train_num_rays_per_batch=4096, eval_num_rays_per_batch=4096),
+            model=CitygenModelConfig(eval_num_rays_per_chunk=8192),
+        ),
+        optimizers={
+            "grid": {"optimizer": CitygenAdamConfig(lr=1e-2, eps=1e-15), "scheduler": schedule(steps)},
+            "mlp": {"optimizer": CitygenAdamConfig(lr=1e-2, eps=1e-15, weight_decay=1e-6), "scheduler": schedule(steps)},
+        },
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 12),
+        vis="viewer",
+    )
+    return MethodSpecification(config=config, description="citygen hash-grid field and occupancy-grid renderer")
 
 
 def __getattr__(name: str):

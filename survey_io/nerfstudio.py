@@ -6,7 +6,8 @@ camera's y and z axes: ``c2w_gl = c2w_cv @ diag(1, -1, -1, 1)`` (its own inverse
 
 citygen writes frames in the tile's local ENU frame and adds two keys nerfstudio ignores:
 ``georef`` (``{"crs", "origin"}``) and ``frames[].semantics_file_path``.  Held-out views go
-in nerfstudio's ``test_filenames``.
+in nerfstudio's ``test_filenames`` and, the same list, ``val_filenames``: nerfstudio's trainer
+evaluates on the "val" split and refuses a file that lists splits but not that one.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def write_transforms(survey: Survey, path: str | Path) -> Path:
     meta["frames"] = frames
     if survey.test_names:
         meta["test_filenames"] = list(survey.test_names)
+        meta["val_filenames"] = list(survey.test_names)
         meta["train_filenames"] = [im.name for im in survey.train_images]
     atomic_write_json(path, meta)
     return path

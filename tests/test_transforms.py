@@ -38,6 +38,7 @@ def test_round_trip_shared_intrinsics(tmp_path):
     meta = json.loads(path.read_text())
     assert meta["fl_x"] == 280.0 and "fl_x" not in meta["frames"][0]  # shared intrinsics at the top level
     assert meta["test_filenames"] == survey.test_names
+    assert meta["val_filenames"] == meta["test_filenames"]  # ns-train evaluates on "val"
     assert sorted(meta["train_filenames"]) == sorted({im.name for im in survey.images} - set(survey.test_names))
     back = read_transforms(path)
     assert back.georef == GEOREF and back.cameras == [cam]

@@ -1,9 +1,9 @@
 """Training data: every training pixel of a block pre-loaded, random ray batches, scene bounds.
 
 All images are loaded once as uint8 tensors in one flat pixel buffer (plus label maps and
-depth maps when the survey has them); a batch draws pixel indices uniformly over all
-training pixels, so every pixel of every image is equally likely, and builds the rays of
-just those pixels (per-image intrinsics and poses are kept as small tensors).
+depth maps when the survey has them); a batch is a set of flat pixel indices -- drawn
+uniformly over all training pixels, or guided by an error map (``error_map.py``) -- and
+builds the rays of just those pixels (per-image intrinsics and poses are small tensors).
 """
 
 from __future__ import annotations
@@ -147,10 +147,9 @@ class RayDataset:
     def camera_positions(self) -> Tensor:
         return self.c2w[:, :3, 3].float()
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> RayBatch:
-        """``n`` pixels drawn uniformly over all training pixels, with their rays and targets."""
-        idx = torch.randint(0, self.n_pixels, (n,), generator=generator, device=self.device)
-        return self.batch(idx)
+    def uniform_pixels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` flat pixel indices drawn uniformly over all training pixels (for :meth:`batch`)."""
+        return torch.randint(0, self.n_pixels, (n,), generator=generator, device=self.device)
 
     def batch(self, idx: Tensor) -> RayBatch:
         """The rays and targets of flat pixel indices ``idx``."""

@@ -45,6 +45,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import RayDataset, load_survey, scene_aabb, select_images
+from .error_map import ErrorMap
 from .optim import HashGridAdam
 
 
@@ -134,6 +135,12 @@ class BlockTrainer:
         # in one buffer (cuda_ext; other backends ignore the flag)
         self.field.encoding.accumulate_grad_in_place = True
         self.optimizer = make_optimizer(self.field, cfg, self.device)
+        self.error_map = None
+        if cfg.error_sampling > 0:
+            if not 0 < cfg.error_sampling <= 1:
+                raise CitygenError(None, f"error_sampling must be in [0, 1], got {cfg.error_sampling}")
+            self.error_map = ErrorMap([(c.width, c.height) for c in self.data.cameras], cfg.error_map_cell,
+                                      device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
         self.seconds = 0.0          # training wall time (not loading, checkpoints, evaluation)
@@ -167,6 +174,8 @@ class BlockTrainer:
         tensors.update(optimizer_tensors(self.optimizer)[0])
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.error_map is not None:
+            tensors["error_map.error"] = self.error_map.error
         return save_checkpoint(self.checkpoint_dir, self.step, tensors, self.meta())
 
     def restore(self, path: Path) -> None:
@@ -185,6 +194,13 @@ class BlockTrainer:
                           meta["optimizer"]["groups"], source)
         self.generator.set_state(tensors["rng.generator"].cpu())
         torch.set_rng_state(tensors["rng.torch"].cpu())
+        if self.error_map is not None:
+            if "error_map.error" not in tensors:
+                raise CitygenError(source, "checkpoint has no error map: resume with the run's own config")
+            try:
+                self.error_map.load_state_dict({"error": tensors["error_map.error"]})
+            except ValueError as err:
+                raise CitygenError(source, str(err)) from None
         _set_numpy_state(meta.get("numpy_rng"))
         self.step = int(meta["step"])
         self.seconds = float(meta.get("seconds", 0.0))
@@ -202,7 +218,11 @@ class BlockTrainer:
         factor = lr_factor(self.step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
-        batch = self.data.sample(cfg.rays_per_batch, self.generator)
+        if self.error_map is None:
+            pixels = self.data.uniform_pixels(cfg.rays_per_batch, self.generator)
+        else:
+            pixels = self.error_map.sample(cfg.rays_per_batch, cfg.error_sampling, self.generator)
+        batch = self.data.batch(pixels)
         jitter = torch.rand(cfg.rays_per_batch, generator=self.generator, device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = render_rays(self.field, batch.origins, batch.dirs, self.field.appearance_codes(batch.image_index),
@@ -211,7 +231,10 @@ class BlockTrainer:
                               min_transmittance=cfg.render.min_transmittance,
                               with_semantics=batch.semantics is not None,
                               distortion_scale=1.0 / self.height if cfg.optim.distortion_weight > 0 else None)
-        mse = F.mse_loss(out["rgb"], batch.rgb)
+        ray_se = (out["rgb"] - batch.rgb).square().mean(dim=-1)
+        mse = ray_se.mean()
+        if self.error_map is not None:
+            self.error_map.update(pixels, ray_se)
         loss_rgb = mse if cfg.optim.rgb_loss == "mse" else F.huber_loss(out["rgb"], batch.rgb, delta=0.1)
         loss = loss_rgb
         stats = {"loss_rgb": float(loss_rgb.detach())}
