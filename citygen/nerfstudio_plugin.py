@@ -60,7 +60,7 @@ def _build_method():
 
     from survey_io.semantics import CLASSES
 
-    from .config import FieldConfig
+    from .config import FieldConfig, RenderConfig
     from .fields.field import CityField
     from .render.occupancy import OccupancyGrid
     from .render.volume import render_rays
@@ -78,17 +78,10 @@ def _build_method():
         _target: type = dataclasses.field(default_factory=lambda: CitygenModel)
         enable_collider: bool = False  # render_rays clips every ray to the scene box itself
         city_field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
-        render_step_size: float | None = None
-        """marching step; None: the scene box's diagonal / 1024 (instant-ngp's density)."""
+        render: RenderConfig = dataclasses.field(default_factory=lambda: RenderConfig(step_size=0.0))
+        """marching and occupancy grid, as in ``citygen train`` but in scene-box units; step_size
+        0: the scene box's diagonal / 1024 (instant-ngp's density)."""
         near_plane: float = 0.0
-        segment_samples: int = 64
-        min_transmittance: float = 1e-4
-        grid_resolution: int = 128
-        occupancy_alpha_threshold: float = 0.01
-        occupancy_decay: float = 0.95
-        occupancy_update_every: int = 16
-        occupancy_cells_per_update: int = 65536
-        occupancy_warmup_steps: int = 256
         entropy_weight: float = 1e-3
         distortion_weight: float = 0.0
         """mip-NeRF 360 distortion loss, distances in units of the scene box's height."""
@@ -126,11 +119,11 @@ def _build_method():
             super().populate_modules()
             aabb = self.scene_box.aabb.detach().float().cpu()
             self.field = CityField(self.config.city_field, aabb, self.num_train_data, n_classes=len(CLASSES))
-            self.field.occupancy = OccupancyGrid(self.field.aabb, self.config.grid_resolution)
+            self.field.occupancy = OccupancyGrid(self.field.aabb, self.config.render.grid_resolution)
             # training cameras whose centre field.camera_positions holds (for the held-out rule)
             self.register_buffer("camera_seen", torch.zeros(max(self.num_train_data, 1), dtype=torch.bool))
             size = aabb[1] - aabb[0]
-            self.step_size = self.config.render_step_size or float(torch.linalg.norm(size)) / 1024
+            self.step_size = self.config.render.step_size or float(torch.linalg.norm(size)) / 1024
             self.box_height = float(size[2])
             self.samples_per_ray = 0.0
             self.lpips = _LazyLPIPS()
@@ -139,7 +132,7 @@ def _build_method():
             return {"grid": self.field.grid_parameters(), "mlp": self.field.mlp_parameters()}
 
         def get_training_callbacks(self, training_callback_attributes) -> list[TrainingCallback]:
-            cfg = self.config
+            cfg = self.config.render
 
             def refresh_occupancy(step: int):
                 # citygen's schedule: after every `occupancy_update_every` steps; all cells while
@@ -178,8 +171,8 @@ def _build_method():
             distortion = self.training and cfg.distortion_weight > 0
             out = render_rays(self.field, origins, dirs, self._appearance(ray_bundle, origins),
                               step_size=self.step_size, occupancy=self.field.occupancy, jitter=jitter,
-                              near=cfg.near_plane, segment=cfg.segment_samples,
-                              min_transmittance=cfg.min_transmittance, with_semantics=False,
+                              near=cfg.near_plane, segment=cfg.render.segment_samples,
+                              min_transmittance=cfg.render.min_transmittance, with_semantics=False,
                               distortion_scale=1.0 / self.box_height if distortion else None)
             self.samples_per_ray = float(out["n_samples"]) / max(origins.shape[0], 1)
             outputs = {"rgb": out["rgb"].reshape(*shape, 3), "accumulation": out["acc"].reshape(*shape, 1),

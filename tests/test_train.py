@@ -255,7 +255,7 @@ def _ns_model(num_train_data: int = 4):
     cfg = _ns_method().pipeline.model
     cfg.city_field = FieldConfig(n_levels=4, log2_hashmap_size=12, max_resolution=64, hidden_dim=16,
                                  appearance_dim=4, backend="torch")
-    cfg.render_step_size, cfg.grid_resolution, cfg.occupancy_update_every = 0.05, 16, 16
+    cfg.render.step_size, cfg.render.grid_resolution, cfg.render.occupancy_update_every = 0.05, 16, 16
     return cfg.setup(scene_box=SceneBox(aabb=torch.tensor(NS_BOX)), num_train_data=num_train_data)
 
 
