@@ -219,6 +219,13 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("bad", [{"error_sampling": 1.5}, {"error_sampling": -0.1}, {"error_map_cell": 0}])
+def test_bad_error_sampling_is_an_error(box_survey, tmp_path, bad):
+    from citygen.train.trainer import BlockTrainer
+    with pytest.raises(CitygenError, match="error_sampling"):
+        BlockTrainer(_tiny_cfg(2, **bad), box_survey, tmp_path / "bad")
+
+
 def test_cli_train_and_bad_input(box_survey, tmp_path, capsys):
     out = tmp_path / "cli"
     assert entrypoint(["train", "--data", str(box_survey), "--out", str(out), "--steps", "2",

@@ -135,10 +135,11 @@ class BlockTrainer:
         # in one buffer (cuda_ext; other backends ignore the flag)
         self.field.encoding.accumulate_grad_in_place = True
         self.optimizer = make_optimizer(self.field, cfg, self.device)
+        if not 0 <= cfg.error_sampling <= 1 or cfg.error_map_cell < 1:
+            raise CitygenError(None, f"error_sampling must be in [0, 1] and error_map_cell >= 1, got "
+                                     f"{cfg.error_sampling} and {cfg.error_map_cell}")
         self.error_map = None
         if cfg.error_sampling > 0:
-            if not 0 < cfg.error_sampling <= 1:
-                raise CitygenError(None, f"error_sampling must be in [0, 1], got {cfg.error_sampling}")
             self.error_map = ErrorMap([(c.width, c.height) for c in self.data.cameras], cfg.error_map_cell,
                                       device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
