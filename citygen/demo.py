@@ -124,10 +124,10 @@ def _train(tile: Path, data: Path, block_seconds: float) -> dict[str, Any]:
     from .tile import train_tile
 
     # size the step count to the budget so the learning-rate schedule runs to its end
-    # (blocks train one after another on a CPU, each with both cores: about 20 steps/s with the
+    # (blocks train one after another on a CPU, each with both cores: about 17 steps/s with the
     # tiny preset on the idle 2-core reference machine; a busier machine stops at the time budget
     # with the schedule not quite finished)
-    overrides = {"max_seconds": block_seconds, "steps": int(18 * block_seconds), "checkpoint_every": 500}
+    overrides = {"max_seconds": block_seconds, "steps": int(14 * block_seconds), "checkpoint_every": 500}
     result = train_tile(tile, data, "tiny", executor="local", overrides=overrides)
     result.raise_for_failures()
     return {block_id: {"state": o.state, "attempts": o.attempts,
