@@ -84,8 +84,9 @@ class ErrorMap:
         """Blend the per-ray errors of a batch into the estimates of their cells (the mean of
         the batch's rays in a cell is one observation)."""
         cells = self.cells_of(idx)
-        total = torch.zeros_like(self.error).index_add_(0, cells, error.detach().float())
-        count = torch.zeros_like(self.error).index_add_(0, cells, torch.ones_like(total[cells]))
+        n = self.error.numel()
+        total = torch.bincount(cells, weights=error.detach().float(), minlength=n)
+        count = torch.bincount(cells, minlength=n)
         seen = count > 0
         self.error[seen] = self.decay * self.error[seen] + (1.0 - self.decay) * total[seen] / count[seen]
 
