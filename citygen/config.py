@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, Range
 from .errors import CitygenError
 
 #: Folder of the shipped presets (``tiny``, ``block``, ``city-100km2``).
@@ -136,6 +137,95 @@ class TrainConfig:
     preset: str = "default"
 
 
+#: Allowed values of every numeric key (dotted, as in overrides); one place for the preset
+#: files, ``--override`` and the flags alike.  Keys not listed take any value of their type.
+RULES: dict[str, Range] = {
+    # the hash-grid bounds are HashGridConfig's (tiny-cuda-nn's)
+    "field.n_levels": Range(1, 32),
+    # whether a table fits this machine is citygen.partition.estimate.check_train_memory's question
+    "field.log2_hashmap_size": Range(1, 30),
+    "field.base_resolution": AT_LEAST_ONE,
+    "field.max_resolution": AT_LEAST_ONE,
+    "field.hidden_dim": AT_LEAST_ONE,
+    "field.geo_feat_dim": AT_LEAST_ONE,
+    "field.color_hidden_layers": AT_LEAST_ONE,
+    "field.sh_degree": Range(1, 4),
+    "field.appearance_dim": NON_NEGATIVE,
+    "field.semantic_hidden_dim": AT_LEAST_ONE,
+    "render.step_size": POSITIVE,
+    "render.grid_resolution": AT_LEAST_ONE,
+    "render.occupancy_alpha_threshold": UNIT,
+    "render.occupancy_decay": UNIT,
+    "render.occupancy_update_every": AT_LEAST_ONE,
+    "render.occupancy_cells_per_update": AT_LEAST_ONE,
+    "render.occupancy_warmup_steps": NON_NEGATIVE,
+    "render.segment_samples": AT_LEAST_ONE,
+    "render.min_transmittance": Range(0, 1, hi_open=True),
+    "render.chunk_rays": AT_LEAST_ONE,
+    "optim.lr_grid": POSITIVE,
+    "optim.lr_mlp": POSITIVE,
+    "optim.eps": POSITIVE,
+    "optim.weight_decay_mlp": NON_NEGATIVE,
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.final_lr_fraction": Range(0, 1, lo_open=True),
+    "optim.semantic_weight": NON_NEGATIVE,
+    "optim.depth_weight": NON_NEGATIVE,
+    "optim.entropy_weight": NON_NEGATIVE,
+    "optim.distortion_weight": NON_NEGATIVE,
+    "steps": AT_LEAST_ONE,
+    "rays_per_batch": AT_LEAST_ONE,
+    "seed": NON_NEGATIVE,
+    "checkpoint_every": AT_LEAST_ONE,
+    "log_every": AT_LEAST_ONE,
+    "threads": NON_NEGATIVE,
+    "max_seconds": NON_NEGATIVE,
+    "downscale": AT_LEAST_ONE,
+    "error_sampling": UNIT,
+    "error_map_cell": AT_LEAST_ONE,
+    "aabb_margin": NON_NEGATIVE,
+}
+
+#: Keys that take one of a few words.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "field.n_features_per_level": (1, 2, 4, 8),
+    "field.backend": ("auto", "torch", "cpp", "cuda", "tcnn"),
+    "field.normalization": ("cube", "per_axis"),
+    "optim.rgb_loss": ("mse", "huber"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out.update(_flat(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def validate(cfg: TrainConfig, where: str | Path | None = None, names: dict[str, str] | None = None) -> TrainConfig:
+    """Check every key against :data:`RULES` / :data:`CHOICES`; raise a :class:`CitygenError`
+    naming the dotted key (or ``names[key]``, e.g. the command-line flag that set it)."""
+    names = names or {}
+    flat = _flat(cfg)
+    for key, value in flat.items():
+        label = names.get(key, f"config key {key!r}")
+        if key in RULES:
+            problem = RULES[key].problem(value)
+            if problem is not None:
+                raise CitygenError(where, f"{label} {problem}, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise CitygenError(where, f"{label} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
+    if flat["field.n_levels"] >= 2 and flat["field.max_resolution"] < flat["field.base_resolution"]:
+        key = "field.max_resolution"
+        raise CitygenError(where, f"{names.get(key, f'config key {key!r}')} must be >= field.base_resolution "
+                                  f"({flat['field.base_resolution']}), got {flat[key]}")
+    return cfg
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain JSON/YAML-ready dict of a (nested) config dataclass."""
     return dataclasses.asdict(cfg)
@@ -187,12 +277,16 @@ def preset_path(name_or_path: str | Path) -> Path:
     return PRESET_DIR / f"{name_or_path}.yaml"
 
 
-def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the preset YAML, then ``overrides`` (nested dict or dotted keys).
+def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = None,
+                names: dict[str, str] | None = None) -> TrainConfig:
+    """Defaults, then the preset YAML, then ``overrides`` (nested dict or dotted keys), each
+    step checked by :func:`validate`.
 
     Args:
         preset: a preset name in ``configs/`` (``tiny``, ``block``, ``city-100km2``) or a YAML path.
         overrides: e.g. ``{"steps": 500, "optim.lr_grid": 3e-3}`` or ``{"optim": {"lr_grid": 3e-3}}``.
+        names: how to call an overridden key in errors (dotted key -> e.g. ``--steps``);
+            overridden keys not named here are called ``--override KEY``.
     """
     path = preset_path(preset)
     if not path.is_file():
@@ -207,9 +301,19 @@ def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = 
     cfg = TrainConfig()
     cfg.preset = path.stem
     _apply(cfg, raw, str(path))
+    validate(cfg, path)                  # a bad preset file is named as such ...
     if overrides:
         _apply(cfg, _nest(overrides), "overrides")
+        labels = {k: (names or {}).get(k, f"--override {k}") for k in _dotted_keys(_nest(overrides))}
+        validate(cfg, None, labels)      # ... and a bad override by the flag that set it
     return cfg
+
+
+def _dotted_keys(nested: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in nested.items():
+        keys += _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:

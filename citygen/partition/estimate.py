@@ -114,6 +114,57 @@ def mlp_params(train: TrainConfig) -> int:
     return density + color + semantic
 
 
+#: bytes per float32 parameter while training: weight, gradient and two Adam moments.
+TRAIN_BYTES_PER_PARAM = 4 * 4
+
+
+def train_memory_terms(train: TrainConfig, sizing: SizingConfig | None = None) -> dict[str, float]:
+    """A block's training memory without its image cache and framework overhead, by the config
+    key that sizes each term (module doc): hash table, MLPs, occupancy grid, ray batch."""
+    sizing = sizing or SizingConfig()
+    return {
+        "field.log2_hashmap_size": TRAIN_BYTES_PER_PARAM * hash_params(train),
+        "field.hidden_dim": TRAIN_BYTES_PER_PARAM * mlp_params(train),
+        "render.grid_resolution": 4 * train.render.grid_resolution**3,
+        "rays_per_batch": train.rays_per_batch * sizing.samples_per_ray * sizing.bytes_per_sample,
+    }
+
+
+#: the largest value each key of :func:`train_memory_terms` may take (search bounds).
+_TERM_RANGE = {"field.log2_hashmap_size": 30, "field.hidden_dim": 1 << 20, "render.grid_resolution": 1 << 20,
+               "rays_per_batch": 1 << 40}
+
+
+def check_train_memory(train: TrainConfig, budget_bytes: float, budget_source: str,
+                       names: dict[str, str] | None = None) -> None:
+    """Refuse a config whose training memory (:func:`train_memory_terms`) exceeds the budget,
+    naming the key with the largest term and the largest value of it that would fit."""
+    from ..checks import format_bytes, largest_fitting
+
+    terms = train_memory_terms(train)
+    total = sum(terms.values())
+    if total <= budget_bytes:
+        return
+    key = max(terms, key=terms.get)
+    section, _, leaf = key.rpartition(".")
+    holder = getattr(train, section) if section else train
+
+    def need(value: float) -> float:
+        old = getattr(holder, leaf)
+        setattr(holder, leaf, int(value))
+        try:
+            return sum(train_memory_terms(train).values())
+        finally:
+            setattr(holder, leaf, old)
+
+    fit = largest_fitting(need, 1, _TERM_RANGE[key], budget_bytes, integer=True)
+    hint = f"; {key} <= {int(fit)} fits" if fit is not None else ""
+    label = (names or {}).get(key, key)
+    raise CitygenError(None, f"{label} = {getattr(holder, leaf)} needs {format_bytes(total)} to train "
+                             f"({format_bytes(terms[key])} of it for {key}), more than the memory budget of "
+                             f"{format_bytes(budget_bytes)} ({budget_source}){hint}")
+
+
 def estimate_block(block: Block, cameras: dict[str, Camera], train: TrainConfig,
                    sizing: SizingConfig) -> dict[str, Any]:
     """Sizing of one block (bytes, seconds) from its images and the configs.
