@@ -29,6 +29,7 @@ setup(
         "laspy>=2.5",
         "lazrs>=0.5",  # LAZ compression for laspy
         "glfw>=2.5",  # the viewer's desktop window
+        "psutil>=5.9",  # available RAM: the default memory budget of plan / export / train
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5"],

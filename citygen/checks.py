@@ -85,15 +85,15 @@ def check_out_dir(path: str | Path, name: str) -> Path:
     p = Path(path)
     if p.exists():
         if not p.is_dir():
-            raise CitygenError(p, f"{name}: exists and is not a folder")
+            raise CitygenError(p, f"{name} is a file, not a folder")
         if not _writable(p):
-            raise CitygenError(p, f"{name}: the folder is not writable")
+            raise CitygenError(p, f"{name} is a folder this user cannot write into")
         return p
     base = _nearest_existing(p)
     if not base.is_dir():
-        raise CitygenError(p, f"{name}: cannot create it: {base} is a file, not a folder")
+        raise CitygenError(p, f"{name} cannot be created: {base} is a file, not a folder")
     if not _writable(base):
-        raise CitygenError(p, f"{name}: cannot create it: {base} is not writable")
+        raise CitygenError(p, f"{name} cannot be created: {base} is not writable")
     return p
 
 
@@ -101,7 +101,7 @@ def check_out_file(path: str | Path, name: str) -> Path:
     """An output file must not be a folder, and its folder must be writable or creatable."""
     p = Path(path)
     if p.is_dir():
-        raise CitygenError(p, f"{name}: is a folder, not a file")
+        raise CitygenError(p, f"{name} is a folder, not a file")
     check_out_dir(p.parent if str(p.parent) else Path("."), name)
     return p
 
@@ -162,6 +162,18 @@ def largest_fitting(need, lo: float, hi: float, budget: float, *, integer: bool 
         else:
             hi = mid
     return lo
+
+
+def nice_up(x: float) -> str:
+    """``x`` rounded up to 2 significant digits, as text (a value to suggest to a person)."""
+    e = math.floor(math.log10(x)) - 1
+    return f"{math.ceil(x / 10**e - 1e-9) * 10**e:.{max(0, -e)}f}"
+
+
+def nice_down(x: float) -> str:
+    """``x`` rounded down to 2 significant digits, as text."""
+    e = math.floor(math.log10(x)) - 1
+    return f"{math.floor(x / 10**e + 1e-9) * 10**e:.{max(0, -e)}f}"
 
 
 # -- operating-system errors ---------------------------------------------------------------------

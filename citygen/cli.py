@@ -1,8 +1,11 @@
 """The ``citygen`` command line: the only module that parses arguments.
 
 Each subcommand is a plain function whose typed, documented parameters tyro turns into
-flags.  Library code raises :class:`SurveyError` / :class:`CitygenError` for bad input;
-here they become one line on stderr and exit status 2, without a traceback.
+flags.  Each checks its option values (:mod:`citygen.checks`) and output locations before
+any work.  Library code raises :class:`SurveyError` / :class:`CitygenError` for bad input;
+here they become one line on stderr and exit status 2, without a traceback, and so does an
+``OSError`` that names a path (disk full, permission denied, a file where a folder should
+be ...).  Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +18,43 @@ import tyro
 
 from survey_io import SurveyError
 
+from .checks import (
+    AT_LEAST_ONE,
+    FINITE,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    Range,
+    check_out_dir,
+    check_out_file,
+    check_values,
+    memory_budget,
+    os_error_line,
+)
 from .errors import CitygenError
 
 EXIT_BAD_INPUT = 2
+#: The largest image side a command renders (16K): a typo such as 1920000x1080 fails at once.
+IMAGE_SIDE = Range(1, 16384)
+#: Flags of ``train`` / ``train-tile`` that set a config key, for errors about that key.
+TRAIN_FLAGS = {"steps": "--steps", "rays_per_batch": "--rays-per-batch", "threads": "--threads",
+               "device": "--device", "downscale": "--downscale", "seed": "--seed", "max_seconds": "--max-seconds"}
+
+
+def _check_train_memory(cfg, budget_gb: float | None) -> None:
+    """Refuse a training config that would not fit: the GPU's memory when it trains on one
+    (unless --memory-budget-gb is given), else the host memory budget."""
+    from .partition.estimate import check_train_memory
+
+    if budget_gb is None and cfg.device in ("cuda", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            check_train_memory(cfg, total, "the GPU's memory; set --memory-budget-gb to change it", TRAIN_FLAGS)
+            return
+    budget = memory_budget(budget_gb)
+    check_train_memory(cfg, budget.bytes, budget.source, TRAIN_FLAGS)
 
 
 def synth(out: tyro.conf.Positional[Path], preset: str = "tiny", seed: int = 0) -> None:
@@ -31,6 +68,8 @@ def synth(out: tyro.conf.Positional[Path], preset: str = "tiny", seed: int = 0) 
     """
     from survey_io.synthetic import PRESETS, make_survey
 
+    check_values([("--seed", seed, NON_NEGATIVE)])
+    check_out_dir(out, "OUT")
     if preset not in PRESETS:
         raise CitygenError(None, f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     make_survey(out, PRESETS[preset], seed=seed)
@@ -102,8 +141,9 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
     from survey_io.ingest import ingest as run_ingest
     from survey_io.sfm import SfmOptions
 
-    if not vertical_weight > 0:
-        raise CitygenError(None, f"vertical_weight must be positive, got {vertical_weight}")
+    check_values([("--max-image-size", max_image_size, AT_LEAST_ONE), ("--num-threads", num_threads, AT_LEAST_ONE),
+                  ("--vertical-weight", vertical_weight, POSITIVE), ("--seed", seed, NON_NEGATIVE)])
+    check_out_dir(out, "--out")
     options = IngestOptions(
         sfm=SfmOptions(max_image_size=max_image_size, num_threads=num_threads, camera_model=camera_model,
                        matcher=matcher, use_gps_prior=gps_prior, seed=seed, verbose=verbose),
@@ -146,8 +186,11 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
 
     if device not in ("auto", "cpu", "cuda"):
         raise CitygenError(None, f"bench: unknown device {device!r} (known: auto, cpu, cuda)")
-    if n_points < 1 or repeats < 1:
-        raise CitygenError(None, "bench: n_points and repeats must be >= 1")
+    check_values([("--n-points", n_points, AT_LEAST_ONE), ("--repeats", repeats, AT_LEAST_ONE),
+                  ("--frames", frames, AT_LEAST_ONE), ("--reference-frames", reference_frames, NON_NEGATIVE),
+                  ("--stream-budget-gb", stream_budget_gb, POSITIVE), ("--stream-frames", stream_frames, AT_LEAST_ONE)])
+    if out is not None:
+        check_out_file(out, "--out")
     if what == "encode":
         from .bench import bench_encode
 
@@ -155,9 +198,9 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
     elif what == "render":
         from .bench_render import bench_render, parse_resolution
 
-        if frames < 1 or reference_frames < 0:
-            raise CitygenError(None, "bench: frames must be >= 1 and reference_frames >= 0")
-        result = bench_render(tile=tile, resolutions=[parse_resolution(r) for r in res] or None, n_frames=frames,
+        resolutions = [parse_resolution(r) for r in res]
+        check_values((f"--res {r}", side, IMAGE_SIDE) for r, wh in zip(res, resolutions) for side in wh)
+        result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,
                               reference_frames=reference_frames, device=device, stream=not no_stream,
                               stream_budget_gb=stream_budget_gb, stream_frames=stream_frames)
     print(json.dumps(result, indent=2))
@@ -169,7 +212,8 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
          altitude: float = 250.0, block_size: float = 1000.0, blocks: str | None = None, margin: float | None = None,
          max_images_per_block: int = 2000, ground_height: str = "auto", ground_tif: Path | None = None,
          ortho: Path | None = None, train_preset: str = "city-100km2", downscale: int | None = None,
-         gpu: str = "h100", rays_per_second: float | None = None, seed: int = 0) -> None:
+         gpu: str = "h100", rays_per_second: float | None = None, seed: int = 0,
+         memory_budget_gb: float | None = None) -> None:
     """Cut a tile into blocks, assign images by what they see, and size the training job.
 
     Writes OUT/plan.json, OUT/plan.png and OUT/plan_report.json; prints the report as JSON on
@@ -197,6 +241,8 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
         gpu: target GPU for the sizing: h100, h200, a100, l40s, cpu.
         rays_per_second: measured training throughput (overrides the GPU's estimate).
         seed: dry run: seed of the flight layout's jitter.
+        memory_budget_gb: refuse plans estimated to need more memory (default: 75% of the
+            RAM available when it starts).
     """
     from .partition.config import PartitionConfig
     from .partition.estimate import SizingConfig
@@ -205,6 +251,14 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
 
     if not dry_run and (data is None or out is None):
         raise CitygenError(None, "plan needs --data and --out (or --dry-run)")
+    check_values([("--area-km2", area_km2, POSITIVE), ("--altitude", altitude, POSITIVE),
+                  ("--block-size", block_size, POSITIVE), ("--margin", margin, NON_NEGATIVE),
+                  ("--max-images-per-block", max_images_per_block, AT_LEAST_ONE),
+                  ("--downscale", downscale, AT_LEAST_ONE), ("--rays-per-second", rays_per_second, POSITIVE),
+                  ("--seed", seed, NON_NEGATIVE)])
+    budget = memory_budget(memory_budget_gb)
+    if out is not None:
+        check_out_dir(out, "--out")
     request = PlanRequest(
         data=data, out=out, dry_run=dry_run, ground_height=ground_height, ground_tif=ground_tif, ortho=ortho,
         partition=PartitionConfig(block_size_m=block_size, blocks=parse_blocks(blocks),
@@ -213,7 +267,8 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
                                   max_images_per_block=max_images_per_block),
         layout=FlightLayout(area_km2=area_km2, altitude_m=altitude) if dry_run else None,
         train_preset=train_preset, downscale=downscale,
-        sizing=SizingConfig(gpu=gpu, rays_per_second=rays_per_second), seed=seed)
+        sizing=SizingConfig(gpu=gpu, rays_per_second=rays_per_second), seed=seed,
+        memory_budget_bytes=budget.bytes, memory_budget_source=budget.source)
     report = run_plan(request)
     print(report_json(report))
     print_summary(report)
@@ -223,7 +278,7 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
           rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
           downscale: int | None = None, seed: int | None = None, max_seconds: float | None = None,
           override: tuple[str, ...] = (), no_eval: bool = False, no_progress: bool = False,
-          lpips_weights: Path | None = None) -> None:
+          lpips_weights: Path | None = None, memory_budget_gb: float | None = None) -> None:
     """Train one block's neural field on a survey (all its training images), then evaluate the
     held-out views.  Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/ and OUT/eval/.
 
@@ -244,6 +299,8 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
         no_progress: no progress bar.
         lpips_weights: LPIPS weights (safetensors, from scripts/convert_lpips_weights.py) for the
             evaluation (default: $CITYGEN_LPIPS_WEIGHTS; none: no LPIPS).
+        memory_budget_gb: refuse configs estimated to need more memory to train (default: the
+            GPU's memory on a GPU, else 75% of the RAM available when it starts).
     """
     import json
 
@@ -261,7 +318,10 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
         overrides[key.strip()] = value.strip()
     if no_eval:
         overrides["eval_at_end"] = False
-    result = train_block(load_config(preset, overrides), data, out, resume=resume, progress=not no_progress,
+    cfg = load_config(preset, overrides, TRAIN_FLAGS)
+    _check_train_memory(cfg, memory_budget_gb)
+    check_out_dir(out, "--out")
+    result = train_block(cfg, data, out, resume=resume, progress=not no_progress,
                          lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
     summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
                "train_seconds": round(result.seconds, 2),
@@ -273,7 +333,8 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
                executor: Literal["local", "ray"] = "local", ray_address: str | None = None,
                max_parallel: int | None = None, max_retries: int = 2, steps: int | None = None,
                rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
-               downscale: int | None = None, blocks: list[str] | None = None) -> None:
+               downscale: int | None = None, blocks: list[str] | None = None,
+               memory_budget_gb: float | None = None) -> None:
     """Train every block of a planned tile (TILE/plan.json from `citygen plan`) through an
     executor; block runs go to TILE/block_<id>/.  Re-running resumes: finished blocks are
     skipped, the others continue from their last checkpoints.  Watch it with `citygen status TILE`.
@@ -292,13 +353,19 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
         device: cpu, cuda or auto (overrides the preset).
         downscale: image downscale factor (overrides the preset).
         blocks: train only these block ids.
+        memory_budget_gb: refuse configs estimated to need more memory per block (default: the
+            GPU's memory on a GPU, else 75% of the RAM available when it starts).
     """
     import json
 
+    from .config import load_config
     from .tile import train_tile as run_train_tile
 
+    check_values([("--max-parallel", max_parallel, AT_LEAST_ONE), ("--max-retries", max_retries, NON_NEGATIVE)])
     overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
                                        downscale=downscale).items() if v is not None}
+    _check_train_memory(load_config(preset, overrides, TRAIN_FLAGS), memory_budget_gb)
+    check_out_dir(tile, "TILE")
     result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,
                             ray_address=ray_address, max_retries=max_retries, blocks=blocks)
     summary = {"tile": str(tile), "ok": result.ok, "failed": result.failed,
@@ -338,6 +405,8 @@ def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] =
     from .tile import read_tile_config
     from .train.data import load_survey
 
+    check_values([("--downscale", downscale, AT_LEAST_ONE), ("--seam-band", seam_band, POSITIVE)])
+    check_out_dir(out, "--out")
     lpips_net = load_lpips(resolve_lpips_weights(lpips_weights), device)  # fail before any rendering
     record = read_tile_config(tile) or {}
     if data is None:
@@ -383,8 +452,10 @@ def view(tile: tyro.conf.Positional[Path], ply: Path | None = None, survey: Path
     """
     from viewer.launch import headless_screenshot, open_app, run_window
 
-    if width < 1 or height < 1:
-        raise CitygenError(None, f"window size must be positive, got {width}x{height}")
+    check_values([("--width", width, IMAGE_SIDE), ("--height", height, IMAGE_SIDE), ("--camera", camera, NON_NEGATIVE)]
+                 + [("--screenshot-size", v, IMAGE_SIDE) for v in screenshot_size or ()])
+    if screenshot is not None:
+        check_out_file(screenshot, "--screenshot")
     app = open_app(tile, ply=ply, survey=survey, size=(width, height), device=device)
     if screenshot is not None:
         path = headless_screenshot(app, screenshot, size=screenshot_size, view=camera, mode=mode, hud=not no_hud)
@@ -398,7 +469,7 @@ def export(tile: tyro.conf.Positional[Path], out: Path, what: str = "ortho,dsm,s
            points_from: Literal["grid", "views"] = "grid", mesh_method: Literal["heightfield", "tsdf"] = "heightfield",
            voxel_size: float | None = None, view_size: int = 256, data: Path | None = None,
            camera_images: Literal["link", "copy", "none"] = "link", device: str = "cpu",
-           no_progress: bool = False) -> None:
+           no_progress: bool = False, memory_budget_gb: float | None = None) -> None:
     """Export a trained tile's deliverables in its CRS: true orthophoto, DSM and semantic
     GeoTIFFs, LAS/LAZ and PLY point clouds, a PLY + OBJ mesh, and the cameras as
     transforms.json.  Writes OUT/ortho.tif, dsm.tif, semantics.tif, points.las|.laz|.ply,
@@ -421,16 +492,25 @@ def export(tile: tyro.conf.Positional[Path], out: Path, what: str = "ortho,dsm,s
         camera_images: cameras: link (hard links), copy, or none (poses pointing back at the survey).
         device: cpu or cuda.
         no_progress: no progress bars.
+        memory_budget_gb: refuse exports estimated (from --gsd and the extent) to need more
+            memory (default: 75% of the RAM available when it starts).
     """
     import json
 
     from .export.run import ExportOptions, export_tile, parse_what
 
+    check_values([("--gsd", gsd, POSITIVE), ("--supersample", supersample, Range(1, 64)),
+                  ("--min-acc", min_acc, UNIT), ("--voxel-size", voxel_size, POSITIVE),
+                  ("--view-size", view_size, Range(8, 16384))])
+    budget = memory_budget(memory_budget_gb)
+    check_out_dir(out, "--out")
+
     options = ExportOptions(what=parse_what(what), gsd=gsd, supersample=supersample, min_acc=min_acc,
                             points_from=points_from, mesh_method=mesh_method, voxel_size=voxel_size,
                             view_size=view_size, survey=data,
                             camera_images=camera_images, progress=not no_progress)
-    manifest = export_tile(tile, out, options, bounds_crs=bounds, device=device)
+    manifest = export_tile(tile, out, options, bounds_crs=bounds, device=device, memory_budget_bytes=budget.bytes,
+                           memory_budget_source=budget.source)
     print(json.dumps({"out": str(out), "files": manifest["files"], "counts": manifest["counts"],
                       "timings_s": manifest["timings_s"]}, indent=2))
 
@@ -482,6 +562,10 @@ def edit(tile: tyro.conf.Positional[Path],
 
     from .edit.commands import EditFlags, run_edit
 
+    check_values([("--dz", dz, FINITE), ("--factor", factor, POSITIVE), ("--rotate", rotate, FINITE),
+                  ("--steps", steps, AT_LEAST_ONE)])
+    if action == "bake" and out is not None:
+        check_out_dir(out, "--out")
     flags = EditFlags(op=op, classes=classes, polygon=polygon, polygon_crs=polygon_crs, box=box, height=height,
                       instance=instance, invert=invert, dz=dz, factor=factor, color=color, hsv=hsv, offset=offset,
                       rotate=rotate, pivot=pivot, asset=asset, source_box=source_box, anchor=anchor,
@@ -514,6 +598,7 @@ def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named
 
     from .style.apply import add_style
 
+    check_values([("--steps", steps, AT_LEAST_ONE)])
     edit_ = add_style(tile, named=named, reference=reference, labels=labels,
                       classes=[c.strip() for c in classes.split(",")] if classes else None, method=method,
                       weights=weights, steps=steps, device=device)
@@ -545,6 +630,11 @@ def entrypoint(argv: list[str] | None = None) -> int:
                                              description="citygen: city-scale neural reconstruction")
     except (SurveyError, CitygenError) as err:
         print(f"citygen: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        if err.filename is None:       # not about a path the user gave: a bug, keep the traceback
+            raise
+        print(f"citygen: error: {os_error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("citygen: interrupted", file=sys.stderr)

@@ -107,6 +107,10 @@ def heightfield_mesh(maps: OrthoMaps, stride: int = 1) -> TriangleMesh:
 # TSDF fusion (open3d)
 
 
+#: most voxel blocks the TSDF grid allocates (citygen.export.run counts its memory from this).
+TSDF_MAX_BLOCKS = 4_000_000
+
+
 def require_open3d():
     try:
         import open3d
@@ -160,7 +164,7 @@ def tsdf_mesh(source: RaySource, views: Sequence[tuple[Camera, np.ndarray]], vox
     # tensor VoxelBlockGrid; its legacy ScalableTSDFVolume loses surfaces far from the camera).
     block_side = 16 * voxel_size
     extent = (bounds[1] - bounds[0]) / block_side + 2
-    capacity = int(min(max(1000, 8 * extent[0] * extent[1]), 4_000_000))
+    capacity = int(min(max(1000, 8 * extent[0] * extent[1]), TSDF_MAX_BLOCKS))
     grid = o3d.t.geometry.VoxelBlockGrid(
         attr_names=("tsdf", "weight", "color"), attr_dtypes=(o3c.float32, o3c.float32, o3c.float32),
         attr_channels=((1), (1), (3)), voxel_size=float(voxel_size), block_resolution=16,

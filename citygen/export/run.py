@@ -13,6 +13,7 @@ Files written into ``out`` (each only when asked for)::
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
 from .cameras import export_cameras
-from .mesh import heightfield_mesh, require_open3d, tsdf_mesh, write_mesh
+from .mesh import TSDF_MAX_BLOCKS, heightfield_mesh, require_open3d, tsdf_mesh, write_mesh
 from .points import asprs_codes, laz_available, points_from_ortho, points_from_views, write_las, write_points_ply
 from .raster import DSM_NODATA, render_ortho, tile_rect, write_dsm, write_ortho, write_semantics
 from .source import DEFAULT_CHUNK, RaySource, check_source
@@ -85,32 +86,126 @@ class ExportOptions:
         bad = [f for f in self.mesh_formats if f not in ("ply", "obj")]
         if bad or not self.mesh_formats:
             raise CitygenError(None, f"mesh formats must be among ply, obj, got {list(self.mesh_formats)}")
-        if not self.gsd > 0:
-            raise CitygenError(None, f"gsd must be positive, got {self.gsd}")
+        if not (self.gsd > 0 and math.isfinite(self.gsd)):
+            raise CitygenError(None, f"gsd must be a finite number > 0, got {self.gsd}")
         if self.view_size < 8 or self.supersample < 1:
             raise CitygenError(None, f"view_size must be >= 8 and supersample >= 1, got {self.view_size}, "
                                      f"{self.supersample}")
-        if self.voxel_size is not None and not self.voxel_size > 0:
+        if self.voxel_size is not None and not (self.voxel_size > 0 and math.isfinite(self.voxel_size)):
             raise CitygenError(None, f"voxel_size must be positive, got {self.voxel_size}")
 
 
-def export_scene(source: RaySource, out: str | Path, options: ExportOptions) -> dict[str, Any]:
+# Peak memory of an export, per raster cell or rendered ray (bytes; counted from the arrays
+# the code holds at once, rounded up).  Rasters: the maps (RGB 3 + height 4 + class 1 + opacity
+# 4 + valid 1) and, while writing, the float64 DSM and cell-centre grids.  Grid points: float64
+# xyz (with its masked copies), colour, class, and the LAS/PLY record arrays.  Heightfield
+# mesh: the int64 vertex index, float64 vertices, the corner stacks and int32 faces (about
+# two triangles per cell) and the writers' rows.  View points: origin, direction and hit
+# arrays per rendered ray.  TSDF: open3d's voxel block grid, allocated whole up front:
+# 16^3 voxels of float32 tsdf, weight and RGB per block, for the capacity tsdf_mesh asks.
+RASTER_BYTES_PER_CELL = 48
+GRID_POINTS_BYTES_PER_CELL = 128
+HEIGHTFIELD_MESH_BYTES_PER_CELL = 256
+VIEW_POINT_BYTES_PER_RAY = 128
+VIEW_POINT_STRIDE = 4
+TSDF_BYTES_PER_BLOCK = 16**3 * (1 + 1 + 3) * 4
+
+
+def _needs_grid(options: ExportOptions) -> bool:
+    what = set(options.what)
+    return bool(what & _NEEDS_GRID) or (bool(what & {"las", "laz", "ply"}) and options.points_from == "grid") \
+        or ("mesh" in what and options.mesh_method == "heightfield")
+
+
+def export_memory(options: ExportOptions, rect: tuple[float, float, float, float],
+                  bounds_xy: tuple[float, float, float, float] | None = None) -> dict[str, float]:
+    """Estimated peak bytes of each part of an export of ``rect`` (local), from the GSD and the
+    extent alone (see the constants above); ``bounds_xy`` is the source's extent (TSDF volume;
+    default ``rect``).  Nothing is allocated."""
+    what = set(options.what)
+    w, h = rect[2] - rect[0], rect[3] - rect[1]
+    cells = math.ceil(round(w / options.gsd, 6)) * math.ceil(round(h / options.gsd, 6))
+    parts: dict[str, float] = {}
+    if _needs_grid(options):
+        parts["rasters"] = RASTER_BYTES_PER_CELL * cells
+    if what & {"las", "laz", "ply"} and options.points_from == "grid":
+        parts["points"] = GRID_POINTS_BYTES_PER_CELL * cells
+    if "mesh" in what and options.mesh_method == "heightfield":
+        parts["mesh"] = HEIGHTFIELD_MESH_BYTES_PER_CELL * cells
+    views_gsd = options.view_gsd or options.gsd
+    if (what & {"las", "laz", "ply"} and options.points_from == "views") or \
+            ("mesh" in what and options.mesh_method == "tsdf"):
+        # aerial_views' grid: nadir + 4 obliques every half footprint
+        spacing = max(options.view_size * views_gsd * 0.5, 1e-3)
+        n_views = 5 * max(1, math.ceil(w / spacing)) * max(1, math.ceil(h / spacing))
+        if what & {"las", "laz", "ply"} and options.points_from == "views":
+            rays = math.ceil(options.view_size / VIEW_POINT_STRIDE) ** 2
+            parts["points"] = VIEW_POINT_BYTES_PER_RAY * n_views * rays
+    if "mesh" in what and options.mesh_method == "tsdf":
+        bx = bounds_xy or rect
+        side = 16 * (options.voxel_size or options.gsd)
+        ex, ey = (bx[2] - bx[0]) / side + 2, (bx[3] - bx[1]) / side + 2
+        parts["mesh"] = TSDF_BYTES_PER_BLOCK * min(max(1000, 8 * ex * ey), TSDF_MAX_BLOCKS)
+    return parts
+
+
+def check_export_memory(options: ExportOptions, rect: tuple[float, float, float, float], budget_bytes: float,
+                        budget_source: str, bounds_xy: tuple[float, float, float, float] | None = None) -> None:
+    """Refuse an export whose :func:`export_memory` exceeds the budget, naming --gsd (or
+    --voxel-size) and the smallest value that fits."""
+    from ..checks import format_bytes, largest_fitting, nice_up
+
+    parts = export_memory(options, rect, bounds_xy)
+    total = sum(parts.values())
+    if total <= budget_bytes:
+        return
+    tsdf_voxel = "mesh" in options.what and options.mesh_method == "tsdf" and options.voxel_size is not None
+    if tsdf_voxel and max(parts, key=parts.get) == "mesh":
+        name, value = "--voxel-size", options.voxel_size
+
+        def need(inv: float) -> float:
+            return sum(export_memory(replace(options, voxel_size=1.0 / inv), rect, bounds_xy).values())
+    else:
+        name, value = "--gsd", options.gsd
+
+        def need(inv: float) -> float:
+            return sum(export_memory(replace(options, gsd=1.0 / inv), rect, bounds_xy).values())
+
+    side = max(rect[2] - rect[0], rect[3] - rect[1])
+    fit = largest_fitting(need, 1.0 / side, 1.0 / value, budget_bytes)
+    hint = f"use {name} {nice_up(1.0 / fit)} or more" if fit is not None else "export a smaller --bounds"
+    detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
+    raise CitygenError(None, f"{name} {value:g} over {rect[2] - rect[0]:.0f} m x {rect[3] - rect[1]:.0f} m needs "
+                             f"~{format_bytes(total)} ({detail}), more than the memory budget of "
+                             f"{format_bytes(budget_bytes)} ({budget_source}): {hint}")
+
+
+def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, memory_budget_bytes: float | None = None,
+                 memory_budget_source: str = "") -> dict[str, Any]:
     """Render and write the deliverables of ``options`` into ``out``; return the manifest
-    (also written to ``out/export.json``)."""
+    (also written to ``out/export.json``).  Refuses, before rendering or creating ``out``, an
+    export whose estimated memory exceeds the budget (default: :func:`citygen.checks.memory_budget`'s)."""
+    from ..checks import memory_budget
+
     options.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     bounds = check_source(source)
     rect = options.rect or tile_rect(source)
     georef = source.georef
     what = set(options.what)
-    # missing inputs and optional packages fail before any rendering
+    # missing inputs, optional packages and memory fail before any rendering
     if "cameras" in what and options.survey is None:
         raise CitygenError(None, "exporting cameras needs the survey (--data transforms.json)")
     if "laz" in what and not laz_available():
         raise CitygenError(out / "points.laz", "writing LAZ needs a LAZ backend: pip install lazrs (or export las)")
     if "mesh" in what and options.mesh_method == "tsdf":
         require_open3d()
+    if memory_budget_bytes is None:
+        default = memory_budget(None)
+        memory_budget_bytes, memory_budget_source = default.bytes, default.source
+    check_export_memory(options, rect, memory_budget_bytes, memory_budget_source,
+                        bounds_xy=(float(bounds[0, 0]), float(bounds[0, 1]), float(bounds[1, 0]), float(bounds[1, 1])))
+    out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     counts: dict[str, int] = {}
     timings: dict[str, float] = {}
@@ -121,8 +216,7 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions) -> 
         timings[name] = round(time.perf_counter() - t0, 3)
         return result
 
-    needs_grid = bool(what & _NEEDS_GRID) or (bool(what & {"las", "laz", "ply"}) and options.points_from == "grid") \
-        or ("mesh" in what and options.mesh_method == "heightfield")
+    needs_grid = _needs_grid(options)
     maps = None
     if needs_grid:
         maps = timed("render_ortho", render_ortho, source, options.gsd, rect, supersample=options.supersample,
@@ -229,19 +323,35 @@ def core_rect(source: RaySource) -> tuple[float, float, float, float]:
 
 
 def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *, bounds_crs: str | None = None,
-                device: str = "cpu") -> dict[str, Any]:
+                device: str = "cpu", memory_budget_bytes: float | None = None,
+                memory_budget_source: str = "") -> dict[str, Any]:
     """Open a trained tile and :func:`export_scene` it.
 
     Args:
         tile_dir: the tile folder (plan.json + block checkpoints).
         bounds_crs: ``"E0,N0,E1,N1"`` in the tile's CRS (default: the blocks' cores).
         device: cpu or cuda.
+        memory_budget_bytes: refuse exports estimated to need more (default: see
+            :func:`citygen.checks.memory_budget`).
     """
+    from ..checks import memory_budget
+    from ..partition.plan import TilePlan
     from ..render.tile import TileRenderer
     from ..tile import read_tile_config
 
     tile_dir = Path(tile_dir)
     options.validate()
+    if memory_budget_bytes is None:
+        default = memory_budget(None)
+        memory_budget_bytes, memory_budget_source = default.bytes, default.source
+    if (tile_dir / "plan.json").is_file():
+        # refuse an export that cannot fit before loading any block: the plan's cores (or
+        # --bounds) bound the area; export_scene checks again with the exact extent
+        plan = TilePlan.load(tile_dir / "plan.json")
+        cores = np.array([b.core for b in plan.blocks], np.float64)
+        rect = parse_bounds(bounds_crs, plan.georef.origin) if bounds_crs else \
+            (cores[:, 0].min(), cores[:, 1].min(), cores[:, 2].max(), cores[:, 3].max())
+        check_export_memory(options, rect, memory_budget_bytes, memory_budget_source)
     survey = options.survey
     if "cameras" in options.what and survey is None:
         record = read_tile_config(tile_dir) or {}
@@ -250,7 +360,8 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
         survey = Path(record["data"])
     renderer = TileRenderer.open(tile_dir, device=device)
     rect = parse_bounds(bounds_crs, renderer.georef.origin) if bounds_crs else core_rect(renderer)
-    manifest = export_scene(renderer, out, replace(options, survey=survey, rect=rect))
+    manifest = export_scene(renderer, out, replace(options, survey=survey, rect=rect),
+                            memory_budget_bytes=memory_budget_bytes, memory_budget_source=memory_budget_source)
     if renderer.missing_blocks:
         manifest["missing_blocks"] = list(renderer.missing_blocks)
         atomic_write_json(Path(out) / "export.json", manifest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import CitygenError
@@ -48,13 +49,13 @@ class PartitionConfig:
     z_above_ground_m: float = 250.0
 
     def __post_init__(self) -> None:
-        if not self.block_size_m > 0:
+        if not (self.block_size_m > 0 and math.isfinite(self.block_size_m)):
             raise CitygenError(None, f"partition: block_size_m must be > 0, got {self.block_size_m}")
         if self.blocks is not None:
             self.blocks = tuple(int(v) for v in self.blocks)  # type: ignore[assignment]
             if len(self.blocks) != 2 or min(self.blocks) < 1:
                 raise CitygenError(None, f"partition: blocks must be (rows, cols) >= 1, got {self.blocks}")
-        if self.margin_m < 0 or (self.margin_fraction is not None and not 0 <= self.margin_fraction < 0.5):
+        if not (self.margin_m >= 0 and math.isfinite(self.margin_m)) or (self.margin_fraction is not None and not 0 <= self.margin_fraction < 0.5):
             raise CitygenError(None, "partition: margin must be >= 0 (margin_fraction in [0, 0.5))")
         if self.max_images_per_block < 1:
             raise CitygenError(None, "partition: max_images_per_block must be >= 1")

@@ -35,7 +35,7 @@ class FlightLayout:
     jitter_m: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.area_km2 > 0 or not self.altitude_m > 0 or not self.focal_px > 0:
+        if not all(v > 0 and math.isfinite(v) for v in (self.area_km2, self.altitude_m, self.focal_px)):
             raise CitygenError(None, "flight layout: area, altitude and focal length must be positive")
         if not (0 <= self.forward_overlap < 1 and 0 <= self.side_overlap < 1):
             raise CitygenError(None, "flight layout: overlaps must be in [0, 1)")
@@ -47,13 +47,21 @@ class FlightLayout:
         return math.sqrt(self.area_km2) * 1000.0
 
 
-def synthetic_survey(layout: FlightLayout, seed: int = 0) -> tuple[Survey, str]:
-    """The poses of the layout's flight (image files do not exist) and the generator's name."""
+def _flight_kwargs(layout: FlightLayout, seed: int) -> dict:
     w, h = layout.image_size
     tilt = layout.oblique_tilt_deg
-    survey = synthetic_flight(
-        layout.area_km2, layout.altitude_m, width=w, height=h, focal_35mm=layout.focal_px * 36.0 / w,
-        front_overlap=layout.forward_overlap, side_overlap=layout.side_overlap,
-        oblique_headings=(0.0, 90.0, 180.0, 270.0) if tilt > 0 else (), oblique_off_nadir_deg=tilt,
-        oblique_spacing_factor=layout.oblique_spacing_factor, seed=seed, jitter_m=layout.jitter_m, test_every=0)
-    return survey, "survey_io.synthetic.flight.synthetic_flight"
+    return dict(area_km2=layout.area_km2, altitude_m=layout.altitude_m, width=w, height=h,
+                focal_35mm=layout.focal_px * 36.0 / w, front_overlap=layout.forward_overlap,
+                side_overlap=layout.side_overlap, oblique_headings=(0.0, 90.0, 180.0, 270.0) if tilt > 0 else (),
+                oblique_off_nadir_deg=tilt, oblique_spacing_factor=layout.oblique_spacing_factor, seed=seed,
+                jitter_m=layout.jitter_m, test_every=0)
+
+
+def synthetic_survey(layout: FlightLayout, seed: int = 0) -> tuple[Survey, str]:
+    """The poses of the layout's flight (image files do not exist) and the generator's name."""
+    return synthetic_flight(**_flight_kwargs(layout, seed)), "survey_io.synthetic.flight.synthetic_flight"
+
+
+def synthetic_survey_size(layout: FlightLayout) -> int:
+    """How many images :func:`synthetic_survey` would make (arithmetic only)."""
+    return int(synthetic_flight(**_flight_kwargs(layout, 0), count_only=True))

@@ -165,8 +165,8 @@ def make_grid(fp: Footprints, survey: Survey, config: PartitionConfig) -> Grid:
     return Grid(origin=(float(x0), float(y0)), block_size=(b, b), rows=rows, cols=cols, snapped=False)
 
 
-def candidate_pairs(fp: Footprints, grid: Grid, margin: float) -> tuple[np.ndarray, np.ndarray]:
-    """(image, block) pairs whose footprint bounding box overlaps the block's extended rectangle."""
+def _candidate_ranges(fp: Footprints, grid: Grid, margin: float):
+    """Per valid image: the first block column and row its bounding box meets and how many."""
     valid = np.flatnonzero(fp.valid)
     box = fp.bboxes[valid]
     sx, sy = grid.block_size
@@ -180,6 +180,18 @@ def candidate_pairs(fp: Footprints, grid: Grid, margin: float) -> tuple[np.ndarr
                | (box[:, 3] + margin <= gy) | (box[:, 1] - margin >= gy + grid.rows * sy))
     nc = np.where(outside, 0, c1 - c0 + 1)
     nr = np.where(outside, 0, r1 - r0 + 1)
+    return valid, c0, r0, nc, nr
+
+
+def candidate_counts(fp: Footprints, grid: Grid, margin: float) -> np.ndarray:
+    """How many candidate blocks each valid image has (:func:`candidate_pairs` without making them)."""
+    _, _, _, nc, nr = _candidate_ranges(fp, grid, margin)
+    return nc * nr
+
+
+def candidate_pairs(fp: Footprints, grid: Grid, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """(image, block) pairs whose footprint bounding box overlaps the block's extended rectangle."""
+    valid, c0, r0, nc, nr = _candidate_ranges(fp, grid, margin)
     owner, k = _expand(nc * nr)
     col = c0[owner] + k % nc[owner]
     row = r0[owner] + k // nc[owner]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from ..errors import CitygenError
 from .config import PartitionConfig
 from .estimate import SizingConfig, sizing_report
 from .ground import GroundModel, estimate_ground, load_sparse_points
-from .layout import FlightLayout, synthetic_survey
-from .planner import plan_tile
+from .layout import FlightLayout, synthetic_survey, synthetic_survey_size
+from .planner import candidate_counts, make_grid, plan_tile
 from .visibility import compute_footprints
 
 #: ground GeoTIFFs looked for beside transforms.json in ``--ground-height auto`` (surface first:
@@ -27,6 +28,18 @@ from .visibility import compute_footprints
 GROUND_TIF_NAMES = ("dsm.tif", "dtm.tif")
 #: the COLMAP model ``citygen ingest`` writes beside transforms.json (local frame).
 SPARSE_MODEL = "sparse/0"
+
+#: The most blocks one plan may have.  Planning time and plan.json grow with the blocks (the
+#: per-block coverage rasters and records): 10,000 blocks (100 m blocks over 1 km²) took 53 s
+#: and 0.95 GB on the 2-core reference machine; 100 km² in the usual 1 km blocks is 100.
+MAX_BLOCKS = 10_000
+#: Planning memory, measured on the 2-core reference machine (peak RSS above the ~250 MB of
+#: the interpreter and libraries): ~10 kB per image (100 km² dry run: 36,090 images, 0.62 GB),
+#: ~70 kB per block (1 km² in 10,000 blocks of 10 m: 0.95 GB) and 64 bytes per candidate
+#: (image, block) pair (index, score and mask arrays, with copies while sorting).
+PLAN_BYTES_PER_IMAGE = 10e3
+PLAN_BYTES_PER_BLOCK = 70e3
+PLAN_BYTES_PER_PAIR = 64.0
 
 
 @dataclass
@@ -45,6 +58,15 @@ class PlanRequest:
     downscale: int | None = None
     sizing: SizingConfig | None = None
     seed: int = 0
+    #: bytes the plan may use (None: :func:`citygen.checks.memory_budget`'s default).
+    memory_budget_bytes: float | None = None
+    #: where that budget came from, for messages.
+    memory_budget_source: str = ""
+
+
+def plan_bytes(n_images: int, n_blocks: int, n_pairs: int = 0) -> float:
+    """Estimated planning memory (see the constants above)."""
+    return PLAN_BYTES_PER_IMAGE * n_images + PLAN_BYTES_PER_BLOCK * n_blocks + PLAN_BYTES_PER_PAIR * n_pairs
 
 
 def parse_blocks(text: str | None) -> tuple[int, int] | None:
@@ -52,7 +74,7 @@ def parse_blocks(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     try:
-        rows, cols = (int(v) for v in text.lower().split("x"))
+        rows, cols = (int(v) for v in text.lower().strip().split("x"))
     except ValueError:
         raise CitygenError(None, f"--blocks wants ROWSxCOLS such as 2x2, got {text!r}") from None
     if rows < 1 or cols < 1:
@@ -65,11 +87,16 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
 
     Returns the report (sizing summary, assumptions, per-block estimates, where things went).
     """
+    from ..checks import memory_budget
     from ..config import TrainConfig, load_config
 
     config = req.partition or PartitionConfig()
     layout = req.layout or FlightLayout()
+    if req.memory_budget_bytes is None:
+        default = memory_budget(None)
+        req = dataclasses.replace(req, memory_budget_bytes=default.bytes, memory_budget_source=default.source)
     if req.dry_run:
+        _check_flight_size(layout, config, req)      # before making a single pose
         survey, generator = synthetic_survey(layout, seed=req.seed)
         ground = GroundModel.plane(0.0, source="dry run: flat ground at z = 0") if req.ground_height == "auto" \
             else _ground(survey, req, config)
@@ -90,6 +117,7 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
         # multiples of the block size, which can add a row or column of partial blocks)
         config = dataclasses.replace(config, snap_to_block_size=False,
                                      bounds_crs=_dry_run_bounds(fp, survey.georef.origin, layout))
+    _check_plan_size(fp, survey, config, req)        # before any (image, block) pair is made
     plan = plan_tile(survey, config, ground, footprints=fp)
     report = sizing_report(plan, survey, train, req.sizing or SizingConfig())
     report["source"] = source
@@ -108,6 +136,86 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
     return report
 
 
+def _budget_text(req: PlanRequest) -> str:
+    from ..checks import format_bytes
+
+    return f"the memory budget of {format_bytes(req.memory_budget_bytes)} ({req.memory_budget_source})"
+
+
+def _check_flight_size(layout: FlightLayout, config: PartitionConfig, req: PlanRequest) -> None:
+    """Refuse a dry-run flight whose plan would not fit, naming --area-km2 and an area that fits."""
+    from ..checks import format_bytes, largest_fitting, nice_down, nice_up
+
+    def blocks(area_km2: float) -> int:
+        if config.blocks is not None:
+            return config.blocks[0] * config.blocks[1]
+        return math.ceil(math.sqrt(area_km2) * 1000.0 / config.block_size_m - 1e-9) ** 2
+
+    def need(area_km2: float) -> float:
+        images = synthetic_survey_size(dataclasses.replace(layout, area_km2=area_km2))
+        return plan_bytes(images, min(blocks(area_km2), MAX_BLOCKS + 1))
+
+    area = layout.area_km2
+    if need(area) > req.memory_budget_bytes:
+        fit = largest_fitting(need, 1e-6, area, req.memory_budget_bytes)
+        hint = f"use --area-km2 {nice_down(fit)} or less, or fly higher than --altitude {layout.altitude_m:g}" \
+            if fit is not None else "raise the budget"
+        raise CitygenError(None, f"--area-km2 {area:g} at --altitude {layout.altitude_m:g} m is a flight of "
+                                 f"{synthetic_survey_size(layout):,} images; planning it needs ~"
+                                 f"{format_bytes(need(area))}, more than {_budget_text(req)}: {hint}")
+    n_blocks = blocks(area)
+    if n_blocks > MAX_BLOCKS and config.blocks is not None:
+        _refuse_blocks_option(config.blocks, synthetic_survey_size(layout))
+    if n_blocks > MAX_BLOCKS:
+        side = math.sqrt(area) * 1000.0
+        raise CitygenError(None, f"--area-km2 {area:g} in --block-size {config.block_size_m:g} m blocks makes "
+                                 f"{n_blocks:,} blocks; at most {MAX_BLOCKS:,} in a plan: use --block-size "
+                                 f"{nice_up(side / math.sqrt(MAX_BLOCKS))} or more")
+
+
+def _check_plan_size(fp, survey, config: PartitionConfig, req: PlanRequest) -> None:
+    """Refuse a grid of more than :data:`MAX_BLOCKS` blocks, or a plan that would not fit the
+    memory budget, naming the option (--blocks or --block-size) and a value that fits."""
+    from ..checks import format_bytes
+
+    grid = make_grid(fp, survey, config)
+    n_blocks, n_images = grid.rows * grid.cols, len(fp.names)
+    if n_blocks > MAX_BLOCKS:
+        if config.blocks is not None:
+            _refuse_blocks_option(config.blocks, n_images)
+        ext = grid.extent
+        raise CitygenError(None, f"--block-size {config.block_size_m:g} makes {n_blocks:,} blocks "
+                                 f"({grid.rows:,} x {grid.cols:,}) over the {ext[2] - ext[0]:.0f} m x "
+                                 f"{ext[3] - ext[1]:.0f} m the {n_images:,} images cover; at most {MAX_BLOCKS:,} in "
+                                 f"a plan: use --block-size {_fitting_block_size(fp, survey, config)} or more")
+    n_pairs = int(candidate_counts(fp, grid, config.margin_for(min(grid.block_size))).sum())
+    need = plan_bytes(n_images, n_blocks, n_pairs)
+    if need > req.memory_budget_bytes:
+        raise CitygenError(None, f"planning {n_images:,} images in {n_blocks:,} blocks ({n_pairs:,} image-block "
+                                 f"pairs) needs ~{format_bytes(need)}, more than {_budget_text(req)}: use fewer, "
+                                 f"larger blocks (--block-size / --blocks) or plan the survey in parts")
+
+
+def _refuse_blocks_option(blocks: tuple[int, int], n_images: int) -> None:
+    rows, cols = blocks
+    raise CitygenError(None, f"--blocks {rows}x{cols} makes {rows * cols:,} blocks for {n_images:,} images; at most "
+                             f"{MAX_BLOCKS:,} in a plan: use --blocks AxB with A*B <= {MAX_BLOCKS:,}")
+
+
+def _fitting_block_size(fp, survey, config: PartitionConfig) -> str:
+    """The smallest round block size (2 significant digits) whose grid has <= MAX_BLOCKS blocks."""
+    from ..checks import nice_up
+
+    b = config.block_size_m
+    for _ in range(2000):
+        b *= 1.02
+        nice = nice_up(b)
+        grid = make_grid(fp, survey, dataclasses.replace(config, block_size_m=float(nice)))
+        if grid.rows * grid.cols <= MAX_BLOCKS:
+            return nice
+    return nice_up(b)
+
+
 def _dry_run_bounds(fp, origin, layout: FlightLayout) -> tuple[float, float, float, float]:
     """The requested square, not the footprints' spill-over beyond it: ``layout.side_m`` on a
     side, centred on the mean footprint centre (the layouts are symmetric about the area)."""
@@ -121,7 +229,10 @@ def _ground(survey, req: PlanRequest, config: PartitionConfig) -> GroundModel:
         return GroundModel.from_geotiff(req.ground_tif, survey.georef)
     if req.ground_height != "auto":
         try:
-            return GroundModel.plane(float(req.ground_height), source="--ground-height")
+            height = float(req.ground_height)
+            if not math.isfinite(height):
+                raise ValueError(height)
+            return GroundModel.plane(height, source="--ground-height")
         except ValueError:
             raise CitygenError(None, f"--ground-height wants 'auto' or metres, got {req.ground_height!r}") from None
     points = None

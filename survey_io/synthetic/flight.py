@@ -67,14 +67,41 @@ class FlightPose:
     kind: str
 
 
+def _tick_count(span: float, spacing: float, cover_edges: bool) -> int:
+    """How many positions :func:`_ticks` puts on ``span``."""
+    if cover_edges:
+        return math.ceil(span / spacing - 1e-9) + 1
+    return max(1, math.ceil(span / spacing - 1e-9))
+
+
 def _ticks(lo: float, hi: float, spacing: float, cover_edges: bool) -> np.ndarray:
     """Evenly spaced positions in [lo, hi] no further apart than ``spacing``."""
     span = hi - lo
+    n = _tick_count(span, spacing, cover_edges)
     if cover_edges:
-        n = math.ceil(span / spacing - 1e-9) + 1
         return np.linspace(lo, hi, n) if n > 1 else np.array([(lo + hi) / 2])
-    n = max(1, math.ceil(span / spacing - 1e-9))
     return lo + (np.arange(n) + 0.5) * span / n
+
+
+def _spacings(altitude_m: float, camera: Camera, front_overlap: float, side_overlap: float) -> tuple[float, float]:
+    """(along-track, across-track) shot spacing on flat ground at height 0."""
+    along = altitude_m * camera.height / camera.fl_y * (1 - front_overlap)
+    across = altitude_m * camera.width / camera.fl_x * (1 - side_overlap)
+    return along, across
+
+
+def count_poses(area: tuple[float, float, float, float], altitude_m: float, camera: Camera, *,
+                front_overlap: float, side_overlap: float, oblique_headings=(0.0, 90.0, 180.0, 270.0),
+                oblique_off_nadir_deg: float = 35.0, oblique_spacing_factor: float = 3.0) -> int:
+    """How many shots :func:`plan_poses` makes with these arguments, without making them (a
+    planner sizes a flight before building it; the count can be astronomically large)."""
+    x0, y0, x1, y1 = area
+    along, across = _spacings(altitude_m, camera, front_overlap, side_overlap)
+    n = _tick_count(x1 - x0, across, True) * _tick_count(y1 - y0, along, True)
+    if oblique_headings and oblique_off_nadir_deg > 0:
+        n += len(oblique_headings) * _tick_count(x1 - x0, across * oblique_spacing_factor, False) \
+            * _tick_count(y1 - y0, along * oblique_spacing_factor, False)
+    return n
 
 
 def plan_poses(area: tuple[float, float, float, float], altitude_m: float, camera: Camera, *,
@@ -91,8 +118,7 @@ def plan_poses(area: tuple[float, float, float, float], altitude_m: float, camer
     if not (0 <= front_overlap < 1 and 0 <= side_overlap < 1):
         raise ValueError("overlaps must be in [0, 1)")
     x0, y0, x1, y1 = area
-    along = altitude_m * camera.height / camera.fl_y * (1 - front_overlap)
-    across = altitude_m * camera.width / camera.fl_x * (1 - side_overlap)
+    along, across = _spacings(altitude_m, camera, front_overlap, side_overlap)
     poses: list[FlightPose] = []
 
     def jitter():
@@ -132,17 +158,22 @@ def synthetic_flight(area_km2: float, altitude_m: float = 120.0, *, width: int =
                      oblique_headings=(0.0, 90.0, 180.0, 270.0), oblique_off_nadir_deg: float = 35.0,
                      oblique_spacing_factor: float = 3.0, lon: float = 121.47, lat: float = 31.23,
                      ground_height_m: float = 14.0, seed: int = 0, jitter_m: float = 0.0,
-                     test_every: int = 8, root: str | Path = "synthetic-flight") -> Survey:
+                     test_every: int = 8, root: str | Path = "synthetic-flight", count_only: bool = False):
     """A planned survey over a square of ``area_km2`` centred on (lon, lat), without rendering.
 
     Returns a :class:`Survey` with exact poses and one camera; image files do not exist
     (``root`` may be any path).  ``seed`` only matters with ``jitter_m`` > 0 (Gaussian position
-    noise, metres).  Used to plan partitions of large tiles (100 km² and more).
+    noise, metres).  Used to plan partitions of large tiles (100 km² and more).  With
+    ``count_only`` only the number of images is returned (nothing is built).
     """
     if not area_km2 > 0:
         raise ValueError(f"area_km2 must be positive, got {area_km2}")
     half = math.sqrt(area_km2) * 1000.0 / 2.0
     cam = camera_for(width, height, focal_35mm)
+    if count_only:
+        return count_poses((-half, -half, half, half), altitude_m, cam, front_overlap=front_overlap,
+                           side_overlap=side_overlap, oblique_headings=oblique_headings,
+                           oblique_off_nadir_deg=oblique_off_nadir_deg, oblique_spacing_factor=oblique_spacing_factor)
     poses = plan_poses((-half, -half, half, half), altitude_m, cam, front_overlap=front_overlap,
                        side_overlap=side_overlap, oblique_headings=oblique_headings,
                        oblique_off_nadir_deg=oblique_off_nadir_deg, oblique_spacing_factor=oblique_spacing_factor,
