@@ -467,7 +467,7 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     assert entrypoint(["export", str(tmp_path), "--out", str(tmp_path / "o"), "--what", "ortho,gif"]) == 2
     assert "unknown export ['gif']" in capsys.readouterr().err
     assert entrypoint(["export", str(tmp_path), "--out", str(tmp_path / "o"), "--gsd", "0"]) == 2
-    assert "gsd must be positive" in capsys.readouterr().err
+    assert "--gsd must be > 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ synthetic city
