@@ -49,6 +49,9 @@ DJI_FIELDS = ("GimbalPitchDegree", "GimbalYawDegree", "GimbalRollDegree", "Fligh
               "FlightPitchDegree", "FlightRollDegree", "RelativeAltitude", "AbsoluteAltitude",
               "CalibratedFocalLength", "CalibratedOpticalCenterX", "CalibratedOpticalCenterY")
 _XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+#: Plausible GPS altitudes (m): below the Dead Sea shore to above any survey aircraft's ceiling.
+#: A value outside is a corrupt tag (e.g. a rational with a garbage denominator), not a flight.
+GPS_ALTITUDE_RANGE_M = (-1000.0, 20000.0)
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,8 @@ def read_image_metadata(path: str | Path) -> ImageMetadata:
         data = path.read_bytes()
     except OSError as err:
         raise SurveyError(path, f"cannot read file ({err.strerror or err})") from None
+    if not data:
+        raise SurveyError(path, "empty file (0 bytes)")
     if not data.startswith(b"\xff\xd8"):
         raise SurveyError(path, "not a JPEG file (no SOI marker)")
     try:
@@ -243,6 +248,9 @@ def read_image_metadata(path: str | Path) -> ImageMetadata:
     alt_ref = gps.get(_GPS_ALT_REF, 0)
     if (alt_ref[:1] == b"\x01") if isinstance(alt_ref, bytes) else int(alt_ref) == 1:
         alt = -alt  # GPSAltitudeRef 1: below sea level
+    if not GPS_ALTITUDE_RANGE_M[0] <= alt <= GPS_ALTITUDE_RANGE_M[1]:
+        raise SurveyError(path, f"GPS altitude {alt:.6g} m is not plausible for an aerial survey "
+                                f"(expected {GPS_ALTITUDE_RANGE_M[0]:g} to {GPS_ALTITUDE_RANGE_M[1]:g} m)")
 
     focal_mm, focal_px, focal_source = _focal_px(exif_ifd, make, model, width, height)
     xmp = _xmp_packet(data)
