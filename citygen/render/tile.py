@@ -54,7 +54,6 @@ the wrapper adds density where the original field had none).
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
