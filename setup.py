@@ -18,6 +18,7 @@ setup(
         "torch>=2.1",
         "numpy>=1.24",
         "pyproj>=3.6",
+        "defusedxml>=0.7",  # survey XML (BlocksExchange, DJI XMP) without DTDs or entity expansion
         "rasterio>=1.3",
         "pillow>=10",
         "safetensors>=0.4",

@@ -45,7 +45,7 @@ else the UTM zone of the cameras; its origin is the mean camera centre rounded t
 from __future__ import annotations
 
 import os
-import xml.etree.ElementTree as ET
+import xml.etree.ElementTree as ET  # building XML to write; parsing goes through .safexml
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -54,6 +54,7 @@ import numpy as np
 from .atomic import atomic_write_text
 from .errors import SurveyError
 from .georef import Georef, utm_epsg_for
+from .safexml import ParseError, parse_xml
 from .survey import Camera, Survey, SurveyImage, check_pose, check_relative_path
 
 #: CameraOrientation name -> its (x, y) image axes as OpenCV camera axes; z = x × y.
@@ -319,12 +320,11 @@ def read_blocks_exchange(xml_path: str | Path, images_root: str | Path | None = 
     """
     doc = _Doc(Path(xml_path))
     try:
-        tree = ET.parse(doc.path)
+        top = parse_xml(doc.path.read_bytes(), doc.path, "BlocksExchange XML")
     except FileNotFoundError:
         raise doc.fail("file not found") from None
-    except (ET.ParseError, OSError, UnicodeDecodeError) as err:
+    except (ParseError, OSError, UnicodeDecodeError) as err:
         raise doc.fail(f"not valid XML ({err})") from None
-    top = tree.getroot()
     if top.tag != "BlocksExchange":
         raise doc.fail(f"root element is <{top.tag}>, expected <BlocksExchange>")
     srs_defs = {doc.text(s, "Id", "SRS"): doc.text(s, "Definition", "SRS")

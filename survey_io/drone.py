@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 #: Focal length guess (times the long side) when EXIF has none; COLMAP's default.
 DEFAULT_FOCAL_FACTOR = 1.2
+#: Farthest a camera's GPS position may lie from the survey's median position (metres).
+MAX_GPS_SPREAD_M = 50_000.0
 #: Below this horizontal displacement (metres) between neighbours, the flight direction is undefined.
 _MIN_HEADING_BASELINE_M = 0.5
 
@@ -169,6 +171,14 @@ def read_drone_folder(folder: str | Path, georef: Georef | None = None) -> Surve
     for m, c in zip(metas, centres):
         if not np.all(np.isfinite(c)):
             raise SurveyError(m.path, f"GPS position ({m.lat}, {m.lon}, {m.alt}) does not map into {georef.crs}")
+    # A survey is one flight area (a tile is ~100 km²): an image far from the others carries a
+    # wrong N/S or E/W reference or a corrupt tag, and would stretch the plan over a continent.
+    spread = np.linalg.norm(centres[:, :2] - np.median(centres[:, :2], axis=0), axis=1)
+    worst = int(np.argmax(spread))
+    if spread[worst] > MAX_GPS_SPREAD_M:
+        raise SurveyError(metas[worst].path, f"GPS position ({metas[worst].lat:.6f}, {metas[worst].lon:.6f}) is "
+                                             f"{spread[worst] / 1000:.0f} km from the survey's median position "
+                                             f"(more than {MAX_GPS_SPREAD_M / 1000:.0f} km): wrong N/S or E/W reference?")
 
     # Capture order for flight headings: DateTimeOriginal has one-second resolution, the
     # file name breaks ties (drone cameras number frames sequentially).

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import math
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import SurveyError
+from .safexml import ParseError, parse_xml
 
 _GPS_IFD = 0x8825
 _EXIF_IFD = 0x8769
@@ -49,6 +49,9 @@ DJI_FIELDS = ("GimbalPitchDegree", "GimbalYawDegree", "GimbalRollDegree", "Fligh
               "FlightPitchDegree", "FlightRollDegree", "RelativeAltitude", "AbsoluteAltitude",
               "CalibratedFocalLength", "CalibratedOpticalCenterX", "CalibratedOpticalCenterY")
 _XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+#: Plausible GPS altitudes (m): below the Dead Sea shore to above any survey aircraft's ceiling.
+#: A value outside is a corrupt tag (e.g. a rational with a garbage denominator), not a flight.
+GPS_ALTITUDE_RANGE_M = (-1000.0, 20000.0)
 
 
 @dataclass(frozen=True)
@@ -123,24 +126,26 @@ def _dms_to_degrees(dms, ref, path: Path, what: str) -> float:
     return deg
 
 
-def parse_dji_xmp(xmp: bytes | str) -> dict[str, float]:
+def parse_dji_xmp(xmp: bytes | str, source: str | Path | None = None) -> dict[str, float]:
     """The ``drone-dji:`` numeric fields of an XMP packet (attribute or element form).
 
     Fields that are absent or not numbers are left out.  A packet that is not well-formed
-    XML (some firmware writes stray bytes) falls back to a tolerant pattern match.
+    XML (some firmware writes stray bytes) falls back to a tolerant pattern match; one that
+    declares a DTD or entities is refused (SurveyError naming ``source``).
     """
     text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
     found: dict[str, str] = {}
     start, end = text.find("<x:xmpmeta"), text.rfind("</x:xmpmeta>")
     try:
-        root = ET.fromstring(text[start:end + len("</x:xmpmeta>")] if start >= 0 and end > start else text)
+        root = parse_xml(text[start:end + len("</x:xmpmeta>")] if start >= 0 and end > start else text,
+                         source, "XMP packet")
         for el in root.iter():
             for key, value in el.attrib.items():
                 if key.startswith("{" + _DJI_NS + "}"):
                     found[key.split("}", 1)[1]] = value
             if isinstance(el.tag, str) and el.tag.startswith("{" + _DJI_NS + "}") and el.text:
                 found[el.tag.split("}", 1)[1]] = el.text
-    except ET.ParseError:
+    except ParseError:
         for m in re.finditer(r'drone-dji:(\w+)\s*=\s*"([^"]*)"', text):
             found[m.group(1)] = m.group(2)
         for m in re.finditer(r"<drone-dji:(\w+)>([^<]*)</drone-dji:\1>", text):
@@ -210,6 +215,8 @@ def read_image_metadata(path: str | Path) -> ImageMetadata:
         data = path.read_bytes()
     except OSError as err:
         raise SurveyError(path, f"cannot read file ({err.strerror or err})") from None
+    if not data:
+        raise SurveyError(path, "empty file (0 bytes)")
     if not data.startswith(b"\xff\xd8"):
         raise SurveyError(path, "not a JPEG file (no SOI marker)")
     try:
@@ -241,10 +248,13 @@ def read_image_metadata(path: str | Path) -> ImageMetadata:
     alt_ref = gps.get(_GPS_ALT_REF, 0)
     if (alt_ref[:1] == b"\x01") if isinstance(alt_ref, bytes) else int(alt_ref) == 1:
         alt = -alt  # GPSAltitudeRef 1: below sea level
+    if not GPS_ALTITUDE_RANGE_M[0] <= alt <= GPS_ALTITUDE_RANGE_M[1]:
+        raise SurveyError(path, f"GPS altitude {alt:.6g} m is not plausible for an aerial survey "
+                                f"(expected {GPS_ALTITUDE_RANGE_M[0]:g} to {GPS_ALTITUDE_RANGE_M[1]:g} m)")
 
     focal_mm, focal_px, focal_source = _focal_px(exif_ifd, make, model, width, height)
     xmp = _xmp_packet(data)
-    dji = parse_dji_xmp(xmp) if xmp else {}
+    dji = parse_dji_xmp(xmp, path) if xmp else {}
     bad = [k for k, v in dji.items() if not math.isfinite(v)]
     if bad:
         raise SurveyError(path, f"DJI XMP field {bad[0]} is not finite")

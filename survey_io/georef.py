@@ -77,7 +77,7 @@ class Georef:
     def from_dict(cls, d: dict[str, Any]) -> Georef:
         try:
             return cls(str(d["crs"]), tuple(d["origin"]))
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise SurveyError(None, f"georef needs 'crs' and 'origin' (3 numbers): {err}") from None
 
     def to_dict(self) -> dict[str, Any]:

@@ -125,6 +125,9 @@ def read_geotiff(path: str | Path) -> GeoRaster:
         raise SurveyError(path, f"not a readable GeoTIFF ({str(err).splitlines()[0][:200]})") from None
     if crs is None:
         raise SurveyError(path, "GeoTIFF has no CRS")
+    if transform.is_identity:
+        # rasterio's stand-in when the file has no geotransform: pixel (col, row) would be CRS metres
+        raise SurveyError(path, "GeoTIFF has a CRS but no georeferencing transform (pixel to CRS)")
     epsg = crs.to_epsg()
     crs_str = f"EPSG:{epsg}" if epsg is not None else crs.to_wkt()
     array = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)

@@ -134,6 +134,38 @@ class Survey:
             raise SurveyError(source, f"held-out names not in the survey: {sorted(unknown)[:3]}")
         return self
 
+    def check_image_files(self, images: list[SurveyImage] | None = None) -> Survey:
+        """Check that each image file (default: all) is an image of its camera's size.
+
+        Reads headers only (Pillow opens lazily), so a survey of thousands of images is checked
+        in seconds before any training or planning starts.  Without this a missing file, a
+        non-image or a file whose pixel size disagrees with ``w``/``h`` would surface late, or
+        (a size mismatch) not at all: the trainer resizes to the camera size.
+
+        Raises:
+            SurveyError: naming the image file: missing, empty, not an image, or the wrong size.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        for im in self.images if images is None else images:
+            path = self.image_path(im)
+            cam = self.camera_of(im)
+            try:
+                if path.stat().st_size == 0:
+                    raise SurveyError(path, "image file is empty (0 bytes)")
+                with Image.open(path) as f:
+                    size = f.size
+            except FileNotFoundError:
+                raise SurveyError(path, "image file not found") from None
+            except UnidentifiedImageError:
+                raise SurveyError(path, "not an image file (Pillow cannot identify it)") from None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                raise SurveyError(path, f"unreadable image ({err})") from None
+            if tuple(size) != (cam.width, cam.height):
+                raise SurveyError(path, f"image is {size[0]}x{size[1]} pixels, but the survey says "
+                                        f"{cam.width}x{cam.height} (w, h)")
+        return self
+
 
 def check_pose(c2w, source, what: str = "pose") -> np.ndarray:
     """A finite rigid 4x4 (rotation orthonormal with det +1, last row 0 0 0 1), as float64."""

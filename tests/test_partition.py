@@ -336,6 +336,12 @@ def test_cli_plan_writes_plan_and_picture(tmp_path, capsys):
     poses = [pose(NADIR, [x, y, 80.0]) for x in range(0, 300, 40) for y in range(0, 200, 40)]
     survey = make_survey(poses, cam)
     survey.root = tmp_path
+    from PIL import Image
+
+    blank = tmp_path / survey.images[0].name
+    Image.new("RGB", (cam.width, cam.height)).save(blank)  # plan checks every image's size (header only)
+    for im in survey.images[1:]:
+        (tmp_path / im.name).write_bytes(blank.read_bytes())
     data = write_transforms(survey, tmp_path / "transforms.json")
     out = tmp_path / "tile"
     rc = entrypoint(["plan", "--data", str(data), "--out", str(out), "--blocks", "2x2", "--ground-height", "0",

@@ -95,6 +95,15 @@ class OrthoMaps:
     acc: np.ndarray
     valid: np.ndarray
 
+    def require_data(self, path: str | Path | None) -> None:
+        """Refuse to deliver a raster in which no cell saw anything: a field whose weights are
+        NaN, or bounds outside the scene, render nothing, and an all-nodata GeoTIFF written
+        with exit status 0 looks like a result."""
+        if not self.valid.any():
+            raise CitygenError(path, f"the rendered {self.grid.width}x{self.grid.height} raster is all nodata "
+                                     "(no cell reached the opacity threshold min_acc): nothing written; "
+                                     "check the bounds and that the tile's fields render")
+
     def dsm(self) -> np.ndarray:
         """float32 heights in the CRS's vertical, :data:`DSM_NODATA` where invalid."""
         z = self.height.astype(np.float64) + self.georef.origin[2]
@@ -187,11 +196,13 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
 
 def write_ortho(maps: OrthoMaps, path: str | Path) -> Path:
     """Write the true orthophoto as an RGBA uint8 GeoTIFF (alpha 0 = nodata)."""
+    maps.require_data(path)
     return write_geotiff(path, maps.rgba(), crs=maps.georef.crs, transform=maps.grid.transform(maps.georef))
 
 
 def write_dsm(maps: OrthoMaps, path: str | Path) -> Path:
     """Write the DSM: float32 heights in the CRS's vertical, nodata -9999."""
+    maps.require_data(path)
     return write_geotiff(path, maps.dsm(), crs=maps.georef.crs, transform=maps.grid.transform(maps.georef),
                          nodata=DSM_NODATA, dtype="float32")
 
@@ -200,5 +211,6 @@ def write_semantics(maps: OrthoMaps, path: str | Path) -> Path:
     """Write the semantic raster: uint8 class ids (``maps.classes``), nodata 255."""
     if not maps.classes:
         raise CitygenError(path, "the scene has no semantic classes to export")
+    maps.require_data(path)
     return write_geotiff(path, maps.semantics, crs=maps.georef.crs, transform=maps.grid.transform(maps.georef),
                          nodata=CLASS_NODATA, dtype="uint8")

@@ -223,6 +223,8 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
                      min_acc=options.min_acc, chunk=options.chunk, progress=options.progress)
         counts["raster_cells"] = int(maps.valid.size)
         counts["raster_valid_cells"] = int(maps.valid.sum())
+        maps.require_data(out)  # before any file is written
+    out.mkdir(parents=True, exist_ok=True)
     if "ortho" in what:
         files["ortho"] = str(write_ortho(maps, out / "ortho.tif"))
     if "dsm" in what:

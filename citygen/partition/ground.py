@@ -252,16 +252,15 @@ def estimate_ground(survey: Survey, config: PartitionConfig, points: np.ndarray 
 
 
 def load_sparse_points(folder: str | Path) -> np.ndarray:
-    """(N, 3) points of a COLMAP model folder (cameras/images/points3D, .bin or .txt)."""
-    import pycolmap
+    """(N, 3) points of a COLMAP model folder (cameras/images/points3D, .bin or .txt).
 
-    folder = Path(folder)
-    try:
-        rec = pycolmap.Reconstruction(str(folder))
-    except (RuntimeError, ValueError, OSError) as err:
-        raise SurveyError(folder, f"unreadable COLMAP model ({str(err).splitlines()[0][:200]})") from None
-    pts = np.array([p.xyz for p in rec.points3D.values()], dtype=np.float64).reshape(-1, 3)
-    return pts
+    Read through survey_io's checked COLMAP reader: pycolmap alone trusts a truncated
+    ``points3D.bin`` and allocates whatever its garbage track lengths ask for.
+    """
+    from survey_io.colmap import read_colmap_points
+
+    xyz, _rgb = read_colmap_points(folder)
+    return xyz
 
 
 def load_depth(path: Path) -> np.ndarray:

@@ -193,6 +193,8 @@ class TilePlan:
             raise bad(str(err)) from None
         if min(grid.block_size) <= 0 or grid.rows < 1 or grid.cols < 1 or margin < 0:
             raise bad("grid needs positive block sizes, rows, cols and a margin >= 0")
+        if not blocks:
+            raise bad("no blocks")
         ids = [b.id for b in blocks]
         if len(set(ids)) != len(ids):
             raise bad("duplicate block ids")

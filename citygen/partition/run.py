@@ -104,7 +104,7 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
     else:
         if req.data is None:
             raise CitygenError(None, "plan needs --data transforms.json (or --dry-run)")
-        survey = read_transforms(req.data)
+        survey = read_transforms(req.data).check_image_files()
         ground = _ground(survey, req, config)
         source = {"dry_run": False, "data": str(req.data)}
 

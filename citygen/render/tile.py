@@ -54,7 +54,6 @@ the wrapper adds density where the original field had none).
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -488,14 +487,14 @@ def nearest_camera_codes(field: Any, origins: Tensor) -> Tensor:
 
 def _read_sidecar(sidecar: Path) -> tuple[dict[str, Any], np.ndarray, tuple[str, ...], Any]:
     """(meta, field box (2, 3), classes, training config) from a checkpoint sidecar, without the tensors."""
+    from ..train.checkpoint import read_sidecar
+
+    meta = read_sidecar(sidecar)
     try:
-        meta = json.loads(sidecar.read_text())
-        aabb = np.asarray(meta["aabb"], dtype=np.float64).reshape(2, 3)
-        classes = tuple(meta["classes"])
         cfg = from_dict(meta["config"], str(sidecar))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise CitygenError(sidecar, f"not a readable checkpoint sidecar ({err})") from None
-    return meta, aabb, classes, cfg
+    return meta, np.asarray(meta["aabb"], dtype=np.float64), tuple(meta["classes"]), cfg
 
 
 def _checkpoint_loader(sidecar: Path, device: str | torch.device) -> Callable[[], Any]:

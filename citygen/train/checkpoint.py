@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -105,14 +106,14 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CitygenError(path, "no checkpoint found (expected checkpoints/step_*.json)")
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a checkpoint (see :func:`resolve_checkpoint` for ``path``): (tensors, sidecar meta).
+def read_sidecar(json_path: Path) -> dict[str, Any]:
+    """The checked JSON sidecar of a checkpoint, without its tensors.
 
     Raises:
-        CitygenError naming the file when the sidecar or the tensor file is missing, truncated
-        or corrupt.
+        CitygenError naming the sidecar when it is missing, not JSON, not a citygen sidecar, or
+        lacks (or has malformed) the fields every reader relies on: config, aabb, classes, step.
     """
-    json_path = resolve_checkpoint(path)
+    json_path = Path(json_path)
     try:
         meta = json.loads(json_path.read_text())
     except FileNotFoundError:
@@ -121,7 +122,46 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dic
         raise CitygenError(json_path, f"checkpoint sidecar is not valid JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "tensors_file" not in meta:
         raise CitygenError(json_path, f"not a citygen checkpoint sidecar (expected format {FORMAT!r})")
-    st_path = json_path.parent / Path(meta["tensors_file"]).name
+    missing = [k for k in ("config", "aabb", "classes", "step") if k not in meta]
+    if missing:
+        raise CitygenError(json_path, f"checkpoint sidecar lacks {missing}")
+    if not isinstance(meta["config"], dict):
+        raise CitygenError(json_path, "checkpoint sidecar 'config' must be an object")
+    try:
+        aabb = np.asarray(meta["aabb"], dtype=np.float64)
+    except (TypeError, ValueError):
+        aabb = np.zeros(0)
+    if aabb.shape != (2, 3) or not np.all(np.isfinite(aabb)) or np.any(aabb[1] <= aabb[0]):
+        raise CitygenError(json_path, f"checkpoint sidecar 'aabb' must be finite [[min xyz], [max xyz]] with "
+                                      f"max > min, got {str(meta['aabb'])[:80]}")
+    if not isinstance(meta["classes"], list) or not all(isinstance(c, str) for c in meta["classes"]):
+        raise CitygenError(json_path, "checkpoint sidecar 'classes' must be a list of names")
+    if isinstance(meta["step"], bool) or not isinstance(meta["step"], int) or meta["step"] < 0:
+        raise CitygenError(json_path, f"checkpoint sidecar 'step' must be an integer >= 0, got {meta['step']!r}")
+    return meta
+
+
+def check_finite(tensors: dict[str, Tensor], source: Path) -> None:
+    """Refuse NaN or inf in any floating-point tensor: a diverged run's weights render nothing
+    (an all-nodata export), and resuming from them cannot recover."""
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise CitygenError(source, f"tensor {name!r} has {bad} NaN or inf value(s) of {t.numel()}: "
+                                           "the run diverged; use an earlier checkpoint")
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint (see :func:`resolve_checkpoint` for ``path``): (tensors, sidecar meta).
+
+    Raises:
+        CitygenError naming the file when the sidecar or the tensor file is missing, truncated
+        or corrupt, or a tensor holds NaN or inf.
+    """
+    json_path = resolve_checkpoint(path)
+    meta = read_sidecar(json_path)
+    st_path = json_path.parent / Path(str(meta["tensors_file"])).name
     if not st_path.is_file():
         raise CitygenError(st_path, "checkpoint tensor file not found")
     size = st_path.stat().st_size
@@ -132,4 +172,26 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dic
         tensors = load_file(str(st_path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CitygenError(st_path, f"checkpoint tensor file is corrupt ({err})") from None
+    check_finite(tensors, st_path)
     return tensors, meta
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, Tensor], source: Path, prefix: str = "model.",
+                      config_note: str = "its sidecar's config") -> None:
+    """``module.load_state_dict(state)``, refusing a checkpoint whose tensors do not fit the module
+    built from ``config_note`` with one line naming the first tensor that differs (torch's own
+    error spans many lines and names no file)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        which = f"lacks {prefix}{missing[0]}" if missing else f"has an unexpected tensor {prefix}{unexpected[0]}"
+        raise CitygenError(source, f"checkpoint does not fit {config_note}: it {which}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CitygenError(source, f"checkpoint does not fit {config_note}: tensor {prefix}{k} has shape "
+                                       f"{tuple(state[k].shape)}, the config gives {tuple(v.shape)}")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise CitygenError(source, f"checkpoint does not fit {config_note} ({str(err).splitlines()[0]})") from None

@@ -113,6 +113,7 @@ class RayDataset:
                  device: torch.device | str = "cpu"):
         if not images:
             raise CitygenError(survey.root, "no training images")
+        survey.check_image_files(images)  # headers only: a bad file fails before any pixel is loaded
         self.survey = survey
         self.images = images
         self.device = torch.device(device)

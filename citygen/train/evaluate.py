@@ -88,6 +88,7 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
     field, meta = load_field(checkpoint, device)
     cfg = meta["train_config"]
     views = select_images(survey, image_names, "test") if image_names else survey.test_images
+    survey.check_image_files(views)  # ground truth of the wrong size would be resized, not refused
     n_classes = len(meta["classes"])
     conf_total = torch.zeros(n_classes, n_classes, dtype=torch.long)
     rows = []

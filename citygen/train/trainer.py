@@ -40,6 +40,7 @@ from ..render.volume import render_rays
 from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
+    load_module_state,
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
@@ -187,10 +188,7 @@ class BlockTrainer:
             raise CitygenError(source, f"checkpoint field uses normalization {saved!r}, this config "
                                        f"{self.cfg.field.normalization!r}: resume with the run's own config")
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        try:
-            self.field.load_state_dict(model)
-        except RuntimeError as err:
-            raise CitygenError(source, f"checkpoint does not fit this field config ({str(err).splitlines()[0]})") from None
+        load_module_state(self.field, model, source, config_note="this field config")
         restore_optimizer(self.optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")},
                           meta["optimizer"]["groups"], source)
         self.generator.set_state(tensors["rng.generator"].cpu())
@@ -360,13 +358,13 @@ def load_field(checkpoint: Path | str, device: torch.device | str = "cpu") -> tu
         config = {**config, "field": {**config.get("field", {}), "normalization": "per_axis"}}
     cfg = from_dict(config, str(checkpoint))
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    absent = [f"model.{k}" for k in ("appearance.weight", "camera_positions") if k not in model]
+    if absent:
+        raise CitygenError(checkpoint, f"checkpoint has no tensors {absent}: not a citygen field checkpoint")
     n_images = model["appearance.weight"].shape[0]
     field = build_field(cfg, np.asarray(meta["aabb"]), n_images, len(meta["classes"]),
                         model["camera_positions"], torch.device(device))
-    try:
-        field.load_state_dict(model)
-    except RuntimeError as err:
-        raise CitygenError(checkpoint, f"checkpoint does not fit its own config ({str(err).splitlines()[0]})") from None
+    load_module_state(field, model, Path(checkpoint))
     meta["train_config"] = cfg
     return field.eval(), meta
 
