@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-
 #: between the target's name and the writer's pid in a temp file's name.
 TEMP_MARK = ".tmp-"
 _TEMP = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[a-z0-9_]{8}(?P<suffix>\..*)?$")

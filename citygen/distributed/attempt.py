@@ -16,6 +16,7 @@ import traceback
 
 from survey_io.atomic import atomic_write_json
 
+from .lease import hold_block
 from .state import (
     DONE,
     FAILED,
@@ -28,7 +29,6 @@ from .state import (
     update_state,
     utc_now,
 )
-from .lease import hold_block
 from .task import BlockTask, resolve_job
 
 

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Protocol, Sequence
 from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
+from .lease import LOCK_FILE as LOCK_FILE_BLOCK
+from .lease import BlockHeldError, hold_block, holder, remove_stale_temps
 from .state import (
     DONE,
     FAILED,
@@ -27,8 +29,6 @@ from .state import (
     update_state,
     utc_now,
 )
-from .lease import LOCK_FILE as LOCK_FILE_BLOCK
-from .lease import BlockHeldError, hold_block, holder, remove_stale_temps
 from .task import BlockTask, resolve_job
 
 MANIFEST_FILE = "tile_run.json"

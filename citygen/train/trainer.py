@@ -332,9 +332,8 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
         lpips_weights: LPIPS weights file for the evaluation (see :mod:`citygen.nets.lpips`);
             read before training, so a bad file fails at once.
     """
-    from ..nets.lpips import load_lpips
-
     from ..distributed.lease import hold_block
+    from ..nets.lpips import load_lpips
 
     out = Path(out)
     lpips_net = load_lpips(lpips_weights) if config.eval_at_end else None
