@@ -24,7 +24,7 @@ from citygen.cli import entrypoint
 from citygen.distributed import BlockTask, LocalExecutor, read_state, run_tile, tile_status
 from citygen.distributed.attempt import run_attempt
 from citygen.distributed.lease import LEASE_FILE, BlockHeldError, is_held, read_lease
-from citygen.distributed.state import process_alive, this_host
+from citygen.distributed.state import process_alive, this_host, truncate_metrics
 from citygen.distributed.toy_job import ATTEMPTS_LOG, CHECKPOINT, METRICS_LOG, toy_block_job
 from survey_io.atomic import temp_files
 
@@ -290,3 +290,14 @@ def test_temp_files_of_killed_writes_are_removed_when_the_block_is_next_held(tmp
         assert unrelated.read_text() == "not a temp file"
     finally:
         kill(live)
+
+
+def test_a_resumed_metrics_log_is_cut_back_to_the_checkpoint_step(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (50, 100, 150, 200))
+                   + '{"step": 25')  # a line torn by the kill
+    truncate_metrics(log, 100)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [50, 100]
+    truncate_metrics(log, 0)  # a fresh start keeps nothing
+    assert log.read_text() == ""
+    assert temp_files(tmp_path) == []
