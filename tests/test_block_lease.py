@@ -186,7 +186,7 @@ def test_a_held_block_is_refused_with_its_holder_and_trained_once_it_is_free(tmp
         assert row["holder"]["started"] == started and status["counts"]["running"] == 1
         assert entrypoint(["status", str(tile)]) == 0
         line = next(ln for ln in capsys.readouterr().out.splitlines() if "│ b " in ln)
-        assert "running" in line and "held since" in line and str(helper.pid) in line
+        assert "running" in line and "(held, heartbeat" in line and str(helper.pid) in line
 
         # a run that may wait gets the block once the holder dies
         killer = threading.Timer(1.5, kill, [helper])
