@@ -126,8 +126,9 @@ def process_alive(pid: int, start_time: int | None = None) -> bool:
     if stat is None:  # no /proc (macOS) or it just exited: trust kill(0)
         return True
     # A zombie has exited; it lingers only until its (new) parent reaps it, which a
-    # container's init may never do.
-    if stat[0] == "Z":
+    # container's init may never do.  (A zombie main thread whose other threads still
+    # run their exit is not gone yet: it may still hold its files and locks.)
+    if stat[0] == "Z" and int(stat[17]) <= 1:
         return False
     return start_time is None or int(stat[19]) == int(start_time)
 
