@@ -7,7 +7,8 @@ Tile layout (``tile_dir``)::
                          each block's field box (written before any block starts)
     tile_run.json        the executors' block list (citygen.distributed.run_tile)
     block_<id>/          one block's run folder: config.json, metrics.jsonl, checkpoints/,
-                         state.json, result.json, worker.log
+                         state.json, result.json, worker.log, .block.lock + lease.json (the
+                         process training it: citygen.distributed.lease)
 
 Each block's field covers the plan's box for it (the extended rectangle times the block's
 height range), tightened vertically:

@@ -284,6 +284,31 @@ def test_ray_executor_job_errors_and_worker_deaths(tmp_path, ray_local):
     assert tile_status(tile)["counts"] == {"pending": 0, "running": 0, "done": 2, "failed": 2}
 
 
+def test_ray_attempts_respect_the_block_lock(tmp_path, ray_local):
+    from citygen.distributed.lease import LEASE_FILE, read_lease
+
+    tile = tmp_path / "tile"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom citygen.distributed.lease import hold_block\n"
+        f"with hold_block({str(tile / 'held')!r}):\n    print('holding', flush=True)\n    time.sleep(600)\n")],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"holding"
+        tasks = toy_tasks(tile, ["held", "free"])
+        # straight to the executor (run_tile would refuse the block before Ray saw it)
+        outcomes = RayExecutor(max_retries=2, hold_wait_s=0.2).execute(tasks)
+    finally:
+        holder.kill()
+        holder.wait()
+    held = outcomes["held"]
+    assert held.state == "failed" and held.attempts == 0
+    assert held.error.startswith(f"held by pid {holder.pid} on host ")
+    assert read_lease(tile / "held")["pid"] == holder.pid  # the holder's files untouched, no state written
+    assert not (tile / "held" / "state.json").exists() and not (tile / "held" / ATTEMPTS_LOG).exists()
+    assert outcomes["free"].state == "done" and outcomes["free"].result == reference_result(tmp_path, "free")
+    assert not (tile / "free" / LEASE_FILE).exists()
+
+
 def test_ray_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
     with pytest.raises(CitygenError, match=r"pip install 'citygen\[ray\]'"):

@@ -25,8 +25,9 @@ in a worker process, returning a JSON-serializable ``dict`` (stored as
 
 Only the job's ``kwargs`` and the returned dict cross process boundaries, as JSON.  The
 executors manage ``out_dir/state.json`` (see :mod:`citygen.distributed.state`), a worker
-log (``worker.log``, local executor) and ``result.json``; the job owns every other file in
-``out_dir``.  A block that is ``done`` with a result file is never run again; delete its
+log (``worker.log``, local executor), ``result.json`` and the block's lock and lease
+(``.block.lock``, ``lease.json``: one process trains a block at a time, see
+:mod:`citygen.distributed.lease`); the job owns every other file in ``out_dir``.  A block that is ``done`` with a result file is never run again; delete its
 folder to retrain it.  :mod:`citygen.distributed.toy_job` is a reference job.
 
 **Executors.**  :class:`LocalExecutor` runs each attempt as a worker subprocess (one block
@@ -42,6 +43,7 @@ ranks per block with the torch.distributed environment; a job that supports it c
 """
 
 from .ddp import init_block_process_group, is_main_rank
+from .lease import BlockHeldError, hold_block
 from .local import LocalExecutor
 from .ray_executor import RayExecutor
 from .state import is_finished, read_result, read_state, report_progress
@@ -49,6 +51,7 @@ from .task import BlockTask
 from .tile import BlockOutcome, Executor, TileResult, run_tile, tile_status
 
 __all__ = [
-    "BlockOutcome", "BlockTask", "Executor", "LocalExecutor", "RayExecutor", "TileResult", "init_block_process_group",
-    "is_finished", "is_main_rank", "read_result", "read_state", "report_progress", "run_tile", "tile_status",
+    "BlockHeldError", "BlockOutcome", "BlockTask", "Executor", "LocalExecutor", "RayExecutor", "TileResult",
+    "hold_block", "init_block_process_group", "is_finished", "is_main_rank", "read_result", "read_state",
+    "report_progress", "run_tile", "tile_status",
 ]

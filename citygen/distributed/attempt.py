@@ -3,7 +3,9 @@
 Both executors end up here: the local executor's worker subprocess and the Ray task call
 :func:`run_attempt`.  It owns the block's state transitions during the attempt
 (running -> done | failed); the executor only writes state when the worker could not
-(it was killed, or never started).
+(it was killed, or never started).  The attempt holds the block
+(:func:`citygen.distributed.lease.hold_block`) from before its first look at the block's
+files until after its last write, so no two processes ever train one block.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import traceback
 
 from survey_io.atomic import atomic_write_json
 
+from .lease import hold_block
 from .state import (
     DONE,
     FAILED,
@@ -37,41 +40,43 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def run_attempt(task: BlockTask, resume: bool | None = None) -> dict:
+def run_attempt(task: BlockTask, resume: bool | None = None, hold_wait_s: float = 0.0) -> dict:
     """Run ``task``'s job once in this process and return its result.
 
     A block that already finished is not run again: its stored result is returned.  The
     job is asked to resume (``resume=True``) whenever an earlier attempt has started
     (unless the caller decided ``resume`` already), so a retry after a crash continues
-    from the job's last checkpoint.
+    from the job's last checkpoint.  The block is held for the whole attempt; another
+    holder is waited for up to ``hold_wait_s`` seconds.
 
     Raises:
+        BlockHeldError: another live process holds the block (nothing was written).
         BlockJobError: the job failed; the block's state says ``failed`` with the error.
     """
     out_dir = task.path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if is_finished(out_dir):
-        return read_result(out_dir)
-    previous = read_state(out_dir) or {}
-    earlier_attempts = int(previous.get("attempts", 0))
-    if resume is None:
-        resume = earlier_attempts > 0
-    update_state(out_dir, block_id=task.block_id, state=RUNNING, attempts=earlier_attempts + 1,
-                 pid=os.getpid(), host=this_host(), started=utc_now(), resumed=resume)
-    try:
-        job = resolve_job(task.job)
-        result = job(task.block_id, str(out_dir), resume, **task.kwargs)
-        if not isinstance(result, dict):
-            raise TypeError(f"block job returned {type(result).__name__}, expected a dict")
-        json.dumps(result)  # fail here, not half-way through writing the result file
-    except Exception as err:
-        message = describe_error(err)
-        traceback.print_exc()
-        update_state(out_dir, state=FAILED, error=message)
-        raise BlockJobError(f"block {task.block_id}: {message}") from err
-    atomic_write_json(out_dir / RESULT_FILE, result)
-    update_state(out_dir, state=DONE, error=None, finished=utc_now())
-    return result
+    with hold_block(out_dir, wait_s=hold_wait_s, role=f"block {task.block_id} attempt"):
+        if is_finished(out_dir):
+            return read_result(out_dir)
+        previous = read_state(out_dir) or {}
+        earlier_attempts = int(previous.get("attempts", 0))
+        if resume is None:
+            resume = earlier_attempts > 0
+        update_state(out_dir, block_id=task.block_id, state=RUNNING, attempts=earlier_attempts + 1,
+                     pid=os.getpid(), host=this_host(), started=utc_now(), resumed=resume)
+        try:
+            job = resolve_job(task.job)
+            result = job(task.block_id, str(out_dir), resume, **task.kwargs)
+            if not isinstance(result, dict):
+                raise TypeError(f"block job returned {type(result).__name__}, expected a dict")
+            json.dumps(result)  # fail here, not half-way through writing the result file
+        except Exception as err:
+            message = describe_error(err)
+            traceback.print_exc()
+            update_state(out_dir, state=FAILED, error=message)
+            raise BlockJobError(f"block {task.block_id}: {message}") from err
+        atomic_write_json(out_dir / RESULT_FILE, result)
+        update_state(out_dir, state=DONE, error=None, finished=utc_now())
+        return result
 
 
 def run_follower_rank(task: BlockTask, resume: bool) -> None:

@@ -5,7 +5,10 @@ on a CPU-only machine one block at a time, or ``max_parallel`` at once with the 
 shared out between them.  Workers are plain subprocesses (``python -m
 citygen.distributed.worker``) in their own session, so a crash or a SIGKILL takes down
 only that block's attempt; the executor notices the exit and retries it, and the retry
-resumes from the block's last checkpoint.
+resumes from the block's last checkpoint.  Workers die with the executor (see
+:mod:`citygen.distributed.worker`); the executor stops their process groups when it
+exits.  Each attempt holds its block (:mod:`citygen.distributed.lease`); a block another
+live process holds fails as held, without retries.
 
 With ``procs_per_block = k > 1`` a block trains data parallel: k ranks (one per GPU of
 the block's k GPUs, or k CPU processes with gloo) get the torch.distributed environment
@@ -28,9 +31,11 @@ from dataclasses import dataclass
 from typing import IO, Sequence
 
 from ..errors import CitygenError
+from .lease import EXECUTOR_PID_ENV, BlockHeldError, read_lease
 from .state import DONE, FAILED, PENDING, read_state, update_state
 from .task import BlockTask
 from .tile import BlockOutcome, outcome_from_state
+from .worker import EXIT_HELD
 
 WORKER_LOG = "worker.log"
 
@@ -84,10 +89,14 @@ class LocalExecutor:
         procs_per_block: data-parallel ranks per block (see the module docstring); on GPUs,
             each rank gets one GPU of the block's group.
         poll_interval_s: how often worker processes are checked.
+        hold_wait_s: how long an attempt waits for another process that holds its block
+            before it fails as held (a retry's predecessor has exited already, so this
+            only matters for a holder outside this executor).
     """
 
     def __init__(self, max_parallel: int | None = None, gpus: int | Sequence[int] | None = None,
-                 max_retries: int = 2, procs_per_block: int = 1, poll_interval_s: float = 0.05):
+                 max_retries: int = 2, procs_per_block: int = 1, poll_interval_s: float = 0.05,
+                 hold_wait_s: float = 10.0):
         if max_parallel is not None and max_parallel < 1:
             raise CitygenError(None, f"max_parallel must be >= 1, got {max_parallel}")
         if max_retries < 0:
@@ -99,6 +108,7 @@ class LocalExecutor:
         self.max_retries = max_retries
         self.procs_per_block = procs_per_block
         self.poll_interval_s = poll_interval_s
+        self.hold_wait_s = hold_wait_s
 
     def devices(self) -> list[str]:
         """CUDA_VISIBLE_DEVICES names of the GPUs this executor uses ([] on CPU)."""
@@ -166,8 +176,9 @@ class LocalExecutor:
         task.path.mkdir(parents=True, exist_ok=True)
         # Decided here, once, so that every rank agrees (see attempt.run_attempt).
         resume = int((read_state(task.path) or {}).get("attempts", 0)) > 0
-        payload = json.dumps({"task": task.to_dict(), "resume": resume}).encode("utf-8")
+        payload = json.dumps({"task": task.to_dict(), "resume": resume, "hold_wait_s": self.hold_wait_s}).encode()
         env = dict(os.environ)
+        env[EXECUTOR_PID_ENV] = str(os.getpid())  # the worker dies with us (worker.die_with_parent)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         else:
@@ -201,6 +212,9 @@ class LocalExecutor:
         if outcome.state == DONE:  # rank 0 finished the block, whatever the followers did after
             return outcome
         state = read_state(task.path) or {}
+        if failed == (0, EXIT_HELD):  # another process trains the block: its state is not ours to write
+            error = BlockHeldError(task.path, read_lease(task.path)).reason
+            return BlockOutcome(task.block_id, FAILED, int(state.get("attempts", 0)), error=error)
         if failed is None:
             error = f"worker exited without finishing the block (see {task.path / WORKER_LOG})"
         elif failed[0] == 0 and state.get("state") == FAILED and state.get("pid") == attempt.procs[0].pid:

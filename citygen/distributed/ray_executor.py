@@ -6,7 +6,12 @@ Two kinds of failure are retried within one budget of ``1 + max_retries`` attemp
 block: the worker dying (node lost, OOM kill, SIGKILL) is retried by Ray itself
 (``max_retries`` of the task), and the job raising is resubmitted here.  Either way the
 retry resumes from the block's last checkpoint.  Block folders must be on a file system
-that every node sees.
+that every node sees (and that supports ``flock`` across nodes, as NFSv4 and Lustre do, for
+the block lock to keep two nodes apart).
+
+Every attempt holds its block (:mod:`citygen.distributed.lease`): a retry that Ray starts
+while the attempt it replaces still holds the block (a node that lost contact but still
+runs) waits up to ``hold_wait_s`` and then fails as held, without further retries.
 
 Ray is an optional dependency (``pip install citygen[ray]``), imported only when used.
 """
@@ -17,6 +22,7 @@ from typing import Any, Sequence
 
 from ..errors import CitygenError
 from .attempt import run_attempt
+from .lease import BlockHeldError
 from .state import FAILED, read_state, update_state
 from .task import BlockTask
 from .tile import BlockOutcome, outcome_from_state
@@ -31,9 +37,9 @@ def import_ray() -> Any:
     return ray
 
 
-def _ray_block_attempt(task: dict) -> dict:
+def _ray_block_attempt(task: dict, hold_wait_s: float = 0.0) -> dict:
     """Body of the Ray task (a module-level function, so workers import it by name)."""
-    return run_attempt(BlockTask.from_dict(task))
+    return run_attempt(BlockTask.from_dict(task), hold_wait_s=hold_wait_s)
 
 
 class RayExecutor:
@@ -47,10 +53,12 @@ class RayExecutor:
         num_cpus_per_task: CPUs per block.
         max_retries: retries after a failed attempt (worker death or job error).
         init_kwargs: extra ``ray.init`` arguments (e.g. ``num_cpus=2, include_dashboard=False``).
+        hold_wait_s: how long an attempt waits for another process holding its block.
     """
 
     def __init__(self, address: str | None = None, num_gpus_per_task: float | None = None,
-                 num_cpus_per_task: float = 1, max_retries: int = 2, init_kwargs: dict | None = None):
+                 num_cpus_per_task: float = 1, max_retries: int = 2, init_kwargs: dict | None = None,
+                 hold_wait_s: float = 60.0):
         if max_retries < 0:
             raise CitygenError(None, f"max_retries must be >= 0, got {max_retries}")
         self.address = address
@@ -58,6 +66,7 @@ class RayExecutor:
         self.num_cpus_per_task = num_cpus_per_task
         self.max_retries = max_retries
         self.init_kwargs = dict(init_kwargs or {})
+        self.hold_wait_s = hold_wait_s
 
     def execute(self, tasks: Sequence[BlockTask]) -> dict[str, BlockOutcome]:
         """Run every task to done or failed (see :class:`citygen.distributed.tile.Executor`)."""
@@ -91,7 +100,7 @@ class RayExecutor:
             left = budget - used(task)  # attempts still allowed
             submitted[task.block_id] += 1
             ref = remote.options(num_gpus=gpus, num_cpus=self.num_cpus_per_task, max_retries=left - 1,
-                                 retry_exceptions=False, name=f"block:{task.block_id}").remote(task.to_dict())
+                                 retry_exceptions=False, name=f"block:{task.block_id}").remote(task.to_dict(), self.hold_wait_s)
             pending[ref] = task
 
         for task in tasks:
@@ -104,7 +113,13 @@ class RayExecutor:
                 try:
                     ray.get(ready[0])
                     outcomes[task.block_id] = outcome_from_state(task)
-                except ray.exceptions.RayTaskError:
+                except ray.exceptions.RayTaskError as err:
+                    if isinstance(getattr(err, "cause", None), BlockHeldError):
+                        # Another process trains the block: no retry, and its state is not ours.
+                        state = read_state(task.path) or {}
+                        outcomes[task.block_id] = BlockOutcome(task.block_id, FAILED, int(state.get("attempts", 0)),
+                                                               error=err.cause.reason)
+                        continue
                     # The job raised; run_attempt recorded the error in the block's state.
                     if used(task) < budget:
                         submit(task)

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from survey_io.atomic import atomic_write_json
+from survey_io.atomic import atomic_write_json, atomic_write_text
 
 from ..errors import CitygenError
 
@@ -110,12 +110,62 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host."""
+def process_alive(pid: int, start_time: int | None = None) -> bool:
+    """Whether a process with this id exists on this host (a zombie does not count).
+
+    With ``start_time`` (from :func:`process_start_time`, where /proc exists) it must also be
+    the same process, not a later one that got the same id.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:  # no /proc (macOS) or it just exited: trust kill(0)
         return True
-    return True
+    # A zombie has exited; it lingers only until its (new) parent reaps it, which a
+    # container's init may never do.  (A zombie main thread whose other threads still
+    # run their exit is not gone yet: it may still hold its files and locks.)
+    if stat[0] == "Z" and int(stat[17]) <= 1:
+        return False
+    return start_time is None or int(stat[19]) == int(start_time)
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (Linux /proc); None elsewhere.
+
+    Together with the pid it names a process for good: a pid is reused, the pair is not.
+    """
+    stat = _proc_stat(pid)
+    return int(stat[19]) if stat else None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state first), or None without /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Drop the lines of a JSONL metrics log past ``step`` (and any torn last line).
+
+    A run resumed from its checkpoint at ``step`` logs the later steps again, so the log
+    stays monotonic after a kill and a resume (no 50, 100, 100, 150).
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and _line_step(ln) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62

@@ -22,6 +22,10 @@ def status_table(status: dict[str, Any]) -> Table:
         label = f"[{STATE_STYLES[state]}]{state}[/]"
         if block.get("alive") is False:
             label += " [yellow](worker gone)[/]"
+        if block.get("holder") is not None:
+            lease = block["holder"]
+            # the holder's pid and host fill those columns; its start time is in `status --json`
+            label += f" [dim](held, heartbeat {_age(lease.get('heartbeat'), now) or '?'})[/]"
         step = block.get("last_checkpoint_step")
         table.add_row(block["block_id"], label, str(block.get("attempts", 0)), "" if step is None else str(step),
                       block.get("host") or "", str(block.get("pid") or ""), _age(block.get("updated"), now),

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Protocol, Sequence
 from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
+from .lease import LOCK_FILE as LOCK_FILE_BLOCK
+from .lease import BlockHeldError, hold_block, holder, remove_stale_temps
 from .state import (
     DONE,
     FAILED,
@@ -87,13 +89,19 @@ def outcome_from_state(task: BlockTask, *, error: str | None = None) -> BlockOut
                         error=error or state.get("error") or "block did not finish")
 
 
-def run_tile(tasks: Sequence[BlockTask], executor: Executor, tile_dir: str | Path) -> TileResult:
+def run_tile(tasks: Sequence[BlockTask], executor: Executor, tile_dir: str | Path,
+             wait_held_s: float = 0.0) -> TileResult:
     """Train every block of a tile that has not finished yet, and return every block's outcome.
 
     Finished blocks (state ``done`` and a result file) are skipped and keep their files
     untouched; unfinished ones resume from their checkpoints.  The tile's block list goes to
     ``tile_dir/tile_run.json`` so :func:`tile_status` can report on it at any time.  Only
     one ``run_tile`` may work on a tile at a time (a lock file in ``tile_dir``).
+
+    A block that another live process holds (:mod:`citygen.distributed.lease`) is not
+    trained: after up to ``wait_held_s`` seconds its outcome is ``failed`` with the error
+    ``held by pid P on host H since T`` and its files are left to the holder.  A block held
+    by an orphaned worker of an earlier, killed run is stopped first and then trained.
 
     Raises:
         CitygenError: bad tasks (duplicate ids, unknown job) or the tile is already being run.
@@ -111,6 +119,7 @@ def run_tile(tasks: Sequence[BlockTask], executor: Executor, tile_dir: str | Pat
 
     tile_dir.mkdir(parents=True, exist_ok=True)
     with _tile_lock(tile_dir):
+        remove_stale_temps(tile_dir, recursive=False)  # ours under the tile lock (block folders: theirs)
         _write_manifest(tile_dir, tasks, executor)
         result = TileResult(tile_dir)
         todo = []
@@ -120,10 +129,22 @@ def run_tile(tasks: Sequence[BlockTask], executor: Executor, tile_dir: str | Pat
                 outcome.skipped = True
                 result.blocks[task.block_id] = outcome
                 continue
-            state = read_state(task.path)
-            if state is None or state["state"] != PENDING:
-                task.path.mkdir(parents=True, exist_ok=True)
-                update_state(task.path, block_id=task.block_id, state=PENDING)
+            try:
+                # Held only to check and to mark it pending: the attempt takes the block again.
+                with hold_block(task.path, wait_s=wait_held_s, stop_orphans=True, role="run_tile"):
+                    if is_finished(task.path):  # an orphan we stopped may have just finished it
+                        outcome = outcome_from_state(task)
+                        outcome.skipped = True
+                        result.blocks[task.block_id] = outcome
+                        continue
+                    state = read_state(task.path)
+                    if state is None or state["state"] != PENDING:
+                        update_state(task.path, block_id=task.block_id, state=PENDING)
+            except BlockHeldError as err:
+                state = read_state(task.path) or {}
+                result.blocks[task.block_id] = BlockOutcome(task.block_id, FAILED, int(state.get("attempts", 0)),
+                                                            error=err.reason)
+                continue
             todo.append(task)
         if todo:
             outcomes = executor.execute(todo)
@@ -139,7 +160,10 @@ def tile_status(tile_dir: str | Path) -> dict[str, Any]:
     Returns a dict ``{"tile_dir", "total", "counts": {state: n}, "complete", "blocks": [...]}``
     where each block is its ``state.json`` plus ``block_id``, ``out_dir``, ``finished``
     (done and has a result) and, for a block running on this host, ``alive`` (whether its
-    worker process still exists: a dead one means the run was interrupted).
+    worker process still exists: a dead one means the run was interrupted).  A block that a
+    live process holds (:mod:`citygen.distributed.lease`) is ``running`` whatever its state
+    file says, with ``alive`` True and ``holder``: that process's lease (pid, host, started,
+    heartbeat).
 
     Raises:
         CitygenError: ``tile_dir`` holds no tile run.
@@ -154,8 +178,14 @@ def tile_status(tile_dir: str | Path) -> dict[str, Any]:
         state = read_state(out_dir) or {"state": PENDING, "attempts": 0}
         row = {"block_id": block_id, "out_dir": str(out_dir), **state, "finished": is_finished(out_dir)}
         row["block_id"] = block_id
-        if row["state"] == RUNNING and row.get("host") == this_host() and row.get("pid"):
-            row["alive"] = process_alive(int(row["pid"]))
+        lease = holder(out_dir)
+        if lease is not None:
+            row.update(state=RUNNING, alive=True, holder=lease)
+            row.update({k: lease[k] for k in ("pid", "host") if k in lease})
+        elif row["state"] == RUNNING and (out_dir / LOCK_FILE_BLOCK).exists():
+            row["alive"] = False  # an attempt holds its block while it runs: nobody does
+        elif row["state"] == RUNNING and row.get("host") == this_host() and row.get("pid"):
+            row["alive"] = process_alive(int(row["pid"]))  # a block run before blocks had locks
         counts[row["state"]] += 1
         rows.append(row)
     return {"tile_dir": str(tile_dir), "total": len(rows), "counts": counts,

@@ -4,7 +4,9 @@ It "trains" a small float64 vector step by step with a deterministic update, wri
 checkpoint after every step (one safetensors file, step in its metadata, written
 atomically) and resumes from it, so its result is bit-identical whether or not it was
 interrupted.  It also keeps ``toy_attempts.json``: the step each attempt started from,
-which lets tests see that a retry really resumed.
+which lets tests see that a retry really resumed, and ``toy_metrics.jsonl``: one line per
+step (``step``, ``pid``), truncated on resume like the trainer's ``metrics.jsonl``, which
+shows whether two processes ever trained the block at once.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from survey_io.atomic import atomic_path, atomic_write_json
 
 from ..errors import CitygenError
 from .ddp import init_block_process_group
-from .state import report_progress
+from .state import report_progress, truncate_metrics
 
 CHECKPOINT = "toy_checkpoint.safetensors"
 ATTEMPTS_LOG = "toy_attempts.json"
+METRICS_LOG = "toy_metrics.jsonl"
 DIM = 8
 DECAY = 0.9
 
@@ -73,6 +76,7 @@ def toy_block_job(block_id: str, out_dir: str, resume: bool, steps: int = 20, st
     if rank == 0:
         attempts.append({"start_step": step, "pid": os.getpid(), "world_size": size})
         atomic_write_json(out / ATTEMPTS_LOG, attempts)
+        truncate_metrics(out / METRICS_LOG, step)
     share = np.arange(DIM) % size == rank  # this rank's entries of the vector
 
     while step < steps:
@@ -86,6 +90,8 @@ def toy_block_job(block_id: str, out_dir: str, resume: bool, steps: int = 20, st
             v = _all_reduce_sum(np.where(share, v, 0.0))
         step += 1
         if rank == 0:
+            with open(out / METRICS_LOG, "a") as f:  # like the trainer: the line before the checkpoint
+                f.write(json.dumps({"step": step, "pid": os.getpid()}) + "\n")
             with atomic_path(ckpt) as tmp:
                 save_file({"v": v}, str(tmp), metadata={"step": str(step), "block_id": block_id})
             report_progress(out, step)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import from_dict
+from ..distributed.lease import hold_block
 from ..distributed.state import report_progress
 from .checkpoint import list_checkpoints
 from .trainer import BlockTrainer
@@ -63,12 +64,14 @@ def train_block_job(block_id: str, out_dir: str, resume: bool, *, config: dict[s
     _share_cores(cfg)
     out = Path(out_dir)
     trainer = _ReportingTrainer(cfg, data, out, image_names, aabb)
-    steps = list_checkpoints(out / "checkpoints")
-    resumed_from = 0
-    if resume and steps:
-        trainer.restore(out / "checkpoints")
-        resumed_from = trainer.step
-    checkpoint = trainer.train(progress)
+    # An executor's attempt holds the block already (this is reentrant); a direct call holds it here.
+    with hold_block(out, role=f"block {block_id} job"):
+        steps = list_checkpoints(out / "checkpoints")
+        resumed_from = 0
+        if resume and steps:
+            trainer.restore(out / "checkpoints")
+            resumed_from = trainer.step
+        checkpoint = trainer.train(progress)
     return {"block_id": block_id, "step": trainer.step, "checkpoint": str(checkpoint),
             "train_seconds": round(trainer.seconds, 3), "n_images": len(trainer.data.images),
             "aabb": trainer.aabb.tolist(), "psnr_train": _last_train_psnr(trainer.metrics_path),

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from survey_io import IGNORE_LABEL, Survey
-from survey_io.atomic import atomic_write_json, atomic_write_text
+from survey_io.atomic import atomic_write_json
 
 from ..config import TrainConfig, from_dict, to_dict
+from ..distributed.state import truncate_metrics
 from ..errors import CitygenError
 from ..fields.field import CityField
 from ..render.occupancy import OccupancyGrid
@@ -274,7 +275,7 @@ class BlockTrainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "config.json", to_dict(cfg))
-        _truncate_metrics(self.metrics_path, self.step)
+        truncate_metrics(self.metrics_path, self.step)
         self.field.train()
         last_ckpt = None
         bar = _progress(progress)
@@ -319,6 +320,9 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
         data: a ``transforms.json`` path, its folder, or a :class:`Survey`.
         out: run folder (created).
         resume: continue from the newest checkpoint in ``out/checkpoints`` (exactly).
+
+    Raises:
+        BlockHeldError: another live process trains into ``out``.
         image_names: the block's training images (None: all of the survey's training images).
         aabb: the block's (2, 3) box (min xyz, max xyz) in the local frame; None derives it
             (depth maps when present, else camera footprints on z = 0; see ``scene_aabb``).
@@ -326,22 +330,26 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
         lpips_weights: LPIPS weights file for the evaluation (see :mod:`citygen.nets.lpips`);
             read before training, so a bad file fails at once.
     """
+    from ..distributed.lease import hold_block
     from ..nets.lpips import load_lpips
 
     out = Path(out)
     lpips_net = load_lpips(lpips_weights) if config.eval_at_end else None
     trainer = BlockTrainer(config, data, out, image_names, aabb)
-    if resume:
-        steps = list_checkpoints(out / "checkpoints")
-        if not steps:
-            raise CitygenError(out, "--resume: no checkpoint in this run folder")
-        trainer.restore(out / "checkpoints")
-    ckpt = trainer.train(progress)
-    report = None
-    if config.eval_at_end and trainer.survey.test_names:
-        from .evaluate import evaluate
+    if resume and not list_checkpoints(out / "checkpoints"):
+        raise CitygenError(out, "--resume: no checkpoint in this run folder")
+    # One trainer per run folder: a second one (or an executor's attempt on a tile block)
+    # is refused with the holder's pid, host and start time.  Bad input is caught above,
+    # before the folder gets its lock file.
+    with hold_block(out, role="citygen train"):
+        if resume:
+            trainer.restore(out / "checkpoints")
+        ckpt = trainer.train(progress)
+        report = None
+        if config.eval_at_end and trainer.survey.test_names:
+            from .evaluate import evaluate
 
-        report = evaluate(ckpt, trainer.survey, out / "eval", lpips_weights=lpips_net)
+            report = evaluate(ckpt, trainer.survey, out / "eval", lpips_weights=lpips_net)
     return TrainResult(out=out, checkpoint=ckpt, step=trainer.step, seconds=trainer.seconds,
                        metrics_path=trainer.metrics_path, eval=report)
 
@@ -381,21 +389,6 @@ def _progress(enabled: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=False)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after ``step`` (a resumed run re-logs them)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and _line_step(ln) <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-def _line_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62
 
 
 def _numpy_state() -> dict[str, Any]:
