@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tyro
+from PIL import Image
 
 from citygen import cli
 from citygen.cli import entrypoint
@@ -41,6 +42,8 @@ def survey(tmp_path_factory) -> Path:
     cam = Camera(width=200, height=150, fl_x=150.0, fl_y=150.0, cx=100, cy=75)
     images = [SurveyImage(f"img_{i}.jpg", 0, _pose(x, y, 80.0)) for i, (x, y) in
               enumerate((x, y) for x in (0, 40, 80) for y in (0, 40))]
+    for im in images:  # planning checks every image file against the camera's size
+        Image.new("RGB", (cam.width, cam.height)).save(root / im.name)
     return write_transforms(Survey(root, [cam], images, Georef("EPSG:32633", ORIGIN)), root / "transforms.json")
 
 

@@ -205,7 +205,6 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
         memory_budget_bytes, memory_budget_source = default.bytes, default.source
     check_export_memory(options, rect, memory_budget_bytes, memory_budget_source,
                         bounds_xy=(float(bounds[0, 0]), float(bounds[0, 1]), float(bounds[1, 0]), float(bounds[1, 1])))
-    out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     counts: dict[str, int] = {}
     timings: dict[str, float] = {}
