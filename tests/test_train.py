@@ -206,6 +206,23 @@ def test_presets_load_and_round_trip(preset):
     assert from_dict(to_dict(cfg)) == cfg
 
 
+def test_presets_are_package_data():
+    """The presets live inside the package (a wheel carries them; see configs/README.md) and
+    setup.py declares them as package data."""
+    import re
+
+    import citygen
+    from citygen.config import preset_names
+
+    assert preset_names() == ["block", "city-100km2", "tiny"]
+    folder = Path(citygen.__file__).parent / "configs"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["block", "city-100km2", "tiny"]
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    assert re.search(r'"citygen":\s*\["configs/\*\.yaml"\]', setup)
+    with pytest.raises(CitygenError, match="no such preset.*block, city-100km2, tiny"):
+        load_config("configs/tiny")  # the old top-level folder is no preset
+
+
 def test_config_overrides_and_errors(tmp_path):
     cfg = load_config("tiny", {"steps": 7, "optim.lr_grid": "0.003", "eval_at_end": "false"})
     assert cfg.steps == 7 and cfg.optim.lr_grid == 0.003 and cfg.eval_at_end is False
