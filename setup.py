@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["citygen*", "survey_io*", "cuda_ext*", "viewer*"]),
-    package_data={"cuda_ext": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"]},
+    # the YAML presets ship inside the package (citygen/config.py reads them with importlib.resources)
+    package_data={"cuda_ext": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"], "citygen": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=[
         # CPU machines: `pip install torch==2.13.0` first (a small CPU build); GPU machines
@@ -33,7 +34,8 @@ setup(
         "psutil>=5.9",  # available RAM: the default memory budget of plan / export / train
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        # pytest-timeout: a hung test fails (with its stack) instead of stalling CI (pyproject.toml)
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5"],
         "mesh": ["open3d-cpu>=0.18; platform_machine=='x86_64'"],
         "ray": ["ray>=2.9"],
         "nerfstudio": ["nerfstudio>=1.1"],

@@ -236,7 +236,7 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
             the depth maps, else the median camera height minus 120 m.
         ground_tif: a DSM/DTM GeoTIFF (survey CRS) to cut the view frusta with.
         ortho: an orthophoto GeoTIFF drawn under the plan picture.
-        train_preset: training config preset the sizing assumes (configs/<name>.yaml).
+        train_preset: training config preset the sizing assumes (tiny, block, city-100km2; citygen/configs/<name>.yaml).
         downscale: training image downscale (overrides the preset).
         gpu: target GPU for the sizing: h100, h200, a100, l40s, cpu.
         rays_per_second: measured training throughput (overrides the GPU's estimate).
@@ -285,7 +285,7 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
     Args:
         data: the survey's transforms.json (or its folder).
         out: run folder.
-        preset: config preset in configs/ (tiny, block, city-100km2) or a YAML file.
+        preset: config preset (tiny, block, city-100km2; shipped in citygen/configs/) or a YAML file.
         steps: training steps (overrides the preset).
         resume: continue exactly from the newest checkpoint in OUT.
         rays_per_batch: rays per step (overrides the preset).
@@ -342,7 +342,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
     Args:
         tile: the tile folder holding plan.json.
         data: the survey's transforms.json the tile was planned on.
-        preset: training config preset in configs/ (tiny, block, city-100km2) or a YAML file.
+        preset: training config preset (tiny, block, city-100km2; shipped in citygen/configs/) or a YAML file.
         executor: local (worker processes on this machine) or ray (a Ray cluster).
         ray_address: Ray cluster to join (default: start a local Ray instance).
         max_parallel: local executor: blocks at once (default: one per GPU, 1 on CPU).

@@ -1,16 +1,20 @@
 """Dataclass configs for the field, the renderer and the one-block trainer, and YAML presets.
 
 The nesting follows nerfstudio: a :class:`TrainConfig` holds a :class:`FieldConfig`, a
-:class:`RenderConfig` and an :class:`OptimConfig`.  Presets live in ``configs/<name>.yaml``
+:class:`RenderConfig` and an :class:`OptimConfig`.  Presets live in ``citygen/configs/<name>.yaml``
 and override the dataclass defaults; command-line overrides (dotted keys such as
 ``optim.lr_grid``) override the preset.  Every run writes its resolved config beside its
 output (``config.json``), and checkpoints carry it in their sidecar.
+
+The shipped presets are package data (``citygen/configs/*.yaml``) read through
+:mod:`importlib.resources`, so a checkout, an editable install and a wheel all find them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,8 @@ import yaml
 from .checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, Range
 from .errors import CitygenError
 
-#: Folder of the shipped presets (``tiny``, ``block``, ``city-100km2``).
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The shipped presets (``tiny``, ``block``, ``city-100km2``): package data of ``citygen``.
+PRESETS = resources.files("citygen") / "configs"
 
 
 @dataclass
@@ -269,12 +273,26 @@ def from_dict(d: dict[str, Any], where: str = "config") -> TrainConfig:
     return cfg
 
 
-def preset_path(name_or_path: str | Path) -> Path:
-    """``configs/<name>.yaml`` for a preset name, or the given YAML path."""
-    p = Path(name_or_path)
+def preset_names() -> list[str]:
+    """Names of the shipped presets."""
+    return sorted(p.name[:-len(".yaml")] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_preset(preset: str | Path) -> tuple[str, str, str]:
+    """(text, name, where) of a shipped preset name or a YAML file path; ``where`` names it in errors."""
+    p = Path(preset)
     if p.suffix in (".yaml", ".yml") or p.exists():
-        return p
-    return PRESET_DIR / f"{name_or_path}.yaml"
+        try:
+            return p.read_text(), p.stem, str(p)
+        except OSError as err:
+            raise CitygenError(p, f"no such preset or config file ({err.strerror or err}; presets: "
+                                  f"{', '.join(preset_names())})") from None
+    name = str(preset)
+    resource = PRESETS / f"{name}.yaml"
+    if "/" in name or not resource.is_file():
+        raise CitygenError(p, f"no such preset or config file (presets: {', '.join(preset_names())})")
+    # a preset inside the installed package: errors name its package path, not a checkout path
+    return resource.read_text(encoding="utf-8"), name, f"citygen/configs/{name}.yaml"
 
 
 def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = None,
@@ -283,25 +301,23 @@ def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = 
     step checked by :func:`validate`.
 
     Args:
-        preset: a preset name in ``configs/`` (``tiny``, ``block``, ``city-100km2``) or a YAML path.
+        preset: a shipped preset name (``tiny``, ``block``, ``city-100km2``; ``citygen/configs/``)
+            or a YAML path.
         overrides: e.g. ``{"steps": 500, "optim.lr_grid": 3e-3}`` or ``{"optim": {"lr_grid": 3e-3}}``.
         names: how to call an overridden key in errors (dotted key -> e.g. ``--steps``);
             overridden keys not named here are called ``--override KEY``.
     """
-    path = preset_path(preset)
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise CitygenError(path, f"no such preset or config file (presets: {', '.join(known)})")
+    text, name, where = _read_preset(preset)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise CitygenError(path, f"not a readable YAML config ({err})") from None
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise CitygenError(where, f"not a readable YAML config ({err})") from None
     if not isinstance(raw, dict):
-        raise CitygenError(path, "a config file must hold a mapping")
+        raise CitygenError(where, "a config file must hold a mapping")
     cfg = TrainConfig()
-    cfg.preset = path.stem
-    _apply(cfg, raw, str(path))
-    validate(cfg, path)                  # a bad preset file is named as such ...
+    cfg.preset = name
+    _apply(cfg, raw, where)
+    validate(cfg, where)                 # a bad preset file is named as such ...
     if overrides:
         _apply(cfg, _nest(overrides), "overrides")
         labels = {k: (names or {}).get(k, f"--override {k}") for k in _dotted_keys(_nest(overrides))}

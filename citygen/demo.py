@@ -7,8 +7,10 @@ Stages (each timed; all outputs under ``out``):
 2. ingest check  — the JPEG folder read back through ``survey_io.read_drone_folder`` (EXIF GPS +
    gimbal angles): how far the metadata pose priors are from the exact cameras.
 3. ``tile/``     — the survey partitioned into a 2×2 tile (``plan.json``, ``plan.png``).
-4. training      — every block trained through the local executor (``tiny`` preset, a time
-   budget per block), resumable: running the demo again continues where it stopped.
+4. training      — every block trained through the local executor (``tiny`` preset, a fixed
+   number of steps per block, no time cap, seeded), resumable: running the demo again continues
+   where it stopped.  Its figures are thus the same on any machine (up to floating-point
+   summation order); only its duration varies.  Progress: steps/s, train PSNR and ETA.
 5. ``renders/``  — held-out views composited from all blocks, scored against ground truth
    (PSNR, SSIM, semantic accuracy, depth error, seam metric; LPIPS with ``lpips_weights``).
 6. ``export/``   — true orthophoto, DSM and semantic GeoTIFFs, LAS and PLY point clouds in the
@@ -19,6 +21,7 @@ Stages (each timed; all outputs under ``out``):
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,17 +30,23 @@ import numpy as np
 
 from survey_io.atomic import atomic_path, atomic_write_json
 
-#: training budget per block (seconds) and the tile's grid: 4 blocks in ~9 minutes on 2 cores.
-BLOCK_SECONDS = 150
+#: training steps per block, sized once for the 2-core reference machine (14 steps/s x 150 s with
+#: the tiny preset): fixed, with no time cap, so a slower or busier machine takes longer but trains
+#: the same steps (4 blocks in ~10 minutes on 2 idle cores).
+BLOCK_STEPS = 2100
 BLOCKS = (2, 2)
+#: seconds between plain progress lines when stderr is not a terminal (a log file, CI).
+PROGRESS_LOG_EVERY_S = 30.0
 EXPORT_GSD_M = 1.0
 #: held-out views are rendered (and scored) at half resolution: the CPU reference renderer
 #: takes about a minute per full 320x240 view of a briefly trained tile on 2 cores.
 RENDER_DOWNSCALE = 2
 
 
-def run_demo(out: str | Path, seed: int = 0, block_seconds: float = BLOCK_SECONDS,
+def run_demo(out: str | Path, seed: int = 0, block_steps: int = BLOCK_STEPS,
              lpips_weights: str | Path | None = None) -> dict[str, Any]:
+    """Run the demo into ``out``; ``seed`` seeds the synthetic city and the training (sampling,
+    initialisation); ``block_steps`` training steps per block."""
     from rich.console import Console
 
     from .nets.lpips import load_lpips
@@ -46,7 +55,7 @@ def run_demo(out: str | Path, seed: int = 0, block_seconds: float = BLOCK_SECOND
     console = Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"seed": seed, "timings_s": {}}
+    summary: dict[str, Any] = {"seed": seed, "block_steps": block_steps, "timings_s": {}}
 
     def stage(name: str):
         console.rule(f"[bold]citygen demo: {name}")
@@ -59,7 +68,7 @@ def run_demo(out: str | Path, seed: int = 0, block_seconds: float = BLOCK_SECOND
     with stage("partition"):
         summary["plan"] = _plan(data, out / "tile")
     with stage("train tile"):
-        summary["train"] = _train(out / "tile", data, block_seconds)
+        summary["train"] = _train(out / "tile", data, block_steps, seed, summary["plan"]["blocks"], console)
     with stage("render held-out views"):
         summary["render"] = _render(out / "tile", data, out / "renders", lpips_net)
     with stage("export"):
@@ -120,19 +129,87 @@ def _plan(data: Path, tile: Path) -> dict[str, Any]:
     return {"blocks": s["blocks"], "images_per_block": s["images_per_block"], "picture": str(tile / "plan.png")}
 
 
-def _train(tile: Path, data: Path, block_seconds: float) -> dict[str, Any]:
+def _train(tile: Path, data: Path, block_steps: int, seed: int, n_blocks: int, console) -> dict[str, Any]:
     from .tile import train_tile
 
-    # size the step count to the budget so the learning-rate schedule runs to its end
-    # (blocks train one after another on a CPU, each with both cores: about 17 steps/s with the
-    # tiny preset on the idle 2-core reference machine; a busier machine stops at the time budget
-    # with the schedule not quite finished)
-    overrides = {"max_seconds": block_seconds, "steps": int(14 * block_seconds), "checkpoint_every": 500}
-    result = train_tile(tile, data, "tiny", executor="local", overrides=overrides)
+    # a fixed step count and no time cap (the tiny preset's max_seconds is for `citygen train`):
+    # the learning-rate schedule always runs to its end and the result does not depend on speed
+    overrides = {"steps": block_steps, "max_seconds": 0, "seed": seed, "checkpoint_every": 500}
+    with _TrainProgress(tile, block_steps, n_blocks, console):
+        result = train_tile(tile, data, "tiny", executor="local", overrides=overrides)
     result.raise_for_failures()
     return {block_id: {"state": o.state, "attempts": o.attempts,
                        **{k: o.result.get(k) for k in ("step", "seconds") if o.result}}
             for block_id, o in result.blocks.items()}
+
+
+class _TrainProgress:
+    """Progress of the tile's training, read from the blocks' ``metrics.jsonl`` (the trainer's log,
+    one line every ``log_every`` steps; the blocks train in worker processes whose own output goes
+    to ``worker.log``): steps/s, the current block's train PSNR and the ETA.  A live rich display
+    on a terminal, else a plain line every :data:`PROGRESS_LOG_EVERY_S` seconds."""
+
+    def __init__(self, tile: Path, block_steps: int, n_blocks: int, console):
+        self.tile, self.block_steps, self.total = tile, block_steps, block_steps * n_blocks
+        self.console = console
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._t0, self._done0 = time.perf_counter(), self.poll()[0]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def poll(self) -> tuple[int, str | None, dict[str, Any] | None]:
+        """(steps done over all blocks, the block training now, its last metrics line)."""
+        done, current, line = 0, None, None
+        for path in sorted(self.tile.glob("block_*/metrics.jsonl")):
+            try:
+                lines = path.read_text().splitlines()
+                last = json.loads(lines[-1]) if lines else None
+            except (OSError, ValueError):  # being rewritten: the next poll reads it
+                continue
+            if last is None:
+                continue
+            done += min(int(last["step"]), self.block_steps)
+            if int(last["step"]) < self.block_steps:
+                current, line = path.parent.name[len("block_"):], last
+        return done, current, line
+
+    def status(self) -> tuple[int, str]:
+        done, current, line = self.poll()
+        elapsed = time.perf_counter() - self._t0
+        rate = (done - self._done0) / elapsed if elapsed > 0 else 0.0
+        eta = f"ETA {_clock((self.total - done) / rate)}" if rate > 0 else "ETA --"
+        block = (f"block {current} step {line['step']}/{self.block_steps}, train PSNR {line['psnr_train']:.2f} dB; "
+                 if line else "")
+        return done, f"{block}{rate:.1f} steps/s, {eta}"
+
+    def _run(self) -> None:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                          console=self.console, transient=False) as bar:
+                task = bar.add_task("", total=self.total)
+                while not self._stop.wait(1.0):
+                    done, text = self.status()
+                    bar.update(task, completed=done, description=text)
+                done, text = self.status()
+                bar.update(task, completed=done, description=text)
+            return
+        while not self._stop.wait(PROGRESS_LOG_EVERY_S):
+            done, text = self.status()
+            self.console.print(f"train: {done}/{self.total} steps, {text}", highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def _render(tile: Path, data: Path, out: Path, lpips_net=None) -> dict[str, Any]:

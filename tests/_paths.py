@@ -1,9 +1,8 @@
-"""Where the shared test data lives: ``shared/`` beside the repository (CI's clean clones and
-the development checkouts both have it there); ``CITYGEN_SHARED`` overrides."""
+"""Test data shipped inside the repository (``tests/data/``), so a fresh clone in an empty
+folder passes its tests: no test reads anything outside the checkout."""
 
-import os
 from pathlib import Path
 
-SHARED = Path(os.environ.get("CITYGEN_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-#: 40 real drone JPEGs with GPS EXIF (see its README.txt).
-CALITERRA = SHARED / "data" / "real" / "caliterra"
+DATA = Path(__file__).resolve().parent / "data"
+#: 40 real drone JPEGs with GPS EXIF, CC0 (see its README.txt and tests/data/README.md).
+CALITERRA = DATA / "caliterra"

@@ -32,12 +32,10 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def cpu_build():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on PATH: the CPU build of cuda_ext cannot be compiled")
-    module = _backend.cpu_module()
-    assert module is not None, f"the CPU build of cuda_ext failed: {_backend.unavailable_reason()}"
-    return module
+def cpu_build(hashgrid_cpu):
+    """The CPU build (conftest.require_native: skips only without a compiler or with
+    CITYGEN_NO_CUDA_EXT set, fails with the compiler's reason otherwise)."""
+    return hashgrid_cpu
 
 
 def _points(cfg: HashGridConfig, n: int, seed: int) -> torch.Tensor:
@@ -163,6 +161,12 @@ def test_accumulate_in_place_needs_a_leaf(cpu_build):
     with pytest.raises(ValueError, match="leaf"):
         hashgrid_encode(torch.rand(4, 3), ext.params * 1.0, ext.level_offsets, ext.level_scales, 1,
                         accumulate_into_grad=True)
+
+
+def test_auto_backend_uses_the_native_build(cpu_build):
+    """Where the CPU build works, "auto" must pick it: training tests would otherwise pass
+    quietly on the torch fallback."""
+    assert HashEncoding(CONFIGS["f1"], backend="auto").backend == "cuda_ext"
 
 
 def test_disabled_build_falls_back_to_torch(monkeypatch):

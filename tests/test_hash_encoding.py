@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,6 @@ from citygen.fields.hash_encoding import (
     HashEncoding,
     HashGridConfig,
     grid_levels,
-    hash_grid_encode_torch,
     n_params,
 )
 
@@ -175,11 +175,50 @@ def test_tcnn_backend_missing_is_a_clear_error():
         pytest.skip("tinycudann is installed here; the GPU parity tests cover it")
 
 
-def test_functional_reference_matches_module():
-    cfg = HashGridConfig(n_levels=3, log2_hashmap_size=12)
+def _encode_by_hand(x: list[float], params: list[float], cfg: HashGridConfig) -> list[float]:
+    """tiny-cuda-nn's HashGrid for one point, written out corner by corner: the level scale
+    exp2f(l * log2f(b)) * base - 1 and pos = fmaf(x, scale, 0.5) in float32 as tcnn computes them,
+    dense levels indexed i + j R + k R^2 and hashed ones by i ^ j * 2654435761 ^ k * 805459861
+    (uint32), both modulo the level's size, trilinear weights and sums in float64.  Independent
+    of hash_grid_encode_torch (only the offsets come from grid_levels, whose table
+    test_level_table_by_hand checks by hand)."""
+    f32 = np.float32
+    F = cfg.n_features_per_level
+    out = []
+    for level, lv in enumerate(grid_levels(cfg)):
+        scale = f32(f32(2.0 ** float(f32(level) * f32(math.log2(cfg.per_level_scale)))) * f32(cfg.base_resolution) - f32(1))
+        R = math.ceil(scale) + 1
+        dense = R**3 <= lv.size
+        pos = [float(f32(float(f32(xi)) * float(scale) + 0.5)) for xi in x]
+        cell = [math.floor(p) for p in pos]
+        frac = [p - c for p, c in zip(pos, cell)]
+        acc = [0.0] * F
+        for corner in range(8):
+            v = [cell[d] + ((corner >> d) & 1) for d in range(3)]
+            w = math.prod(frac[d] if (corner >> d) & 1 else 1.0 - frac[d] for d in range(3))
+            if dense:
+                index = (v[0] + v[1] * R + v[2] * R * R) % lv.size
+            else:
+                index = (v[0] ^ ((v[1] * 2654435761) & 0xFFFFFFFF) ^ ((v[2] * 805459861) & 0xFFFFFFFF)) % lv.size
+            for f in range(F):
+                acc[f] += w * params[(lv.offset + index) * F + f]
+        out.extend(acc)
+    return out
+
+
+@pytest.mark.parametrize("features", [1, 2, 4])
+def test_torch_backend_matches_a_hand_written_lookup(features):
+    # Two dense and two hashed levels (resolutions 4, 10, 25, 63; table 2^10), random table.
+    cfg = HashGridConfig(n_levels=4, n_features_per_level=features, log2_hashmap_size=10, base_resolution=4,
+                         per_level_scale=2.5)
     enc = HashEncoding(cfg, backend="torch", init_scale=1.0)
-    x = torch.rand(33, 3)
-    torch.testing.assert_close(enc(x), hash_grid_encode_torch(x, enc.params, grid_levels(cfg), 2))
+    assert [lv.dense for lv in enc.levels] == [True, True, False, False]
+    g = torch.Generator().manual_seed(features)
+    x = torch.cat([torch.rand(40, 3, generator=g), torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.0, 1.0]])])
+    params = enc.params.detach().double().tolist()
+    expected = torch.tensor([_encode_by_hand(p, params, cfg) for p in x.double().tolist()], dtype=torch.float64)
+    # float32 weights and sums against float64: a few ulps of features of size ~1
+    torch.testing.assert_close(enc(x).double(), expected, rtol=0, atol=2e-6)
 
 
 def test_bench_encode_cli_writes_json(tmp_path, capsys):

@@ -16,11 +16,16 @@ from PIL import Image
 from citygen.cli import entrypoint
 from citygen.config import TrainConfig, from_dict, load_config, to_dict
 from citygen.errors import CitygenError
-from citygen.train import evaluate, load_checkpoint, load_field, train_block
+from citygen.train import load_checkpoint, load_field, train_block
 from citygen.train.data import RayDataset, scene_aabb
 from citygen.train.metrics import confusion_matrix, psnr, semantic_scores, ssim
 from survey_io import read_transforms
 
+#: test_load_field_renders_like_the_report: the PNG against the independent quadrature.  Measured
+#: on 13 runs (seeds 0-4, 1 and 2 threads, AVX2 and generic builds; 2-core EPYC): mean 0.24-0.26/255,
+#: max 0.50/255 (the PNG's 8-bit rounding; early termination adds < 1e-4).  A table scaled by 0.9
+#: gives mean >= 2.0/255, max >= 9/255.
+QUADRATURE_MEAN_ERR, QUADRATURE_MAX_ERR = 0.6 / 255, 1.5 / 255
 SMALL = {"field.n_levels": 6, "field.log2_hashmap_size": 14, "field.max_resolution": 128, "field.hidden_dim": 32,
          "field.semantic_hidden_dim": 32, "render.step_size": 0.4, "render.grid_resolution": 32,
          "optim.warmup_steps": 20, "optim.lr_mlp": 0.01, "render.occupancy_decay": 0.8, "threads": 1,
@@ -39,14 +44,22 @@ def trained(box_survey, tmp_path_factory):
     return train_block(cfg, box_survey, out, progress=False), out
 
 
-def test_training_learns_the_box_scene(trained):
+def test_training_learns_the_box_scene(trained, box_survey):
     result, out = trained
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [50, 100, 150, 200, 250, 300]
     assert {"loss", "psnr_train", "lr", "time", "rays_per_s"} <= set(lines[0])
-    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
-    # held-out views: the analytic scene is learnable to well above the "mean colour" level
-    # (about 12 dB here) within 300 steps
+    # The training PSNR (one 256-ray batch per line, so averaged over the last three lines) against
+    # an independent baseline: predicting the training images' mean colour (17.8 dB here).
+    # Measured on 12 runs (seeds 0-4 x 1 and 2 threads, AVX2 and generic builds; 2-core EPYC):
+    # baseline + 4.8 to + 6.3 dB.  The former check, last loss < 0.5 x first loss, was a ratio of
+    # two single batches: 0.30 to 0.58 over the same runs, so it failed on some CPUs.
+    survey = read_transforms(box_survey)
+    train = np.stack([np.asarray(Image.open(survey.image_path(im)).convert("RGB"), dtype=np.float64) / 255
+                      for im in survey.train_images])
+    baseline = -10 * np.log10(np.mean((train - train.reshape(-1, 3).mean(axis=0)) ** 2))
+    assert np.mean([ln["psnr_train"] for ln in lines[-3:]]) > baseline + 3.0
+    # held-out views: measured 24.8 to 26.9 dB and class accuracy 0.934 to 0.950 over the same runs
     assert result.eval["mean"]["psnr"] > 22.0
     assert result.eval["mean"]["pixel_accuracy"] > 0.85
     assert result.step == 300 and result.checkpoint.exists()
@@ -68,12 +81,55 @@ def test_eval_report_psnr_matches_the_written_png(trained, box_survey):
     assert report["mean"]["psnr"] == pytest.approx(np.mean([v["psnr"] for v in report["views"]]))
 
 
+def _quadrature(field, origins: np.ndarray, dirs: np.ndarray, code: torch.Tensor, step: float) -> np.ndarray:
+    """Emission-absorption along each ray, written out in float64: samples at the midpoints of
+    ``step``-long intervals from where the ray enters the field's box to where it leaves, those in
+    cells the field's (loaded) occupancy grid marks empty dropped, no early termination,
+    background behind.  Only the loaded field's per-point outputs and occupancy bits come from
+    citygen; the marching and compositing are this test's."""
+    from boxscene import box_entry_exit
+
+    aabb = field.aabb.double().numpy()
+    t0, t1 = box_entry_exit(origins, dirs, aabb[0], aabb[1])
+    t0 = np.maximum(t0, 0.0)
+    out = np.zeros((len(origins), 3))
+    with torch.no_grad():
+        bg = field.background(torch.tensor(dirs, dtype=torch.float32)).double().numpy()
+        for r in range(len(origins)):
+            n = int(np.ceil((t1[r] - t0[r]) / step)) if t1[r] > t0[r] else 0
+            t = t0[r] + (np.arange(n) + 0.5) * step
+            x = torch.tensor(origins[r] + t[:, None] * dirs[r], dtype=torch.float32)
+            d = torch.tensor(dirs[r], dtype=torch.float32).expand(n, 3)
+            o = field(x, d, code.expand(n, -1), with_semantics=False)
+            tau = o["sigma"].double().numpy() * step * field.occupancy.query(x).double().numpy()
+            trans = np.exp(-(np.cumsum(tau) - tau))
+            w = trans * (1.0 - np.exp(-tau))
+            out[r] = (w[:, None] * o["rgb"].double().numpy()).sum(0) + (1.0 - w.sum()) * bg[r]
+    return out
+
+
 def test_load_field_renders_like_the_report(trained, box_survey):
+    """The reloaded field, rendered by an independent quadrature, reproduces the held-out PNGs the
+    end-of-training evaluation wrote (a checkpoint that lost or scrambled any weight would not)."""
     result, out = trained
     field, meta = load_field(out)
     assert meta["step"] == 300 and field.occupancy is not None
-    again = evaluate(out, box_survey, out / "eval_again", write_images=False)
-    assert again["mean"]["psnr"] == pytest.approx(result.eval["mean"]["psnr"], abs=1e-9)
+    survey = read_transforms(box_survey)
+    step = meta["train_config"].render.step_size
+    for im in survey.test_images:
+        cam = survey.camera_of(im)
+        png = np.asarray(Image.open(out / "eval" / f"{Path(im.name).stem}_rgb.png"), dtype=np.float64) / 255
+        g = np.random.default_rng(0)
+        i, j = g.integers(0, cam.width, 150), g.integers(0, cam.height, 150)
+        d_cam = np.stack([(i + 0.5 - cam.cx) / cam.fl_x, (j + 0.5 - cam.cy) / cam.fl_y, np.ones(150)], axis=1)
+        dirs = (d_cam / np.linalg.norm(d_cam, axis=1, keepdims=True)) @ im.c2w[:3, :3].T
+        origins = np.broadcast_to(im.c2w[:3, 3], dirs.shape).copy()
+        code = field.appearance_for_position(torch.tensor(im.c2w[:3, 3], dtype=torch.float32))
+        expected = _quadrature(field, origins, dirs, code, step)
+        err = np.abs(png[j, i] - expected)
+        # 8-bit rounding (0.5/255) plus what the renderer legitimately drops: samples in cells
+        # its occupancy grid marks empty and the tail after transmittance 1e-4
+        assert err.mean() < QUADRATURE_MEAN_ERR and err.max() < QUADRATURE_MAX_ERR, (err.mean(), err.max())
 
 
 def _tiny_cfg(steps: int, **extra) -> TrainConfig:
@@ -206,6 +262,23 @@ def test_presets_load_and_round_trip(preset):
     assert from_dict(to_dict(cfg)) == cfg
 
 
+def test_presets_are_package_data():
+    """The presets live inside the package (a wheel carries them; see configs/README.md) and
+    setup.py declares them as package data."""
+    import re
+
+    import citygen
+    from citygen.config import preset_names
+
+    assert preset_names() == ["block", "city-100km2", "tiny"]
+    folder = Path(citygen.__file__).parent / "configs"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["block", "city-100km2", "tiny"]
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    assert re.search(r'"citygen":\s*\["configs/\*\.yaml"\]', setup)
+    with pytest.raises(CitygenError, match="no such preset.*block, city-100km2, tiny"):
+        load_config("configs/tiny")  # the old top-level folder is no preset
+
+
 def test_config_overrides_and_errors(tmp_path):
     cfg = load_config("tiny", {"steps": 7, "optim.lr_grid": "0.003", "eval_at_end": "false"})
     assert cfg.steps == 7 and cfg.optim.lr_grid == 0.003 and cfg.eval_at_end is False
@@ -240,7 +313,8 @@ def test_cli_train_and_bad_input(box_survey, tmp_path, capsys):
 # -- nerfstudio plugin (these run where nerfstudio is installed; see README "nerfstudio") ------
 
 NS_BOX = [[-1.0, -1.0, -0.5], [1.0, 1.0, 0.5]]
-NS_MISSING = "nerfstudio is an optional extra and is not installed here"
+NS_MISSING = ("nerfstudio (the optional [nerfstudio] extra) is not installed here; CI cannot install it beside "
+              "its CPU torch without patching torchvision, so the plugin is untested in CI (README, nerfstudio)")
 
 
 def _ns_method():
