@@ -9,8 +9,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["citygen*", "survey_io*", "cuda_ext*", "viewer*"]),
-    package_data={"cuda_ext": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"]},
+    # configs/ (the presets) travels inside the wheel as citygen/configs (citygen.config.PRESET_DIR)
+    packages=[*find_packages(include=["citygen*", "survey_io*", "cuda_ext*", "viewer*"]), "citygen.configs"],
+    package_dir={"citygen.configs": "configs"},
+    package_data={"cuda_ext": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"], "citygen.configs": ["*.yaml"]},
     include_package_data=True,
     install_requires=[
         # CPU machines: `pip install torch==2.13.0` first (a small CPU build); GPU machines

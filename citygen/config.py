@@ -18,8 +18,11 @@ import yaml
 
 from .errors import CitygenError
 
-#: Folder of the shipped presets (``tiny``, ``block``, ``city-100km2``).
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+_HERE = Path(__file__).resolve().parent
+#: Folder of the shipped presets (``tiny``, ``block``, ``gpu``, ``city-100km2``): ``configs/`` of the
+#: checkout, or the copy a wheel carries as ``citygen/configs`` (setup.py maps it there, since an
+#: installed wheel has no checkout around it).
+PRESET_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
 
 
 @dataclass
