@@ -11,29 +11,33 @@ environment     10 s   Python, torch, CUDA, device, nvcc, nvidia-smi, CPU facts
 install         30 s   ``pip install --no-index`` of the wheel folder (``scripts/make-gpu-wheels``):
                        the packages the GPU image lacks, then citygen's wheel; the installed
                        citygen must import the train/render path and run ``citygen --help``
-build           120 s  ``python -m cuda_ext.build --require-cuda`` (TORCH_CUDA_ARCH_LIST=9.0):
+build           150 s  ``python -m cuda_ext.build --require-cuda`` (TORCH_CUDA_ARCH_LIST=9.0):
                        hash grid + real-time renderer, CPU and CUDA builds, at once
 cuda_tests      45 s   pytest tests/test_cuda_ext.py tests/test_realtime.py (junit XML): hash grid
                        fwd/bwd and in-place accumulation vs torch, real-time kernel vs reference
                        and vs the CPU build; fails when a CUDA test was skipped
-bench_encode    45 s   ``citygen bench encode --sweep-log2 18 19 20 21 22``: torch vs cuda_ext
+bench_encode    40 s   ``citygen bench encode --sweep-log2 18 19 20 21 22``: torch vs cuda_ext
                        (and tcnn where importable), points/s forward + backward
-synth           45 s   ``citygen synth --preset tiny`` (64 images, timed apart)
-train           75 s   the ``gpu`` preset on that survey for 45 s of training: steps/s, rays/s,
-                       held-out PSNR/SSIM at 15, 30 and 45 s (evaluation time excluded)
-render          45 s   ``citygen bench render`` on the trained block at 1920x1080 and 3840x2160:
+synth           35 s   ``citygen synth --preset tiny`` (64 images, timed apart)
+train           70 s   the ``gpu`` preset on that survey for 40 s of training: steps/s, rays/s,
+                       held-out PSNR/SSIM at 10, 20 and 40 s (evaluation time excluded)
+render          50 s   ``citygen bench render`` on the trained block at 1920x1080 and 3840x2160:
                        FPS, time per stage, samples per pixel, peak GPU memory, PSNR vs reference
 render_parity   15 s   the CUDA real-time kernel vs the CPU build, same block, same view
-stream          40 s   fly-through over a synthetic 100 km2 tile of 400 packed blocks, 12 GB
+stream          30 s   fly-through over a synthetic 100 km2 tile of 400 packed blocks, 12 GB
                        budget: resident bytes never over budget, frames drawn while loading
 ==============  =====  ==========================================================================
 
-The limits add up to 470 s, so the whole run ends inside 8 minutes even when every stage runs
-into its limit; they are about twice what each stage is expected to take on an H100/H200 (the
-CUDA JIT builds of four extensions on 16 cores, the torch reference at 2^22 points, a 45 s
-training budget plus three evaluations of 8 views, five 4K frames plus one reference frame),
-which no GPU run had confirmed when they were set: the first run's ``seconds`` per stage say
-how to resize them.
+The limits add up to 475 s, so the whole run ends inside 8 minutes even when every stage runs
+into its limit.  How they were sized (estimates: no GPU run had confirmed them; the first run's
+``seconds`` per stage say how to resize them): about twice the expected time of each stage on
+an H100/H200 with 16 cores -- the four JIT builds at once (~60-80 s: one nvcc file and one
+torch-header C++ file each; the 2-core box took 130-200 s for the two CPU ones), the torch
+reference encode at 2^22 points (~0.3 s a step, 6 steps a size), the survey (~19 s on 2
+cores, 2 render workers), 40 s of training plus set-up, three checkpoints and evaluations of 8
+small views, two resolutions of 5+1 real-time frames plus one torch reference frame each
+(4K: ~130 chunks of 65536 rays), 200 streamed frames at 1080p; the build gets the most slack
+because every later stage depends on its cache.
 
 Without a CUDA device the same check runs at small sizes (``--cpu-smoke`` forces them on a GPU
 too): the CUDA-only stages (``cuda_tests``, ``render_parity``) report ``skipped: no CUDA
@@ -76,7 +80,7 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Stage:
     name: str
-    limit_s: int          # at GPU sizes (they add up to 470 s: inside 8 minutes)
+    limit_s: int          # at GPU sizes (they add up to 475 s: inside 8 minutes)
     smoke_limit_s: int    # at CPU-smoke sizes (a shared 2-core box; the first JIT build takes minutes)
     needs_cuda: bool
     what: str
@@ -85,21 +89,21 @@ class Stage:
 STAGES: list[Stage] = [
     Stage("environment", 10, 60, False, "Python, torch, CUDA, device and toolchain facts"),
     Stage("install", 30, 180, False, "offline install of the wheel folder; the installed citygen runs alone"),
-    Stage("build", 120, 900, False, "python -m cuda_ext.build: every native build ahead of time"),
+    Stage("build", 150, 900, False, "python -m cuda_ext.build: every native build ahead of time"),
     Stage("cuda_tests", 45, 300, True, "pytest on the CUDA parity tests (junit XML)"),
-    Stage("bench_encode", 45, 120, False, "citygen bench encode: torch vs cuda_ext (vs tcnn), points/s sweep"),
-    Stage("synth", 45, 120, False, "citygen synth: the synthetic survey the training stage uses"),
-    Stage("train", 75, 180, False, "GPU preset for a fixed budget: steps/s, rays/s, held-out PSNR/SSIM over time"),
-    Stage("render", 45, 120, False, "citygen bench render on the trained block: FPS, stages, samples, memory"),
+    Stage("bench_encode", 40, 120, False, "citygen bench encode: torch vs cuda_ext (vs tcnn), points/s sweep"),
+    Stage("synth", 35, 120, False, "citygen synth: the synthetic survey the training stage uses"),
+    Stage("train", 70, 180, False, "GPU preset for a fixed budget: steps/s, rays/s, held-out PSNR/SSIM over time"),
+    Stage("render", 50, 120, False, "citygen bench render on the trained block: FPS, stages, samples, memory"),
     Stage("render_parity", 15, 120, True, "CUDA real-time kernel vs the CPU build on the same view"),
-    Stage("stream", 40, 120, False, "streaming fly-through over a tile of many packed blocks under a budget"),
+    Stage("stream", 30, 120, False, "streaming fly-through over a tile of many packed blocks under a budget"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
 #: Sizes per mode.  "gpu": one H100/H200; "smoke": seconds on a CPU (the same code paths).
 SIZES: dict[str, dict[str, Any]] = {
     "gpu": {"encode_log2": [18, 19, 20, 21, 22], "encode_repeats": 5, "survey_preset": "tiny",
-            "train_preset": "gpu", "train_overrides": {}, "eval_at_s": [15.0, 30.0, 45.0],
+            "train_preset": "gpu", "train_overrides": {}, "eval_at_s": [10.0, 20.0, 40.0],
             "render_res": ["1920x1080", "3840x2160"], "render_frames": 5, "parity_res": (640, 360),
             "stream": {"resolution": (1920, 1080), "area_km2": 100.0, "block_size": 500.0, "budget_gb": 12.0,
                        "frames": 200}},
@@ -238,7 +242,8 @@ def stage_install(ctx: Context, log) -> dict[str, Any]:
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if manifest["python_version"] != here:
         raise StageFailure(f"{ctx.wheels}: wheels are for Python {manifest['python_version']}, this is {here}")
-    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(ctx.wheels),
+    # --isolated: no pip configuration or PIP_* variable of the machine adds a source or a constraint
+    pip = [sys.executable, "-m", "pip", "--isolated", "install", "--no-index", "--find-links", str(ctx.wheels),
            "--disable-pip-version-check", "--no-input"]
     t0 = time.perf_counter()
     run([*pip, "-r", str(ctx.wheels / "requirements.txt")], log)
