@@ -165,3 +165,10 @@ def test_gpu_preset_loads():
 
     cfg = load_config("gpu")
     assert 19 <= cfg.field.log2_hashmap_size <= 21 and cfg.rays_per_batch >= 4096 and cfg.device == "auto"
+
+
+def test_bench_encode_sweep_rejects_bad_exponents(capsys):
+    from citygen.cli import entrypoint
+
+    assert entrypoint(["bench", "encode", "--sweep-log2", "18", "40"]) == 2
+    assert "--sweep-log2 takes exponents 0..30" in capsys.readouterr().err
