@@ -582,8 +582,8 @@ def check(out: Path, wheels: Path | None = None, cpu_smoke: bool = False, only: 
     try:
         with open(log_path, "w", encoding="utf-8") as log:
             for stage in STAGES:
-                if only and stage.name not in only:
-                    continue
+                if only and stage.name not in only and stage.name != "environment":
+                    continue   # the environment always runs: it says whether there is a CUDA device
                 limit = stage.limit_s if ctx.size == "gpu" else stage.smoke_limit_s
                 if stage.needs_cuda and not ctx.cuda:
                     entry = {"name": stage.name, "status": "skipped", "error": None, "reason": "no CUDA device",
@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, nargs="?", help="where gpu-check.json and gpu-check.log go")
     parser.add_argument("--wheels", type=Path, help="wheel folder from scripts/make-gpu-wheels to install first")
     parser.add_argument("--cpu-smoke", action="store_true", help="small sizes even where a GPU is present")
-    parser.add_argument("--only", help=f"comma-separated stages to run (of: {', '.join(STAGE_NAMES)})")
+    parser.add_argument("--only", help=f"comma-separated stages to run (of: {', '.join(STAGE_NAMES)}; "
+                                       "environment always runs)")
     parser.add_argument("--work", type=Path, help="data folder (default: a temporary one, removed at the end)")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary data folder")
     parser.add_argument("--stage", help=argparse.SUPPRESS)    # internal: run one stage in this process

@@ -109,7 +109,7 @@ def test_a_failing_stage_does_not_stop_the_next(tmp_path):
                            "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600, check=False)
     report = json.loads((out / "gpu-check.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["train", "stream"]
+    assert list(stages) == ["environment", "train", "stream"]   # the environment always runs
     assert stages["train"]["status"] == "failed" and "no survey" in stages["train"]["error"]
     assert stages["stream"]["status"] == "ok"
     assert proc.returncode == 1
