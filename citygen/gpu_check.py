@@ -187,6 +187,9 @@ class Context:
     size: str            # "gpu" or "smoke"
     cuda: bool           # torch sees a CUDA device
     wheels: Path | None
+    #: install into this folder (pip --target) instead of the running environment; the stages
+    #: then find it on PYTHONPATH.  None: the environment's own site-packages (where writable)
+    site: Path | None = None
 
     @property
     def sizes(self) -> dict[str, Any]:
@@ -198,12 +201,12 @@ class Context:
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "work": str(self.work), "size": self.size, "cuda": self.cuda,
-                "wheels": str(self.wheels) if self.wheels else None}
+                "wheels": str(self.wheels) if self.wheels else None, "site": str(self.site) if self.site else None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Context":
         return cls(Path(d["out"]), Path(d["work"]), d["size"], bool(d["cuda"]),
-                   Path(d["wheels"]) if d["wheels"] else None)
+                   Path(d["wheels"]) if d["wheels"] else None, Path(d["site"]) if d.get("site") else None)
 
 
 # -- stages (each runs in its own process; returns its figures) --------------------------------------
@@ -245,12 +248,25 @@ def stage_install(ctx: Context, log) -> dict[str, Any]:
     # --isolated: no pip configuration or PIP_* variable of the machine adds a source or a constraint
     pip = [sys.executable, "-m", "pip", "--isolated", "install", "--no-index", "--find-links", str(ctx.wheels),
            "--disable-pip-version-check", "--no-input"]
+    import sysconfig
+
+    site = ctx.site
+    if site is None and not os.access(sysconfig.get_paths()["purelib"], os.W_OK):
+        site = ctx.work / "site"   # a read-only environment: a folder of our own on PYTHONPATH
     t0 = time.perf_counter()
-    run([*pip, "-r", str(ctx.wheels / "requirements.txt")], log)
-    run([*pip, "--no-deps", "--force-reinstall", str(ctx.wheels / manifest["citygen_wheel"])], log)
+    if site is None:
+        # resolved against what the image has: a missing or too old dependency fails here, by name
+        run([*pip, "-r", str(ctx.wheels / "requirements.txt")], log)
+        run([*pip, "--no-deps", "--force-reinstall", str(ctx.wheels / manifest["citygen_wheel"])], log)
+    else:
+        # pip --target ignores what is installed: every wheel of the folder, no resolution
+        run([*pip, "--no-deps", "--upgrade", "--target", str(site), *sorted(map(str, ctx.wheels.glob("*.whl")))],
+            log)
     install_s = time.perf_counter() - t0
     # The installed citygen alone: outside the checkout, nothing of it on the path.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
     probe = ("import importlib, json, citygen\n"
              f"mods = {PATH_MODULES!r}\n"
              "for m in mods: importlib.import_module(m)\n"
@@ -262,10 +278,11 @@ def stage_install(ctx: Context, log) -> dict[str, Any]:
         installed = json.loads(out)
         if Path(installed["citygen"]).resolve().is_relative_to(REPO):
             raise StageFailure(f"citygen imported from the checkout ({installed['citygen']}), not the install")
-        exe = Path(sys.executable).parent / "citygen"
+        exe = Path(site or Path(sys.executable).parent) / ("bin" if site else "") / "citygen"
         run([str(exe) if exe.exists() else "citygen", "--help"], log, cwd=Path(alone), env=env)
     fresh = manifest["source_digest"] == source_digest()
-    fig = {"install_s": round(install_s, 2), "wheels": manifest["wheels"], "citygen_installed_at": installed["citygen"],
+    fig = {"install_s": round(install_s, 2), "site": str(site) if site else None,
+           "wheels": manifest["wheels"], "citygen_installed_at": installed["citygen"],
            "imports_ok": PATH_MODULES, "made_from_commit": manifest.get("git_commit"),
            "wheel_matches_checkout": fresh}
     if not fresh:
@@ -528,7 +545,8 @@ def _run_stage_here(name: str, ctx: Context, result_path: Path) -> int:
 def _stage_env(ctx: Context) -> dict[str, str]:
     env = dict(os.environ)
     # the checkout's code in every stage (see the module docstring), whatever the cwd
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([str(ctx.site)] if ctx.site else []),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")   # H100/H200 (sm_90): no build for other archs
     return env
@@ -566,7 +584,7 @@ def _launch(stage: Stage, ctx: Context, limit: int, log) -> dict[str, Any]:
 
 
 def check(out: Path, wheels: Path | None = None, cpu_smoke: bool = False, only: list[str] | None = None,
-          work: Path | None = None, keep_work: bool = False) -> dict[str, Any]:
+          work: Path | None = None, keep_work: bool = False, site: Path | None = None) -> dict[str, Any]:
     """Run the check (module docstring) and return the report it wrote to ``out/gpu-check.json``."""
     out.mkdir(parents=True, exist_ok=True)
     own_work = work is None
@@ -578,7 +596,7 @@ def check(out: Path, wheels: Path | None = None, cpu_smoke: bool = False, only: 
     report: dict[str, Any] = {"check": "citygen gpu-check", "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime(started)),
                               "argv": sys.argv, "stages": []}
-    ctx = Context(out=out, work=work, size="smoke", cuda=False, wheels=wheels)
+    ctx = Context(out=out, work=work, size="smoke", cuda=False, wheels=wheels, site=site)
     try:
         with open(log_path, "w", encoding="utf-8") as log:
             for stage in STAGES:
@@ -592,6 +610,8 @@ def check(out: Path, wheels: Path | None = None, cpu_smoke: bool = False, only: 
                 else:
                     write_json(work / "context.json", ctx.to_json())
                     entry = _launch(stage, ctx, limit, log)
+                if stage.name == "install" and entry["figures"].get("site"):
+                    ctx.site = Path(entry["figures"]["site"])   # the later stages import from there
                 if stage.name == "environment":
                     ctx.cuda = bool(entry["figures"].get("cuda_available"))
                     ctx.size = "gpu" if ctx.cuda and not cpu_smoke else "smoke"
@@ -622,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, nargs="?", help="where gpu-check.json and gpu-check.log go")
     parser.add_argument("--wheels", type=Path, help="wheel folder from scripts/make-gpu-wheels to install first")
+    parser.add_argument("--install-target", type=Path, help="install the wheels into this folder (pip --target; "
+                        "the default where the environment is read-only) instead of the running environment")
     parser.add_argument("--cpu-smoke", action="store_true", help="small sizes even where a GPU is present")
     parser.add_argument("--only", help=f"comma-separated stages to run (of: {', '.join(STAGE_NAMES)}; "
                                        "environment always runs)")
@@ -645,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: error: {args.wheels}: --wheels is not a folder", file=sys.stderr)
         return 2
     report = check(args.out.resolve(), args.wheels.resolve() if args.wheels else None, args.cpu_smoke, only,
-                   args.work.resolve() if args.work else None, args.keep_work)
+                   args.work.resolve() if args.work else None, args.keep_work,
+                   args.install_target.resolve() if args.install_target else None)
     print(f"[gpu-check] {report['summary']} in {report['seconds']} s -> {args.out / 'gpu-check.json'}")
     return 0 if report["summary"]["failed"] == 0 else 1
 
