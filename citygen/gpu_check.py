@@ -9,8 +9,10 @@ stage           limit  what it does (GPU sizes; ``--cpu-smoke`` sizes in :data:`
 ==============  =====  ==========================================================================
 environment     10 s   Python, torch, CUDA, device, nvcc, nvidia-smi, CPU facts
 install         30 s   ``pip install --no-index`` of the wheel folder (``scripts/make-gpu-wheels``):
-                       the packages the GPU image lacks, then citygen's wheel; the installed
-                       citygen must import the train/render path and run ``citygen --help``
+                       the packages the GPU image lacks, then citygen's wheel, into the running
+                       environment (or ``--install-target DIR``, the default where it is
+                       read-only); the installed citygen must import the train/render path and
+                       run ``citygen --help``
 build           150 s  ``python -m cuda_ext.build --require-cuda`` (TORCH_CUDA_ARCH_LIST=9.0):
                        hash grid + real-time renderer, CPU and CUDA builds, at once
 cuda_tests      45 s   pytest tests/test_cuda_ext.py tests/test_realtime.py (junit XML): hash grid
