@@ -137,3 +137,17 @@ def bench_encode(n_points: int = 2**16, config: HashGridConfig | None = None, re
         "config": asdict(config),
         "results": results,
     }
+
+
+def bench_encode_sweep(sizes: list[int], **kwargs) -> dict:
+    """:func:`bench_encode` at each of ``sizes`` points (same grid, backends and seed): how
+    throughput grows with the batch until the device is full.  ``kwargs`` go to ``bench_encode``.
+
+    Returns the first run's machine and config fields, and ``sweep``: per size, its results.
+    """
+    if not sizes:
+        raise CitygenError(None, "bench: the sweep needs at least one size")
+    runs = [bench_encode(n_points=n, **kwargs) for n in sizes]
+    out = {k: v for k, v in runs[0].items() if k not in ("n_points", "results")}
+    out["sweep"] = [{"n_points": r["n_points"], "results": r["results"]} for r in runs]
+    return out

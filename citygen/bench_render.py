@@ -267,6 +267,12 @@ def bench_views(field, render_cfg: RenderConfig, device: torch.device, resolutio
     return results
 
 
+def stream_field_config(gpu: bool) -> FieldConfig:
+    """The streamed blocks' field: production-sized on a GPU, small enough for a CPU otherwise."""
+    return FieldConfig() if gpu else FieldConfig(n_levels=8, log2_hashmap_size=13, hidden_dim=32,
+                                                 semantic_hidden_dim=32, max_resolution=256)
+
+
 def bench_streaming(device: torch.device, resolution: tuple[int, int], area_km2: float, block_size: float,
                     budget_bytes: int, n_frames: int, cfg: FieldConfig, altitude: float, n_files: int = 4,
                     grid_resolution: int = 64, seed: int = 0, speed_mps: float = 100.0) -> dict[str, Any]:
@@ -342,6 +348,10 @@ def bench_streaming(device: torch.device, resolution: tuple[int, int], area_km2:
         "fps_mean": len(times) / sum(times), "frame_s_median": statistics.median(times),
         "frame_s_worst": max(times), "resident_blocks_mean": statistics.mean(resident),
         "loading_blocks_mean": statistics.mean(loading), "loads_completed": len(loads), "evictions": evictions,
+        # frames drawn while a block they could see was still loading (drawn without it: the
+        # loader never blocks a frame), and frames over twice the median time (hitches)
+        "frames_with_blocks_loading": sum(1 for k in loading if k > 0),
+        "slow_frames": sum(1 for t in times if t > 2 * statistics.median(times)),
         "speed_mps": speed_mps, "path_m": n_frames * speed_mps / 30.0,
         "load_s_median": statistics.median(loads) if loads else None,
         "lod_levels_mean": statistics.mean(levels) if levels else None,
@@ -391,11 +401,11 @@ def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | 
         result["estimate_4k_h100"] = estimate_4k(statistics.mean(spr), cost)
     if stream:
         budget = int((stream_budget_gb if stream_budget_gb is not None else (12.0 if gpu else 0.005)) * 1e9)
-        stream_cfg = FieldConfig() if gpu else FieldConfig(n_levels=8, log2_hashmap_size=13, hidden_dim=32,
-                                                           semantic_hidden_dim=32, max_resolution=256)
         result["streaming"] = bench_streaming(dev, resolutions[0], stream_area_km2, stream_block_size, budget,
-                                              stream_frames or (300 if gpu else 8), stream_cfg, altitude=250.0)
+                                              stream_frames or (300 if gpu else 8), stream_field_config(gpu),
+                                              altitude=250.0)
     return result
 
 
-__all__ = ["bench_render", "estimate_4k", "fly_path", "parse_resolution", "per_sample_cost", "synthetic_field"]
+__all__ = ["bench_render", "bench_streaming", "estimate_4k", "fly_path", "parse_resolution", "per_sample_cost",
+           "stream_field_config", "synthetic_field"]

@@ -162,7 +162,7 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
 def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | None = None, n_points: int = 2**16,
           repeats: int = 5, device: str = "auto", tile: Path | None = None, res: tuple[str, ...] = (),
           frames: int = 5, reference_frames: int = 1, no_stream: bool = False, stream_budget_gb: float | None = None,
-          stream_frames: int | None = None) -> None:
+          stream_frames: int | None = None, sweep_log2: tuple[int, ...] = ()) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
@@ -179,6 +179,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
         no_stream: render: skip the 100 km2 streaming fly-through.
         stream_budget_gb: render: device memory budget of the block cache (default 12 on a GPU).
         stream_frames: render: frames of the streaming fly-through.
+        sweep_log2: encode: instead of --n-points, one run per size 2^K for each K given
+            (e.g. --sweep-log2 18 19 20 21 22).
     """
     import json
 
@@ -192,9 +194,12 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
     if out is not None:
         check_out_file(out, "--out")
     if what == "encode":
-        from .bench import bench_encode
+        from .bench import bench_encode, bench_encode_sweep
 
-        result = bench_encode(n_points=n_points, repeats=repeats, device=device)
+        if any(not 0 <= k <= 30 for k in sweep_log2):
+            raise CitygenError(None, f"bench: --sweep-log2 takes exponents 0..30, got {list(sweep_log2)}")
+        result = (bench_encode_sweep([2**k for k in sweep_log2], repeats=repeats, device=device) if sweep_log2
+                  else bench_encode(n_points=n_points, repeats=repeats, device=device))
     elif what == "render":
         from .bench_render import bench_render, parse_resolution
 

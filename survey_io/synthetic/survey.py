@@ -96,6 +96,10 @@ class SyntheticConfig:
 PRESETS: dict[str, SyntheticConfig] = {
     # ~64 images at 320x240 over 300 m x 300 m: the CPU demo and the tests' default data
     "tiny": SyntheticConfig(),
+    # a few seconds on one CPU core: nadir images at 64x48 over 120 m x 120 m, coarse rasters
+    # (smoke runs such as `scripts/gpu-check --cpu-smoke`, not for training quality)
+    "smoke": SyntheticConfig(area_m=120.0, altitude_m=60.0, width=64, height=48, oblique_headings=(),
+                             max_building_height_m=20.0, antialias=False, ortho_gsd_m=2.0, test_every=4),
     # ~200 images at 640x480 over 500 m x 500 m
     "small": SyntheticConfig(area_m=500.0, altitude_m=130.0, width=640, height=480, front_overlap=0.75,
                              side_overlap=0.6, oblique_spacing_factor=2.2, max_building_height_m=60.0),
