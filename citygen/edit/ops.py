@@ -579,8 +579,15 @@ class _RigidCopy(_MappingOp):
         return _placed_box(self.selection.box(), R, pivot, pivot + offset)
 
     def extend_aabb(self, aabb):
+        # what can be copied lies in the box so far and in the selection's box: that, moved
+        src = aabb.clone()
+        sbox = self.selection.box()
+        if sbox is not None:
+            src = torch.stack([torch.maximum(src[0], sbox[0].to(src)), torch.minimum(src[1], sbox[1].to(src))])
+            if not bool((src[0] <= src[1]).all()):
+                return aabb
         R, pivot, offset = self._rigid()
-        corners = torch.stack([torch.tensor([aabb[i, 0], aabb[j, 1], aabb[k, 2]])
+        corners = torch.stack([torch.tensor([src[i, 0], src[j, 1], src[k, 2]])
                                for i in (0, 1) for j in (0, 1) for k in (0, 1)])
         moved = (corners - pivot) @ R.T + pivot + offset
         return torch.stack([torch.minimum(aabb[0], moved.min(0).values.to(aabb)),

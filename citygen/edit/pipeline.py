@@ -35,13 +35,6 @@ WIDE = 1 / 8
 PENDING = 64
 
 
-def _pad(box: Tensor) -> Tensor:
-    """The box grown by a millimetre (and float32 rounding of large coordinates): a sample
-    on its edge must not be culled by a rounding difference between the test and the edit."""
-    pad = 1e-3 + 1e-6 * box.abs().nan_to_num(0.0, 0.0, 0.0).amax(0)
-    return torch.stack([box[0] - pad, box[1] + pad])
-
-
 class Pipeline:
     """Ops in stack order over a base stage; ``stage(k)`` / ``occupancy(k)`` evaluate the first
     ``k`` ops (all by default).  Ops are added after they are prepared (their boxes are known)."""
@@ -49,12 +42,11 @@ class Pipeline:
     def __init__(self, base: Callable, base_occ: Callable, region: Tensor, grid: int = GRID):
         self.base, self.base_occ = base, base_occ
         self.ops: list = []
-        lo, hi = region[0, :2].double(), region[1, :2].double()
+        lo, hi = region[0, :2].float(), region[1, :2].float()
         self.grid = grid
         self.origin = lo
         self.cell = ((hi - lo) / grid).clamp_min(1e-6)
-        self.lo = torch.zeros(0, 3)
-        self.hi = torch.zeros(0, 3)
+        self._boxes = _Grow(torch.zeros(0, 2, 3))  # per op: [lo, hi], padded
         self.wide: list[int] = []      # ops tested against every entry
         self.indexed: list[int] = []   # ops in the grid (or pending)
         self._built = 0                # how many of `indexed` the grid holds
@@ -66,29 +58,45 @@ class Pipeline:
         k = len(self.ops)
         self.ops.append(op)
         box = op.box()
-        if box is None:
-            box = torch.tensor([[-math.inf] * 3, [math.inf] * 3])
-        box = _pad(box.float().cpu())
-        self.lo = torch.cat([self.lo, box[:1]])
-        self.hi = torch.cat([self.hi, box[1:]])
-        if not bool((box[0] <= box[1]).all()):
+        lo, hi = ([-math.inf] * 3, [math.inf] * 3) if box is None else box.tolist()
+        # grown by a millimetre (and float32 rounding of large coordinates): a sample on the
+        # edge must not be culled by a rounding difference between this test and the edit's
+        pad = 1e-3 + 1e-6 * max([abs(v) for v in lo + hi if math.isfinite(v)] or [0.0])
+        lo, hi = [v - pad for v in lo], [v + pad for v in hi]
+        self._boxes.append(torch.tensor([[lo, hi]]))
+        if any(a > b for a, b in zip(lo, hi)):
             return  # touches nothing
-        c0, c1 = self._cells(box[0, :2].double()), self._cells(box[1, :2].double())
-        n_cells = int((c1[0] - c0[0] + 1) * (c1[1] - c0[1] + 1))
+        # cells one wider on each side than the box's: the points' cells are computed in float32
+        c0 = [self._cell(lo[i], i) - 1 for i in (0, 1)]
+        c1 = [self._cell(hi[i], i) + 1 for i in (0, 1)]
+        n_cells = (min(c1[0], self.grid - 1) - max(c0[0], 0) + 1) * (min(c1[1], self.grid - 1) - max(c0[1], 0) + 1)
         if n_cells > WIDE * self.grid * self.grid:
             self.wide.append(k)
         else:
             self.indexed.append(k)
 
+    def _cell(self, v: float, axis: int) -> int:
+        c = (v - float(self.origin[axis])) / float(self.cell[axis])
+        return int(min(max(c, -1.0), float(self.grid)))
+
+    @property
+    def lo(self) -> Tensor:
+        return self._boxes.view()[:, 0]
+
+    @property
+    def hi(self) -> Tensor:
+        return self._boxes.view()[:, 1]
+
     def _cells(self, xy: Tensor) -> Tensor:
-        """(..., 2) integer cell coordinates, clamped to the grid (outside points share the edge cells)."""
-        c = ((xy - self.origin.to(xy.device)) / self.cell.to(xy.device)).nan_to_num(0.0, 1e9, -1e9)
-        return c.floor().clamp(0, self.grid - 1).long()
+        """(..., 2) integer cell coordinates, clamped to the grid (outside points share the edge
+        cells).  Monotonic in xy, so a point inside a box falls in one of the box's cells."""
+        c = ((xy.float() - self.origin.to(xy.device)) / self.cell.to(xy.device)).nan_to_num(0.0, 1e9, -1e9)
+        return c.clamp(0, self.grid - 1).long()
 
     def _build(self) -> None:
         ops = torch.tensor(self.indexed, dtype=torch.long)
-        c0 = self._cells(self.lo[ops, :2].double())
-        c1 = self._cells(self.hi[ops, :2].double())
+        c0 = (self._cells(self.lo[ops, :2]) - 1).clamp_min(0)
+        c1 = (self._cells(self.hi[ops, :2]) + 1).clamp_max(self.grid - 1)
         w, h = c1[:, 0] - c0[:, 0] + 1, c1[:, 1] - c0[:, 1] + 1
         n = w * h
         op_rep = torch.repeat_interleave(torch.arange(len(ops)), n)
@@ -104,12 +112,13 @@ class Pipeline:
 
     def _meets(self, pos: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
         """(entry, op) pairs: indexed op ``op < limit[entry]`` whose box holds ``pos[entry]``."""
-        if len(self.indexed) - self._built > PENDING:
-            self._build()
         p = pos.detach().cpu()
+        pending = len(self.indexed) - self._built
+        if pending > PENDING or pending * p.shape[0] > 1 << 20:
+            self._build()
         ents, ops = [], []
         if self._built:
-            c = self._cells(p[:, :2].double())
+            c = self._cells(p[:, :2])
             cell = c[:, 1] * self.grid + c[:, 0]
             start, cnt = self._ptr[cell], self._ptr[cell + 1] - self._ptr[cell]
             total = int(cnt.sum())
@@ -150,8 +159,7 @@ class Pipeline:
         k = len(self.ops) if k is None else k
         n, device = x.shape[0], x.device
         # entries: positions, the stage each needs, the query sample each descends from (its rays)
-        pos, level, origin = [x], [torch.full((n,), k, dtype=torch.long)], [torch.arange(n)]
-        count = n
+        pos, level, origin = _Grow(x), _Grow(torch.full((n,), k, dtype=torch.long)), _Grow(torch.arange(n))
         buckets: dict[int, list[Tensor]] = {}
 
         def enter(p: Tensor, lv: Tensor, first: int) -> None:
@@ -164,14 +172,7 @@ class Pipeline:
             for op, part in zip(ids.tolist(), torch.split(e, counts.tolist())):
                 buckets.setdefault(op, []).append(part)
 
-        def flat():
-            if len(pos) > 1:
-                pos[:] = [torch.cat(pos)]
-                level[:] = [torch.cat(level)]
-                origin[:] = [torch.cat(origin)]
-            return pos[0], level[0], origin[0]
-
-        enter(x, level[0], 0)
+        enter(x, level.view(), 0)
         wide = set(self.wide)
         touched: dict[int, Tensor] = {}
         reads: dict[int, tuple[Tensor, int]] = {}  # op -> (indices into its entries, first source entry)
@@ -179,30 +180,30 @@ class Pipeline:
         for j in range(k - 1, -1, -1):
             parts = buckets.pop(j, None)
             if j in wide:
-                all_pos, all_level, _ = flat()
+                all_pos = pos.view()
                 lo, hi = self.lo[j].to(device), self.hi[j].to(device)
-                inbox = (all_level.to(device) > j) & ((all_pos >= lo) & (all_pos <= hi)).all(-1)
+                inbox = (level.view().to(device) > j) & ((all_pos >= lo) & (all_pos <= hi)).all(-1)
                 idx = inbox.nonzero().squeeze(-1).cpu()
             elif parts:
-                idx = torch.sort(torch.cat(parts)).values
+                idx = torch.sort(torch.cat(parts)).values if len(parts) > 1 else parts[0]
             else:
                 continue
             if idx.numel() == 0:
                 continue
             touched[j] = idx
-            all_pos, _, all_origin = flat()
-            r = self.ops[j].reads(all_pos[idx.to(device)])
+            r = self.ops[j].reads(pos.view()[idx.to(device)])
             if r is None or r[0].numel() == 0:
                 continue
             sub, xs = r[0].cpu(), r[1]
             lv = torch.full((xs.shape[0],), j, dtype=torch.long)
-            reads[j] = (sub, count)
+            first = len(pos)
+            reads[j] = (sub, first)
+            origin.append(origin.view()[idx[sub]])
             pos.append(xs)
             level.append(lv)
-            origin.append(all_origin[idx[sub]])
-            enter(xs, lv, count)
-            count += xs.shape[0]
-        all_pos, _, all_origin = flat()
+            enter(xs, lv, first)
+        count = len(pos)
+        all_pos, all_origin = pos.view(), origin.view()
         # forwards: the field at every entry, then each op on the entries it acts on
         if occ:
             values = self.base_occ(all_pos).clone()
@@ -234,6 +235,29 @@ class Pipeline:
         roots = torch.arange(n, device=device)
         out = values[roots] if occ else values.take(roots)
         return out, None if sel is None else sel[:n]
+
+
+class _Grow:
+    """A tensor that grows along dim 0 by appending (capacity doubles: amortised linear)."""
+
+    def __init__(self, first: Tensor):
+        self.buf, self.n = first, first.shape[0]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, t: Tensor) -> None:
+        need = self.n + t.shape[0]
+        if need > self.buf.shape[0]:
+            grown = torch.empty((max(need, 2 * self.buf.shape[0]), *self.buf.shape[1:]), dtype=self.buf.dtype,
+                                device=self.buf.device)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        self.buf[self.n:need] = t.to(self.buf.device)
+        self.n = need
+
+    def view(self) -> Tensor:
+        return self.buf[:self.n]
 
 
 def _own(s: Samples) -> Samples:
