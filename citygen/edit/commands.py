@@ -132,6 +132,17 @@ def params_from_flags(f: EditFlags) -> dict[str, Any]:
     return p
 
 
+#: the flag that sets each parameter / selection kind, to name it in an error
+_FLAGS = (("unknown op", "--op"), ("param 'dz'", "--dz"), ("param 'factor'", "--factor"), ("offset", "--offset"), ("rotate_deg", "--rotate"),
+          ("pivot", "--pivot"), ("insert asset", "--asset"), ("source_box", "--source-box"), ("anchor", "--anchor"),
+          ("recolor color", "--color"), ("recolor hsv", "--hsv"), ("box", "--box"), ("height range", "--height"),
+          ("instance", "--instance"), ("class", "--class"), ("unknown param", "--params"))
+
+
+def _flag_of(reason: str) -> str:
+    return next((flag for key, flag in _FLAGS if key in reason), "edit add")
+
+
 def describe(edit: dict) -> str:
     sel = json.dumps(edit.get("selection"))
     if len(sel) > 60:
@@ -154,7 +165,12 @@ def run_edit(tile: Path, action: str, flags: EditFlags, edit_id: str | None = No
             raise CitygenError(None, "edit add needs --op (remove, recolor, raise, scale_height, move, duplicate, insert)")
         if flags.op == "restyle":
             raise CitygenError(None, "use `citygen style` to add a restyle edit")
-        edit = stack.add(flags.op, selection_from_flags(flags), params_from_flags(flags), edit_id=edit_id)
+        try:
+            edit = stack.add(flags.op, selection_from_flags(flags), params_from_flags(flags), edit_id=edit_id)
+        except CitygenError as err:
+            if err.path != stack_path(tile):
+                raise  # it names its own file (the asset, the polygon)
+            raise CitygenError(None, f"{_flag_of(err.reason)}: {err.reason}") from None
         stack.save()
         return {"added": edit["id"], "stack": str(stack_path(tile))}
     if action == "list":

@@ -35,7 +35,7 @@ from survey_io.semantics import CLASSES
 from ..errors import CitygenError
 from ..render.occupancy import OccupancyGrid
 from .ground import GroundHeight, estimate_ground, ground_from_spec
-from .ops import OP_CLASSES
+from .ops import OP_CLASSES, resolve_in_tile
 from .pipeline import Pipeline
 from .raster import Raster2D
 from .samples import Rays, Samples
@@ -234,13 +234,7 @@ class EditContext:
 
     # -- files inside the tile -----------------------------------------------------------------
     def _tile_path(self, rel: str) -> Path:
-        if self.tile_dir is None:
-            raise SpecError(f"{rel!r}: a file reference needs the tile folder")
-        root = self.tile_dir.resolve()
-        path = (root / rel).resolve()
-        if root != path and root not in path.parents:
-            raise SpecError(f"{rel!r} escapes the tile folder")
-        return path
+        return resolve_in_tile(self.tile_dir, rel)
 
     def load_asset(self, rel: str):
         if rel in self.assets:

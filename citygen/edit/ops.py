@@ -80,12 +80,40 @@ def safe_relative_path(value: Any, what: str) -> str:
     return value
 
 
+def resolve_in_tile(tile_dir: Path | None, rel: str) -> Path:
+    """The file ``rel`` names inside the tile folder, links resolved (SpecError if it escapes)."""
+    if tile_dir is None:
+        raise SpecError(f"{rel!r}: a file reference needs the tile folder")
+    root = Path(tile_dir).resolve()
+    path = (root / rel).resolve()
+    if root != path and root not in path.parents:
+        raise SpecError(f"{rel!r} escapes the tile folder")
+    return path
+
+
+#: the parameters each op reads (restyle is absent: its params also keep a record of how the
+#: style was made: reference, report, feature net)
+PARAM_KEYS = {
+    "remove": {"fill_ground", "thickness", "reach"},
+    "recolor": {"matrix", "offset", "space", "hsv", "color", "strength"},
+    "raise": {"dz", "base"},
+    "scale_height": {"factor", "base"},
+    "move": {"offset", "rotate_deg", "pivot", "fill_ground", "thickness", "reach"},
+    "duplicate": {"offset", "rotate_deg", "pivot"},
+    "insert": {"asset", "source_box", "anchor_crs", "anchor_local", "source_anchor", "rotate_deg"},
+}
+
+
 def validate_params(op: str, params: Any) -> None:
     """Check an edit's ``params`` for its ``op`` (SpecError on any problem)."""
     if op not in OPS:
         raise SpecError(f"unknown op {op!r} (known: {', '.join(OPS)})")
     if not isinstance(params, dict):
         raise SpecError("params must be an object")
+    unknown = sorted(set(params) - PARAM_KEYS.get(op, set(params)))
+    if unknown:  # a misspelt parameter would silently fall back to its default
+        raise SpecError(f"unknown param {', '.join(map(repr, unknown))} for {op} "
+                        f"(known: {', '.join(sorted(PARAM_KEYS[op]))})")
     if op == "remove":
         _bool(params, "fill_ground", True)
         _num(params, "thickness", 1.0, 0.01, 100.0)
@@ -147,7 +175,7 @@ def validate_params(op: str, params: Any) -> None:
         if rot != 0.0:
             _finite(params.get("pivot") or [], "pivot [x, y]", 2)
         if op == "move":
-            validate_params("remove", {k: v for k, v in params.items() if k in ("fill_ground", "thickness", "reach")})
+            validate_params("remove", {k: v for k, v in params.items() if k in PARAM_KEYS["remove"]})
     elif op == "insert":
         safe_relative_path(params.get("asset"), "insert asset")
         box = _finite(params.get("source_box") or [], "source_box", 6)
@@ -702,4 +730,5 @@ class InsertOp(Op):
 OP_CLASSES = {"remove": RemoveOp, "recolor": RecolorOp, "restyle": RestyleOp, "raise": RaiseOp,
               "scale_height": ScaleHeightOp, "move": MoveOp, "duplicate": DuplicateOp, "insert": InsertOp}
 
-__all__ = ["OPS", "OP_CLASSES", "Op", "color_function", "safe_relative_path", "validate_params"]
+__all__ = ["OPS", "OP_CLASSES", "PARAM_KEYS", "Op", "color_function", "resolve_in_tile", "safe_relative_path",
+           "validate_params"]

@@ -23,6 +23,7 @@ no cost, for the samples outside it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +119,33 @@ def polygon_rings(geojson: Any) -> list[list[list[list[float]]]]:
         out.append(rings)
     if n_vertices > MAX_VERTICES:
         raise SpecError(f"polygon has {n_vertices} vertices (limit {MAX_VERTICES})")
+    for i, rings in enumerate(out):
+        _check_simple(rings, f"polygon {i + 1} of {len(out)}" if len(out) > 1 else "polygon")
     return out
+
+
+_WHERE = re.compile(r"^(?P<what>.*?)\s*\[(?P<x>\S+) (?P<y>\S+)\]$")
+
+
+def _check_simple(rings: list[list[list[float]]], what: str) -> None:
+    """A polygon must be valid in the OGC sense (shapely's test): rings that do not cross
+    themselves or each other, holes inside the shell, non-zero area.  The even-odd test of
+    :class:`PolygonSelection` would quietly select a bow-tie's odd parts instead."""
+    from shapely.geometry import Polygon
+    from shapely.validation import explain_validity
+
+    try:
+        poly = Polygon(rings[0], rings[1:])
+    except ValueError as err:  # e.g. a ring that shapely cannot build
+        raise SpecError(f"{what} is degenerate ({err})") from None
+    if not poly.is_valid:
+        reason = explain_validity(poly)
+        m = _WHERE.match(reason)
+        if m:
+            reason = f"{m['what'].lower()} at ({float(m['x']):.6g}, {float(m['y']):.6g})"
+        raise SpecError(f"{what} is not a simple polygon: {reason}")
+    if not poly.area > 0.0:
+        raise SpecError(f"{what} is degenerate (zero area)")
 
 
 def validate_selection(d: Any, depth: int = 0, classes: tuple[str, ...] = CLASSES) -> None:
