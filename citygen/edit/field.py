@@ -182,9 +182,13 @@ class EditContext:
         threshold = 0.1 / dz
         for i in range(0, pts.shape[0], CHUNK):
             x = pts[i:i + CHUNK].to(device)
-            keep = occ(x)
-            if bound is not None:
-                keep &= bound(x)
+            if bound is not None:  # the cheap geometric test first: the stack's occupancy only where it holds
+                keep = bound(x)
+                sub = keep.nonzero().squeeze(-1)
+                if sub.numel():
+                    keep[sub] = occ(x[sub])
+            else:
+                keep = occ(x)
             idx = keep.nonzero().squeeze(-1)
             if idx.numel() == 0:
                 continue
