@@ -29,6 +29,7 @@ setup(
         "pycolmap>=3.10",
         "moderngl>=5.10",
         "laspy>=2.5",
+        "shapely>=2.0",  # edit polygons: validity (self-intersection) when an edit is added
         "lazrs>=0.5",  # LAZ compression for laspy
         "glfw>=2.5",  # the viewer's desktop window
         "psutil>=5.9",  # available RAM: the default memory budget of plan / export / train

@@ -18,9 +18,12 @@ renderer takes boxes from the checkpoints) clips matter an edit moves out of it 
 raised above the box top); moved and inserted objects keep the view dependence of their
 source direction (directions are rotated for inserts only); the wrapper reads the stack once,
 so a renderer must be given a new wrapper (or ``clear_cache()``) after the stack changes.
-Cost: each edit adds per-sample work (mapping edits read the field twice in the columns they
-touch), and building an :class:`EditedField` scans the block once per remove/raise/instance
-edit to find footprints; ``bake`` removes the per-sample cost.
+Cost: the stack is applied in one loop over its edits, each edit only to the samples inside
+its box (:mod:`citygen.edit.pipeline`), so a sample costs work per edit that can reach it
+(mapping edits read their input a second time where they copy from); building an
+:class:`EditedField` scans, per remove/raise edit, the surroundings of its selection (per
+instance edit, the block) to find footprints; ``bake`` removes the per-sample cost.  Edits
+are checked when added (:meth:`EditStack.add`): simple polygons, loadable insert assets.
 """
 
 from .field import EditedField

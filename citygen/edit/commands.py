@@ -52,12 +52,13 @@ def _numbers(text: str, n: int, flag: str) -> list[float]:
 def selection_from_flags(f: EditFlags) -> dict | None:
     """The selection the flags describe: the intersection of every selection flag given."""
     parts: list[dict] = []
-    classes = [c.strip() for c in f.classes.split(",")] if f.classes else None
-    if f.instance:
+    # `is not None` throughout: an empty flag value is an error, not "no selection" (everything)
+    classes = [c.strip() for c in f.classes.split(",")] if f.classes is not None else None
+    if f.instance is not None:
         if not classes or len(classes) != 1:
             raise CitygenError(None, "--instance X,Y needs exactly one --class")
         parts.append({"instance": {"class": classes[0], "point": _numbers(f.instance, 2, "instance")}})
-    elif classes:
+    elif classes is not None:
         parts.append({"class": classes if len(classes) > 1 else classes[0]})
     if f.polygon is not None:
         try:
@@ -73,9 +74,9 @@ def selection_from_flags(f: EditFlags) -> dict | None:
         except SpecError as err:
             raise CitygenError(f.polygon, str(err)) from None
         parts.append({"polygon": geojson, "crs": f.polygon_crs})
-    if f.box:
+    if f.box is not None:
         parts.append({"box": _numbers(f.box, 6, "box")})
-    if f.height:
+    if f.height is not None:
         parts.append({"height": _numbers(f.height, 2, "height")})
     if not parts:
         sel = None
@@ -132,6 +133,17 @@ def params_from_flags(f: EditFlags) -> dict[str, Any]:
     return p
 
 
+#: the flag that sets each parameter / selection kind, to name it in an error
+_FLAGS = (("unknown op", "--op"), ("unknown param", "--params"), ("param 'dz'", "--dz"), ("param 'factor'", "--factor"),
+          ("offset", "--offset"), ("rotate_deg", "--rotate"), ("pivot", "--pivot"), ("insert asset", "--asset"),
+          ("source_box", "--source-box"), ("anchor", "--anchor"), ("recolor color", "--color"), ("recolor hsv", "--hsv"),
+          ("box", "--box"), ("height range", "--height"), ("instance", "--instance"), ("class", "--class"))
+
+
+def _flag_of(reason: str) -> str:
+    return next((flag for key, flag in _FLAGS if key in reason), "edit add")
+
+
 def describe(edit: dict) -> str:
     sel = json.dumps(edit.get("selection"))
     if len(sel) > 60:
@@ -154,7 +166,12 @@ def run_edit(tile: Path, action: str, flags: EditFlags, edit_id: str | None = No
             raise CitygenError(None, "edit add needs --op (remove, recolor, raise, scale_height, move, duplicate, insert)")
         if flags.op == "restyle":
             raise CitygenError(None, "use `citygen style` to add a restyle edit")
-        edit = stack.add(flags.op, selection_from_flags(flags), params_from_flags(flags), edit_id=edit_id)
+        try:
+            edit = stack.add(flags.op, selection_from_flags(flags), params_from_flags(flags), edit_id=edit_id)
+        except CitygenError as err:
+            if err.path != stack_path(tile):
+                raise  # it names its own file (the asset, the polygon)
+            raise CitygenError(None, f"{_flag_of(err.reason)}: {err.reason}") from None
         stack.save()
         return {"added": edit["id"], "stack": str(stack_path(tile))}
     if action == "list":

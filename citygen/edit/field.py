@@ -9,7 +9,10 @@ appearance, ray_index, with_semantics)``, ``density(x)``, ``background(dirs)``,
 
 The edits are folded in per sample: stage ``k`` of the pipeline is edit ``k`` applied to
 stage ``k - 1`` (stage 0 is the field itself, with zero density outside its box).  Edits
-are applied in stack order; disabled edits are skipped.
+are applied in stack order; disabled edits are skipped.  The stack is evaluated in one loop
+over the edits, each only on the samples inside its box (:mod:`citygen.edit.pipeline`), so
+its cost grows with the edits that touch a sample, not with the stack's length.  The edited
+field is for rendering and distillation: no gradient flows through it.
 
 ``density(x)`` returns ``(sigma, geo)`` like the field's, but ``geo`` is the sample
 position itself: ``color(geo, ...)`` and ``semantics(geo)`` re-run the pipeline there, so
@@ -32,7 +35,8 @@ from survey_io.semantics import CLASSES
 from ..errors import CitygenError
 from ..render.occupancy import OccupancyGrid
 from .ground import GroundHeight, estimate_ground, ground_from_spec
-from .ops import OP_CLASSES
+from .ops import OP_CLASSES, resolve_in_tile
+from .pipeline import Pipeline
 from .raster import Raster2D
 from .samples import Rays, Samples
 from .selection import SpecError, build_selection
@@ -136,7 +140,7 @@ class EditContext:
     @torch.no_grad()
     def scan(self, stage: Callable, occ: Callable, predicate: Callable, band: tuple[float, float] | None = None,
              bound: Callable | None = None, cell: float | None = None, within: Raster2D | None = None,
-             column_opacity: float | None = None, top: bool = False) -> Raster2D:
+             column_opacity: float | None = None, top: bool = False, box: Tensor | None = None) -> Raster2D:
         """2-D mask of the columns holding matter (opacity > 0.1 per step) where ``predicate(x,
         labels)`` holds; columns span ``band`` metres about the ground, or the whole box.
         With ``column_opacity``, a column counts when that matter, stacked up, is at least
@@ -145,7 +149,9 @@ class EditContext:
 
         ``cell`` overrides the raster's cell size; ``within`` (a mask raster, any cell size)
         limits the test to the columns whose centre lies in one of its set cells (the others
-        are reported empty): a fine scan refines a coarse one where it found something."""
+        are reported empty): a fine scan refines a coarse one where it found something.
+        ``box`` (2, 3), a box holding ``bound``: columns outside it are reported empty without
+        asking the field (a small edit scans its own surroundings, not the whole block)."""
         raster = self._raster(cell)
         rows, cols = raster.shape
         xy_all = raster.cell_centres().reshape(-1, 2)
@@ -153,6 +159,11 @@ class EditContext:
         if within is not None:
             r, c, inside = within.index(xy_all)
             columns = (inside & (within.values[r, c, 0] > 0)).nonzero().squeeze(-1)
+        if box is not None:
+            lo, hi = box[0, :2].to(xy_all), box[1, :2].to(xy_all)
+            pad = 1e-3 + 1e-6 * torch.maximum(lo.abs(), hi.abs()).nan_to_num(0.0, 0.0, 0.0)
+            xy_c = xy_all[columns]
+            columns = columns[((xy_c >= lo - pad) & (xy_c <= hi + pad)).all(-1)]
         xy = xy_all[columns]
         aabb = self.field.aabb.detach().float().cpu()
         if band is None:
@@ -171,9 +182,13 @@ class EditContext:
         threshold = 0.1 / dz
         for i in range(0, pts.shape[0], CHUNK):
             x = pts[i:i + CHUNK].to(device)
-            keep = occ(x)
-            if bound is not None:
-                keep &= bound(x)
+            if bound is not None:  # the cheap geometric test first: the stack's occupancy only where it holds
+                keep = bound(x)
+                sub = keep.nonzero().squeeze(-1)
+                if sub.numel():
+                    keep[sub] = occ(x[sub])
+            else:
+                keep = occ(x)
             idx = keep.nonzero().squeeze(-1)
             if idx.numel() == 0:
                 continue
@@ -223,13 +238,7 @@ class EditContext:
 
     # -- files inside the tile -----------------------------------------------------------------
     def _tile_path(self, rel: str) -> Path:
-        if self.tile_dir is None:
-            raise SpecError(f"{rel!r}: a file reference needs the tile folder")
-        root = self.tile_dir.resolve()
-        path = (root / rel).resolve()
-        if root != path and root not in path.parents:
-            raise SpecError(f"{rel!r} escapes the tile folder")
-        return path
+        return resolve_in_tile(self.tile_dir, rel)
 
     def load_asset(self, rel: str):
         if rel in self.assets:
@@ -315,21 +324,19 @@ class EditedField(nn.Module):
         else:
             occ = lambda x: torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         aabb = field.aabb.detach().float().clone()
-        self.ops = []
-        self._inputs: list[Callable] = []  # the stage each op reads (for selected())
+        self.pipeline = Pipeline(stage, occ, aabb.cpu())
         for edit in _enabled(edits):
             try:
                 sel = build_selection(edit.get("selection"), georef, lambda: ctx.ground)
                 op = OP_CLASSES[edit["op"]](edit, sel, ctx)
-                op.prepare(stage, occ)
+                # prepared against the edits before it (footprints, instances, ground colour)
+                op.prepare(self.pipeline.stage(), self.pipeline.occupancy())
             except SpecError as err:
                 raise CitygenError(tile_dir, f"edit {edit.get('id', '?')}: {err}") from None
             aabb = op.extend_aabb(aabb)
-            self._inputs.append(stage)
-            stage = _chain(op, stage)
-            occ = _chain_occ(op, occ)
-            self.ops.append(op)
-        self._stage, self._occ = stage, occ
+            self.pipeline.add(op)
+        self.ops = self.pipeline.ops
+        self._stage, self._occ = self.pipeline.stage(), self.pipeline.occupancy()
         self.aabb = aabb.to(field.aabb.device)
         self.occupancy = None
         if base_occ_grid is not None:
@@ -403,10 +410,7 @@ class EditedField(nn.Module):
         """(N,) bool: the samples some edit selects, each edit's selection tested on the field
         it reads (the stage before it), plus where mapping edits put matter.  What a pixel's
         unedited ray spends weight on here is what the stack may rightly change in it."""
-        out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for op, prev in zip(self.ops, self._inputs):
-            out |= op.selected(x, prev)
-        return out
+        return self.pipeline.run(x, None, False, selected=True)[1]
 
     def background(self, dirs: Tensor) -> Tensor:
         rgb = self.field.background(dirs)
@@ -417,14 +421,6 @@ class EditedField(nn.Module):
 
 def _enabled(edits: Iterable[dict]) -> list[dict]:
     return [e for e in edits if e.get("enabled", True)]
-
-
-def _chain(op, prev):
-    return lambda x, rays, need_rgb: op.evaluate(x, rays, prev, need_rgb)
-
-
-def _chain_occ(op, prev_occ):
-    return lambda x: op.occupancy(x, prev_occ)
 
 
 __all__ = ["EditContext", "EditedField", "base_samples", "color_branch", "default_code", "with_color_branch"]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..style.color import ColorTransform, HsvShift, TargetColor
-from .raster import Raster2D, dilate, inpaint
+from .raster import Raster2D, dilate, inpaint, raster_box
 from .samples import Rays, Samples, empty_like
 from .selection import SpecError, _finite, class_ids
 
@@ -80,12 +80,40 @@ def safe_relative_path(value: Any, what: str) -> str:
     return value
 
 
+def resolve_in_tile(tile_dir: Path | None, rel: str) -> Path:
+    """The file ``rel`` names inside the tile folder, links resolved (SpecError if it escapes)."""
+    if tile_dir is None:
+        raise SpecError(f"{rel!r}: a file reference needs the tile folder")
+    root = Path(tile_dir).resolve()
+    path = (root / rel).resolve()
+    if root != path and root not in path.parents:
+        raise SpecError(f"{rel!r} escapes the tile folder")
+    return path
+
+
+#: the parameters each op reads (restyle is absent: its params also keep a record of how the
+#: style was made: reference, report, feature net)
+PARAM_KEYS = {
+    "remove": {"fill_ground", "thickness", "reach"},
+    "recolor": {"matrix", "offset", "space", "hsv", "color", "strength"},
+    "raise": {"dz", "base"},
+    "scale_height": {"factor", "base"},
+    "move": {"offset", "rotate_deg", "pivot", "fill_ground", "thickness", "reach"},
+    "duplicate": {"offset", "rotate_deg", "pivot"},
+    "insert": {"asset", "source_box", "anchor_crs", "anchor_local", "source_anchor", "rotate_deg"},
+}
+
+
 def validate_params(op: str, params: Any) -> None:
     """Check an edit's ``params`` for its ``op`` (SpecError on any problem)."""
     if op not in OPS:
         raise SpecError(f"unknown op {op!r} (known: {', '.join(OPS)})")
     if not isinstance(params, dict):
         raise SpecError("params must be an object")
+    unknown = sorted(set(params) - PARAM_KEYS.get(op, set(params)))
+    if unknown:  # a misspelt parameter would silently fall back to its default
+        raise SpecError(f"unknown param {', '.join(map(repr, unknown))} for {op} "
+                        f"(known: {', '.join(sorted(PARAM_KEYS[op]))})")
     if op == "remove":
         _bool(params, "fill_ground", True)
         _num(params, "thickness", 1.0, 0.01, 100.0)
@@ -147,7 +175,7 @@ def validate_params(op: str, params: Any) -> None:
         if rot != 0.0:
             _finite(params.get("pivot") or [], "pivot [x, y]", 2)
         if op == "move":
-            validate_params("remove", {k: v for k, v in params.items() if k in ("fill_ground", "thickness", "reach")})
+            validate_params("remove", {k: v for k, v in params.items() if k in PARAM_KEYS["remove"]})
     elif op == "insert":
         safe_relative_path(params.get("asset"), "insert asset")
         box = _finite(params.get("source_box") or [], "source_box", 6)
@@ -173,8 +201,43 @@ def color_function(params: dict) -> Callable[[Tensor], Tensor]:
 
 
 # -- operations -----------------------------------------------------------------------------------
+def _union_box(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return None
+    return torch.stack([torch.minimum(a[0], b[0]), torch.maximum(a[1], b[1])])
+
+
+def _placed_box(box: Tensor | None, R: Tensor, src: Tensor, dst: Tensor) -> Tensor | None:
+    """Box holding ``(p - src) @ R.T + dst`` for p in ``box`` (rotation about z only)."""
+    if box is None:
+        return None
+    if not bool((box[0] <= box[1]).all()):
+        return box  # empty stays empty
+    if not bool(torch.isfinite(box[:, :2]).all()):
+        return None
+    xy = torch.tensor([[float(box[i, 0]), float(box[j, 1])] for i in (0, 1) for j in (0, 1)])
+    placed = (xy - src[:2]) @ R[:2, :2].T + dst[:2]
+    z = box[:, 2] - src[2] + dst[2]
+    return torch.stack([torch.cat([placed.min(0).values, z[:1]]), torch.cat([placed.max(0).values, z[1:]])])
+
+
 class Op:
-    """One edit compiled against a field (see the module docstring for the semantics)."""
+    """One edit compiled against a field (see the module docstring for the semantics).
+
+    An operation turns its input stage (the field after the edits before it) into its output,
+    sample by sample.  It is written as data flow, so that a pipeline can evaluate a whole
+    stack in one loop (:mod:`citygen.edit.pipeline`) instead of nesting one call per edit:
+
+    * :meth:`box`: outside it the output equals the input at the same position and nothing
+      else is read (the pipeline skips the edit there);
+    * :meth:`reads`: the samples for which the input is also read elsewhere (moves, raises)
+      and where: ``(sub, xs)``;
+    * :meth:`apply` / :meth:`apply_occ` / :meth:`selected_from`: output samples, occupancy
+      and selection from the input at ``x`` (``here``) and at ``xs`` for ``sub`` (``there``).
+
+    :meth:`evaluate`, :meth:`occupancy` and :meth:`selected` compose these with a callable
+    input stage directly (one edit, or a reference composition of a stack).
+    """
 
     def __init__(self, edit: dict, selection, ctx):
         self.edit, self.params, self.selection, self.ctx = edit, edit.get("params", {}), selection, ctx
@@ -182,15 +245,47 @@ class Op:
     def prepare(self, prev: Stage, prev_occ: OccStage) -> None:
         self.selection.prepare(lambda predicate: self.ctx.scan(prev, prev_occ, predicate))
 
-    def evaluate(self, x: Tensor, rays: Rays | None, prev: Stage, need_rgb: bool) -> Samples:
+    # -- data flow ---------------------------------------------------------------------------------
+    def box(self) -> Tensor | None:
+        """(2, 3) box outside which this edit is the identity and reads nothing; None: anywhere."""
+        return self.selection.box()
+
+    def reads(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(indices into x, source positions) where the input is also read elsewhere, or None."""
+        return None
+
+    def apply(self, x: Tensor, rays: Rays | None, here: Samples, there: Samples | None, sub: Tensor | None,
+              need_rgb: bool) -> Samples:
         raise NotImplementedError
 
+    def apply_occ(self, x: Tensor, here: Tensor, there: Tensor | None, sub: Tensor | None) -> Tensor:
+        return here
+
+    def selected_from(self, x: Tensor, here: Samples, there: Samples | None, sub: Tensor | None) -> Tensor:
+        """(N,) bool: where this edit's selection holds on the field it reads."""
+        return self.selection.evaluate(x, here.labels)
+
+    # -- direct composition with a callable input --------------------------------------------------
+    def _read(self, x, rays, prev, need_rgb):
+        r = self.reads(x)
+        if r is None or r[0].numel() == 0:
+            return None, None
+        sub, xs = r
+        return prev(xs, None if rays is None else rays.take(sub), need_rgb), sub
+
+    def evaluate(self, x: Tensor, rays: Rays | None, prev: Stage, need_rgb: bool) -> Samples:
+        there, sub = self._read(x, rays, prev, need_rgb)
+        return self.apply(x, rays, prev(x, rays, need_rgb), there, sub, need_rgb)
+
     def occupancy(self, x: Tensor, prev_occ: OccStage) -> Tensor:
-        return prev_occ(x)
+        r = self.reads(x)
+        there, sub = (prev_occ(r[1]), r[0]) if r is not None and r[0].numel() else (None, None)
+        return self.apply_occ(x, prev_occ(x), there, sub)
 
     def selected(self, x: Tensor, prev: Stage) -> Tensor:
         """(N,) bool: where this edit's selection holds on the field it reads (``prev``)."""
-        return self.selection.evaluate(x, prev(x, None, False).labels)
+        there, sub = self._read(x, None, prev, False)
+        return self.selected_from(x, prev(x, None, False), there, sub)
 
     def extend_aabb(self, aabb: Tensor) -> Tensor:
         return aabb
@@ -210,6 +305,7 @@ class RemoveOp(Op):
         if not self.fill:
             return
         ctx = self.ctx
+        sbox = self.selection.box()
         # Footprint: columns where the selection removes matter within `reach` of the ground.
         # A test at cell centres misses matter between them, so the coarse mask, grown by a
         # cell, holds every column that may need the fill (and sets where the fill's colour
@@ -219,12 +315,13 @@ class RemoveOp(Op):
         # not select (ground and water beside a building, ground under a thin fringe).
         selected = lambda x, labels: self.selection.evaluate(x, labels)  # noqa: E731
         band = (-1.0, self.reach)
-        fp = ctx.scan(prev, prev_occ, selected, band=band, bound=self.selection.bound)
+        fp = ctx.scan(prev, prev_occ, selected, band=band, bound=self.selection.bound, box=sbox)
         mask = dilate(fp.values[..., 0] > 0, 1)
         if not bool(mask.any()):
             return
         fine = ctx.scan(prev, prev_occ, selected, band=band, bound=self.selection.bound, cell=ctx.fine_cell,
-                        within=Raster2D(mask[..., None].float(), fp.origin, fp.cell), column_opacity=ctx.fill_opacity)
+                        within=Raster2D(mask[..., None].float(), fp.origin, fp.cell), column_opacity=ctx.fill_opacity,
+                        box=sbox)
         self.fill_mask = Raster2D(dilate(fine.values[..., 0] > 0, ctx.fine_margin)[..., None].float(),
                                   fine.origin, fine.cell)
         # The removed object's envelope: under its top, every view saw the object, so what the
@@ -232,7 +329,7 @@ class RemoveOp(Op):
         # observed; it is cleared with the object where the fill goes.  Tops per coarse column,
         # grown by a cell (the fine fill cells lie between coarse centres).
         tops = ctx.scan(prev, prev_occ, selected, bound=self.selection.bound,
-                        within=Raster2D(mask[..., None].float(), fp.origin, fp.cell), top=True)
+                        within=Raster2D(mask[..., None].float(), fp.origin, fp.cell), top=True, box=sbox)
         grown = torch.nn.functional.max_pool2d(tops.values[..., 0][None, None], 3, stride=1, padding=1)[0, 0]
         self.envelope_top = Raster2D(grown[..., None], tops.origin, tops.cell)
         rows, cols = torch.nonzero(mask, as_tuple=True)
@@ -259,6 +356,12 @@ class RemoveOp(Op):
         self.label = Raster2D(label[..., None].float(), window.origin, window.cell)
         self.footprint = self.fill_mask
 
+    def box(self):
+        sbox = self.selection.box()
+        if self.footprint is None:
+            return sbox
+        return _union_box(sbox, raster_box(self.fill_mask))
+
     def _layer(self, x: Tensor):
         """(in footprint, in the layer slab, in the cleared band) masks."""
         r, c, inside = self.fill_mask.index(x[:, :2])
@@ -268,8 +371,8 @@ class RemoveOp(Op):
         below_top = (h <= 0.5) | (x[:, 2] <= self.envelope_top.nearest(x[:, :2])[:, 0].to(x))
         return infp, infp & (h <= 0) & (h >= -self.thickness), infp & (h >= -self.thickness) & below_top
 
-    def evaluate(self, x, rays, prev, need_rgb):
-        s = prev(x, rays, need_rgb)
+    def apply(self, x, rays, here, there, sub, need_rgb):
+        s = here
         out = s.masked(~self.selection.evaluate(x, s.labels))
         if self.footprint is None:
             return out
@@ -286,11 +389,10 @@ class RemoveOp(Op):
             layer.rgb = torch.where(slab[:, None], self.color.bilinear(x[:, :2]).to(s.rgb), layer.rgb)
         return Samples.union(out, layer)
 
-    def occupancy(self, x, prev_occ):
-        occ = prev_occ(x)
+    def apply_occ(self, x, here, there, sub):
         if self.footprint is not None:
-            occ = occ | self._layer(x)[1]
-        return occ
+            return here | self._layer(x)[1]
+        return here
 
 
 class RecolorOp(Op):
@@ -298,8 +400,8 @@ class RecolorOp(Op):
         super().prepare(prev, prev_occ)
         self.fn = color_function(self.params)
 
-    def evaluate(self, x, rays, prev, need_rgb):
-        s = prev(x, rays, need_rgb)
+    def apply(self, x, rays, here, there, sub, need_rgb):
+        s = here
         if s.rgb is None:
             return s
         m = self.selection.evaluate(x, s.labels)
@@ -344,8 +446,8 @@ class RestyleOp(Op):
                 out = torch.where(sel[:, None], self.default(rgb), out)
         return out
 
-    def evaluate(self, x, rays, prev, need_rgb):
-        s = prev(x, rays, need_rgb)
+    def apply(self, x, rays, here, there, sub, need_rgb):
+        s = here
         if s.rgb is None:
             return s
         m = self.selection.evaluate(x, s.labels)
@@ -371,28 +473,47 @@ class RestyleOp(Op):
 
 
 class _MappingOp(Op):
-    """Operations that read the field at a source position ``x' = source(x)``."""
+    """Operations that read the field at a source position ``x' = source(x)``: only where the
+    selection's bound holds at ``x'`` (elsewhere the read matter would not be selected)."""
 
     def source(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(source positions, density factor or None)."""
         raise NotImplementedError
 
-    def copy_part(self, x, rays, prev, need_rgb) -> tuple[Samples, Tensor]:
-        """The selected matter read at the source, and where it is selected."""
+    def reads(self, x):
+        xs, _ = self.source(x)
+        sub = self.selection.bound(xs).nonzero().squeeze(-1)
+        return sub, xs[sub]
+
+    def copied(self, x: Tensor, there: Samples) -> tuple[Samples, Tensor]:
+        """The matter read at the source (``x`` the read samples' own positions), and where it is selected."""
         xs, jac = self.source(x)
-        s = prev(xs, rays, need_rgb)
         if jac is not None:
-            s.sigma = s.sigma * jac
-        return s, self.selection.evaluate(xs, s.labels)
+            there.sigma = there.sigma * jac
+        return there, self.selection.evaluate(xs, there.labels)
 
-    def occupancy(self, x, prev_occ):
-        xs, _ = self.source(x)
-        return prev_occ(x) | (self.selection.bound(xs) & prev_occ(xs))
+    def _paste(self, x: Tensor, out: Samples, there: Samples | None, sub: Tensor | None) -> Samples:
+        """``out`` with the selected matter read at the source added (densities add)."""
+        if there is None:
+            return out
+        copy_, m = self.copied(x[sub], there)
+        return out.scatter(sub, Samples.union(out.take(sub), copy_.masked(m)))
 
-    def selected(self, x, prev):
+    def apply_occ(self, x, here, there, sub):
+        if there is None:
+            return here
+        return here.index_copy(0, sub, here[sub] | there)
+
+    def selected_from(self, x, here, there, sub):
         """The selected matter where it was, and where it is put."""
-        xs, _ = self.source(x)
-        return super().selected(x, prev) | self.selection.evaluate(xs, prev(xs, None, False).labels)
+        return super().selected_from(x, here, there, sub) | self._selected_there(x, there, sub)
+
+    def _selected_there(self, x, there, sub):
+        out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if there is not None:
+            xs, _ = self.source(x[sub])
+            out[sub] = self.selection.evaluate(xs, there.labels)
+        return out
 
 
 class _HeightMap(_MappingOp):
@@ -402,30 +523,36 @@ class _HeightMap(_MappingOp):
     def prepare(self, prev, prev_occ):
         super().prepare(prev, prev_occ)
         fp = self.ctx.scan(prev, prev_occ, lambda x, labels: self.selection.evaluate(x, labels),
-                           bound=self.selection.bound)
+                           bound=self.selection.bound, box=self.selection.box())
         self.footprint = Raster2D(dilate(fp.values[..., 0] > 0, 1)[..., None].float(), fp.origin, fp.cell)
+
+    def box(self):
+        return raster_box(self.footprint)
 
     def _in_footprint(self, x: Tensor) -> Tensor:
         r, c, inside = self.footprint.index(x[:, :2])
         return inside & (self.footprint.values.to(x.device)[r, c, 0] > 0)
 
-    def evaluate(self, x, rays, prev, need_rgb):
-        here = prev(x, rays, need_rgb)
+    def reads(self, x):
+        idx = self._in_footprint(x).nonzero().squeeze(-1)
+        xs, _ = self.source(x[idx])
+        keep = self.selection.bound(xs)
+        return idx[keep], xs[keep]
+
+    def apply(self, x, rays, here, there, sub, need_rgb):
         idx = self._in_footprint(x).nonzero().squeeze(-1)
         if idx.numel() == 0:
             return here
-        xi = x[idx]
-        moved, m_src = self.copy_part(xi, None if rays is None else rays.take(idx), prev, need_rgb)
         stay = here.take(idx)
-        stay = stay.masked(~self.selection.evaluate(xi, stay.labels))  # vacated where it was selected
-        return here.scatter(idx, moved.where(m_src, stay))
+        stay = stay.masked(~self.selection.evaluate(x[idx], stay.labels))  # vacated where it was selected
+        out = here.scatter(idx, stay)
+        if there is None:
+            return out
+        moved, m_src = self.copied(x[sub], there)  # the selected matter from below/above moves in
+        return out.scatter(sub, moved.where(m_src, out.take(sub)))
 
-    def occupancy(self, x, prev_occ):
-        xs, _ = self.source(x)
-        return prev_occ(x) | (self._in_footprint(x) & self.selection.bound(xs) & prev_occ(xs))
-
-    def selected(self, x, prev):
-        return super().selected(x, prev) & self._in_footprint(x)
+    def selected_from(self, x, here, there, sub):
+        return super().selected_from(x, here, there, sub) & self._in_footprint(x)
 
 
 class RaiseOp(_HeightMap):
@@ -474,9 +601,21 @@ class _RigidCopy(_MappingOp):
         R, pivot, offset = self._rigid()
         return (x - pivot.to(x) - offset.to(x)) @ R.to(x) + pivot.to(x), None
 
-    def extend_aabb(self, aabb):
+    def _target_box(self) -> Tensor | None:
+        """Where the copy may land: the selection's box, moved (padded for rounding)."""
         R, pivot, offset = self._rigid()
-        corners = torch.stack([torch.tensor([aabb[i, 0], aabb[j, 1], aabb[k, 2]])
+        return _placed_box(self.selection.box(), R, pivot, pivot + offset)
+
+    def extend_aabb(self, aabb):
+        # what can be copied lies in the box so far and in the selection's box: that, moved
+        src = aabb.clone()
+        sbox = self.selection.box()
+        if sbox is not None:
+            src = torch.stack([torch.maximum(src[0], sbox[0].to(src)), torch.minimum(src[1], sbox[1].to(src))])
+            if not bool((src[0] <= src[1]).all()):
+                return aabb
+        R, pivot, offset = self._rigid()
+        corners = torch.stack([torch.tensor([src[i, 0], src[j, 1], src[k, 2]])
                                for i in (0, 1) for j in (0, 1) for k in (0, 1)])
         moved = (corners - pivot) @ R.T + pivot + offset
         return torch.stack([torch.minimum(aabb[0], moved.min(0).values.to(aabb)),
@@ -484,13 +623,14 @@ class _RigidCopy(_MappingOp):
 
 
 class DuplicateOp(_RigidCopy):
-    def evaluate(self, x, rays, prev, need_rgb):
-        copy_, m = self.copy_part(x, rays, prev, need_rgb)
-        return Samples.union(prev(x, rays, need_rgb), copy_.masked(m))
+    def box(self):
+        return self._target_box()
 
-    def selected(self, x, prev):  # the original stays: only where the copy goes
-        xs, _ = self.source(x)
-        return self.selection.evaluate(xs, prev(xs, None, False).labels)
+    def apply(self, x, rays, here, there, sub, need_rgb):
+        return self._paste(x, here, there, sub)
+
+    def selected_from(self, x, here, there, sub):  # the original stays: only where the copy goes
+        return self._selected_there(x, there, sub)
 
 
 class MoveOp(_RigidCopy):
@@ -500,12 +640,14 @@ class MoveOp(_RigidCopy):
                                             if k in ("fill_ground", "thickness", "reach")}}, self.selection, self.ctx)
         self.remover.prepare(prev, prev_occ)
 
-    def evaluate(self, x, rays, prev, need_rgb):
-        copy_, m = self.copy_part(x, rays, prev, need_rgb)
-        return Samples.union(self.remover.evaluate(x, rays, prev, need_rgb), copy_.masked(m))
+    def box(self):
+        return _union_box(self.remover.box(), self._target_box())
 
-    def occupancy(self, x, prev_occ):
-        return super().occupancy(x, prev_occ) | self.remover.occupancy(x, prev_occ)
+    def apply(self, x, rays, here, there, sub, need_rgb):
+        return self._paste(x, self.remover.apply(x, rays, here, None, None, need_rgb), there, sub)
+
+    def apply_occ(self, x, here, there, sub):
+        return super().apply_occ(x, here, there, sub) | self.remover.apply_occ(x, here, None, None)
 
 
 class InsertOp(Op):
@@ -537,13 +679,16 @@ class InsertOp(Op):
         self.selection.prepare(lambda predicate: self.ctx.scan(self.asset_stage, self.asset_occ, predicate))
         self.code = self.ctx.default_code(asset)
 
+    def box(self):
+        return _placed_box(torch.stack([self.lo, self.hi]), self.R, self.src_anchor, self.anchor)
+
     def _source(self, x):
         xs = (x - self.anchor.to(x)) @ self.R.to(x) + self.src_anchor.to(x)
         inside = ((xs >= self.lo.to(x)) & (xs <= self.hi.to(x))).all(-1)
         return xs, inside
 
-    def evaluate(self, x, rays, prev, need_rgb):
-        s = prev(x, rays, need_rgb)
+    def apply(self, x, rays, here, there, sub, need_rgb):
+        s = here
         xs, inside = self._source(x)
         idx = inside.nonzero().squeeze(-1)
         if idx.numel() == 0:
@@ -561,11 +706,11 @@ class InsertOp(Op):
                                      None if s.has_geo is None else s.has_geo[idx]), a)
         return s.scatter(idx, part)
 
-    def occupancy(self, x, prev_occ):
+    def apply_occ(self, x, here, there, sub):
         xs, inside = self._source(x)
-        return prev_occ(x) | (inside & self.asset_occ(xs) & self.selection.bound(xs))
+        return here | (inside & self.asset_occ(xs) & self.selection.bound(xs))
 
-    def selected(self, x, prev):
+    def selected_from(self, x, here, there, sub):
         xs, inside = self._source(x)
         out = torch.zeros_like(inside)
         idx = inside.nonzero().squeeze(-1)
@@ -585,4 +730,5 @@ class InsertOp(Op):
 OP_CLASSES = {"remove": RemoveOp, "recolor": RecolorOp, "restyle": RestyleOp, "raise": RaiseOp,
               "scale_height": ScaleHeightOp, "move": MoveOp, "duplicate": DuplicateOp, "insert": InsertOp}
 
-__all__ = ["OPS", "OP_CLASSES", "Op", "color_function", "safe_relative_path", "validate_params"]
+__all__ = ["OPS", "OP_CLASSES", "PARAM_KEYS", "Op", "color_function", "resolve_in_tile", "safe_relative_path",
+           "validate_params"]

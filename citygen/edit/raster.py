@@ -6,6 +6,7 @@ whose south-west corner is ``origin``; row 0 is the southern row (y grows with t
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
@@ -57,6 +58,16 @@ class Raster2D:
         top = vals[v0, u0] * (1 - fu) + vals[v0, u1] * fu
         bot = vals[v1, u0] * (1 - fu) + vals[v1, u1] * fu
         return top * (1 - fv) + bot * fv
+
+
+def raster_box(mask: Raster2D) -> Tensor:
+    """(2, 3) [lo, hi] over the set cells of a mask raster (z unbounded); lo > hi when none is set."""
+    rows, cols = torch.nonzero(mask.values[..., 0] > 0, as_tuple=True)
+    if rows.numel() == 0:
+        return torch.tensor([[math.inf] * 3, [-math.inf] * 3])
+    (x0, y0), (dx, dy) = mask.origin, mask.cell
+    return torch.tensor([[x0 + int(cols.min()) * dx, y0 + int(rows.min()) * dy, -math.inf],
+                         [x0 + (int(cols.max()) + 1) * dx, y0 + (int(rows.max()) + 1) * dy, math.inf]])
 
 
 def dilate(mask: Tensor, cells: int = 1) -> Tensor:
@@ -129,4 +140,4 @@ def component_at(mask: Tensor, row: int, col: int, search: int = 3) -> Tensor:
     return out
 
 
-__all__ = ["Raster2D", "component_at", "dilate", "inpaint"]
+__all__ = ["Raster2D", "component_at", "dilate", "inpaint", "raster_box"]

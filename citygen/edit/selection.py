@@ -15,12 +15,15 @@ semantic argmax ``labels`` (N,) there.  Kinds (JSON, as stored in the edit stack
     {"and": [...]}, {"or": [...]}, {"not": {...}}    composition
 
 ``bound(x)`` is a conservative superset that needs no labels (class tests count as
-"maybe"): it sizes occupancy grids and skips field queries.
+"maybe"): it sizes occupancy grids and skips field queries.  ``box()`` is an axis-aligned
+box holding ``bound`` (or None where it is unbounded): the edit pipeline skips an edit, at
+no cost, for the samples outside it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from survey_io.semantics import CLASSES
 
-from .raster import Raster2D, component_at
+from .raster import Raster2D, component_at, raster_box
 
 #: Limits that flag a corrupt or hostile stack rather than an ambitious edit.
 MAX_COORD = 1e8           # |CRS coordinate|, metres
@@ -116,7 +119,33 @@ def polygon_rings(geojson: Any) -> list[list[list[list[float]]]]:
         out.append(rings)
     if n_vertices > MAX_VERTICES:
         raise SpecError(f"polygon has {n_vertices} vertices (limit {MAX_VERTICES})")
+    for i, rings in enumerate(out):
+        _check_simple(rings, f"polygon {i + 1} of {len(out)}" if len(out) > 1 else "polygon")
     return out
+
+
+_WHERE = re.compile(r"^(?P<what>.*?)\s*\[(?P<x>\S+) (?P<y>\S+)\]$")
+
+
+def _check_simple(rings: list[list[list[float]]], what: str) -> None:
+    """A polygon must be valid in the OGC sense (shapely's test): rings that do not cross
+    themselves or each other, holes inside the shell, non-zero area.  The even-odd test of
+    :class:`PolygonSelection` would quietly select a bow-tie's odd parts instead."""
+    from shapely.geometry import Polygon
+    from shapely.validation import explain_validity
+
+    try:
+        poly = Polygon(rings[0], rings[1:])
+    except ValueError as err:  # e.g. a ring that shapely cannot build
+        raise SpecError(f"{what} is degenerate ({err})") from None
+    if not poly.is_valid:
+        reason = explain_validity(poly)
+        m = _WHERE.match(reason)
+        if m:
+            reason = f"{m['what'].lower()} at ({float(m['x']):.6g}, {float(m['y']):.6g})"
+        raise SpecError(f"{what} is not a simple polygon: {reason}")
+    if not poly.area > 0.0:
+        raise SpecError(f"{what} is degenerate (zero area)")
 
 
 def validate_selection(d: Any, depth: int = 0, classes: tuple[str, ...] = CLASSES) -> None:
@@ -188,6 +217,11 @@ class Selection:
     def prepare(self, scan: Callable) -> None:
         """Precompute rasters that need the field (instances); ``scan`` is :meth:`EditContext.scan`."""
 
+    def box(self) -> Tensor | None:
+        """(2, 3) [lo, hi] holding every position ``bound`` may accept (entries may be +-inf;
+        lo > hi when it accepts none), or None when unbounded.  Valid after ``prepare``."""
+        return None
+
 
 class Everything(Selection):
     def evaluate(self, x, labels):
@@ -213,6 +247,9 @@ class BoxSelection(Selection):
     def evaluate(self, x, labels):
         return ((x >= self.lo.to(x.device)) & (x <= self.hi.to(x.device))).all(-1)
 
+    def box(self):
+        return torch.stack([self.lo, self.hi])
+
 
 class PolygonSelection(Selection):
     """A vertical prism over polygons in the local frame (even-odd rule per polygon: holes work)."""
@@ -226,6 +263,11 @@ class PolygonSelection(Selection):
                 edges.append(torch.cat([a, torch.roll(a, -1, 0)], dim=1))  # (E, 4): x0 y0 x1 y1
             e = torch.cat(edges)
             self.polygons.append((e, e[:, [0, 2]].min(), e[:, [0, 2]].max(), e[:, [1, 3]].min(), e[:, [1, 3]].max()))
+
+    def box(self):
+        lo = [min(float(p[1]) for p in self.polygons), min(float(p[3]) for p in self.polygons), -math.inf]
+        hi = [max(float(p[2]) for p in self.polygons), max(float(p[4]) for p in self.polygons), math.inf]
+        return torch.tensor([lo, hi], dtype=torch.float64).float()
 
     def evaluate(self, x, labels):
         out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -288,6 +330,11 @@ class InstanceSelection(Selection):
     def bound(self, x):
         return self._footprint(x)
 
+    def box(self):
+        if self.mask is None:
+            raise RuntimeError("instance selection used before prepare()")
+        return raster_box(self.mask)
+
 
 class And(Selection):
     def __init__(self, parts):
@@ -310,6 +357,13 @@ class And(Selection):
         for p in self.parts:
             p.prepare(scan)
 
+    def box(self):
+        boxes = [b for b in (p.box() for p in self.parts) if b is not None]
+        if not boxes:
+            return None
+        b = torch.stack(boxes)
+        return torch.stack([b[:, 0].amax(0), b[:, 1].amin(0)])
+
 
 class Or(And):
     def evaluate(self, x, labels):
@@ -323,6 +377,13 @@ class Or(And):
         for p in self.parts[1:]:
             out = out | p.bound(x)
         return out
+
+    def box(self):
+        boxes = [p.box() for p in self.parts]
+        if any(b is None for b in boxes):
+            return None
+        b = torch.stack(boxes)
+        return torch.stack([b[:, 0].amin(0), b[:, 1].amax(0)])
 
 
 class Not(Selection):

@@ -27,7 +27,7 @@ from typing import Any
 from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
-from .ops import OPS, safe_relative_path, validate_params
+from .ops import OPS, resolve_in_tile, safe_relative_path, validate_params
 from .selection import SpecError, validate_selection
 
 STACK_VERSION = 1
@@ -96,6 +96,26 @@ def validate_stack(data: Any) -> None:
                 raise SpecError("ground plane needs a finite 'height' within +-10 km")
         if ground["kind"] == "raster":
             safe_relative_path(ground.get("path"), "ground raster")
+
+
+def check_asset(tile_dir: str | Path, rel: str) -> None:
+    """An insert's asset must be a loadable field checkpoint inside the tile folder: checked
+    when the edit is added, not first at render time (CitygenError naming the asset)."""
+    from ..train.trainer import load_field
+
+    try:
+        path = resolve_in_tile(Path(tile_dir), rel)
+    except SpecError as err:
+        raise CitygenError(Path(tile_dir) / rel, f"insert asset: {err}") from None
+    if not path.exists():
+        raise CitygenError(path, "insert asset not found (a checkpoint or run folder inside the tile)")
+    try:
+        load_field(path)
+    except CitygenError as err:
+        raise CitygenError(err.path or path, f"insert asset {rel!r}: {err.reason}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise CitygenError(path, f"insert asset {rel!r} is not a loadable citygen checkpoint "
+                                 f"({type(err).__name__}: {err})") from None
 
 
 class EditStack:
@@ -184,6 +204,8 @@ class EditStack:
                 raise SpecError(f"duplicate edit id {edit['id']!r}")
         except SpecError as err:
             raise CitygenError(stack_path(self.tile_dir) if self.tile_dir else None, f"edit {edit['id']}: {err}") from None
+        if op == "insert" and self.tile_dir is not None:
+            check_asset(self.tile_dir, edit["params"]["asset"])
         self.edits.append(edit)
         self.undone.clear()
         return edit
@@ -216,4 +238,4 @@ class EditStack:
         return stack_path(self.tile_dir) if self.tile_dir else None
 
 
-__all__ = ["STACK_FILE", "STACK_VERSION", "EditStack", "stack_path", "validate_edit", "validate_stack"]
+__all__ = ["STACK_FILE", "STACK_VERSION", "EditStack", "check_asset", "stack_path", "validate_edit", "validate_stack"]
