@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from survey_io.atomic import atomic_write_json
+from survey_io.atomic import TEMP_MARK, atomic_write_json
 
+from ..distributed.lease import LEASE_FILE
 from ..errors import CitygenError
 from .field import EditedField
 from .stack import STACK_FILE, EditStack
@@ -116,7 +117,8 @@ def bake_tile(tile_dir: str | Path, out_dir: str | Path, steps: int = 500, batch
     tmp = out_dir.with_name(f".{out_dir.name}.baking")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(tile_dir, tmp, ignore=shutil.ignore_patterns(".*.tmp", ".*.lock"))
+    # a baked tile is new: no temp files of the source's writers, no locks or leases of its trainers
+    shutil.copytree(tile_dir, tmp, ignore=shutil.ignore_patterns(f"*{TEMP_MARK}*", ".*.tmp", ".*.lock", LEASE_FILE))
     report = {}
     for block_id, folder in blocks.items():
         field, meta = load_field(folder, device=device)

@@ -34,6 +34,7 @@ from survey_io.semantics import CLASSES
 
 from ..errors import CitygenError
 from ..render.occupancy import OccupancyGrid
+from ..train.checkpoint import check_finite
 from .ground import GroundHeight, estimate_ground, ground_from_spec
 from .ops import OP_CLASSES, resolve_in_tile
 from .pipeline import Pipeline
@@ -259,6 +260,7 @@ class EditContext:
             tensors = load_file(str(path), device=str(self.field.aabb.device))
         except (OSError, SafetensorError, ValueError, RuntimeError) as err:
             raise SpecError(f"restyle weights {rel!r} unreadable ({err})") from None
+        check_finite(tensors, path)  # diverged style weights would paint NaN into every render
         return with_color_branch(self.field, tensors, path)
 
 
