@@ -31,7 +31,7 @@ from citygen.config import preset_names
 site = pathlib.Path(sysconfig.get_paths()["purelib"]).resolve()
 where = pathlib.Path(citygen.__file__).resolve()
 assert site in where.parents, f"citygen was imported from {where}, not from the wheel in {site}"
-assert preset_names() == ["block", "city-100km2", "tiny"], f"presets in the wheel: {preset_names()}"
+assert preset_names() == ["block", "city-100km2", "gpu", "tiny"], f"presets in the wheel: {preset_names()}"
 print(f"check-wheel: citygen from {where.parent}, presets {preset_names()}")
 PY
 export TORCH_EXTENSIONS_DIR="$WORK/ext"

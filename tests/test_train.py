@@ -270,12 +270,12 @@ def test_presets_are_package_data():
     import citygen
     from citygen.config import preset_names
 
-    assert preset_names() == ["block", "city-100km2", "tiny"]
+    assert preset_names() == ["block", "city-100km2", "gpu", "tiny"]
     folder = Path(citygen.__file__).parent / "configs"
-    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["block", "city-100km2", "tiny"]
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["block", "city-100km2", "gpu", "tiny"]
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     assert re.search(r'"citygen":\s*\["configs/\*\.yaml"\]', setup)
-    with pytest.raises(CitygenError, match="no such preset.*block, city-100km2, tiny"):
+    with pytest.raises(CitygenError, match="no such preset.*block, city-100km2, gpu, tiny"):
         load_config("configs/tiny")  # the old top-level folder is no preset
 
 
