@@ -20,7 +20,6 @@ from survey_io import SurveyError
 
 from .checks import (
     AT_LEAST_ONE,
-    FINITE,
     NON_NEGATIVE,
     POSITIVE,
     UNIT,
@@ -567,8 +566,9 @@ def edit(tile: tyro.conf.Positional[Path],
 
     from .edit.commands import EditFlags, run_edit
 
-    check_values([("--dz", dz, FINITE), ("--factor", factor, POSITIVE), ("--rotate", rotate, FINITE),
-                  ("--steps", steps, AT_LEAST_ONE)])
+    # the operations' own parameters (--dz, --factor, ...) are checked by the edit stack, which
+    # owns their ranges and names the flag in its error
+    check_values([("--steps", steps, AT_LEAST_ONE)])
     if action == "bake" and out is not None:
         check_out_dir(out, "--out")
     flags = EditFlags(op=op, classes=classes, polygon=polygon, polygon_crs=polygon_crs, box=box, height=height,
