@@ -50,6 +50,9 @@ from survey_io.atomic import atomic_write_json, temp_files
 from ..errors import CitygenError
 from .state import process_alive, process_start_time, this_host, utc_now
 
+#: a worker's exit status when another live process holds its block (the executor then
+#: leaves the block's state to that holder)
+EXIT_HELD = 3
 LOCK_FILE = ".block.lock"
 LEASE_FILE = "lease.json"
 #: seconds between rewrites of the lease's heartbeat.

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import IO, Sequence
 
 from ..errors import CitygenError
-from .lease import EXECUTOR_PID_ENV, BlockHeldError, read_lease
+from .lease import EXECUTOR_PID_ENV, EXIT_HELD, BlockHeldError, read_lease
 from .state import DONE, FAILED, PENDING, read_state, update_state
 from .task import BlockTask
 from .tile import BlockOutcome, outcome_from_state
-from .worker import EXIT_HELD
 
 WORKER_LOG = "worker.log"
 

@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 
-EXIT_HELD = 3
 #: seconds between the watchdog's looks at the parent pid.
 WATCH_S = 1.0
 _PR_SET_PDEATHSIG = 1
@@ -62,7 +61,7 @@ def main() -> int:
         die_with_parent(int(parent))
 
     from .attempt import BlockJobError, run_attempt, run_follower_rank
-    from .lease import BlockHeldError
+    from .lease import EXIT_HELD, BlockHeldError
     from .task import BlockTask
 
     message = json.loads(sys.stdin.read())
