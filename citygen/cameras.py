@@ -231,8 +231,8 @@ def project(camera: Camera, c2w, points):
 
 def view_bounds(camera: Camera, samples: int = 64) -> tuple[float, float, float, float]:
     """Undistorted slopes (x_lo, x_hi, y_lo, y_hi) that bound the image: x/z and y/z of every
-    point of the image lie inside (the edge values for a pinhole; the bounding box of a
-    densely sampled undistorted border otherwise)."""
+    point of the image lie inside (the edge values for a pinhole; otherwise the bounding box
+    of a densely sampled undistorted border, widened by the sample spacing)."""
     if not has_lens(camera):
         x_lo, x_hi = -camera.cx / camera.fl_x, (camera.width - camera.cx) / camera.fl_x
         y_lo, y_hi = -camera.cy / camera.fl_y, (camera.height - camera.cy) / camera.fl_y
@@ -242,7 +242,10 @@ def view_bounds(camera: Camera, samples: int = 64) -> tuple[float, float, float,
     u = np.concatenate([t * W, np.full_like(t, W), t * W, np.zeros_like(t)])
     v = np.concatenate([np.zeros_like(t), t * H, np.full_like(t, H), t * H])
     x, y = pixel_to_normalized(camera, u, v)
-    return float(x.min()), float(x.max()), float(y.min()), float(y.max())
+    # an edge's extreme may fall between two samples; its bulge past them is far below the
+    # distance between neighbouring samples, so widening by that keeps the bounds conservative
+    pad = float(np.max(np.hypot(np.diff(x), np.diff(y))))
+    return float(x.min()) - pad, float(x.max()) + pad, float(y.min()) - pad, float(y.max()) + pad
 
 
 # -- rays ------------------------------------------------------------------------------------
