@@ -258,7 +258,7 @@ def _check_rays(camera: Camera, user: str = "the reference renderer") -> None:
                                  "undistort the images first")
 
 
-def camera_frame_rays(camera: Camera, c2w, u, v):
+def world_rays(camera: Camera, c2w, u, v):
     """World rays through pixel positions (u, v), float64 of the input's kind.
 
     Returns origins (N, 3), unit directions (N, 3), z_scale (N,) = direction . optical axis."""
@@ -301,7 +301,7 @@ def rays(camera: Camera, c2w: np.ndarray | Tensor, pixels: Tensor | None = None,
     if pixels is None:
         pixels = pixel_grid(camera, device)
     u, v = pixel_centres(pixels.to(device=device))
-    o, d, z = camera_frame_rays(camera, c2w, u, v)
+    o, d, z = world_rays(camera, c2w, u, v)
     return o.float().contiguous(), d.float().contiguous(), z.float().contiguous()
 
 
@@ -344,7 +344,7 @@ class CameraSet:
         return m[:, :3, 3].float(), dirs.float(), d_cam[:, 2].float()
 
 
-__all__ = ["OPENCV_TO_OPENGL", "UNDISTORT_ITERS", "CameraSet", "camera_frame_rays", "distort", "has_lens",
-           "normalized_to_pixel", "opencv_to_opengl", "opengl_to_opencv", "pixel_centres", "pixel_directions",
-           "pixel_grid", "pixel_to_normalized", "project", "rays", "undistort", "unproject", "view_bounds",
+__all__ = ["OPENCV_TO_OPENGL", "UNDISTORT_ITERS", "CameraSet", "distort", "has_lens", "normalized_to_pixel",
+           "opencv_to_opengl", "opengl_to_opencv", "pixel_centres", "pixel_directions", "pixel_grid",
+           "pixel_to_normalized", "project", "rays", "undistort", "unproject", "view_bounds", "world_rays",
            "world_to_opengl_view"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from citygen.cameras import camera_frame_rays
+from citygen.cameras import world_rays
 from survey_io import Camera
 
 from .colormap import class_ids
@@ -21,7 +21,7 @@ def band_rays(camera: Camera, c2w: np.ndarray, row0: int, row1: int) -> tuple[np
     unit directions (N, 3), and each ray's z-depth per metre of distance (N,)."""
     j, i = np.meshgrid(np.arange(row0, row1, dtype=np.float64), np.arange(camera.width, dtype=np.float64),
                        indexing="ij")
-    return camera_frame_rays(camera, c2w, (i + 0.5).reshape(-1), (j + 0.5).reshape(-1))
+    return world_rays(camera, c2w, (i + 0.5).reshape(-1), (j + 0.5).reshape(-1))
 
 
 class TileSource:
