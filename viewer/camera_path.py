@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from citygen.cameras import opencv_to_opengl, opengl_to_opencv
 from citygen.errors import CitygenError
 from survey_io.atomic import atomic_path, atomic_write_json
 
 from .camera import intrinsics
-
-OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
 # -- rotations -----------------------------------------------------------------------------
@@ -95,7 +94,7 @@ class Keyframe:
 
 
 def _c2w_to_json(c2w_cv: np.ndarray) -> list[float]:
-    return (np.asarray(c2w_cv, np.float64) @ OPENCV_TO_OPENGL).reshape(-1).tolist()
+    return opencv_to_opengl(c2w_cv).reshape(-1).tolist()
 
 
 def _c2w_from_json(values: Any, path: Path | None, where: str) -> np.ndarray:
@@ -108,7 +107,7 @@ def _c2w_from_json(values: Any, path: Path | None, where: str) -> np.ndarray:
     R = m[:3, :3]
     if abs(np.linalg.det(R) - 1.0) > 1e-3 or not np.allclose(R.T @ R, np.eye(3), atol=1e-3):
         raise CitygenError(path, f"{where}: camera_to_world has no orthonormal rotation")
-    return m @ OPENCV_TO_OPENGL  # OpenGL -> OpenCV (the flip is its own inverse)
+    return opengl_to_opencv(m)
 
 
 @dataclass

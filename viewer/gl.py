@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from citygen.cameras import world_to_opengl_view
 from survey_io import Camera
 
 from .colormap import BACKGROUND, CLASS_LUT, EMPTY_ACC, LUT_SIZE, TURBO_LUT, to_uint8
@@ -152,7 +153,7 @@ def projection_matrix(camera: Camera, near: float, far: float) -> np.ndarray:
 
 def view_matrix(c2w: np.ndarray) -> np.ndarray:
     """World -> OpenGL camera (x right, y up, z backward) from an OpenCV camera-to-world."""
-    return np.diag([1.0, -1.0, -1.0, 1.0]) @ np.linalg.inv(np.asarray(c2w, np.float64))
+    return world_to_opengl_view(c2w)
 
 
 def linearize_depth(ndc_depth: np.ndarray, near: float, far: float) -> np.ndarray:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from citygen import cameras
 from survey_io import Camera, Georef
 
 from .colormap import EMPTY_ACC
@@ -19,18 +20,12 @@ from .colormap import EMPTY_ACC
 def unproject(camera: Camera, c2w: np.ndarray, u: float, v: float, z: float) -> np.ndarray:
     """The local-frame point at z-depth ``z`` seen at continuous pixel position (u, v)
     (pixel (i, j) spans [i, i+1) x [j, j+1); its centre is (i + 0.5, j + 0.5))."""
-    p_cam = np.array([(u - camera.cx) / camera.fl_x * z, (v - camera.cy) / camera.fl_y * z, z, 1.0])
-    return (np.asarray(c2w, np.float64) @ p_cam)[:3]
+    return cameras.unproject(camera, c2w, np.float64(u), np.float64(v), np.float64(z))
 
 
 def project(camera: Camera, c2w: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Local points (N, 3) -> continuous pixel positions (N, 2) and z-depths (N,)."""
-    w2c = np.linalg.inv(np.asarray(c2w, np.float64))
-    p = np.asarray(points, np.float64) @ w2c[:3, :3].T + w2c[:3, 3]
-    z = p[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        uv = np.stack([camera.fl_x * p[:, 0] / z + camera.cx, camera.fl_y * p[:, 1] / z + camera.cy], axis=1)
-    return uv, z
+    return cameras.project(camera, c2w, np.asarray(points, np.float64))
 
 
 @dataclass

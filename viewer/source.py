@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from citygen.cameras import world_rays
 from survey_io import Camera
 
 from .colormap import class_ids
@@ -20,13 +21,7 @@ def band_rays(camera: Camera, c2w: np.ndarray, row0: int, row1: int) -> tuple[np
     unit directions (N, 3), and each ray's z-depth per metre of distance (N,)."""
     j, i = np.meshgrid(np.arange(row0, row1, dtype=np.float64), np.arange(camera.width, dtype=np.float64),
                        indexing="ij")
-    d_cam = np.stack([(i + 0.5 - camera.cx) / camera.fl_x, (j + 0.5 - camera.cy) / camera.fl_y,
-                      np.ones_like(i)], axis=-1).reshape(-1, 3)
-    norm = np.linalg.norm(d_cam, axis=1)
-    R = np.asarray(c2w, np.float64)[:3, :3]
-    dirs = (d_cam / norm[:, None]) @ R.T
-    origins = np.broadcast_to(np.asarray(c2w, np.float64)[:3, 3], dirs.shape).copy()
-    return origins, dirs, 1.0 / norm
+    return world_rays(camera, c2w, (i + 0.5).reshape(-1), (j + 0.5).reshape(-1))
 
 
 class TileSource:

@@ -16,6 +16,7 @@ import numpy as np
 
 from survey_io import Georef, Survey, SurveyError
 
+from ..cameras import unproject
 from ..errors import CitygenError
 from .config import PartitionConfig
 
@@ -294,8 +295,5 @@ def _depth_heights(survey: Survey, image, grid: int = 48) -> np.ndarray:
     ok = np.isfinite(d) & (d > 0)
     # depth pixels may be at a different resolution than the camera: scale pixel coordinates
     su, sv = cam.width / w, cam.height / h
-    x = ((ui[ok] + 0.5) * su - cam.cx) / cam.fl_x * d[ok]
-    y = ((vi[ok] + 0.5) * sv - cam.cy) / cam.fl_y * d[ok]
-    pts_cam = np.stack([x, y, d[ok]], axis=1)
-    world = pts_cam @ image.c2w[:3, :3].T + image.c2w[:3, 3]
+    world = unproject(cam, image.c2w, (ui[ok] + 0.5) * su, (vi[ok] + 0.5) * sv, d[ok])
     return world[:, 2]

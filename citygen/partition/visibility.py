@@ -11,7 +11,8 @@ them with the :class:`GroundModel`.  Two things come out per image:
   footprint falling inside a rectangle is estimated as the summed area of the quads whose
   centres lie in it (exact in the limit of a fine ray grid; good to a quad on the edges).
 
-Lens distortion is ignored here: a few pixels matter nothing at block scale.
+Ray directions come from the camera model (``citygen.cameras``), lens included, so a
+distorted image's border rays follow its curved edges.
 All functions are vectorised over images (and image/rectangle pairs) with numpy.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from survey_io import Camera, Survey
 
+from ..cameras import pixel_directions
 from .ground import GroundModel
 
 
@@ -68,9 +70,7 @@ def pixel_grid(camera: Camera, nx: int, ny: int) -> np.ndarray:
 def camera_rays(camera: Camera, nx: int, ny: int) -> np.ndarray:
     """(ny+1, nx+1, 3) ray directions in the camera frame (OpenCV: x right, y down, z forward)."""
     uv = pixel_grid(camera, nx, ny)
-    x = (uv[..., 0] - camera.cx) / camera.fl_x
-    y = (uv[..., 1] - camera.cy) / camera.fl_y
-    return np.stack([x, y, np.ones_like(x)], axis=-1)
+    return pixel_directions(camera, uv[..., 0], uv[..., 1])
 
 
 def border_indices(nx: int, ny: int) -> np.ndarray:

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from survey_io import Camera
 
+from ..cameras import project
 from ..config import RenderConfig
 from ..errors import CitygenError
 from .realtime_sampling import RealtimeSampling, bake_fine_occupancy, fine_bits, fine_factors, sigma_threshold
@@ -275,13 +276,11 @@ def pixel_rect(camera: Camera, c2w: np.ndarray, box: np.ndarray, near: float = 1
     """Pixel rectangle (x0, y0, x1, y1) that covers the projection of ``box`` (2, 3); the whole
     image when a corner lies behind the camera, an empty rect when the box is off screen."""
     W, H = camera.width, camera.height
-    m = np.asarray(c2w, dtype=np.float64)
     corners = np.array([[box[i][0], box[j][1], box[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    cam = (corners - m[:3, 3]) @ m[:3, :3]
-    if np.any(cam[:, 2] <= near):
+    uv, z = project(camera, c2w, corners.astype(np.float64))
+    if np.any(z <= near):
         return 0, 0, W, H
-    u = camera.fl_x * cam[:, 0] / cam[:, 2] + camera.cx
-    v = camera.fl_y * cam[:, 1] / cam[:, 2] + camera.cy
+    u, v = uv[:, 0], uv[:, 1]
     x0, x1 = int(max(math.floor(u.min()) - 1, 0)), int(min(math.ceil(u.max()) + 1, W))
     y0, y1 = int(max(math.floor(v.min()) - 1, 0)), int(min(math.ceil(v.max()) + 1, H))
     if x0 >= x1 or y0 >= y1:

@@ -1,9 +1,9 @@
 """Camera rays and ray-box intersection.
 
-Rays come from a :class:`survey_io.Camera` and an OpenCV camera-to-world pose (x right,
-y down, z forward).  Pixel ``(i, j)`` (column, row) has its centre at ``(i + 0.5, j + 0.5)``.
-Directions are unit length; ``z_scale`` is the cosine between a ray and the optical axis,
-so a distance ``t`` along the ray is a z-depth of ``t * z_scale`` (what depth maps store).
+Rays come from :mod:`citygen.cameras` (the one camera model: pixel centres at ``+0.5``,
+OpenCV poses, lens distortion); ``camera_rays`` and ``pixel_grid`` keep their names here for
+the renderers.  Directions are unit length; ``z_scale`` is the cosine between a ray and the
+optical axis, so a distance ``t`` along the ray is a z-depth of ``t * z_scale``.
 """
 
 from __future__ import annotations
@@ -14,61 +14,23 @@ from torch import Tensor
 
 from survey_io import Camera
 
-from ..errors import CitygenError
+from ..cameras import UNDISTORT_ITERS, pixel_grid, rays, undistort
 
-_RADIAL_MODELS = ("OPENCV", "SIMPLE_RADIAL", "RADIAL")
-
-
-def pixel_grid(camera: Camera, device: torch.device | str = "cpu") -> Tensor:
-    """(H*W, 2) pixel coordinates (column, row) of every pixel, row-major."""
-    j, i = torch.meshgrid(torch.arange(camera.height, device=device), torch.arange(camera.width, device=device),
-                          indexing="ij")
-    return torch.stack([i.reshape(-1), j.reshape(-1)], dim=-1)
+__all__ = ["camera_rays", "intersect_aabb", "look_at", "pixel_grid", "undistort_normalized"]
 
 
-def undistort_normalized(camera: Camera, xd: Tensor, yd: Tensor, iters: int = 10) -> tuple[Tensor, Tensor]:
-    """Invert the OpenCV radial-tangential model on normalised image coordinates (fixed point)."""
-    k1, k2, k3, p1, p2 = camera.k1, camera.k2, camera.k3, camera.p1, camera.p2
-    x, y = xd.clone(), yd.clone()
-    for _ in range(iters):
-        r2 = x * x + y * y
-        radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
-        dx = 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
-        dy = p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
-        x = (xd - dx) / radial
-        y = (yd - dy) / radial
-    return x, y
+def undistort_normalized(camera: Camera, xd: Tensor, yd: Tensor, iters: int = UNDISTORT_ITERS) -> tuple[Tensor, Tensor]:
+    """Invert the camera's lens model on normalised image coordinates (``citygen.cameras.undistort``)."""
+    return undistort(camera, xd, yd, iters)
 
 
 def camera_rays(camera: Camera, c2w: np.ndarray | Tensor, pixels: Tensor | None = None,
                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
-    """World-space rays through pixel centres.
+    """World-space rays through pixel centres: :func:`citygen.cameras.rays` (the one ray generator).
 
-    Args:
-        camera: intrinsics (pinhole, or OpenCV radial-tangential distortion).
-        c2w: 4x4 (or 3x4) OpenCV camera-to-world in the local frame.
-        pixels: (N, 2) integer or float pixel coordinates (column, row); None = every pixel, row-major.
-
-    Returns:
-        origins (N, 3), unit directions (N, 3), z_scale (N,) = direction . optical axis.
+    Returns origins (N, 3), unit directions (N, 3), z_scale (N,) = direction . optical axis.
     """
-    if camera.camera_model == "OPENCV_FISHEYE":
-        raise CitygenError(None, "rays: OPENCV_FISHEYE cameras are not supported by the reference renderer; "
-                                 "undistort the images first")
-    if pixels is None:
-        pixels = pixel_grid(camera, device)
-    pixels = pixels.to(device=device, dtype=torch.float64)
-    x = (pixels[:, 0] + 0.5 - camera.cx) / camera.fl_x
-    y = (pixels[:, 1] + 0.5 - camera.cy) / camera.fl_y
-    if camera.has_distortion and camera.camera_model in _RADIAL_MODELS + ("PINHOLE",):
-        x, y = undistort_normalized(camera, x, y)
-    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
-    d_cam = d_cam / torch.linalg.norm(d_cam, dim=-1, keepdim=True)
-    m = torch.as_tensor(np.asarray(c2w, dtype=np.float64) if not isinstance(c2w, Tensor) else c2w,
-                        dtype=torch.float64, device=device)
-    dirs = d_cam @ m[:3, :3].T
-    origins = m[:3, 3].expand_as(dirs)
-    return origins.float().contiguous(), dirs.float().contiguous(), d_cam[:, 2].float().contiguous()
+    return rays(camera, c2w, pixels, device=device)
 
 
 def intersect_aabb(origins: Tensor, dirs: Tensor, aabb: Tensor, near: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from survey_io import Camera
 
+from ..cameras import unproject
 from ..partition import TilePlan
 
 #: the pixel sets the metric pools (see the module docstring).
@@ -56,14 +57,10 @@ def boundary_distance(plan: TilePlan, xy: np.ndarray) -> np.ndarray:
 
 
 def surface_points(camera: Camera, c2w: np.ndarray, depth: np.ndarray) -> np.ndarray:
-    """(H, W, 3) local-frame points of a z-depth map (pinhole back-projection, OpenCV c2w)."""
+    """(H, W, 3) local-frame points of a z-depth map (back-projection through the camera, OpenCV c2w)."""
     H, W = depth.shape
     j, i = np.mgrid[0:H, 0:W].astype(np.float64)
-    x = (i + 0.5 - camera.cx) / camera.fl_x * depth
-    y = (j + 0.5 - camera.cy) / camera.fl_y * depth
-    pts = np.stack([x, y, depth.astype(np.float64)], axis=-1)
-    c2w = np.asarray(c2w, dtype=np.float64)
-    return pts @ c2w[:3, :3].T + c2w[:3, 3]
+    return unproject(camera, c2w, i + 0.5, j + 0.5, depth.astype(np.float64))
 
 
 def psnr_from_sse(sse: float, n: int) -> float:

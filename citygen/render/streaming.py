@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from survey_io import Camera
 from survey_io.atomic import atomic_path
 
+from ..cameras import view_bounds
 from ..errors import CitygenError
 from .realtime import FrameState, PackedField, camera_vector, finish, march, pixel_rect
 
@@ -109,9 +110,8 @@ def frustum_visible(camera: Camera, c2w: np.ndarray, box: np.ndarray, far: float
     corners = np.array([[box[i][0], box[j][1], box[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     p = (corners - m[:3, 3]) @ m[:3, :3]
     x, y, z = p[:, 0], p[:, 1], p[:, 2]
-    # Image bounds as slopes: x/z in [-cx/fx, (W-cx)/fx], y/z likewise.
-    x_lo, x_hi = -camera.cx / camera.fl_x, (camera.width - camera.cx) / camera.fl_x
-    y_lo, y_hi = -camera.cy / camera.fl_y, (camera.height - camera.cy) / camera.fl_y
+    # Image bounds as slopes: x/z in [-cx/fx, (W-cx)/fx], y/z likewise (widened by the lens).
+    x_lo, x_hi, y_lo, y_hi = view_bounds(camera)
     outside = [z <= 0, z >= far, x < x_lo * z, x > x_hi * z, y < y_lo * z, y > y_hi * z]
     return not any(bool(np.all(o)) for o in outside)
 

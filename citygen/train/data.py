@@ -18,8 +18,8 @@ from torch import Tensor
 
 from survey_io import IGNORE_LABEL, Survey, SurveyImage, read_transforms
 
+from ..cameras import CameraSet, pixel_directions, unproject
 from ..errors import CitygenError
-from ..render.sampling import undistort_normalized
 
 
 def load_survey(data: Path | str | Survey) -> Survey:
@@ -137,12 +137,11 @@ class RayDataset:
         counts_t = torch.tensor(counts, dtype=torch.long)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts_t.cumsum(0)]).to(self.device)
         self.n_pixels = int(counts_t.sum())
-        cam_params = [[c.fl_x, c.fl_y, c.cx, c.cy, c.width, c.k1, c.k2, c.k3, c.p1, c.p2] for c in self.cameras]
-        self.cam_params = torch.tensor(cam_params, dtype=torch.float64, device=self.device)
         self.c2w = torch.tensor(np.stack([im.c2w for im in images]), dtype=torch.float64, device=self.device)
-        self.distorted = any(c.has_distortion for c in self.cameras)
-        if any(c.camera_model == "OPENCV_FISHEYE" for c in self.cameras):
-            raise CitygenError(survey.root, "OPENCV_FISHEYE cameras are not supported by the trainer; undistort first")
+        try:  # every ray of a batch comes from the camera model (lens included)
+            self.camera_set = CameraSet(self.cameras, self.c2w.cpu().numpy(), device=self.device)
+        except CitygenError as err:
+            raise CitygenError(survey.root, err.reason) from None
 
     @property
     def camera_positions(self) -> Tensor:
@@ -156,34 +155,20 @@ class RayDataset:
         """The rays and targets of flat pixel indices ``idx``."""
         image = torch.searchsorted(self.offsets, idx, right=True) - 1
         local = idx - self.offsets[image]
-        p = self.cam_params[image]
-        width = p[:, 4].long()
-        col, row = local % width, local // width
-        x = (col.double() + 0.5 - p[:, 2]) / p[:, 0]
-        y = (row.double() + 0.5 - p[:, 3]) / p[:, 1]
-        if self.distorted:
-            x, y = _undistort_batch(x, y, p)
-        d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
-        d_cam = d_cam / torch.linalg.norm(d_cam, dim=-1, keepdim=True)
-        m = self.c2w[image]
-        dirs = torch.einsum("rij,rj->ri", m[:, :3, :3], d_cam)
+        width = self.camera_set.widths[image]
+        pixels = torch.stack([local % width, local // width], dim=-1)
+        origins, dirs, z_scale = self.camera_set.rays(image, pixels)
         return RayBatch(
-            origins=m[:, :3, 3].float(), dirs=dirs.float(), z_scale=d_cam[:, 2].float(),
+            origins=origins, dirs=dirs, z_scale=z_scale,
             rgb=self.rgb[idx].float() / 255.0, image_index=image,
             semantics=self.semantics[idx].long() if self.semantics is not None else None,
             depth=self.depth[idx] if self.depth is not None else None,
         )
 
 
-def _undistort_batch(x: Tensor, y: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-    class _Cam:  # per-ray coefficients with the attribute names undistort_normalized reads
-        k1, k2, k3, p1, p2 = p[:, 5], p[:, 6], p[:, 7], p[:, 8], p[:, 9]
-    return undistort_normalized(_Cam, x, y)
-
-
 def depth_points(survey: Survey, image: SurveyImage, stride: int = 8) -> np.ndarray:
     """World points (N, 3) of every ``stride``-th pixel of ``image``'s depth map with a known
-    depth (z-depth > 0), back-projected through its pinhole camera."""
+    depth (z-depth > 0), back-projected through its camera."""
     cam = survey.camera_of(image)
     depth = load_depth(image.depth)
     if depth.shape != (cam.height, cam.width):
@@ -191,9 +176,7 @@ def depth_points(survey: Survey, image: SurveyImage, stride: int = 8) -> np.ndar
     rows, cols = np.mgrid[0:cam.height:stride, 0:cam.width:stride]
     z = depth[rows, cols]
     ok = z > 0
-    x = (cols[ok] + 0.5 - cam.cx) / cam.fl_x * z[ok]
-    y = (rows[ok] + 0.5 - cam.cy) / cam.fl_y * z[ok]
-    return np.stack([x, y, z[ok]], axis=-1) @ image.c2w[:3, :3].T + image.c2w[:3, 3]
+    return unproject(cam, image.c2w, cols[ok] + 0.5, rows[ok] + 0.5, z[ok])
 
 
 def scene_aabb(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
@@ -224,7 +207,7 @@ def scene_aabb(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
     for im in images:
         cam = survey.camera_of(im)
         u, v = np.meshgrid(np.linspace(0, cam.width, 5), np.linspace(0, cam.height, 5))
-        d = np.stack([(u.ravel() - cam.cx) / cam.fl_x, (v.ravel() - cam.cy) / cam.fl_y, np.ones(25)], -1)
+        d = pixel_directions(cam, u.ravel(), v.ravel())
         d = d @ im.c2w[:3, :3].T
         o = im.c2w[:3, 3]
         height = o[2] - ground_z
