@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from survey_io.semantics import CLASSES
 
 from ..errors import CitygenError
-from ..render.occupancy import OccupancyGrid
-from ..train.checkpoint import check_finite
+from ..fields.occupancy import OccupancyGrid
+from ..store.checkpoint import check_finite
 from .ground import GroundHeight, estimate_ground, ground_from_spec
 from .ops import OP_CLASSES, resolve_in_tile
 from .pipeline import Pipeline

@@ -27,7 +27,7 @@ from typing import Any
 from ..config import from_dict
 from ..distributed.lease import hold_block
 from ..distributed.state import report_progress
-from .checkpoint import list_checkpoints
+from ..store.checkpoint import list_checkpoints
 from .trainer import BlockTrainer
 
 JOB = "citygen.train.block_job:train_block_job"
