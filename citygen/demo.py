@@ -213,11 +213,11 @@ def _clock(seconds: float) -> str:
 
 
 def _render(tile: Path, data: Path, out: Path, lpips_net=None) -> dict[str, Any]:
-    from .render.tile import TileRenderer
     from .render.tile_views import render_tile_views
+    from .tile import open_tile
     from .train.data import load_survey
 
-    report = render_tile_views(TileRenderer.open(tile), load_survey(data), ("test",), out, downscale=RENDER_DOWNSCALE,
+    report = render_tile_views(open_tile(tile), load_survey(data), ("test",), out, downscale=RENDER_DOWNSCALE,
                                lpips_weights=lpips_net)
     atomic_write_json(out / "metrics.json", report)
     seams = report.get("seams") or {}

@@ -126,6 +126,12 @@ def discover(tile_dir: str | Path) -> TileBlocks:
     return found
 
 
+def read_plan(tile_dir: str | Path) -> TilePlan | None:
+    """The tile's plan, or None when the folder has no ``plan.json`` (a single run, or not a tile)."""
+    path = Path(tile_dir) / PLAN_FILE
+    return TilePlan.load(path) if path.is_file() else None
+
+
 def block_checkpoint(run_dir: str | Path) -> Path:
     """The sidecar of a block's newest checkpoint."""
     return resolve_checkpoint(Path(run_dir))
@@ -208,5 +214,5 @@ def trained_survey(tile_dir: str | Path) -> Path | None:
 __all__ = ["BLOCK_LOCK_FILE", "CHECKPOINTS_DIR", "EDIT_FILES_DIR", "LAYOUT_VERSION", "LEASE_FILE", "PLAN_FILE",
            "RESULT_FILE", "RUN_CONFIG_FILE", "SINGLE_BLOCK", "STACK_FILE", "STATE_FILE", "TILE_CONFIG_FILE",
            "TILE_LOCK_FILE", "TILE_RUN_FILE", "TileBlocks", "block_checkpoint", "block_dir", "discover",
-           "edit_file", "has_checkpoint", "is_single_run", "layout_version", "open_block_field", "read_tile_config",
+           "edit_file", "has_checkpoint", "is_single_run", "layout_version", "open_block_field", "read_plan", "read_tile_config",
            "stack_path", "tile_georef", "trained_survey", "upgraded_tile_config"]

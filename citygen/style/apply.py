@@ -11,17 +11,20 @@ from safetensors.torch import save_file
 from survey_io.atomic import atomic_path
 from survey_io.semantics import CLASSES
 
-from ..edit.selection import SpecError, class_ids
-from ..edit.stack import EditStack
-from ..edit.tile import tile_blocks, tile_field_wrapper
 from ..errors import CitygenError
 from ..store.layout import edit_file, open_block_field
 from .named import named_style
-from .optimize import RandomFeatures, StyleOptimizeConfig, VGG16Features, load_reference_image, optimize_color_branch
 from .stats import load_reference, match_statistics, scene_colors
+
+# The edit package (and .optimize, which builds on it) is imported in the functions below: edit's
+# operations take the colour transforms from citygen.style.color, so citygen.style cannot import
+# edit while it loads.  That import circle goes when the colour transforms move below edit
+# (issue 14, the edit-operations part).
 
 
 def _load_blocks(tile_dir: Path, device: str):
+    from ..edit.tile import tile_blocks, tile_field_wrapper
+
     wrap = tile_field_wrapper(tile_dir)
     fields = {}
     for block_id, folder in tile_blocks(tile_dir).items():
@@ -63,6 +66,9 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
         steps: optimisation steps per block (optimize).
         optimize_config: a full :class:`~citygen.style.optimize.StyleOptimizeConfig` (overrides ``steps``).
     """
+    from ..edit.selection import SpecError, class_ids
+    from ..edit.stack import EditStack
+
     tile_dir = Path(tile_dir)
     if (named is None) == (reference is None):
         raise CitygenError(None, "style: give exactly one of a named style or a reference image")
@@ -83,6 +89,13 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
         return _push(stack, params, None)
     if method != "optimize":
         raise CitygenError(None, f"style: unknown method {method!r} (stats, optimize)")
+    from .optimize import (
+        RandomFeatures,
+        StyleOptimizeConfig,
+        VGG16Features,
+        load_reference_image,
+        optimize_color_branch,
+    )
 
     net = VGG16Features(weights) if weights is not None else RandomFeatures()
     ref = load_reference_image(reference)
