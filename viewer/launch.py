@@ -12,6 +12,7 @@ from citygen.store.layout import trained_survey
 from citygen.tile import open_tile
 
 from .app import HeadlessViewer, SurveyView, ViewerApp
+from .edits import live_edits_for_tile
 from .ply import read_ply
 from .source import TileSource
 
@@ -36,8 +37,6 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
         raise CitygenError(target, "no such tile folder or PLY file")
     source, baked, georef, live = None, None, None, None
     if target.is_dir():
-        from .edits import live_edits_for_tile
-
         renderer = open_tile(target, edited=False, device=device, max_cached_blocks=max_cached_blocks)
         live = live_edits_for_tile(renderer, target)
         source = TileSource(renderer)

@@ -23,6 +23,7 @@ import numpy as np
 
 from survey_io.atomic import atomic_write_json
 
+from ..checks import memory_budget
 from ..errors import CitygenError
 from ..store.layout import read_plan, read_tile_config
 from ..tile import open_tile
@@ -337,7 +338,6 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
         memory_budget_bytes: refuse exports estimated to need more (default: see
             :func:`citygen.checks.memory_budget`).
     """
-    from ..checks import memory_budget
     tile_dir = Path(tile_dir)
     options.validate()
     if memory_budget_bytes is None:
