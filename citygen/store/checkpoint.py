@@ -25,6 +25,8 @@ from survey_io.atomic import atomic_path, atomic_write_json
 from ..errors import CitygenError
 
 FORMAT = "citygen-checkpoint/1"
+#: a run folder's checkpoint folder.
+CHECKPOINTS_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.json$")
 
 
@@ -99,7 +101,7 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     if path.suffix == ".safetensors":
         return path.with_suffix(".json")
-    for directory in (path / "checkpoints", path):
+    for directory in (path / CHECKPOINTS_DIR, path):
         steps = list_checkpoints(directory)
         if steps:
             return checkpoint_paths(directory, steps[-1])[1]

@@ -51,26 +51,37 @@ from ..distributed.state import RESULT_FILE, STATE_FILE
 from ..distributed.tile import LOCK_FILE as TILE_LOCK_FILE
 from ..distributed.tile import MANIFEST_FILE as TILE_RUN_FILE
 from ..errors import CitygenError
-from ..partition.plan import TilePlan
-from .checkpoint import list_checkpoints, resolve_checkpoint
+from ..partition.plan import PLAN_FILE, TilePlan
+from .checkpoint import CHECKPOINTS_DIR, list_checkpoints, resolve_checkpoint
 from .field import load_field
 
 #: the layout described in the module docstring; 0 = a folder written before it was numbered.
 LAYOUT_VERSION = 1
-PLAN_FILE = "plan.json"
 TILE_CONFIG_FILE = "tile_config.json"
 STACK_FILE = "edits.json"
 #: files an edit refers to (restyle weights), relative to the tile folder.
 EDIT_FILES_DIR = "edits"
-CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_FILE = "config.json"
 #: the block id of a single training run opened as a tile.
 SINGLE_BLOCK = "block"
 
 
+BLOCK_DIR_PREFIX = "block_"
+
+
 def block_dir(tile_dir: str | Path, block_id: str) -> Path:
     """A block's run folder inside the tile."""
-    return Path(tile_dir) / f"block_{block_id}"
+    return Path(tile_dir) / f"{BLOCK_DIR_PREFIX}{block_id}"
+
+
+def block_run_dirs(tile_dir: str | Path) -> list[Path]:
+    """The block run folders present in the tile folder, by name (whatever the plan says)."""
+    return sorted(p for p in Path(tile_dir).glob(f"{BLOCK_DIR_PREFIX}*") if p.is_dir())
+
+
+def block_id_of(run_dir: str | Path) -> str:
+    """The block id of a block run folder."""
+    return Path(run_dir).name[len(BLOCK_DIR_PREFIX):]
 
 
 def stack_path(tile_dir: str | Path) -> Path:
@@ -211,8 +222,8 @@ def trained_survey(tile_dir: str | Path) -> Path | None:
     return None
 
 
-__all__ = ["BLOCK_LOCK_FILE", "CHECKPOINTS_DIR", "EDIT_FILES_DIR", "LAYOUT_VERSION", "LEASE_FILE", "PLAN_FILE",
+__all__ = ["BLOCK_DIR_PREFIX", "BLOCK_LOCK_FILE", "CHECKPOINTS_DIR", "EDIT_FILES_DIR", "LAYOUT_VERSION", "LEASE_FILE", "PLAN_FILE",
            "RESULT_FILE", "RUN_CONFIG_FILE", "SINGLE_BLOCK", "STACK_FILE", "STATE_FILE", "TILE_CONFIG_FILE",
-           "TILE_LOCK_FILE", "TILE_RUN_FILE", "TileBlocks", "block_checkpoint", "block_dir", "discover",
+           "TILE_LOCK_FILE", "TILE_RUN_FILE", "TileBlocks", "block_checkpoint", "block_dir", "block_id_of", "block_run_dirs", "discover",
            "edit_file", "has_checkpoint", "is_single_run", "layout_version", "open_block_field", "read_plan", "read_tile_config",
            "stack_path", "tile_georef", "trained_survey", "upgraded_tile_config"]

@@ -38,6 +38,7 @@ from ..errors import CitygenError
 from ..fields.field import CityField
 from ..render.volume import render_rays
 from ..store.checkpoint import (
+    CHECKPOINTS_DIR,
     list_checkpoints,
     load_checkpoint,
     load_module_state,
@@ -140,7 +141,7 @@ class BlockTrainer:
         self.step = 0
         self.seconds = 0.0          # training wall time (not loading, checkpoints, evaluation)
         self.cpu_seconds = 0.0      # process CPU time of the same (all threads): robust to a shared machine
-        self.checkpoint_dir = self.out / "checkpoints"
+        self.checkpoint_dir = self.out / CHECKPOINTS_DIR
         self.metrics_path = self.out / "metrics.jsonl"
 
     # -- state ---------------------------------------------------------------------------------
@@ -328,14 +329,14 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
     out = Path(out)
     lpips_net = load_lpips(lpips_weights) if config.eval_at_end else None
     trainer = BlockTrainer(config, data, out, image_names, aabb)
-    if resume and not list_checkpoints(out / "checkpoints"):
+    if resume and not list_checkpoints(out / CHECKPOINTS_DIR):
         raise CitygenError(out, "--resume: no checkpoint in this run folder")
     # One trainer per run folder: a second one (or an executor's attempt on a tile block)
     # is refused with the holder's pid, host and start time.  Bad input is caught above,
     # before the folder gets its lock file.
     with hold_block(out, role="citygen train"):
         if resume:
-            trainer.restore(out / "checkpoints")
+            trainer.restore(out / CHECKPOINTS_DIR)
         ckpt = trainer.train(progress)
         report = None
         if config.eval_at_end and trainer.survey.test_names:
