@@ -52,6 +52,9 @@ from .config import FieldConfig, RenderConfig
 from .errors import CitygenError
 from .render.realtime_sampling import RealtimeSampling
 from .render.sampling import look_at
+from .store.checkpoint import resolve_checkpoint
+from .store.field import load_field
+from .store.layout import PLAN_FILE, discover
 
 GPU_PENDING = ("GPU figures pending: this run had no CUDA device; the numbers below are CPU figures of the "
                "same per-ray math (native CPU build) and say nothing about GPU frame rates.")
@@ -131,14 +134,10 @@ def synthetic_field(cfg: FieldConfig, aabb: np.ndarray, grid_resolution: int = 1
 
 def load_bench_field(tile: Path, device: torch.device):
     """(field, render config, label) from a training run, a checkpoint or a tile (its first trained block)."""
-    from .tile import PLAN_FILE
-    from .train.checkpoint import list_checkpoints, resolve_checkpoint
-    from .train.trainer import load_field
-
     tile = Path(tile)
     source = tile
     if (tile / PLAN_FILE).is_file():
-        blocks = sorted(p for p in tile.glob("block_*") if list_checkpoints(p / "checkpoints"))
+        blocks = sorted(discover(tile).trained.values())  # the first block folder by name
         if not blocks:
             raise CitygenError(tile, "bench render: the tile has no trained block")
         source = blocks[0]

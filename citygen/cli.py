@@ -404,9 +404,9 @@ def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] =
     import json
 
     from .nets.lpips import load_lpips, resolve_lpips_weights
-    from .render.tile import TileRenderer
     from .render.tile_views import render_tile_views
-    from .tile import read_tile_config
+    from .store.layout import read_tile_config
+    from .tile import open_tile
     from .train.data import load_survey
 
     check_values([("--downscale", downscale, AT_LEAST_ONE), ("--seam-band", seam_band, POSITIVE)])
@@ -421,7 +421,7 @@ def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] =
         downscale = int(record.get("train", {}).get("downscale", 1))
     if downscale < 1:
         raise CitygenError(None, f"--downscale must be >= 1, got {downscale}")
-    renderer = TileRenderer.open(tile, device=device)
+    renderer = open_tile(tile, device=device)
     report = render_tile_views(renderer, load_survey(data), views, out, downscale=downscale, seam_band_m=seam_band,
                                lpips_weights=lpips_net)
     seams = report["seams"] or {}

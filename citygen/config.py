@@ -318,10 +318,18 @@ def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = 
     cfg.preset = name
     _apply(cfg, raw, where)
     validate(cfg, where)                 # a bad preset file is named as such ...
+    return apply_overrides(cfg, overrides, names)  # ... and a bad override by the flag that set it
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any] | None,
+                    names: dict[str, str] | None = None) -> TrainConfig:
+    """``cfg`` (changed in place, and returned) with ``overrides`` (nested dict or dotted keys)
+    applied and checked by :func:`validate`; the one override mechanism (presets, the CLI, the
+    scripted tile API).  ``names``: as in :func:`load_config`."""
     if overrides:
         _apply(cfg, _nest(overrides), "overrides")
         labels = {k: (names or {}).get(k, f"--override {k}") for k in _dotted_keys(_nest(overrides))}
-        validate(cfg, None, labels)      # ... and a bad override by the flag that set it
+        validate(cfg, None, labels)
     return cfg
 
 

@@ -30,6 +30,8 @@ import numpy as np
 
 from survey_io.atomic import atomic_path, atomic_write_json
 
+from .store.layout import block_id_of, block_run_dirs
+
 #: training steps per block, sized once for the 2-core reference machine (14 steps/s x 150 s with
 #: the tiny preset): fixed, with no time cap, so a slower or busier machine takes longer but trains
 #: the same steps (4 blocks in ~10 minutes on 2 idle cores).
@@ -167,7 +169,8 @@ class _TrainProgress:
     def poll(self) -> tuple[int, str | None, dict[str, Any] | None]:
         """(steps done over all blocks, the block training now, its last metrics line)."""
         done, current, line = 0, None, None
-        for path in sorted(self.tile.glob("block_*/metrics.jsonl")):
+        for run in block_run_dirs(self.tile):
+            path = run / "metrics.jsonl"
             try:
                 lines = path.read_text().splitlines()
                 last = json.loads(lines[-1]) if lines else None
@@ -177,7 +180,7 @@ class _TrainProgress:
                 continue
             done += min(int(last["step"]), self.block_steps)
             if int(last["step"]) < self.block_steps:
-                current, line = path.parent.name[len("block_"):], last
+                current, line = block_id_of(run), last
         return done, current, line
 
     def status(self) -> tuple[int, str]:
@@ -213,11 +216,11 @@ def _clock(seconds: float) -> str:
 
 
 def _render(tile: Path, data: Path, out: Path, lpips_net=None) -> dict[str, Any]:
-    from .render.tile import TileRenderer
     from .render.tile_views import render_tile_views
+    from .tile import open_tile
     from .train.data import load_survey
 
-    report = render_tile_views(TileRenderer.open(tile), load_survey(data), ("test",), out, downscale=RENDER_DOWNSCALE,
+    report = render_tile_views(open_tile(tile), load_survey(data), ("test",), out, downscale=RENDER_DOWNSCALE,
                                lpips_weights=lpips_net)
     atomic_write_json(out / "metrics.json", report)
     seams = report.get("seams") or {}

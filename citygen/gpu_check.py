@@ -430,7 +430,10 @@ def stage_train(ctx: Context, log) -> dict[str, Any]:
 
 def _trained_run(ctx: Context) -> Path | None:
     run_dir = ctx.work / "run"
-    return run_dir if list((run_dir / "checkpoints").glob("step_*.json")) else None
+    # imported here: this module runs before the wheels (torch) are installed, citygen.store needs them
+    from .store.layout import is_single_run
+
+    return run_dir if is_single_run(run_dir) else None
 
 
 def stage_render(ctx: Context, log) -> dict[str, Any]:

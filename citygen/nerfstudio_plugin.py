@@ -9,7 +9,7 @@ reported as a clear :class:`ImportError`.
 What it does: a nerfstudio ``Model`` whose field is a :class:`~citygen.fields.CityField`
 (the hash grid, density and colour MLPs and per-image appearance codes of ``citygen train``)
 rendered by citygen's own pure-torch renderer (:func:`citygen.render.volume.render_rays` with
-an :class:`~citygen.render.occupancy.OccupancyGrid`), with the trainer's losses (RGB, opacity
+an :class:`~citygen.fields.occupancy.OccupancyGrid`), with the trainer's losses (RGB, opacity
 entropy, optional distortion) and its optimiser layout: a ``grid`` and an ``mlp`` parameter
 group, Adam (betas 0.9/0.99, eps 1e-15), linear warmup then exponential decay.  So
 ``ns-train citygen-field`` trains the same network ``citygen train`` trains, on any nerfstudio
@@ -62,7 +62,7 @@ def _build_method():
 
     from .config import FieldConfig, RenderConfig
     from .fields.field import CityField
-    from .render.occupancy import OccupancyGrid
+    from .fields.occupancy import OccupancyGrid
     from .render.volume import render_rays
 
     @dataclasses.dataclass

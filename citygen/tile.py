@@ -1,14 +1,10 @@
-"""Train a whole tile: one block task per block of ``TILE/plan.json``, run by an executor.
+"""A whole tile: open it for rendering (as trained or as edited), and train it (one block
+task per block of ``TILE/plan.json``, run by an executor).
 
-Tile layout (``tile_dir``)::
-
-    plan.json            the partition (citygen plan)
-    tile_config.json     what train_tile resolved: the training config, the survey path,
-                         each block's field box (written before any block starts)
-    tile_run.json        the executors' block list (citygen.distributed.run_tile)
-    block_<id>/          one block's run folder: config.json, metrics.jsonl, checkpoints/,
-                         state.json, result.json, worker.log, .block.lock + lease.json (the
-                         process training it: citygen.distributed.lease)
+Where a tile's files are (``plan.json``, ``tile_config.json``, ``block_<id>/`` run folders,
+``edits.json``, locks) is :mod:`citygen.store.layout`'s, the one owner of the layout and its
+version; this module writes ``tile_config.json`` through it (what train_tile resolved: the
+training config, the survey path, each block's field box; written before any block starts).
 
 Each block's field covers the plan's box for it (the extended rectangle times the block's
 height range), tightened vertically:
@@ -36,7 +32,7 @@ import numpy as np
 
 from survey_io.atomic import atomic_write_json
 
-from .config import TrainConfig, from_dict, load_config, to_dict
+from .config import TrainConfig, apply_overrides, from_dict, load_config, to_dict
 from .distributed import (
     BlockTask,
     Executor,
@@ -45,53 +41,46 @@ from .distributed import (
     TileResult,
     run_tile,
 )
+from .edit.tile import tile_field_wrapper
 from .errors import CitygenError
 from .partition import Block, TilePlan
+from .render.tile import TileRenderer
+from .store.layout import PLAN_FILE, TILE_CONFIG_FILE, block_dir, read_tile_config, stack_path, upgraded_tile_config
 from .train.block_job import JOB
+from .train.data import depth_points, load_survey
 
-PLAN_FILE = "plan.json"
-TILE_CONFIG_FILE = "tile_config.json"
 #: the field's top stays this far below the lowest camera training the block (metres).
 CAMERA_CLEARANCE_M = 2.0
 
 
-def block_dir(tile_dir: str | Path, block_id: str) -> Path:
-    """A block's run folder inside the tile."""
-    return Path(tile_dir) / f"block_{block_id}"
+def open_tile(tile_dir: str | Path, *, edited: bool = True, device: str | Any = "cpu",
+              max_cached_blocks: int = 8) -> TileRenderer:
+    """A renderer over a tile folder (or a single training run folder): its blocks as trained,
+    wrapped by the tile's edit stack (``edits.json``) when ``edited`` and the tile has one.
+
+    The renderer receives the fields; opening them as edited is the edit layer's
+    (:func:`citygen.edit.tile_field_wrapper`), which is why this lives above both.
+    """
+    renderer = TileRenderer.open_trained(tile_dir, device=device, max_cached_blocks=max_cached_blocks)
+    if edited and stack_path(tile_dir).is_file():
+        renderer.field_wrapper = tile_field_wrapper(tile_dir)
+    return renderer
 
 
 def resolve_config(config: TrainConfig | dict | str | Path = "tiny", overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A training config from a preset name / YAML path (+ dotted overrides), a dict, or a config."""
+    """A training config from a preset name / YAML path (+ dotted overrides), a dict, or a config;
+    overrides go through :func:`citygen.config.apply_overrides` (checked) in every case."""
     if isinstance(config, TrainConfig):
-        cfg = from_dict(to_dict(config))
-        if overrides:
-            cfg = load_config_from(cfg, overrides)
-        return cfg
+        return apply_overrides(from_dict(to_dict(config)), overrides)
     if isinstance(config, dict):
-        return load_config_from(from_dict(config), overrides or {})
+        return apply_overrides(from_dict(config), overrides)
     return load_config(config, overrides)
-
-
-def load_config_from(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """``cfg`` with dotted-key overrides applied (via a round trip through its dict)."""
-    d = to_dict(cfg)
-    for key, value in overrides.items():
-        node = d
-        *parents, leaf = key.split(".")
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise CitygenError("overrides", f"unknown config key {key!r}")
-            node = node[p]
-        node[leaf] = value
-    return from_dict(d, "overrides")
 
 
 def observed_heights(survey, images, rect: tuple[float, float, float, float],
                      stride: int = 8) -> tuple[float, float] | None:
     """Robust (0.5 / 99.5 percentile) height range of the depth-map points of ``images`` that
     fall inside the horizontal rectangle ``rect``; None without depth maps (or points)."""
-    from .train.data import depth_points
-
     if not images or any(im.depth is None for im in images):
         return None
     zs = []
@@ -142,8 +131,6 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
     Blocks without training images are left out (listed under ``"skipped"`` in the record):
     there is nothing to train them on, and the renderer treats them as empty.
     """
-    from .train.data import load_survey
-
     tile_dir = Path(tile_dir)
     plan = TilePlan.load(tile_dir / PLAN_FILE)
     data = Path(data).resolve()
@@ -205,23 +192,11 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
     earlier = read_tile_config(tile_dir)
     if earlier and blocks is not None:  # training a subset: keep the other blocks' entries
         record["blocks"] = {**earlier.get("blocks", {}), **record["blocks"]}
-    atomic_write_json(tile_dir / TILE_CONFIG_FILE, record)
+    # written in the current layout (a tile of an older layout is upgraded here)
+    atomic_write_json(tile_dir / TILE_CONFIG_FILE, upgraded_tile_config(record))
     return run_tile(tasks, make_executor(executor, max_parallel=max_parallel, ray_address=ray_address,
                                          max_retries=max_retries), tile_dir)
 
 
-def read_tile_config(tile_dir: str | Path) -> dict[str, Any] | None:
-    """``tile_config.json`` of a tile, or None when the tile was not trained by :func:`train_tile`."""
-    import json
-
-    path = Path(tile_dir) / TILE_CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CitygenError(path, f"not valid JSON ({err})") from None
-
-
 __all__ = ["CAMERA_CLEARANCE_M", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
-           "read_tile_config", "resolve_config", "tile_tasks", "train_tile"]
+           "open_tile", "read_tile_config", "resolve_config", "tile_tasks", "train_tile"]

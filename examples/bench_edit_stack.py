@@ -31,7 +31,7 @@ def make_tile(tile: Path) -> None:
     from citygen.config import TrainConfig, to_dict
     from citygen.edit.analytic import AnalyticCityField
     from citygen.edit.bake import distill
-    from citygen.train.checkpoint import save_checkpoint
+    from citygen.store.checkpoint import save_checkpoint
     from citygen.train.trainer import build_field
     from survey_io import Georef
     from survey_io.semantics import CLASSES

@@ -43,10 +43,10 @@ from citygen.edit import EditStack, tile_field_wrapper
 from citygen.edit.probe import selection_weight
 from citygen.edit.stack import stack_path
 from citygen.export.run import ExportOptions, core_rect, export_scene
+from citygen.images import load_rgb
 from citygen.render.tile import TileRenderer
 from citygen.render.tile_views import select_views
 from citygen.style import add_style, rgb_to_lab
-from citygen.train.data import load_rgb
 from survey_io import read_transforms
 from survey_io.atomic import atomic_write_json
 from survey_io.semantics import CLASSES

@@ -15,9 +15,9 @@ import numpy as np
 from citygen.config import RenderConfig
 from citygen.edit import EditedField, EditStack, PlaneGround
 from citygen.edit.analytic import AnalyticCityField
+from citygen.images import rgb_to_uint8, write_png
 from citygen.render import render_image
 from citygen.render.sampling import look_at
-from citygen.train.evaluate import rgb_to_uint8, write_png
 from survey_io import Camera, Georef
 
 GEOREF = Georef("EPSG:32633", (500000.0, 4500000.0, 0.0))

@@ -17,9 +17,9 @@ import numpy as np
 from citygen.config import RenderConfig
 from citygen.edit import EditedField, EditStack
 from citygen.edit.analytic import VEHICLE, AnalyticCityField
+from citygen.images import rgb_to_uint8, write_png
 from citygen.render import render_image
 from citygen.render.sampling import look_at
-from citygen.train.evaluate import rgb_to_uint8, write_png
 from survey_io import Camera
 
 

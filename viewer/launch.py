@@ -5,12 +5,14 @@ The command line lives in ``citygen/cli.py``; these are plain typed functions.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from citygen.errors import CitygenError
+from citygen.store.layout import trained_survey
+from citygen.tile import open_tile
 
 from .app import HeadlessViewer, SurveyView, ViewerApp
+from .edits import live_edits_for_tile
 from .ply import read_ply
 from .source import TileSource
 
@@ -21,21 +23,6 @@ def survey_views_from(transforms: str | Path) -> list[SurveyView]:
 
     survey = read_transforms(transforms)
     return [SurveyView(im.name, survey.camera_of(im), im.c2w) for im in survey.train_images]
-
-
-def _find_survey(tile_dir: Path) -> Path | None:
-    """The survey a tile was trained on, when its run config names it."""
-    for name in ("tile_config.json", "config.json"):
-        p = tile_dir / name
-        if p.is_file():
-            try:
-                data = json.loads(p.read_text()).get("data")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if data and Path(data).exists():
-                path = Path(data)
-                return path / "transforms.json" if path.is_dir() else path
-    return None
 
 
 def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str | Path | None = None,
@@ -50,15 +37,11 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
         raise CitygenError(target, "no such tile folder or PLY file")
     source, baked, georef, live = None, None, None, None
     if target.is_dir():
-        from citygen.render.tile import TileRenderer
-
-        from .edits import live_edits_for_tile
-
-        renderer = TileRenderer.open(target, device=device, max_cached_blocks=max_cached_blocks, apply_edits=False)
+        renderer = open_tile(target, edited=False, device=device, max_cached_blocks=max_cached_blocks)
         live = live_edits_for_tile(renderer, target)
         source = TileSource(renderer)
         georef = source.georef
-        survey = survey or _find_survey(target)
+        survey = survey or trained_survey(target)
     elif target.suffix.lower() == ".ply":
         ply = target
     else:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from survey_io.semantics import CLASSES
 
-from ..render.occupancy import OccupancyGrid
+from ..fields.occupancy import OccupancyGrid
 
 GROUND, ROAD, BUILDING, VEGETATION, WATER, VEHICLE, OTHER = range(7)
 

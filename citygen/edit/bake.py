@@ -32,11 +32,12 @@ import torch.nn.functional as F
 
 from survey_io.atomic import TEMP_MARK, atomic_write_json
 
-from ..distributed.lease import LEASE_FILE
 from ..errors import CitygenError
+from ..store.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..store.layout import LEASE_FILE, STACK_FILE, open_block_field, tile_georef
 from .field import EditedField
-from .stack import STACK_FILE, EditStack
-from .tile import tile_blocks, tile_georef
+from .stack import EditStack
+from .tile import tile_blocks
 
 
 def distill(teacher, student, steps: int = 500, batch: int = 8192, lr: float = 1e-2, step_size: float = 0.5,
@@ -101,9 +102,6 @@ def bake_tile(tile_dir: str | Path, out_dir: str | Path, steps: int = 500, batch
 
     Returns a report: block -> {checkpoint, final loss, steps}.
     """
-    from ..train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-    from ..train.trainer import load_field
-
     tile_dir, out_dir = Path(tile_dir).resolve(), Path(out_dir).resolve()
     if out_dir == tile_dir or tile_dir in out_dir.parents:
         raise CitygenError(out_dir, "bake output must be outside the tile folder")
@@ -121,7 +119,7 @@ def bake_tile(tile_dir: str | Path, out_dir: str | Path, steps: int = 500, batch
     shutil.copytree(tile_dir, tmp, ignore=shutil.ignore_patterns(f"*{TEMP_MARK}*", ".*.tmp", ".*.lock", LEASE_FILE))
     report = {}
     for block_id, folder in blocks.items():
-        field, meta = load_field(folder, device=device)
+        field, meta = open_block_field(folder, device)
         teacher = EditedField(field, stack, georef=georef, tile_dir=tile_dir, block_id=block_id)
         student = copy.deepcopy(field).train()
         step_size = float(meta["train_config"].render.step_size)

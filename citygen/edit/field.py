@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from survey_io.semantics import CLASSES
 
 from ..errors import CitygenError
-from ..render.occupancy import OccupancyGrid
-from ..train.checkpoint import check_finite
+from ..fields.occupancy import OccupancyGrid
+from ..store.checkpoint import check_finite
+from ..store.field import load_field
 from .ground import GroundHeight, estimate_ground, ground_from_spec
 from .ops import OP_CLASSES, resolve_in_tile
 from .pipeline import Pipeline
@@ -244,8 +245,6 @@ class EditContext:
     def load_asset(self, rel: str):
         if rel in self.assets:
             return self.assets[rel]
-        from ..train.trainer import load_field
-
         field, _ = load_field(self._tile_path(rel), device=self.field.aabb.device)
         self.assets[rel] = field
         return field

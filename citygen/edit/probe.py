@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..store.layout import tile_georef
 from .field import EditedField
+from .stack import EditStack
 
 
 class SelectionProbe(nn.Module):
@@ -63,9 +65,6 @@ class SelectionProbe(nn.Module):
 def selection_probe_wrapper(tile_dir: str | Path, **kwargs):
     """``fn(block_id, field) -> SelectionProbe`` for the tile's edit stack (a renderer's
     ``field_wrapper``); with no active edit, every sample is unselected."""
-    from .stack import EditStack
-    from .tile import tile_georef
-
     tile_dir = Path(tile_dir)
     stack = EditStack.load(tile_dir)
     georef = tile_georef(tile_dir)

@@ -27,18 +27,15 @@ from typing import Any
 from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
+from ..store.field import load_field
+from ..store.layout import STACK_FILE, stack_path
 from .ops import OPS, resolve_in_tile, safe_relative_path, validate_params
 from .selection import SpecError, validate_selection
 
 STACK_VERSION = 1
-STACK_FILE = "edits.json"
 MAX_EDITS = 10_000
 MAX_BYTES = 64 << 20
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def stack_path(tile_dir: str | Path) -> Path:
-    return Path(tile_dir) / STACK_FILE
 
 
 def _reject_constants(name: str):
@@ -101,8 +98,6 @@ def validate_stack(data: Any) -> None:
 def check_asset(tile_dir: str | Path, rel: str) -> None:
     """An insert's asset must be a loadable field checkpoint inside the tile folder: checked
     when the edit is added, not first at render time (CitygenError naming the asset)."""
-    from ..train.trainer import load_field
-
     try:
         path = resolve_in_tile(Path(tile_dir), rel)
     except SpecError as err:

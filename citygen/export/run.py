@@ -23,7 +23,10 @@ import numpy as np
 
 from survey_io.atomic import atomic_write_json
 
+from ..checks import memory_budget
 from ..errors import CitygenError
+from ..store.layout import read_plan, read_tile_config
+from ..tile import open_tile
 from .cameras import export_cameras
 from .mesh import TSDF_MAX_BLOCKS, heightfield_mesh, require_open3d, tsdf_mesh, write_mesh
 from .points import asprs_codes, laz_available, points_from_ortho, points_from_views, write_las, write_points_ply
@@ -335,20 +338,15 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
         memory_budget_bytes: refuse exports estimated to need more (default: see
             :func:`citygen.checks.memory_budget`).
     """
-    from ..checks import memory_budget
-    from ..partition.plan import TilePlan
-    from ..render.tile import TileRenderer
-    from ..tile import read_tile_config
-
     tile_dir = Path(tile_dir)
     options.validate()
     if memory_budget_bytes is None:
         default = memory_budget(None)
         memory_budget_bytes, memory_budget_source = default.bytes, default.source
-    if (tile_dir / "plan.json").is_file():
+    plan = read_plan(tile_dir)
+    if plan is not None:
         # refuse an export that cannot fit before loading any block: the plan's cores (or
         # --bounds) bound the area; export_scene checks again with the exact extent
-        plan = TilePlan.load(tile_dir / "plan.json")
         cores = np.array([b.core for b in plan.blocks], np.float64)
         rect = parse_bounds(bounds_crs, plan.georef.origin) if bounds_crs else \
             (cores[:, 0].min(), cores[:, 1].min(), cores[:, 2].max(), cores[:, 3].max())
@@ -359,7 +357,7 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
         if "data" not in record:
             raise CitygenError(tile_dir, "no survey recorded for this tile: pass --data transforms.json for cameras")
         survey = Path(record["data"])
-    renderer = TileRenderer.open(tile_dir, device=device)
+    renderer = open_tile(tile_dir, device=device)
     rect = parse_bounds(bounds_crs, renderer.georef.origin) if bounds_crs else core_rect(renderer)
     manifest = export_scene(renderer, out, replace(options, survey=survey, rect=rect),
                             memory_budget_bytes=memory_budget_bytes, memory_budget_source=memory_budget_source)

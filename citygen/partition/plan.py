@@ -40,6 +40,10 @@ PLAN_KIND = "citygen.tile_plan"
 Rect = tuple[float, float, float, float]
 
 
+#: the plan's file name in a tile folder (citygen.store.layout refers to it).
+PLAN_FILE = "plan.json"
+
+
 def block_id(row: int, col: int) -> str:
     return f"b_r{row}_c{col}"
 

@@ -20,6 +20,7 @@ from .config import PartitionConfig
 from .estimate import SizingConfig, sizing_report
 from .ground import GroundModel, estimate_ground, load_sparse_points
 from .layout import FlightLayout, synthetic_survey, synthetic_survey_size
+from .plan import PLAN_FILE
 from .planner import candidate_counts, make_grid, plan_tile
 from .visibility import compute_footprints
 
@@ -129,7 +130,7 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
         from .draw import draw_plan
 
         out = Path(req.out)
-        report["files"] = {"plan": str(plan.save(out / "plan.json")),
+        report["files"] = {"plan": str(plan.save(out / PLAN_FILE)),
                            "picture": str(draw_plan(plan, out / "plan.png", footprints=fp, ortho=req.ortho)),
                            "report": str(out / "plan_report.json")}
         atomic_write_json(out / "plan_report.json", report)

@@ -1,6 +1,6 @@
 """Reference (pure torch) rendering: camera rays, occupancy grid, volume rendering."""
 
-from .occupancy import OccupancyGrid
+from ..fields.occupancy import OccupancyGrid
 from .sampling import camera_rays, intersect_aabb, pixel_grid
 from .volume import render_image, render_rays
 

@@ -21,7 +21,7 @@ Packed layout (what ``csrc/realtime_math.h`` reads):
   (``b + W_app code``), one code per block and frame.
 * ``table``: the hash grid's flat parameters; ``offsets`` int32 (L + 1); ``scales`` float32 (L).
 * ``occ_bits``: the occupancy grid as a bitfield, cell ``c`` at bit ``c % 32`` of word ``c // 32``
-  (cell order of :class:`~citygen.render.occupancy.OccupancyGrid`), then the fine occupancy
+  (cell order of :class:`~citygen.fields.occupancy.OccupancyGrid`), then the fine occupancy
   bricks baked at pack time (:mod:`citygen.render.realtime_sampling`), when there are any.
 * ``geom_f`` float32 (24): field AABB, clip box (the part of space the block renders: its core
   in a tile, the AABB alone), occupancy box, density scale, step, log of the termination

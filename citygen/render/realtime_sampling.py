@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .occupancy import OccupancyGrid
+from ..fields.occupancy import OccupancyGrid
 
 MAX_FACTOR = 4
 

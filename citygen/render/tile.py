@@ -39,8 +39,9 @@ an image name uses that image's code in the blocks that trained on it (the rule 
 a tensor, (A,) or one row per ray (N, A), is used as the code in every block; a
 ``{block_id: code (A,)}`` dict sets codes per block (the rule for blocks it leaves out).
 
-A single training run folder (``citygen train``: ``checkpoints/`` and no ``plan.json``)
-opens as a one-block tile, block id ``"block"``, whose blend is the field itself.
+Which blocks a tile folder has is :mod:`citygen.store.layout`'s rule (the plan's blocks with a
+checkpoint; a single training run folder, ``checkpoints/`` and no ``plan.json``, opens as a
+one-block tile, block id ``"block"``, whose blend is the field itself).
 
 Fields are loaded lazily (``load_field`` of each block's newest checkpoint) into an LRU
 cache of ``max_cached_blocks``; one call may hold more when its rays cross more blocks.
@@ -68,13 +69,25 @@ from survey_io import Camera, Georef
 
 from ..config import RenderConfig, from_dict
 from ..errors import CitygenError
-from ..partition import TilePlan
+from ..partition import Block, Grid, TilePlan
+from ..store import layout
+from ..store.checkpoint import read_sidecar
+from ..store.field import load_field
+from ..store.layout import SINGLE_BLOCK
 from .sampling import camera_rays, intersect_aabb
 from .volume import render_rays as volume_render_rays
 
 FieldWrapper = Callable[[str, Any], Any]
-#: the block id of a single training run opened as a tile (as citygen.edit.tile names it).
-SINGLE_BLOCK = "block"
+#: ``fn(tile_dir) -> FieldWrapper`` applying a tile's edit stack; set by citygen.edit on import
+#: (the editor builds on the renderer, so the renderer cannot import it: dependency inversion).
+EditOpener = Callable[[Path], FieldWrapper]
+_edit_opener: EditOpener | None = None
+
+
+def register_edit_opener(opener: EditOpener) -> None:
+    """How :meth:`TileRenderer.open` opens a tile as edited (called by :mod:`citygen.edit`)."""
+    global _edit_opener
+    _edit_opener = opener
 
 
 @dataclass
@@ -237,40 +250,48 @@ class TileRenderer:
     @classmethod
     def open(cls, tile_dir: str | Path, device: str | torch.device = "cpu", max_cached_blocks: int = 8,
              apply_edits: bool = True) -> TileRenderer:
-        """A renderer over ``tile_dir/plan.json`` and each block's newest checkpoint
-        (``tile_dir/block_<id>/checkpoints``); blocks without one are listed in ``missing_blocks``.
+        """A renderer over the tile's trained blocks (:mod:`citygen.store.layout` finds them: the
+        plan's blocks with a checkpoint, or a single training run); blocks of the plan without one
+        are listed in ``missing_blocks``.
 
         The tile's edit stack (``tile_dir/edits.json``, :mod:`citygen.edit`) is applied at render
         time when present, so views, exports and the viewer all show the edited scene;
-        ``apply_edits=False`` renders the trained weights as they are.
+        ``apply_edits=False`` renders the trained weights as they are.  The renderer does not
+        import the editor: :mod:`citygen.edit` registers how to open a tile as edited
+        (:func:`register_edit_opener`); ``citygen.tile.open_tile`` is the entry point that
+        always has it.
 
         Raises:
-            CitygenError: no plan, a broken checkpoint sidecar, or no block trained at all.
+            CitygenError: no plan, a broken checkpoint sidecar, no block trained at all, or an
+            edit stack while the editor is not loaded.
         """
-        renderer = cls._open_weights(Path(tile_dir), device, max_cached_blocks)
-        if apply_edits:
-            from ..edit import STACK_FILE, tile_field_wrapper  # edit builds on render: import late
-
-            if (Path(tile_dir) / STACK_FILE).is_file():
-                renderer.field_wrapper = tile_field_wrapper(tile_dir)
+        renderer = cls.open_trained(tile_dir, device, max_cached_blocks)
+        stack = layout.stack_path(tile_dir)
+        if apply_edits and stack.is_file():
+            if _edit_opener is None:
+                raise CitygenError(stack, "the tile has edits but citygen.edit is not loaded: open it with "
+                                          "citygen.tile.open_tile, or pass apply_edits=False")
+            renderer.field_wrapper = _edit_opener(Path(tile_dir))
         return renderer
 
     @classmethod
-    def _open_weights(cls, tile_dir: Path, device: str | torch.device, max_cached_blocks: int) -> TileRenderer:
-        from ..tile import PLAN_FILE, block_dir
-        from ..train.checkpoint import list_checkpoints, resolve_checkpoint
+    def open_trained(cls, tile_dir: str | Path, device: str | torch.device = "cpu",
+                     max_cached_blocks: int = 8) -> TileRenderer:
+        """A renderer over the tile's blocks as trained (no edits); see :meth:`open`.
 
+        A single training run folder is a one-block "tile" (block id ``"block"``, core = extended
+        = the field's box, so the blend is the field itself).
+        """
         tile_dir = Path(tile_dir)
-        if not (tile_dir / PLAN_FILE).is_file() and list_checkpoints(tile_dir / "checkpoints"):
-            return cls._open_single_run(tile_dir, device, max_cached_blocks)
-        plan = TilePlan.load(tile_dir / PLAN_FILE)
-        sources, missing, classes, render_cfg = [], [], None, None
+        found = layout.discover(tile_dir)
+        if found.plan is None:
+            return cls._single_run(found.trained[layout.SINGLE_BLOCK], device, max_cached_blocks)
+        plan = found.plan
+        sources, classes, render_cfg = [], None, None
         for b in plan.blocks:
-            run = block_dir(tile_dir, b.id)
-            if not list_checkpoints(run / "checkpoints"):
-                missing.append(b.id)
+            if b.id not in found.trained:
                 continue
-            sidecar = resolve_checkpoint(run)
+            sidecar = layout.block_checkpoint(found.trained[b.id])
             meta, aabb, block_classes, cfg = _read_sidecar(sidecar)
             if classes is None:
                 classes, render_cfg = block_classes, cfg.render
@@ -281,16 +302,11 @@ class TileRenderer:
         if not sources:
             raise CitygenError(tile_dir, "no block of this tile has a checkpoint yet (train it: citygen train-tile)")
         return cls(plan, sources, classes=classes, render_config=render_cfg, device=device,
-                   max_cached_blocks=max_cached_blocks, missing_blocks=missing)
+                   max_cached_blocks=max_cached_blocks, missing_blocks=found.missing)
 
     @classmethod
-    def _open_single_run(cls, run: Path, device: str | torch.device, max_cached_blocks: int) -> TileRenderer:
-        """A one-block "tile" from a single training run folder (``citygen train``): block id
-        ``"block"``, core = extended = the field's box, so the blend is the field itself."""
-        from ..partition import Block, Grid
-        from ..train.checkpoint import resolve_checkpoint
-
-        sidecar = resolve_checkpoint(run)
+    def _single_run(cls, run: Path, device: str | torch.device, max_cached_blocks: int) -> TileRenderer:
+        sidecar = layout.block_checkpoint(run)
         meta, aabb, classes, cfg = _read_sidecar(sidecar)
         if "georef" not in meta:
             raise CitygenError(sidecar, "checkpoint sidecar has no georef")
@@ -487,8 +503,6 @@ def nearest_camera_codes(field: Any, origins: Tensor) -> Tensor:
 
 def _read_sidecar(sidecar: Path) -> tuple[dict[str, Any], np.ndarray, tuple[str, ...], Any]:
     """(meta, field box (2, 3), classes, training config) from a checkpoint sidecar, without the tensors."""
-    from ..train.checkpoint import read_sidecar
-
     meta = read_sidecar(sidecar)
     try:
         cfg = from_dict(meta["config"], str(sidecar))
@@ -499,11 +513,9 @@ def _read_sidecar(sidecar: Path) -> tuple[dict[str, Any], np.ndarray, tuple[str,
 
 def _checkpoint_loader(sidecar: Path, device: str | torch.device) -> Callable[[], Any]:
     def load() -> Any:
-        from ..train.trainer import load_field
-
         field, _ = load_field(sidecar, device)
         return field
     return load
 
 
-__all__ = ["BlockSource", "TileRenderer", "blend_weights", "nearest_camera_codes", "smoothstep"]
+__all__ = ["SINGLE_BLOCK", "BlockSource", "EditOpener", "TileRenderer", "register_edit_opener", "blend_weights", "nearest_camera_codes", "smoothstep"]

@@ -24,10 +24,9 @@ from survey_io import Survey
 from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
+from ..images import colorize_depth, colorize_labels, load_depth, load_labels, load_rgb, rgb_to_uint8, write_png
+from ..metrics import confusion_matrix, psnr, semantic_scores, ssim
 from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
-from ..train.data import load_depth, load_labels, load_rgb
-from ..train.evaluate import colorize_depth, colorize_labels, rgb_to_uint8, write_png
-from ..train.metrics import confusion_matrix, psnr, semantic_scores, ssim
 from .seams import SeamMetric
 from .tile import TileRenderer
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from survey_io import Camera
 
 from ..config import RenderConfig
-from .occupancy import OccupancyGrid
+from ..fields.occupancy import OccupancyGrid
 from .sampling import camera_rays, intersect_aabb
 
 

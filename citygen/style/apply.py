@@ -6,20 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from survey_io.atomic import atomic_path
 from survey_io.semantics import CLASSES
 
 from ..errors import CitygenError
+from ..store.layout import edit_file, open_block_field
+from .named import named_style
+from .stats import load_reference, match_statistics, scene_colors
+
+# The edit package (and .optimize, which builds on it) is imported in the functions below: edit's
+# operations take the colour transforms from citygen.style.color, so citygen.style cannot import
+# edit while it loads.  That import circle goes when the colour transforms move below edit
+# (issue 14, the edit-operations part).
 
 
 def _load_blocks(tile_dir: Path, device: str):
     from ..edit.tile import tile_blocks, tile_field_wrapper
-    from ..train.trainer import load_field
 
     wrap = tile_field_wrapper(tile_dir)
     fields = {}
     for block_id, folder in tile_blocks(tile_dir).items():
-        field, _ = load_field(folder, device=device)
+        field, _ = open_block_field(folder, device)
         fields[block_id] = (field, wrap(block_id, field))
     return fields
 
@@ -28,8 +37,6 @@ def stats_transforms(fields, reference: Path, labels: Path | None = None, classe
                      method: str = "mk", space: str = "lab", n: int = 64) -> dict[str, dict]:
     """Per-class transforms (JSON) matching the colours of ``fields`` (field-likes, edits
     applied) to the reference image's."""
-    from .stats import load_reference, match_statistics, scene_colors
-
     ref_c, ref_l = load_reference(reference, labels)  # first: a bad file fails before any rendering
     cols, labs = [], []
     for f in fields:
@@ -59,8 +66,6 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
         steps: optimisation steps per block (optimize).
         optimize_config: a full :class:`~citygen.style.optimize.StyleOptimizeConfig` (overrides ``steps``).
     """
-    from survey_io.atomic import atomic_path
-
     from ..edit.selection import SpecError, class_ids
     from ..edit.stack import EditStack
 
@@ -74,12 +79,8 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
             raise CitygenError(None, f"style: {err}") from None
     stack = EditStack.load(tile_dir)
     if named is not None:
-        from .named import named_style
-
         return _push(stack, {"method": "named", "name": named, "transforms": named_style(named, classes)}, None)
     if method == "stats":
-        from .stats import load_reference
-
         load_reference(reference, labels)  # fail fast on a bad reference, before loading the blocks
         fields = [edited for _, edited in _load_blocks(tile_dir, device).values()]
         params = {"method": "stats", "reference": Path(reference).name,
@@ -88,8 +89,6 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
         return _push(stack, params, None)
     if method != "optimize":
         raise CitygenError(None, f"style: unknown method {method!r} (stats, optimize)")
-    from safetensors.torch import save_file
-
     from .optimize import (
         RandomFeatures,
         StyleOptimizeConfig,
@@ -105,7 +104,7 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
     files, report = {}, {}
     for block_id, (field, _) in _load_blocks(tile_dir, device).items():
         tensors, rep = optimize_color_branch(field, ref, optimize_config or StyleOptimizeConfig(steps=steps), net, ids)
-        rel = f"edits/{edit_id}_{block_id}.safetensors"
+        rel = edit_file(edit_id, block_id)
         with atomic_path(tile_dir / rel) as tmp:
             save_file(tensors, str(tmp))
         files[block_id] = rel

@@ -27,7 +27,7 @@ from typing import Any
 from ..config import from_dict
 from ..distributed.lease import hold_block
 from ..distributed.state import report_progress
-from .checkpoint import list_checkpoints
+from ..store.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from .trainer import BlockTrainer
 
 JOB = "citygen.train.block_job:train_block_job"
@@ -66,10 +66,10 @@ def train_block_job(block_id: str, out_dir: str, resume: bool, *, config: dict[s
     trainer = _ReportingTrainer(cfg, data, out, image_names, aabb)
     # An executor's attempt holds the block already (this is reentrant); a direct call holds it here.
     with hold_block(out, role=f"block {block_id} job"):
-        steps = list_checkpoints(out / "checkpoints")
+        steps = list_checkpoints(out / CHECKPOINTS_DIR)
         resumed_from = 0
         if resume and steps:
-            trainer.restore(out / "checkpoints")
+            trainer.restore(out / CHECKPOINTS_DIR)
             resumed_from = trainer.step
         checkpoint = trainer.train(progress)
     return {"block_id": block_id, "step": trainer.step, "checkpoint": str(checkpoint),

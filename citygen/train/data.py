@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from survey_io import IGNORE_LABEL, Survey, SurveyImage, read_transforms
 
 from ..cameras import CameraSet, pixel_directions, unproject
 from ..errors import CitygenError
+from ..images import load_depth, load_labels, load_rgb
 
 
 def load_survey(data: Path | str | Survey) -> Survey:
@@ -43,49 +43,6 @@ def select_images(survey: Survey, image_names: list[str] | None, split: str = "t
         raise CitygenError(survey.root, f"images not in the survey: {missing[:3]}")
     held_out = set(survey.test_names)
     return [by_name[n] for n in image_names if (n in held_out) == (split == "test")]
-
-
-def _open(path: Path, mode: str, size: tuple[int, int] | None, resample) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode) if mode else im
-            if size is not None and im.size != size:
-                im = im.resize(size, resample)
-            return np.array(im)
-    except (OSError, ValueError) as err:
-        raise CitygenError(path, f"cannot read image ({err})") from None
-
-
-def load_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 image, resized (box filter) to ``size`` = (W, H) when given."""
-    return _open(path, "RGB", size, Image.BOX)
-
-
-def load_labels(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """(H, W) uint8 label map (nearest-neighbour resize)."""
-    arr = _open(path, "", size, Image.NEAREST)
-    if arr.ndim != 2 or arr.dtype != np.uint8:
-        raise CitygenError(path, f"label map must be a single-channel 8-bit image, got {arr.dtype} {arr.shape}")
-    return arr
-
-
-def load_depth(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """(H, W) float32 z-depth in metres (.npy metres or 16-bit PNG millimetres); 0/inf = unknown."""
-    try:
-        if path.suffix == ".npy":
-            d = np.load(path, allow_pickle=False).astype(np.float32)
-        else:
-            d = _open(path, "", None, Image.NEAREST).astype(np.float32) / 1000.0
-    except (OSError, ValueError) as err:
-        raise CitygenError(path, f"cannot read depth map ({err})") from None
-    if d.ndim != 2:
-        raise CitygenError(path, f"depth map must be 2-D, got shape {d.shape}")
-    if size is not None and (d.shape[1], d.shape[0]) != size:
-        ys = (np.arange(size[1]) + 0.5) * d.shape[0] / size[1]
-        xs = (np.arange(size[0]) + 0.5) * d.shape[1] / size[0]
-        d = d[ys.astype(int)[:, None], xs.astype(int)[None, :]]
-    d[~np.isfinite(d)] = 0.0
-    return d
 
 
 @dataclass

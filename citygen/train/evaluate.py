@@ -17,50 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from survey_io import Survey
-from survey_io.atomic import atomic_path, atomic_write_json
-from survey_io.semantics import CLASS_COLORS
+from survey_io.atomic import atomic_write_json
 
+from ..images import colorize_depth, colorize_labels, load_depth, load_labels, load_rgb, rgb_to_uint8, write_png
+from ..metrics import confusion_matrix, psnr, semantic_scores, ssim
 from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
-from .data import load_depth, load_labels, load_rgb, load_survey, select_images
-from .metrics import confusion_matrix, psnr, semantic_scores, ssim
-
-
-def rgb_to_uint8(rgb: torch.Tensor) -> np.ndarray:
-    """An RGB tensor in [0, 1] (any device) as a uint8 array (clamped, rounded): what is scored and saved."""
-    return (rgb.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 (H, W[, 3]) array as PNG, atomically."""
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
-def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """(H, W) depth -> (H, W, 3) uint8, near = bright yellow, far = dark purple (2/98 percentiles)."""
-    valid = np.isfinite(depth) & (depth > 0) if valid is None else valid
-    if not valid.any():
-        return np.zeros((*depth.shape, 3), np.uint8)
-    lo, hi = np.percentile(depth[valid], [2, 98])
-    t = np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1)
-    # piecewise-linear approximation of matplotlib's "magma" (reversed: near is bright)
-    stops = np.array([[252, 253, 191], [252, 137, 97], [183, 55, 121], [81, 18, 124], [0, 0, 4]], np.float64)
-    pos = t * (len(stops) - 1)
-    i = np.clip(pos.astype(int), 0, len(stops) - 2)
-    f = (pos - i)[..., None]
-    rgb = stops[i] * (1 - f) + stops[i + 1] * f
-    rgb[~valid] = 0
-    return rgb.round().astype(np.uint8)
-
-
-def colorize_labels(labels: np.ndarray, colors=CLASS_COLORS) -> np.ndarray:
-    """(H, W) class ids -> (H, W, 3) uint8 (unknown / ignored ids are black)."""
-    palette = np.zeros((256, 3), np.uint8)
-    palette[: len(colors)] = np.asarray(colors, np.uint8)
-    return palette[labels]
+from ..render.volume import render_image
+from ..store.field import load_field
+from .data import load_survey, select_images
 
 
 def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | str,
@@ -79,9 +45,6 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
     Returns:
         the report: ``{"views": [...], "mean": {...}, "semantic_total": {...}}``.
     """
-    from ..render.volume import render_image
-    from .trainer import load_field
-
     out = Path(out)
     lpips_net = load_lpips(lpips_weights, device)  # a bad weights file fails before any rendering
     survey = load_survey(survey)

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from survey_io import IGNORE_LABEL, Survey
 from survey_io.atomic import atomic_write_json
 
-from ..config import TrainConfig, from_dict, to_dict
+from ..config import TrainConfig, to_dict
 from ..distributed.state import truncate_metrics
 from ..errors import CitygenError
 from ..fields.field import CityField
-from ..render.occupancy import OccupancyGrid
 from ..render.volume import render_rays
-from .checkpoint import (
+from ..store.checkpoint import (
+    CHECKPOINTS_DIR,
     list_checkpoints,
     load_checkpoint,
     load_module_state,
@@ -46,8 +46,10 @@ from .checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
+from ..store.field import build_field, load_field  # noqa: F401 (load_field: its old import path)
 from .data import RayDataset, load_survey, scene_aabb, select_images
 from .error_map import ErrorMap
+from .evaluate import evaluate
 from .optim import HashGridAdam
 
 
@@ -78,15 +80,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return 0.01 + 0.99 * step / max(o.warmup_steps, 1)
     span = max(cfg.steps - o.warmup_steps, 1)
     return o.final_lr_fraction ** min((step - o.warmup_steps) / span, 1.0)
-
-
-def build_field(cfg: TrainConfig, aabb: np.ndarray | torch.Tensor, n_images: int, n_classes: int,
-                camera_positions: torch.Tensor | None, device: torch.device) -> CityField:
-    """A fresh field (with its occupancy grid attached as ``field.occupancy``)."""
-    field = CityField(cfg.field, torch.as_tensor(np.asarray(aabb), dtype=torch.float32), n_images, n_classes,
-                      camera_positions)
-    field.occupancy = OccupancyGrid(field.aabb, cfg.render.grid_resolution)
-    return field.to(device)
 
 
 def make_optimizer(field: CityField, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
@@ -148,7 +141,7 @@ class BlockTrainer:
         self.step = 0
         self.seconds = 0.0          # training wall time (not loading, checkpoints, evaluation)
         self.cpu_seconds = 0.0      # process CPU time of the same (all threads): robust to a shared machine
-        self.checkpoint_dir = self.out / "checkpoints"
+        self.checkpoint_dir = self.out / CHECKPOINTS_DIR
         self.metrics_path = self.out / "metrics.jsonl"
 
     # -- state ---------------------------------------------------------------------------------
@@ -336,45 +329,20 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
     out = Path(out)
     lpips_net = load_lpips(lpips_weights) if config.eval_at_end else None
     trainer = BlockTrainer(config, data, out, image_names, aabb)
-    if resume and not list_checkpoints(out / "checkpoints"):
+    if resume and not list_checkpoints(out / CHECKPOINTS_DIR):
         raise CitygenError(out, "--resume: no checkpoint in this run folder")
     # One trainer per run folder: a second one (or an executor's attempt on a tile block)
     # is refused with the holder's pid, host and start time.  Bad input is caught above,
     # before the folder gets its lock file.
     with hold_block(out, role="citygen train"):
         if resume:
-            trainer.restore(out / "checkpoints")
+            trainer.restore(out / CHECKPOINTS_DIR)
         ckpt = trainer.train(progress)
         report = None
         if config.eval_at_end and trainer.survey.test_names:
-            from .evaluate import evaluate
-
             report = evaluate(ckpt, trainer.survey, out / "eval", lpips_weights=lpips_net)
     return TrainResult(out=out, checkpoint=ckpt, step=trainer.step, seconds=trainer.seconds,
                        metrics_path=trainer.metrics_path, eval=report)
-
-
-def load_field(checkpoint: Path | str, device: torch.device | str = "cpu") -> tuple[CityField, dict[str, Any]]:
-    """Load a trained field (with ``field.occupancy``) from a checkpoint, a checkpoints folder or a run folder.
-
-    Returns the field in eval mode and the checkpoint's sidecar metadata (config, AABB, georef, ...).
-    """
-    tensors, meta = load_checkpoint(Path(checkpoint), device)
-    config = meta["config"]
-    if "normalization" not in config.get("field", {}):
-        # written before FieldConfig.normalization existed: those fields were per-axis
-        config = {**config, "field": {**config.get("field", {}), "normalization": "per_axis"}}
-    cfg = from_dict(config, str(checkpoint))
-    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    absent = [f"model.{k}" for k in ("appearance.weight", "camera_positions") if k not in model]
-    if absent:
-        raise CitygenError(checkpoint, f"checkpoint has no tensors {absent}: not a citygen field checkpoint")
-    n_images = model["appearance.weight"].shape[0]
-    field = build_field(cfg, np.asarray(meta["aabb"]), n_images, len(meta["classes"]),
-                        model["camera_positions"], torch.device(device))
-    load_module_state(field, model, Path(checkpoint))
-    meta["train_config"] = cfg
-    return field.eval(), meta
 
 
 # -- helpers -------------------------------------------------------------------------------------
