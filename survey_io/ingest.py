@@ -59,8 +59,8 @@ from .align import AlignmentResult, align_similarity
 from .atomic import atomic_path, atomic_write_json
 from .colmap import write_georef_sidecar
 from .drone import capture_order, read_drone_folder_metadata
-from .exif import ImageMetadata
 from .errors import SurveyError
+from .exif import ImageMetadata
 from .georef import Georef
 from .nerfstudio import write_transforms
 from .sfm import SfmOptions, colmap_to_camera, import_pycolmap, refine_focal_length, run_sfm
@@ -342,7 +342,6 @@ def ingest(folder: str | Path, out: str | Path, options: IngestOptions | None = 
     staged = Survey(root=images_dir, cameras=prior.cameras, images=prior.images, georef=prior.georef)
 
     # Focal length: a fixed EXIF prior unless the views make it observable (module doc).
-    meta_of = {im.name: m for im, m in zip(prior.images, metas)}
     first_meta = [next(m for im, m in zip(prior.images, metas) if im.camera == k) for k in range(len(prior.cameras))]
     has_exif_focal = all(m.focal_px is not None for m in first_meta)
     spread, spread_from = None, None
