@@ -342,7 +342,8 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
                          lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
     summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
                "train_seconds": round(result.seconds, 2),
-               "eval": result.eval["mean"] if result.eval else None}
+               "eval": result.eval["mean"] if result.eval else None,
+               "heldout_points": result.eval.get("heldout_points") if result.eval else None}
     print(json.dumps(summary, indent=2))
 
 

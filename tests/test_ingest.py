@@ -415,3 +415,30 @@ def test_cli_ingest_bad_input_exits_2_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(folder / "IMG_9390.jpg") in err and "truncated" in err
     assert not (tmp_path / "out" / "transforms.json").exists()
+
+
+# -- evaluation against held-out SfM points -------------------------------------------------------
+def test_point_depth_errors_by_hand():
+    from citygen.train.evaluate import point_depth_errors, summarize_point_errors
+    from survey_io.survey import Camera
+
+    cam = Camera(width=4, height=3, fl_x=2.0, fl_y=2.0, cx=2.0, cy=1.5, camera_model="PINHOLE")
+    depth = np.full((3, 4), 10.0)
+    c2w = np.eye(4)
+    c2w[:3, 3] = [1.0, 2.0, 3.0]  # camera at (1, 2, 3) looking along +z
+    xyz = np.array([[1, 2, 12.0], [1, 2, 13.0], [5, 2, 15.0], [1, 2, 1.0], [1, 2, 13.0]])
+    obs = np.array([[0.5, 0.5], [3.9, 2.9], [2.2, 1.0], [1.0, 1.0], [4.5, 1.0]])  # last: outside; 4th: behind
+    err, gsd = point_depth_errors(depth, cam, c2w, xyz, obs)
+    np.testing.assert_allclose(err, [10 - 9, 10 - 10, 10 - 12])
+    np.testing.assert_allclose(gsd, [9 / 2, 10 / 2, 12 / 2])
+    s = summarize_point_errors(err, gsd)
+    assert s["num_observations"] == 3 and s["median_abs_m"] == 1.0
+    assert s["rmse_m"] == pytest.approx(math.sqrt(5 / 3)) and s["share_within_2gsd"] == 1.0
+    # GSD / 10: 2 GSD = 0.9, 1.0, 1.2 m against |errors| 1, 0, 2 m: only the second is within.
+    assert summarize_point_errors(err, gsd / 10)["share_within_2gsd"] == pytest.approx(1 / 3)
+    # Half resolution: full-resolution pixel (5.0, 3.0) is rendered pixel (2, 1).
+    depth2 = np.zeros((3, 4))
+    depth2[1, 2] = 7.0
+    err, _ = point_depth_errors(depth2, cam, np.eye(4), np.array([[0, 0, 5.0]]), np.array([[5.0, 3.0]]), 2.0)
+    np.testing.assert_allclose(err, [2.0])
+    assert summarize_point_errors(np.zeros(0), np.zeros(0)) is None
