@@ -36,6 +36,10 @@ Held-out points: the SfM points whose id hashes to 0 mod 10 (:func:`heldout_poin
 They stay in ``sparse/0`` (training does not read SfM points) and are copied into
 ``points3D_heldout.npz`` for depth/DSM checks against rendered depth.
 
+Local frame height: without a given georef or DJI take-off altitudes, the frame's origin height
+is moved to the median SfM point height (the ground), so that local z ~ 0 is the ground as
+everywhere else in citygen (the origin height is otherwise 0 and the ground at GPS altitude).
+
 GPS time lag: consumer cameras often tag a frame with a stale fix.  The shift k (frames in
 capture order; image i takes the fix recorded with frame i+k, extrapolated linearly past the
 ends) minimising the median horizontal alignment residual is applied when it lowers that
@@ -55,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from .align import AlignmentResult, align_similarity
+from .align import AlignmentResult, Similarity, align_similarity
 from .atomic import atomic_path, atomic_write_json
 from .colmap import write_georef_sidecar
 from .drone import capture_order, read_drone_folder_metadata
@@ -411,6 +415,19 @@ def ingest(folder: str | Path, out: str | Path, options: IngestOptions | None = 
         log.warning("%s: SfM position is %.1f m from its GPS (inlier threshold %.1f m); left out of "
                     "transforms.json", name, float(np.linalg.norm(r)), alignment.threshold)
         rec.deregister_frame(rec.images[sfm.image_ids[name]].frame_id)
+    # Height of the local frame: with neither a given georef nor DJI take-off altitudes, the
+    # frame's origin height is 0 and local z is the raw GPS altitude (ground hundreds of metres
+    # up), while citygen places the ground at z ~ 0 (the take-off height), e.g. in train's scene
+    # box.  Move the origin height to the median SfM point: the ground, for an aerial survey.
+    frame_georef, ground_shift = prior.georef, 0.0
+    has_takeoff = any("AbsoluteAltitude" in m.dji and "RelativeAltitude" in m.dji for m in metas)
+    if georef is None and not has_takeoff and rec.num_points3D() > 0:
+        ground_shift = float(np.median([p.xyz[2] for p in rec.points3D.values()]))
+        rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(np.eye(3)), np.array([0.0, 0.0, -ground_shift])))
+        sim = Similarity(sim.scale, sim.rotation, sim.translation - np.array([0.0, 0.0, ground_shift]))
+        gps_of = {n: g - np.array([0.0, 0.0, ground_shift]) for n, g in gps_of.items()}
+        e, n_, h = prior.georef.origin
+        frame_georef = Georef(prior.georef.crs, (e, n_, h + ground_shift))
     t_align = time.perf_counter() - t0
 
     cameras: list[Camera] = []
@@ -426,7 +443,7 @@ def ingest(folder: str | Path, out: str | Path, options: IngestOptions | None = 
         images.append(SurveyImage(name=im.name, camera=cam_of_colmap[colmap_id], c2w=sim.apply_to_c2w(c2w),
                                   gps=gps_of[im.name], pose_is_prior=False))
     test_names = holdout_names([im.name for im in images], options.holdout_every)
-    survey = Survey(root=images_dir, cameras=cameras, images=images, georef=prior.georef,
+    survey = Survey(root=images_dir, cameras=cameras, images=images, georef=frame_georef,
                     test_names=test_names).validate(folder)
 
     focal_cameras = []
@@ -460,7 +477,9 @@ def ingest(folder: str | Path, out: str | Path, options: IngestOptions | None = 
         "num_models": sfm.num_models,
         "models": [{"num_images": m["num_images"], "used": i == 0,
                     "images": m["images"] if i else None} for i, m in enumerate(sfm.models)],
-        "georef": prior.georef.to_dict(),
+        "georef": frame_georef.to_dict(),
+        "origin_height_from": ("given georef" if georef is not None else "dji take-off altitude" if has_takeoff
+                               else f"median SfM point height ({ground_shift:+.2f} m from GPS altitude 0)"),
         "gps_lag": {"frames": lag.frames, "applied": lag.applied, "best_frames": lag.best_frames,
                     "seconds_per_frame": spf, "seconds": None if spf is None else lag.frames * spf,
                     "min_gain": LAG_MIN_GAIN,

@@ -375,6 +375,9 @@ def test_ingest_real_subset(real_subset_ingest):
     pts = np.array([p.xyz for p in rec.points3D.values()])
     cams = np.array([im.c2w[2, 3] for im in survey.images])
     assert np.median(pts[:, 2]) < cams.min()  # the ground is below the drone
+    # No DJI take-off altitude: the frame's origin height was moved onto the ground (median point).
+    assert abs(np.median(pts[:, 2])) < 0.5 and cams.min() > 30
+    assert report["origin_height_from"].startswith("median SfM point height")
 
     # Held-out points: exactly the model's points whose id passes the hash rule (recomputed with
     # Python integers), with their positions, errors and tracks; observations reproject onto xy.
