@@ -114,7 +114,8 @@ def status(tile_dir: tyro.conf.Positional[Path],
 
 def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 1000, num_threads: int = 2,
            camera_model: str = "SIMPLE_RADIAL", matcher: str = "auto", vertical_weight: float = 0.1,
-           gps_prior: bool = True, keep_gps_outliers: bool = False, seed: int = 0, verbose: bool = False) -> None:
+           gps_prior: bool = True, keep_gps_outliers: bool = False, seed: int = 0, verbose: bool = False,
+           focal: Literal["auto", "fixed", "refine"] = "auto", holdout_every: int = 8, max_gps_lag: int = 3) -> None:
     """Structure from motion on a folder of drone JPEGs, georegistered by their EXIF GPS.
 
     Writes OUT/transforms.json (local ENU frame, with georef), OUT/images (links to the
@@ -133,6 +134,10 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
         keep_gps_outliers: keep registered images whose SfM position is a GPS outlier.
         seed: random seed of SfM and alignment.
         verbose: show COLMAP's log.
+        focal: auto (EXIF focal length fixed for nadir-only flights, refined where the viewing
+            directions spread enough), fixed (always the EXIF value), refine (always self-calibrate).
+        holdout_every: hold out every n-th image (name order) for evaluation; 0 for none.
+        max_gps_lag: largest camera-to-GPS lag (frames) tried; 0 turns the lag estimate off.
     """
     import json
 
@@ -141,12 +146,14 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
     from survey_io.sfm import SfmOptions
 
     check_values([("--max-image-size", max_image_size, AT_LEAST_ONE), ("--num-threads", num_threads, AT_LEAST_ONE),
-                  ("--vertical-weight", vertical_weight, POSITIVE), ("--seed", seed, NON_NEGATIVE)])
+                  ("--vertical-weight", vertical_weight, POSITIVE), ("--seed", seed, NON_NEGATIVE),
+                  ("--holdout-every", holdout_every, NON_NEGATIVE), ("--max-gps-lag", max_gps_lag, NON_NEGATIVE)])
     check_out_dir(out, "--out")
     options = IngestOptions(
         sfm=SfmOptions(max_image_size=max_image_size, num_threads=num_threads, camera_model=camera_model,
                        matcher=matcher, use_gps_prior=gps_prior, seed=seed, verbose=verbose),
-        vertical_weight=vertical_weight, drop_gps_outliers=not keep_gps_outliers, seed=seed)
+        vertical_weight=vertical_weight, drop_gps_outliers=not keep_gps_outliers, seed=seed, focal=focal,
+        holdout_every=holdout_every, max_gps_lag_frames=max_gps_lag)
     report = run_ingest(folder, out, options).report
     res = report["gps_residual_m"]
     summary = {"registered": f"{report['registered']}/{report['total']}", "written": report["written"],
@@ -154,6 +161,11 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
                "gps_residual_horizontal_rmse_m": round(res["horizontal"]["rmse"], 3),
                "gps_residual_vertical_rmse_m": round(res["vertical"]["rmse"], 3),
                "reprojection_error_px": round(report["sfm"]["mean_reprojection_error_px"], 3),
+               "focal_px": [round(c["used_px"], 1) for c in report["focal"]["cameras"]],
+               "focal_source": [c["source"] for c in report["focal"]["cameras"]],
+               "gps_lag_frames": report["gps_lag"]["frames"],
+               "held_out_views": len(report["held_out_views"]["names"]),
+               "held_out_points": report["held_out_points"]["num_points"],
                "seconds": round(report["timings_s"]["total"], 1), "out": str(out)}
     print(json.dumps(summary))
 
@@ -329,7 +341,8 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
                          lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
     summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
                "train_seconds": round(result.seconds, 2),
-               "eval": result.eval["mean"] if result.eval else None}
+               "eval": result.eval["mean"] if result.eval else None,
+               "heldout_points": result.eval.get("heldout_points") if result.eval else None}
     print(json.dumps(summary, indent=2))
 
 

@@ -149,8 +149,26 @@ def _flight_headings(centres: np.ndarray, order: np.ndarray) -> np.ndarray:
     return headings
 
 
+def capture_order(metas: list[ImageMetadata]) -> np.ndarray:
+    """Indices of ``metas`` in capture order: DateTimeOriginal (one-second resolution), then the
+    file name (drone cameras number frames sequentially)."""
+    return np.array(sorted(range(len(metas)), key=lambda i: (metas[i].datetime, metas[i].path.name)), dtype=int)
+
+
 def read_drone_folder(folder: str | Path, georef: Georef | None = None) -> Survey:
     """Read a folder of drone JPEGs into a :class:`Survey` of prior poses.
+
+    See :func:`read_drone_folder_metadata` for the same survey with each image's metadata.
+    """
+    return read_drone_folder_metadata(folder, georef)[0]
+
+
+def read_drone_folder_metadata(folder: str | Path, georef: Georef | None = None
+                               ) -> tuple[Survey, list[ImageMetadata]]:
+    """Read a folder of drone JPEGs into a :class:`Survey` of prior poses and the images' metadata.
+
+    The metadata list is parallel to ``survey.images`` (EXIF focal length and its source, gimbal
+    angles, DateTimeOriginal: what ingest needs for its focal prior and its GPS time-lag estimate).
 
     Args:
         folder: the folder with the JPEGs (or with an ``images/`` subfolder holding them).
@@ -182,7 +200,7 @@ def read_drone_folder(folder: str | Path, georef: Georef | None = None) -> Surve
 
     # Capture order for flight headings: DateTimeOriginal has one-second resolution, the
     # file name breaks ties (drone cameras number frames sequentially).
-    order = np.array(sorted(range(len(metas)), key=lambda i: (metas[i].datetime, metas[i].path.name)))
+    order = capture_order(metas)
     headings = _flight_headings(centres, order)
     convergence = _meridian_convergence_deg(georef, lonlatalt[:, 0], lonlatalt[:, 1])
 
@@ -203,4 +221,4 @@ def read_drone_folder(folder: str | Path, georef: Georef | None = None) -> Surve
         c2w[:3, 3] = centres[i]
         images.append(SurveyImage(name=m.path.name, camera=cam_index[i], c2w=c2w,
                                   gps=centres[i].copy(), pose_is_prior=True))
-    return Survey(root=root, cameras=cameras, images=images, georef=georef).validate(folder)
+    return Survey(root=root, cameras=cameras, images=images, georef=georef).validate(folder), metas

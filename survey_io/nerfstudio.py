@@ -143,8 +143,11 @@ def write_transforms(survey: Survey, path: str | Path) -> Path:
     meta["georef"] = survey.georef.to_dict()
     meta["frames"] = frames
     if survey.test_names:
-        meta["test_filenames"] = list(survey.test_names)
-        meta["val_filenames"] = list(survey.test_names)
-        meta["train_filenames"] = [im.name for im in survey.train_images]
+        # Split lists name frames by their written file_path (what read_transforms matches them
+        # against), which differs from the image name when the images lie below this folder.
+        path_of = {im.name: frame["file_path"] for im, frame in zip(survey.images, frames)}
+        meta["test_filenames"] = [path_of[n] for n in survey.test_names]
+        meta["val_filenames"] = list(meta["test_filenames"])
+        meta["train_filenames"] = [path_of[im.name] for im in survey.train_images]
     atomic_write_json(path, meta)
     return path

@@ -45,6 +45,10 @@ class SfmOptions:
         use_gps_prior: let the mapper's bundle adjustment use the GPS positions (COLMAP pose
             priors, robust loss): it keeps wrongly matched images from pulling the model apart.
         gps_sigma_m: GPS standard deviation (horizontal, vertical) in metres for those priors.
+        refine_focal_length: let bundle adjustment refine the focal length (COLMAP's default).
+            Ingest turns it off for nadir-only flights, where focal length and depth cannot be
+            told apart (see :func:`survey_io.ingest.focal_is_observable`) and the EXIF value
+            is the better estimate.
         verbose: let COLMAP log (glog) to stderr.
     """
 
@@ -59,6 +63,7 @@ class SfmOptions:
     seed: int = 0
     use_gps_prior: bool = True
     gps_sigma_m: tuple[float, float] = (5.0, 10.0)
+    refine_focal_length: bool = True
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -78,6 +83,9 @@ class SfmResult:
         unregistered: names of survey images not in the reconstruction.
         camera_index: COLMAP camera id -> index into the survey's cameras.
         num_models: how many separate models the mapper produced.
+        unregistered_reasons: unregistered image name -> why ("no features", "no matches", ...).
+        models: one summary per model the mapper produced (largest first): number of images
+            and their names; the first is ``reconstruction``.
         matcher: "exhaustive" or "spatial", the matcher that ran.
         timings: seconds per stage.
     """
@@ -89,6 +97,8 @@ class SfmResult:
     num_models: int
     matcher: str
     timings: dict[str, float] = field(default_factory=dict)
+    unregistered_reasons: dict[str, str] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)
 
     def c2w(self, name: str) -> np.ndarray:
         """Camera-to-world 4x4 (OpenCV camera axes, as COLMAP) of a registered image."""
@@ -235,6 +245,10 @@ def run_sfm(survey: Survey, work_dir: str | Path, options: SfmOptions | None = N
         mapping.mapper.random_seed = options.seed
         mapping.triangulation.random_seed = options.seed
         mapping.min_model_size = 3
+        # Fixed focal length: neither the global/local bundle adjustments nor the registration of
+        # new images (absolute pose) may move it.
+        mapping.ba_refine_focal_length = options.refine_focal_length
+        mapping.mapper.abs_pose_refine_focal_length = options.refine_focal_length
         if options.use_gps_prior:
             mapping.use_prior_position = True
             mapping.use_robust_loss_on_prior_position = True
@@ -244,9 +258,73 @@ def run_sfm(survey: Survey, work_dir: str | Path, options: SfmOptions | None = N
     if not models:
         raise SurveyError(survey.root, "structure from motion failed: no two images could be matched into a model "
                                        "(too little overlap or texture?)")
-    rec = max(models.values(), key=lambda r: r.num_reg_images())
+    ranked = sorted(models.values(), key=lambda r: -r.num_reg_images())
+    rec = ranked[0]
     image_ids = {rec.images[i].name: int(i) for i in rec.reg_image_ids()}
     unregistered = [im.name for im in survey.images if im.name not in image_ids]
+    summaries = [{"num_images": int(r.num_reg_images()),
+                  "images": sorted(r.images[i].name for i in r.reg_image_ids())} for r in ranked]
+    reasons = unregistered_reasons(db_path, unregistered, summaries)
     return SfmResult(reconstruction=rec, image_ids=image_ids, unregistered=unregistered,
                      camera_index=camera_index, num_models=len(models),
-                     matcher="spatial" if use_spatial else "exhaustive", timings=timings)
+                     matcher="spatial" if use_spatial else "exhaustive", timings=timings,
+                     unregistered_reasons=reasons, models=summaries)
+
+
+#: Fewer keypoints than this and an image cannot be registered (COLMAP needs 15 inlier matches
+#: per verified pair, and several pairs).
+MIN_FEATURES = 30
+
+
+def unregistered_reasons(db_path: str | Path, names: list[str], models: list[dict[str, Any]]) -> dict[str, str]:
+    """Why each of ``names`` is not in the largest model, from COLMAP's database and the models.
+
+    The first reason that applies: "no features" (fewer than :data:`MIN_FEATURES` keypoints),
+    "no matches" (no geometrically verified pair with another image), "in a separate model
+    (k images)" (the mapper put it into a smaller reconstruction), else "not registered by
+    the mapper" (verified matches, but too few 3D points seen to place it).
+    """
+    pycolmap = import_pycolmap()
+    if not names:
+        return {}
+    other_model = {n: m["num_images"] for m in models[1:] for n in m["images"]}
+    db = pycolmap.Database.open(db_path)
+    try:
+        by_name = {im.name: im for im in db.read_all_images()}
+        verified: dict[int, int] = {}
+        pair_ids, geometries = db.read_two_view_geometries()
+        for pair_id, geom in zip(pair_ids, geometries):
+            if geom.inlier_matches.shape[0] == 0:
+                continue
+            for image_id in pycolmap.pair_id_to_image_pair(pair_id):
+                verified[int(image_id)] = verified.get(int(image_id), 0) + 1
+        reasons = {}
+        for name in names:
+            im = by_name.get(name)
+            n_features = db.num_keypoints_for_image(im.image_id) if im is not None else 0
+            if n_features < MIN_FEATURES:
+                reasons[name] = f"no features ({n_features} keypoints)"
+            elif verified.get(im.image_id, 0) == 0:
+                reasons[name] = "no matches (no geometrically verified pair with another image)"
+            elif name in other_model:
+                reasons[name] = f"in a separate model ({other_model[name]} images) not connected to the largest"
+            else:
+                reasons[name] = (f"not registered by the mapper ({verified[im.image_id]} verified pairs, too few "
+                                 "3D points seen)")
+    finally:
+        db.close()
+    return reasons
+
+
+def refine_focal_length(reconstruction, num_threads: int = 2) -> None:
+    """One global bundle adjustment of ``reconstruction`` (in place) with the focal length free."""
+    pycolmap = import_pycolmap()
+    options = pycolmap.BundleAdjustmentOptions()
+    options.refine_focal_length = True
+    options.refine_principal_point = False
+    options.refine_extra_params = True
+    try:
+        options.ceres.solver_options.num_threads = num_threads
+    except AttributeError:  # older layouts of the options: the default thread count then
+        pass
+    pycolmap.bundle_adjustment(reconstruction, options)
