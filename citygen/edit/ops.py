@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..style.color import ColorTransform, HsvShift, TargetColor
+from ..render.color import ColorTransform, HsvShift, TargetColor
 from .raster import Raster2D, dilate, inpaint, raster_box
 from .samples import Rays, Samples, empty_like
 from .selection import SpecError, _finite, class_ids
