@@ -20,7 +20,6 @@ from survey_io import SurveyError
 
 from .checks import (
     AT_LEAST_ONE,
-    FINITE,
     NON_NEGATIVE,
     POSITIVE,
     UNIT,
@@ -538,7 +537,7 @@ def edit(tile: tyro.conf.Positional[Path],
     Args:
         tile: the tile folder (or a single training run folder).
         action: add, list, undo, redo, enable, disable or bake.
-        op: remove, recolor, raise, scale_height, move, duplicate or insert.
+        op: remove, recolor, raise, scale_height, move, duplicate, insert or lower.
         classes: select semantic class(es), comma-separated (ground, road, building, vegetation, water, vehicle, other).
         polygon: select inside a GeoJSON (Multi)Polygon file (vertical prism).
         polygon_crs: the polygon's coordinates: tile (the tile's projected CRS), lonlat, or local.
@@ -546,7 +545,7 @@ def edit(tile: tyro.conf.Positional[Path],
         height: select heights H0,H1 above the ground (metres).
         instance: select the connected object of --class under local point X,Y (a click).
         invert: select the complement.
-        dz: raise: metres up (negative: down).
+        dz: raise: metres up (negative: down); lower: metres down.
         factor: scale_height: height factor.
         color: recolor: target colour R,G,B in [0, 1] (keeps shading).
         hsv: recolor: HUE_DEG,SATURATION_SCALE,VALUE_SCALE.
@@ -567,8 +566,8 @@ def edit(tile: tyro.conf.Positional[Path],
 
     from .edit.commands import EditFlags, run_edit
 
-    check_values([("--dz", dz, FINITE), ("--factor", factor, POSITIVE), ("--rotate", rotate, FINITE),
-                  ("--steps", steps, AT_LEAST_ONE)])
+    # the operations' flags are checked by the operation that declares them (citygen/edit/ops.py)
+    check_values([("--steps", steps, AT_LEAST_ONE)])
     if action == "bake" and out is not None:
         check_out_dir(out, "--out")
     flags = EditFlags(op=op, classes=classes, polygon=polygon, polygon_crs=polygon_crs, box=box, height=height,
