@@ -145,7 +145,7 @@ def _flags() -> list[tuple[str, str]]:
     pairs = [("unknown op", "--op"), ("unknown param", "--params")]
     for cls in OP_CLASSES.values():
         for fld in fields(cls.Params):
-            if fld.metadata.get("flag"):
+            if fld.metadata.get("flag") and not fld.metadata["invert"]:  # a switch cannot give a bad value
                 key = (label_of(fld).split(" [")[0], _flag_name(fld.metadata["flag"]))
                 if key not in pairs:
                     pairs.append(key)

@@ -15,6 +15,7 @@ Every operation is evaluated per sample at local positions ``x``:
                 negative): the field is read at the source ``x' = x - dz z`` where the
                 selection holds at ``x'``; the slice at ``base`` is stretched to fill the gap
                 (walls grow), and a lowered object leaves empty space.
+``lower``       ``raise`` by ``-dz`` (``dz`` >= 0 metres down).
 ``scale_height`` heights above ``base`` scale by ``factor`` about ``base`` (density divided
                 by the factor, so vertical optical depth is kept).
 ``move`` / ``duplicate`` the selected object is read at the inverse-transformed position
@@ -44,7 +45,7 @@ from ..render.color import ColorTransform, HsvShift, TargetColor
 from .params import _kind, check_params, param, parse_params, safe_relative_path
 from .raster import Raster2D, dilate, inpaint, raster_box
 from .samples import Rays, Samples, empty_like
-from .selection import SpecError, _finite, class_ids
+from .selection import SpecError, class_ids
 
 Stage = Callable[[Tensor, "Rays | None", bool], Samples]
 OccStage = Callable[[Tensor], Tensor]
@@ -617,7 +618,7 @@ class _RigidCopy(_MappingOp):
         if max(abs(v) for v in p.offset) > 1e5:
             raise SpecError("offset beyond 100 km")
         if p.rotate_deg != 0.0 and p.pivot is None:
-            _finite([], "pivot [x, y]", 2)  # the message of a missing pivot
+            raise SpecError("rotate_deg needs pivot [x, y] (the rotation centre, local)")
 
     def _rigid(self):
         p = self.p
