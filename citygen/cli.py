@@ -566,7 +566,8 @@ def edit(tile: tyro.conf.Positional[Path],
 
     from .edit.commands import EditFlags, run_edit
 
-    # the operations' flags are checked by the operation that declares them (citygen/edit/ops.py)
+    # the operations' own parameters (--dz, --factor, ...) are checked by the edit stack, which
+    # owns their ranges and names the flag in its error
     check_values([("--steps", steps, AT_LEAST_ONE)])
     if action == "bake" and out is not None:
         check_out_dir(out, "--out")

@@ -309,8 +309,8 @@ def test_train_tile_flag_ranges(tile, survey, capsys):
     (["render", "{tile}", "--out", "{tmp}/r", "--downscale", "0"], "--downscale", ">= 1"),
     (["render", "{tile}", "--out", "{tmp}/r", "--seam-band", "-1"], "--seam-band", "> 0"),
     (["view", "{tile}", "--width", "0"], "--width", "in [1, 16384]"),
-    (["edit", "{tile}", "add", "--op", "scale_height", "--factor", "0"], "--factor", "> 0"),
-    (["edit", "{tile}", "add", "--op", "raise", "--dz", "inf"], "--dz", "finite"),
+    (["edit", "{tile}", "add", "--op", "scale_height", "--factor", "0"], "--factor", "outside"),
+    (["edit", "{tile}", "add", "--op", "raise", "--dz", "inf"], "--dz", "non-finite"),
     (["style", "{tile}", "--named", "sunset", "--steps", "0"], "--steps", ">= 1"),
 ])
 def test_other_commands_option_ranges(tile, tmp_path, argv, flag, problem, capsys):
