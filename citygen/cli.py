@@ -550,7 +550,7 @@ def edit(tile: tyro.conf.Positional[Path],
     Args:
         tile: the tile folder (or a single training run folder).
         action: add, list, undo, redo, enable, disable or bake.
-        op: remove, recolor, raise, scale_height, move, duplicate or insert.
+        op: remove, recolor, raise, scale_height, move, duplicate, insert or lower.
         classes: select semantic class(es), comma-separated (ground, road, building, vegetation, water, vehicle, other).
         polygon: select inside a GeoJSON (Multi)Polygon file (vertical prism).
         polygon_crs: the polygon's coordinates: tile (the tile's projected CRS), lonlat, or local.
@@ -558,7 +558,7 @@ def edit(tile: tyro.conf.Positional[Path],
         height: select heights H0,H1 above the ground (metres).
         instance: select the connected object of --class under local point X,Y (a click).
         invert: select the complement.
-        dz: raise: metres up (negative: down).
+        dz: raise: metres up (negative: down); lower: metres down.
         factor: scale_height: height factor.
         color: recolor: target colour R,G,B in [0, 1] (keeps shading).
         hsv: recolor: HUE_DEG,SATURATION_SCALE,VALUE_SCALE.

@@ -87,41 +87,38 @@ def selection_from_flags(f: EditFlags) -> dict | None:
     return sel
 
 
+def _flag_name(attr: str) -> str:
+    return "--" + attr.replace("_", "-")
+
+
 def params_from_flags(f: EditFlags) -> dict[str, Any]:
-    """The operation's parameters from the flags (``--params JSON`` is merged last)."""
+    """The operation's parameters from the flags (``--params JSON`` is merged last).  Which flag
+    sets which parameter, and how, is declared by the operation (:mod:`citygen.edit.params`):
+    a flag left at its default is not given; a list parameter's flag holds comma-separated numbers."""
+    from dataclasses import MISSING, fields
+
+    from .ops import OP_CLASSES
+    from .params import _kind
+
     p: dict[str, Any] = {}
-    if f.op in ("remove", "move") and f.no_fill:
-        p["fill_ground"] = False
-    if f.op == "raise":
-        if f.dz is None:
-            raise CitygenError(None, "--op raise needs --dz METRES (negative lowers)")
-        p["dz"] = f.dz
-    if f.op == "scale_height":
-        if f.factor is None:
-            raise CitygenError(None, "--op scale_height needs --factor")
-        p["factor"] = f.factor
-    if f.op == "recolor":
-        if f.color:
-            p["color"] = _numbers(f.color, 3, "color")
-        elif f.hsv:
-            p["hsv"] = _numbers(f.hsv, 3, "hsv")
-    if f.op in ("move", "duplicate"):
-        if not f.offset:
-            raise CitygenError(None, f"--op {f.op} needs --offset DX,DY,DZ")
-        p["offset"] = _numbers(f.offset, 3, "offset")
-        if f.rotate:
-            p["rotate_deg"] = f.rotate
-            if not f.pivot:
-                raise CitygenError(None, "--rotate needs --pivot X,Y")
-            p["pivot"] = _numbers(f.pivot, 2, "pivot")
-    if f.op == "insert":
-        if not (f.asset and f.source_box and f.anchor):
-            raise CitygenError(None, "--op insert needs --asset PATH (inside the tile), --source-box and --anchor")
-        p["asset"] = f.asset
-        p["source_box"] = _numbers(f.source_box, 6, "source-box")
-        p["anchor_local" if f.anchor_local else "anchor_crs"] = _numbers(f.anchor, 3, "anchor")
-        if f.rotate:
-            p["rotate_deg"] = f.rotate
+    cls = OP_CLASSES.get(f.op or "")
+    declared = fields(cls.Params) if cls is not None else ()
+    defaults = EditFlags()
+    for fld in declared:
+        m = fld.metadata
+        flag = m.get("flag")
+        if flag is None or (m["only_if"] and not getattr(f, m["only_if"])) or (m["unless"] and getattr(f, m["unless"])):
+            continue
+        value = getattr(f, flag)
+        if value is None or value == getattr(defaults, flag):
+            continue
+        kind = _kind(fld)
+        if m["invert"]:
+            p[fld.name] = not value
+        elif kind == "list[float]":
+            p[fld.name] = _numbers(value, m["n"], _flag_name(flag).removeprefix("--"))
+        else:
+            p[fld.name] = value
     if f.params:
         try:
             extra = json.loads(f.params)
@@ -130,18 +127,33 @@ def params_from_flags(f: EditFlags) -> dict[str, Any]:
         if not isinstance(extra, dict):
             raise CitygenError(None, "--params must be a JSON object")
         p.update(extra)
+    for fld in declared:  # a required parameter that has a flag: name the flag
+        m = fld.metadata
+        if fld.default is MISSING and fld.default_factory is MISSING and fld.name not in p and m.get("flag"):
+            raise CitygenError(None, f"--op {f.op} needs {_flag_name(m['flag'])} {m['metavar']}".rstrip())
     return p
 
 
-#: the flag that sets each parameter / selection kind, to name it in an error
-_FLAGS = (("unknown op", "--op"), ("unknown param", "--params"), ("param 'dz'", "--dz"), ("param 'factor'", "--factor"),
-          ("offset", "--offset"), ("rotate_deg", "--rotate"), ("pivot", "--pivot"), ("insert asset", "--asset"),
-          ("source_box", "--source-box"), ("anchor", "--anchor"), ("recolor color", "--color"), ("recolor hsv", "--hsv"),
-          ("box", "--box"), ("height range", "--height"), ("instance", "--instance"), ("class", "--class"))
+def _flags() -> list[tuple[str, str]]:
+    """(text in a reason, the flag to name) pairs: the operations' declared flags (a parameter's
+    label, the bracketed part dropped) between the fixed ones and the selection's."""
+    from dataclasses import fields
+
+    from .ops import OP_CLASSES
+    from .params import label_of
+
+    pairs = [("unknown op", "--op"), ("unknown param", "--params")]
+    for cls in OP_CLASSES.values():
+        for fld in fields(cls.Params):
+            if fld.metadata.get("flag") and not fld.metadata["invert"]:  # a switch cannot give a bad value
+                key = (label_of(fld).split(" [")[0], _flag_name(fld.metadata["flag"]))
+                if key not in pairs:
+                    pairs.append(key)
+    return pairs + [("box", "--box"), ("height range", "--height"), ("instance", "--instance"), ("class", "--class")]
 
 
 def _flag_of(reason: str) -> str:
-    return next((flag for key, flag in _FLAGS if key in reason), "edit add")
+    return next((flag for key, flag in _flags() if key in reason), "edit add")
 
 
 def describe(edit: dict) -> str:
@@ -162,9 +174,12 @@ def run_edit(tile: Path, action: str, flags: EditFlags, edit_id: str | None = No
         raise CitygenError(tile, "tile folder not found")
     stack = EditStack.load(tile)
     if action == "add":
+        from .ops import OP_CLASSES
+
         if flags.op is None:
-            raise CitygenError(None, "edit add needs --op (remove, recolor, raise, scale_height, move, duplicate, insert)")
-        if flags.op == "restyle":
+            known = ", ".join(name for name, cls in OP_CLASSES.items() if cls.cli)
+            raise CitygenError(None, f"edit add needs --op ({known})")
+        if flags.op in OP_CLASSES and not OP_CLASSES[flags.op].cli:
             raise CitygenError(None, "use `citygen style` to add a restyle edit")
         try:
             edit = stack.add(flags.op, selection_from_flags(flags), params_from_flags(flags), edit_id=edit_id)

@@ -15,6 +15,7 @@ Every operation is evaluated per sample at local positions ``x``:
                 negative): the field is read at the source ``x' = x - dz z`` where the
                 selection holds at ``x'``; the slice at ``base`` is stretched to fill the gap
                 (walls grow), and a lowered object leaves empty space.
+``lower``       ``raise`` by ``-dz`` (``dz`` >= 0 metres down).
 ``scale_height`` heights above ``base`` scale by ``factor`` about ``base`` (density divided
                 by the factor, so vertical optical depth is kept).
 ``move`` / ``duplicate`` the selected object is read at the inverse-transformed position
@@ -30,54 +31,40 @@ occupancy grid (``extend_aabb`` / ``occupancy``), both conservatively.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..style.color import ColorTransform, HsvShift, TargetColor
+from ..render.color import ColorTransform, HsvShift, TargetColor
+from .params import _kind, check_params, param, parse_params, safe_relative_path
 from .raster import Raster2D, dilate, inpaint, raster_box
 from .samples import Rays, Samples, empty_like
-from .selection import SpecError, _finite, class_ids
+from .selection import SpecError, class_ids
 
 Stage = Callable[[Tensor, "Rays | None", bool], Samples]
 OccStage = Callable[[Tensor], Tensor]
 
-OPS = ("remove", "recolor", "restyle", "raise", "scale_height", "move", "duplicate", "insert")
 GROUND_IDS = (0, 1)  # ground, road: what a ground layer may be labelled
 LAYER_SIGMA = 1e3    # 1/m: opaque within millimetres
 
-
-# -- parameter validation -------------------------------------------------------------------------
-def _bool(params, key, default):
-    v = params.get(key, default)
-    if not isinstance(v, bool):
-        raise SpecError(f"param {key!r} must be true or false, got {v!r}")
-    return v
+#: name -> operation class, in the order they are declared (:func:`register`)
+REGISTRY: dict[str, type[Op]] = {}
 
 
-def _num(params, key, default=None, lo=-math.inf, hi=math.inf):
-    if key not in params:
-        if default is None:
-            raise SpecError(f"param {key!r} is required")
-        return default
-    (v,) = _finite([params[key]], f"param {key!r}")
-    if not lo <= v <= hi:
-        raise SpecError(f"param {key!r} = {v} is outside [{lo:g}, {hi:g}]")
-    return v
-
-
-def safe_relative_path(value: Any, what: str) -> str:
-    """A path inside the tile folder: relative, no '..', no drive or root (SpecError otherwise)."""
-    if not isinstance(value, str) or not value:
-        raise SpecError(f"{what} must be a relative path string")
-    p = Path(value)
-    if p.is_absolute() or value.startswith(("/", "\\")) or ".." in p.parts or ":" in value or "\\" in value:
-        raise SpecError(f"{what} {value!r} escapes the tile folder (give a relative path inside it)")
-    return value
+def register(cls):
+    """Add an operation class to the registry (by its ``name``); its ``Params`` must be a dataclass."""
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"{cls.__name__}.Params must be a dataclass")
+    for f in dataclasses.fields(cls.Params):
+        _kind(f)  # an unsupported type fails at import, not on a user's edit
+    REGISTRY[cls.name] = cls
+    return cls
 
 
 def resolve_in_tile(tile_dir: Path | None, rel: str) -> Path:
@@ -91,111 +78,17 @@ def resolve_in_tile(tile_dir: Path | None, rel: str) -> Path:
     return path
 
 
-#: the parameters each op reads (restyle is absent: its params also keep a record of how the
-#: style was made: reference, report, feature net)
-PARAM_KEYS = {
-    "remove": {"fill_ground", "thickness", "reach"},
-    "recolor": {"matrix", "offset", "space", "hsv", "color", "strength"},
-    "raise": {"dz", "base"},
-    "scale_height": {"factor", "base"},
-    "move": {"offset", "rotate_deg", "pivot", "fill_ground", "thickness", "reach"},
-    "duplicate": {"offset", "rotate_deg", "pivot"},
-    "insert": {"asset", "source_box", "anchor_crs", "anchor_local", "source_anchor", "rotate_deg"},
-}
-
-
 def validate_params(op: str, params: Any) -> None:
     """Check an edit's ``params`` for its ``op`` (SpecError on any problem)."""
-    if op not in OPS:
-        raise SpecError(f"unknown op {op!r} (known: {', '.join(OPS)})")
-    if not isinstance(params, dict):
-        raise SpecError("params must be an object")
-    unknown = sorted(set(params) - PARAM_KEYS.get(op, set(params)))
-    if unknown:  # a misspelt parameter would silently fall back to its default
-        raise SpecError(f"unknown param {', '.join(map(repr, unknown))} for {op} "
-                        f"(known: {', '.join(sorted(PARAM_KEYS[op]))})")
-    if op == "remove":
-        _bool(params, "fill_ground", True)
-        _num(params, "thickness", 1.0, 0.01, 100.0)
-        _num(params, "reach", 3.0, 0.0, 1000.0)
-    elif op == "recolor":
-        modes = [k for k in ("matrix", "hsv", "color") if k in params]
-        if len(modes) != 1:
-            raise SpecError("recolor needs exactly one of 'matrix' (+ 'offset'), 'hsv' or 'color'")
-        if "matrix" in params:
-            m = params["matrix"]
-            if not isinstance(m, list) or len(m) != 3:
-                raise SpecError("recolor matrix must be 3 rows of 3 numbers")
-            for row in m:
-                if any(abs(v) > 100 for v in _finite(row, "recolor matrix row", 3)):
-                    raise SpecError("recolor matrix entries beyond +-100")
-            _finite(params.get("offset", [0, 0, 0]), "recolor offset", 3)
-            if params.get("space", "rgb") not in ("rgb", "lab"):
-                raise SpecError("recolor space must be 'rgb' or 'lab'")
-        elif "hsv" in params:
-            h = _finite(params["hsv"], "recolor hsv [hue_deg, saturation, value]", 3)
-            if not (0 <= h[1] <= 100 and 0 <= h[2] <= 100):
-                raise SpecError("recolor hsv saturation/value scales must be in [0, 100]")
-        else:
-            c = _finite(params["color"], "recolor color", 3)
-            if not all(0 <= v <= 1 for v in c):
-                raise SpecError("recolor color must be RGB in [0, 1]")
-            _num(params, "strength", 1.0, 0.0, 1.0)
-    elif op == "restyle":
-        method = params.get("method", "stats")
-        if method in ("stats", "named"):
-            tr = params.get("transforms")
-            if not isinstance(tr, dict) or not tr:
-                raise SpecError("restyle needs 'transforms': {class name or '*': {space, matrix, offset}}")
-            for key, t in tr.items():
-                if key != "*":
-                    class_ids(key)
-                if not isinstance(t, dict):
-                    raise SpecError(f"restyle transform {key!r} must be an object")
-                validate_params("recolor", {k: v for k, v in t.items() if k in ("matrix", "offset", "space")})
-        elif method == "optimize":
-            w = params.get("weights")
-            if not isinstance(w, dict) or not w:
-                raise SpecError("restyle/optimize needs 'weights': {block id: relative .safetensors path}")
-            for block, path in w.items():
-                safe_relative_path(path, f"restyle weights of block {block!r}")
-        else:
-            raise SpecError(f"restyle method must be 'stats', 'named' or 'optimize', got {method!r}")
-    elif op == "raise":
-        _num(params, "dz", None, -1000.0, 1000.0)
-        _num(params, "base", 1.0, 0.0, 100.0)
-    elif op == "scale_height":
-        _num(params, "factor", None, 0.05, 20.0)
-        _num(params, "base", 1.0, 0.0, 100.0)
-    elif op in ("move", "duplicate"):
-        off = _finite(params.get("offset", None) or [], "offset [dx, dy, dz]", 3)
-        if max(abs(v) for v in off) > 1e5:
-            raise SpecError("offset beyond 100 km")
-        rot = _num(params, "rotate_deg", 0.0, -360.0, 360.0)
-        if rot != 0.0:
-            _finite(params.get("pivot") or [], "pivot [x, y]", 2)
-        if op == "move":
-            validate_params("remove", {k: v for k, v in params.items() if k in PARAM_KEYS["remove"]})
-    elif op == "insert":
-        safe_relative_path(params.get("asset"), "insert asset")
-        box = _finite(params.get("source_box") or [], "source_box", 6)
-        if not all(box[i] < box[i + 3] for i in range(3)) or max(box[i + 3] - box[i] for i in range(3)) > 1e4:
-            raise SpecError(f"source_box must have min < max and sides up to 10 km, got {box}")
-        anchors = [k for k in ("anchor_crs", "anchor_local") if k in params]
-        if len(anchors) != 1:
-            raise SpecError("insert needs exactly one of 'anchor_crs' [e, n, h] or 'anchor_local' [x, y, z]")
-        a = _finite(params[anchors[0]], anchors[0], 3)
-        if any(abs(v) > 1e8 for v in a):
-            raise SpecError(f"{anchors[0]} out of range")
-        if "source_anchor" in params:
-            _finite(params["source_anchor"], "source_anchor", 3)
-        _num(params, "rotate_deg", 0.0, -360.0, 360.0)
+    if op not in REGISTRY:
+        raise SpecError(f"unknown op {op!r} (known: {', '.join(REGISTRY)})")
+    REGISTRY[op].validate(params)
 
 
 def color_function(params: dict) -> Callable[[Tensor], Tensor]:
-    if "matrix" in params:
-        return ColorTransform(params["matrix"], params.get("offset", (0, 0, 0)), params.get("space", "rgb"))
-    if "hsv" in params:
+    if params.get("matrix") is not None:
+        return ColorTransform(params["matrix"], params.get("offset") or (0, 0, 0), params.get("space", "rgb"))
+    if params.get("hsv") is not None:
         return HsvShift(*params["hsv"])
     return TargetColor(params["color"], params.get("strength", 1.0))
 
@@ -237,10 +130,39 @@ class Op:
 
     :meth:`evaluate`, :meth:`occupancy` and :meth:`selected` compose these with a callable
     input stage directly (one edit, or a reference composition of a stack).
+
+    An operation is registered (:func:`register`) under its ``name`` and declares its
+    parameters once, as the dataclass ``Params`` (:mod:`citygen.edit.params`): the check of an
+    edit's params (:meth:`validate`, plus the op's own :meth:`check`), the typed values it
+    reads (``self.p``) and the ``citygen edit add`` flags that set them all come from there.
     """
+
+    name: ClassVar[str]
+    #: what the operation does (``citygen edit`` error messages, docs)
+    help: ClassVar[str] = ""
+    #: other keys in params are kept for the record (restyle: how the style was made)
+    open_keys: ClassVar[bool] = False
+    #: added with ``citygen edit add`` (restyle comes from ``citygen style``)
+    cli: ClassVar[bool] = True
+
+    @dataclass(kw_only=True)
+    class Params:
+        pass
 
     def __init__(self, edit: dict, selection, ctx):
         self.edit, self.params, self.selection, self.ctx = edit, edit.get("params", {}), selection, ctx
+        self.p = parse_params(self.Params, self.params)
+
+    # -- parameters ----------------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, params: Any) -> None:
+        """Check an edit's params: the declared fields (keys, types, ranges), then :meth:`check`."""
+        check_params(cls.name, cls.Params, params, cls.open_keys)
+        cls.check(params, parse_params(cls.Params, params))
+
+    @classmethod
+    def check(cls, params: dict, p: Any) -> None:
+        """Checks beyond one field's type and range (several fields together); SpecError."""
 
     def prepare(self, prev: Stage, prev_occ: OccStage) -> None:
         self.selection.prepare(lambda predicate: self.ctx.scan(prev, prev_occ, predicate))
@@ -294,13 +216,22 @@ class Op:
         return rgb
 
 
+@register
 class RemoveOp(Op):
+    name = "remove"
+    help = "density suppressed on the selection; the revealed ground filled by inpainting"
+
+    @dataclass(kw_only=True)
+    class Params:
+        fill_ground: bool = param(True, flag="no_fill", invert=True, help="fill the revealed ground")
+        thickness: float = param(1.0, lo=0.01, hi=100.0, help="ground layer thickness, metres")
+        reach: float = param(3.0, lo=0.0, hi=1000.0, help="removed matter this far above the ground is filled under")
+
     def prepare(self, prev, prev_occ):
         super().prepare(prev, prev_occ)
-        p = self.params
-        self.fill = p.get("fill_ground", True)
-        self.thickness = float(p.get("thickness", 1.0))
-        self.reach = float(p.get("reach", 3.0))
+        self.fill = self.p.fill_ground
+        self.thickness = float(self.p.thickness)
+        self.reach = float(self.p.reach)
         self.footprint = None
         if not self.fill:
             return
@@ -395,7 +326,36 @@ class RemoveOp(Op):
         return here
 
 
+@register
 class RecolorOp(Op):
+    name = "recolor"
+    help = "a colour transform on the selection: matrix (+ offset, rgb or lab), HSV shift, or target colour"
+
+    @dataclass(kw_only=True)
+    class Params:
+        matrix: list[list[float]] | None = param(None, n=3, label="recolor matrix")
+        offset: list[float] | None = param(None, n=3, label="recolor offset")
+        space: str = param("rgb", label="recolor space")
+        hsv: list[float] | None = param(None, n=3, label="recolor hsv [hue_deg, saturation, value]", flag="hsv")
+        color: list[float] | None = param(None, n=3, label="recolor color", flag="color")
+        strength: float = param(1.0, lo=0.0, hi=1.0)
+
+    @classmethod
+    def check(cls, params, p):
+        modes = [k for k in ("matrix", "hsv", "color") if getattr(p, k) is not None]
+        if len(modes) != 1:
+            raise SpecError("recolor needs exactly one of 'matrix' (+ 'offset'), 'hsv' or 'color'")
+        if p.matrix is not None:
+            if any(abs(v) > 100 for row in p.matrix for v in row):
+                raise SpecError("recolor matrix entries beyond +-100")
+            if p.space not in ("rgb", "lab"):
+                raise SpecError("recolor space must be 'rgb' or 'lab'")
+        elif p.hsv is not None:
+            if not (0 <= p.hsv[1] <= 100 and 0 <= p.hsv[2] <= 100):
+                raise SpecError("recolor hsv saturation/value scales must be in [0, 100]")
+        elif not all(0 <= v <= 1 for v in p.color):
+            raise SpecError("recolor color must be RGB in [0, 1]")
+
     def prepare(self, prev, prev_occ):
         super().prepare(prev, prev_occ)
         self.fn = color_function(self.params)
@@ -410,13 +370,44 @@ class RecolorOp(Op):
         return s
 
 
+@register
 class RestyleOp(Op):
     """Per-class colour transforms, or a fine-tuned colour branch of the base field."""
+
+    name = "restyle"
+    help = "per-class colour transforms or a fine-tuned colour branch (added by `citygen style`)"
+    open_keys = True  # params also keep a record of how the style was made: reference, report, feature net
+    cli = False
+
+    @dataclass(kw_only=True)
+    class Params:
+        method: str = param("stats", label="restyle method")
+        transforms: dict | None = param(None, label="restyle transforms")
+        weights: dict | None = param(None, label="restyle weights")
+
+    @classmethod
+    def check(cls, params, p):
+        if p.method in ("stats", "named"):
+            if not p.transforms:
+                raise SpecError("restyle needs 'transforms': {class name or '*': {space, matrix, offset}}")
+            for key, t in p.transforms.items():
+                if key != "*":
+                    class_ids(key)
+                if not isinstance(t, dict):
+                    raise SpecError(f"restyle transform {key!r} must be an object")
+                RecolorOp.validate({k: v for k, v in t.items() if k in ("matrix", "offset", "space")})
+        elif p.method == "optimize":
+            if not p.weights:
+                raise SpecError("restyle/optimize needs 'weights': {block id: relative .safetensors path}")
+            for block, path in p.weights.items():
+                safe_relative_path(path, f"restyle weights of block {block!r}")
+        else:
+            raise SpecError(f"restyle method must be 'stats', 'named' or 'optimize', got {p.method!r}")
 
     def prepare(self, prev, prev_occ):
         super().prepare(prev, prev_occ)
         p = self.params
-        self.method = p.get("method", "stats")
+        self.method = self.p.method
         self.per_class: dict[int, ColorTransform] = {}
         self.default: ColorTransform | None = None
         self.styled_field = None
@@ -555,9 +546,22 @@ class _HeightMap(_MappingOp):
         return super().selected_from(x, here, there, sub) & self._in_footprint(x)
 
 
+@register
 class RaiseOp(_HeightMap):
+    name = "raise"
+    help = "heights above base move up by dz (down when negative)"
+
+    @dataclass(kw_only=True)
+    class Params:
+        dz: float = param(lo=-1000.0, hi=1000.0, flag="dz", metavar="METRES (negative lowers)", help="metres up")
+        base: float = param(1.0, lo=0.0, hi=100.0, help="heights below this (metres over the ground) stay")
+
+    def _dz(self) -> float:
+        """Metres up."""
+        return float(self.p.dz)
+
     def source(self, x):
-        dz, base = float(self.params["dz"]), float(self.params.get("base", 1.0))
+        dz, base = self._dz(), float(self.p.base)
         g = self.ctx.ground.height(x[:, :2])
         h = x[:, 2] - g
         hs = torch.where(h < base, h, (h - dz).clamp_min(base))
@@ -565,13 +569,22 @@ class RaiseOp(_HeightMap):
 
     def extend_aabb(self, aabb):
         out = aabb.clone()
-        out[1, 2] += max(float(self.params["dz"]), 0.0)
+        out[1, 2] += max(self._dz(), 0.0)
         return out
 
 
+@register
 class ScaleHeightOp(_HeightMap):
+    name = "scale_height"
+    help = "heights above base scale by factor about base (vertical optical depth kept)"
+
+    @dataclass(kw_only=True)
+    class Params:
+        factor: float = param(lo=0.05, hi=20.0, flag="factor", help="height factor")
+        base: float = param(1.0, lo=0.0, hi=100.0, help="heights below this (metres over the ground) stay")
+
     def source(self, x):
-        f, base = float(self.params["factor"]), float(self.params.get("base", 1.0))
+        f, base = float(self.p.factor), float(self.p.base)
         g = self.ctx.ground.height(x[:, :2])
         h = x[:, 2] - g
         hs = torch.where(h < base, h, base + (h - base) / f)
@@ -580,7 +593,7 @@ class ScaleHeightOp(_HeightMap):
 
     def extend_aabb(self, aabb):
         out = aabb.clone()
-        out[1, 2] = aabb[0, 2] + (aabb[1, 2] - aabb[0, 2]) * max(float(self.params["factor"]), 1.0)
+        out[1, 2] = aabb[0, 2] + (aabb[1, 2] - aabb[0, 2]) * max(float(self.p.factor), 1.0)
         return out
 
 
@@ -592,10 +605,25 @@ def _rotation(deg: float) -> Tensor:
 class _RigidCopy(_MappingOp):
     """x = R (x' - pivot) + pivot + offset, so x' = R^T (x - pivot - offset) + pivot."""
 
+    @dataclass(kw_only=True)
+    class Params:
+        offset: list[float] = param(n=3, label="offset [dx, dy, dz]", flag="offset", metavar="DX,DY,DZ",
+                                    help="metres")
+        rotate_deg: float = param(0.0, lo=-360.0, hi=360.0, flag="rotate", help="rotation about the vertical")
+        pivot: list[float] | None = param(None, n=2, label="pivot [x, y]", flag="pivot", only_if="rotate",
+                                          help="rotation centre (local)")
+
+    @classmethod
+    def check(cls, params, p):
+        if max(abs(v) for v in p.offset) > 1e5:
+            raise SpecError("offset beyond 100 km")
+        if p.rotate_deg != 0.0 and p.pivot is None:
+            raise SpecError("rotate_deg needs pivot [x, y] (the rotation centre, local)")
+
     def _rigid(self):
-        p = self.params
-        pivot = torch.tensor([*(p.get("pivot") or [0.0, 0.0])[:2], 0.0])
-        return _rotation(float(p.get("rotate_deg", 0.0))), pivot, torch.tensor(p["offset"], dtype=torch.float32)
+        p = self.p
+        pivot = torch.tensor([*(p.pivot or [0.0, 0.0])[:2], 0.0])
+        return _rotation(float(p.rotate_deg)), pivot, torch.tensor(p.offset, dtype=torch.float32)
 
     def source(self, x):
         R, pivot, offset = self._rigid()
@@ -622,22 +650,25 @@ class _RigidCopy(_MappingOp):
                             torch.maximum(aabb[1], moved.max(0).values.to(aabb))])
 
 
-class DuplicateOp(_RigidCopy):
-    def box(self):
-        return self._target_box()
-
-    def apply(self, x, rays, here, there, sub, need_rgb):
-        return self._paste(x, here, there, sub)
-
-    def selected_from(self, x, here, there, sub):  # the original stays: only where the copy goes
-        return self._selected_there(x, there, sub)
-
-
+@register
 class MoveOp(_RigidCopy):
+    name = "move"
+    help = "the selection moved (offset, rotation about the vertical); where it was is removed with ground fill"
+
+    @dataclass(kw_only=True)
+    class Params(_RigidCopy.Params, RemoveOp.Params):  # removal's fields first: edits.json key order
+        pass
+
+    @classmethod
+    def check(cls, params, p):
+        super().check(params, p)
+        RemoveOp.check(params, p)
+
     def prepare(self, prev, prev_occ):
         super().prepare(prev, prev_occ)
-        self.remover = RemoveOp({"params": {k: v for k, v in self.params.items()
-                                            if k in ("fill_ground", "thickness", "reach")}}, self.selection, self.ctx)
+        keys = {f.name for f in dataclasses.fields(RemoveOp.Params)}
+        self.remover = RemoveOp({"params": {k: v for k, v in self.params.items() if k in keys}},
+                                self.selection, self.ctx)
         self.remover.prepare(prev, prev_occ)
 
     def box(self):
@@ -650,8 +681,52 @@ class MoveOp(_RigidCopy):
         return super().apply_occ(x, here, there, sub) | self.remover.apply_occ(x, here, None, None)
 
 
+@register
+class DuplicateOp(_RigidCopy):
+    name = "duplicate"
+    help = "a copy of the selection, offset and rotated about the vertical"
+
+    def box(self):
+        return self._target_box()
+
+    def apply(self, x, rays, here, there, sub, need_rgb):
+        return self._paste(x, here, there, sub)
+
+    def selected_from(self, x, here, there, sub):  # the original stays: only where the copy goes
+        return self._selected_there(x, there, sub)
+
+
+@register
 class InsertOp(Op):
     """Another field, read at ``x_src = R^T (x - anchor) + source_anchor`` inside ``source_box``."""
+
+    name = "insert"
+    help = "another field (an asset checkpoint inside the tile) placed at an anchor"
+
+    @dataclass(kw_only=True)
+    class Params:
+        asset: str = param(label="insert asset", path=True, flag="asset", metavar="PATH (inside the tile)",
+                           help="checkpoint path inside the tile folder")
+        source_box: list[float] = param(n=6, label="source_box", flag="source_box", metavar="X0,Y0,Z0,X1,Y1,Z1",
+                                        help="region of the asset (asset frame)")
+        anchor_crs: list[float] | None = param(None, n=3, label="anchor_crs", flag="anchor", unless="anchor_local",
+                                               help="where the asset's anchor goes, E,N,H in the tile's CRS")
+        anchor_local: list[float] | None = param(None, n=3, label="anchor_local", flag="anchor",
+                                                 only_if="anchor_local", help="where the anchor goes, local frame")
+        source_anchor: list[float] | None = param(None, n=3, label="source_anchor",
+                                                  help="the asset's anchor (default: bottom centre of source_box)")
+        rotate_deg: float = param(0.0, lo=-360.0, hi=360.0, flag="rotate", help="rotation about the vertical")
+
+    @classmethod
+    def check(cls, params, p):
+        box = p.source_box
+        if not all(box[i] < box[i + 3] for i in range(3)) or max(box[i + 3] - box[i] for i in range(3)) > 1e4:
+            raise SpecError(f"source_box must have min < max and sides up to 10 km, got {[float(v) for v in box]}")
+        anchors = [k for k in ("anchor_crs", "anchor_local") if getattr(p, k) is not None]
+        if len(anchors) != 1:
+            raise SpecError("insert needs exactly one of 'anchor_crs' [e, n, h] or 'anchor_local' [x, y, z]")
+        if any(abs(v) > 1e8 for v in getattr(p, anchors[0])):
+            raise SpecError(f"{anchors[0]} out of range")
 
     def prepare(self, prev, prev_occ):
         p = self.params
@@ -661,7 +736,7 @@ class InsertOp(Op):
                             f"{self.ctx.n_classes}")
         box = torch.tensor(p["source_box"], dtype=torch.float32)
         self.lo, self.hi = box[:3], box[3:]
-        if "anchor_crs" in p:
+        if self.p.anchor_crs is not None:
             if self.ctx.georef is None:
                 raise SpecError("insert anchor_crs needs the tile's georef")
             anchor = self.ctx.georef.crs_to_local(p["anchor_crs"])
@@ -669,8 +744,8 @@ class InsertOp(Op):
             anchor = p["anchor_local"]
         self.anchor = torch.tensor(anchor, dtype=torch.float32)
         default_src = [(float(self.lo[0] + self.hi[0]) / 2), float(self.lo[1] + self.hi[1]) / 2, float(self.lo[2])]
-        self.src_anchor = torch.tensor(p.get("source_anchor", default_src), dtype=torch.float32)
-        self.R = _rotation(float(p.get("rotate_deg", 0.0)))
+        self.src_anchor = torch.tensor(self.p.source_anchor or default_src, dtype=torch.float32)
+        self.R = _rotation(float(self.p.rotate_deg))
         asset = self.asset
         self.asset_stage = lambda xs, rays, need_rgb: self.ctx.base_samples(asset, xs, rays, need_rgb, own_geo=False)
         occ_grid = getattr(asset, "occupancy", None)
@@ -727,8 +802,29 @@ class InsertOp(Op):
                             torch.maximum(aabb[1], placed.max(0).values.to(aabb))])
 
 
-OP_CLASSES = {"remove": RemoveOp, "recolor": RecolorOp, "restyle": RestyleOp, "raise": RaiseOp,
-              "scale_height": ScaleHeightOp, "move": MoveOp, "duplicate": DuplicateOp, "insert": InsertOp}
+@register
+class LowerOp(RaiseOp):
+    """``raise`` the other way: the selection's heights above ``base`` move down by ``dz``, the
+    vacated space stays empty (the raise with ``-dz``: one reading of the field, one footprint)."""
 
-__all__ = ["OPS", "OP_CLASSES", "PARAM_KEYS", "Op", "color_function", "resolve_in_tile", "safe_relative_path",
-           "validate_params"]
+    name = "lower"
+    help = "heights above base move down by dz"
+
+    @dataclass(kw_only=True)
+    class Params:
+        dz: float = param(lo=0.0, hi=1000.0, flag="dz", metavar="METRES", help="metres down")
+        base: float = param(1.0, lo=0.0, hi=100.0, help="heights below this (metres over the ground) stay")
+
+    def _dz(self) -> float:
+        return -float(self.p.dz)
+
+
+# Derived from the registry: the known ops in declaration order, and name -> class.
+OPS = tuple(REGISTRY)
+OP_CLASSES = REGISTRY
+#: the parameters each op reads (restyle keeps other keys too: :attr:`Op.open_keys`)
+PARAM_KEYS = {name: {f.name for f in dataclasses.fields(cls.Params)} for name, cls in REGISTRY.items()
+              if not cls.open_keys}
+
+__all__ = ["OPS", "OP_CLASSES", "PARAM_KEYS", "REGISTRY", "Op", "color_function", "register", "resolve_in_tile",
+           "safe_relative_path", "validate_params"]

@@ -9,8 +9,8 @@ and colour-branch fine-tuning with a style loss.  Styles act on the 3-D field (a
     add_style(tile_dir, reference="ref.jpg", method="optimize", weights=None)  # fine-tune colours
 """
 
+from ..render.color import ColorTransform, HsvShift, TargetColor, lab_to_rgb, rgb_to_lab
 from .apply import add_style, stats_transforms
-from .color import ColorTransform, HsvShift, TargetColor, lab_to_rgb, rgb_to_lab
 from .named import NAMED_STYLES, named_style
 from .stats import color_stats, match_statistics, mk_map, reinhard_map, scene_colors
 

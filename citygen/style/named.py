@@ -9,7 +9,7 @@ direction stay those of the survey.
 from __future__ import annotations
 
 from ..errors import CitygenError
-from .color import ColorTransform, hue_rotation_matrix, saturation_matrix
+from ..render.color import ColorTransform, hue_rotation_matrix, saturation_matrix
 
 
 def _diag(r, g, b):

@@ -28,7 +28,7 @@ from torch import Tensor
 from survey_io.semantics import CLASSES
 
 from ..errors import CitygenError
-from .color import ColorTransform, to_space
+from ..render.color import ColorTransform, to_space
 
 #: fewer samples than this and a class's statistics are not trusted (joint fallback).
 MIN_SAMPLES = 50

@@ -1,4 +1,5 @@
-"""Colour spaces and colour transforms (torch, differentiable).
+"""Colour spaces and colour transforms (torch, differentiable): the one owner, below both edit
+(recolor, restyle edits apply them) and style (which fits them), so that edit never imports style.
 
 sRGB values in [0, 1] are the field's output.  CIE Lab (D65) is the decorrelated space the
 statistics-based style transfer works in (Reinhard et al. 2001 used lαβ; Lab is the common
