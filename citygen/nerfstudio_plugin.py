@@ -24,12 +24,24 @@ but neither supervised nor rendered (nerfstudio's data managers carry no label m
 
 # No `from __future__ import annotations`: tyro (ns-train's CLI) resolves the config dataclasses'
 # annotations, which name classes local to _build_method, so they must be evaluated in place.
+import dataclasses
+import math
+import warnings
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from survey_io.semantics import CLASSES
 
 # citygen's own modules are imported here (not inside _build_method) so that the method's
 # losses, schedules and optimiser defaults are visibly the trainer's (tests/test_layers.py checks
 # it without nerfstudio); none of them imports nerfstudio.
-from .config import OptimConfig
+from .config import FieldConfig, OptimConfig, RenderConfig
+from .fields.field import CityField
+from .nets.lpips import ENV_WEIGHTS, load_lpips, lpips_distance, resolve_lpips_weights
+from .render.occupancy import OccupancyGrid
+from .render.volume import render_rays
 from .train.losses import opacity_entropy
 from .train.optim import adam_groups
 from .train.schedule import WARMUP_START, refresh_occupancy
@@ -63,12 +75,6 @@ def _require_nerfstudio():
 def _build_method():
     """Build the :class:`MethodSpecification` (imports nerfstudio)."""
     _require_nerfstudio()
-    import dataclasses
-    import math
-    import warnings
-
-    import torch
-    import torch.nn.functional as F
     from nerfstudio.configs.base_config import ViewerConfig
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
@@ -81,12 +87,6 @@ def _build_method():
     from nerfstudio.plugins.types import MethodSpecification
     from nerfstudio.utils import colormaps
 
-    from survey_io.semantics import CLASSES
-
-    from .config import FieldConfig, RenderConfig
-    from .fields.field import CityField
-    from .render.occupancy import OccupancyGrid
-    from .render.volume import render_rays
 
     optim = OptimConfig()
     settings = optimizer_settings(optim)
@@ -123,8 +123,6 @@ def _build_method():
             self.warned = False
 
         def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> float | None:
-            from .nets.lpips import ENV_WEIGHTS, load_lpips, lpips_distance, resolve_lpips_weights
-
             if self.model is None:
                 path = resolve_lpips_weights(None)
                 if path is None:

@@ -18,11 +18,14 @@ Functions here never raise: they report availability and keep the reason of a fa
 from __future__ import annotations
 
 import os
+import site
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = [CSRC / "hashgrid_cpu.cpp"]
@@ -59,8 +62,6 @@ def cpu_isa() -> str:
 
 def build_dir() -> Path:
     """Where the JIT builds live (created on demand)."""
-    import torch
-
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "citygen" / "torch_extensions"
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
@@ -99,7 +100,6 @@ def _load(kind: str) -> ModuleType | None:
 
 
 def _build(kind: str) -> ModuleType:
-    import torch
     from torch.utils.cpp_extension import load
 
     if kind == "cuda":
@@ -126,8 +126,6 @@ def _build(kind: str) -> ModuleType:
 def _pip_cuda_include_dirs() -> list[str]:
     """CUDA headers shipped in pip wheels (site-packages/nvidia/cu*/include), which a pip-installed
     CUDA torch uses instead of a system toolkit's."""
-    import site
-
     roots = [*site.getsitepackages(), site.getusersitepackages()]
     return sorted(str(p) for root in roots for p in Path(root).glob("nvidia/cu*/include") if p.is_dir())
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
 
 from .atomic import atomic_path
 from .errors import SurveyError
@@ -49,8 +50,6 @@ class GeoRaster:
 
 def north_up_transform(origin_xy: tuple[float, float], gsd: float):
     """Affine transform of a north-up grid whose top-left corner is ``origin_xy`` (CRS x, y)."""
-    from affine import Affine
-
     if not gsd > 0:
         raise SurveyError(None, f"GeoTIFF pixel size must be positive, got {gsd}")
     return Affine(float(gsd), 0.0, float(origin_xy[0]), 0.0, -float(gsd), float(origin_xy[1]))

@@ -23,7 +23,11 @@ import numpy as np
 
 from survey_io.atomic import atomic_write_json
 
+from ..checks import format_bytes, largest_fitting, memory_budget, nice_up
 from ..errors import CitygenError
+from ..partition.plan import TilePlan
+from ..render.tile import TileRenderer
+from ..tile import read_tile_config
 from .cameras import export_cameras
 from .mesh import TSDF_MAX_BLOCKS, heightfield_mesh, require_open3d, tsdf_mesh, write_mesh
 from .points import asprs_codes, laz_available, points_from_ortho, points_from_views, write_las, write_points_ply
@@ -153,8 +157,6 @@ def check_export_memory(options: ExportOptions, rect: tuple[float, float, float,
                         budget_source: str, bounds_xy: tuple[float, float, float, float] | None = None) -> None:
     """Refuse an export whose :func:`export_memory` exceeds the budget, naming --gsd (or
     --voxel-size) and the smallest value that fits."""
-    from ..checks import format_bytes, largest_fitting, nice_up
-
     parts = export_memory(options, rect, bounds_xy)
     total = sum(parts.values())
     if total <= budget_bytes:
@@ -185,8 +187,6 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
     """Render and write the deliverables of ``options`` into ``out``; return the manifest
     (also written to ``out/export.json``).  Refuses, before rendering or creating ``out``, an
     export whose estimated memory exceeds the budget (default: :func:`citygen.checks.memory_budget`'s)."""
-    from ..checks import memory_budget
-
     options.validate()
     out = Path(out)
     bounds = check_source(source)
@@ -335,11 +335,6 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
         memory_budget_bytes: refuse exports estimated to need more (default: see
             :func:`citygen.checks.memory_budget`).
     """
-    from ..checks import memory_budget
-    from ..partition.plan import TilePlan
-    from ..render.tile import TileRenderer
-    from ..tile import read_tile_config
-
     tile_dir = Path(tile_dir)
     options.validate()
     if memory_budget_bytes is None:

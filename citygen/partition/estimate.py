@@ -39,6 +39,7 @@ import numpy as np
 
 from survey_io import Camera, Survey
 
+from ..checks import format_bytes, largest_fitting
 from ..config import TrainConfig
 from ..errors import CitygenError
 from .plan import Block, TilePlan
@@ -139,8 +140,6 @@ def check_train_memory(train: TrainConfig, budget_bytes: float, budget_source: s
                        names: dict[str, str] | None = None) -> None:
     """Refuse a config whose training memory (:func:`train_memory_terms`) exceeds the budget,
     naming the key with the largest term and the largest value of it that would fit."""
-    from ..checks import format_bytes, largest_fitting
-
     terms = train_memory_terms(train)
     total = sum(terms.values())
     if total <= budget_bytes:

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyproj
 
 from survey_io import Georef, Survey, SurveyError
+from survey_io.colmap import read_colmap_points
+from survey_io.geotiff import read_geotiff
 
 from ..errors import CitygenError
 from .config import PartitionConfig
@@ -208,15 +211,11 @@ class GroundModel:
 
 
 def _pyproj(crs):
-    import pyproj
-
     return pyproj.CRS.from_user_input(crs)
 
 
 def _read_elevation(path: Path):
     """(band 1, affine as (a, b, c, d, e, f), crs, nodata) of a GeoTIFF, via survey_io."""
-    from survey_io.geotiff import read_geotiff
-
     raster = read_geotiff(path)
     data = raster.array if raster.array.ndim == 2 else raster.array[..., 0]
     t = raster.transform
@@ -257,8 +256,6 @@ def load_sparse_points(folder: str | Path) -> np.ndarray:
     Read through survey_io's checked COLMAP reader: pycolmap alone trusts a truncated
     ``points3D.bin`` and allocates whatever its garbage track lengths ask for.
     """
-    from survey_io.colmap import read_colmap_points
-
     xyz, _rgb = read_colmap_points(folder)
     return xyz
 

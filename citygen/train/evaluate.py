@@ -24,6 +24,7 @@ from survey_io.atomic import atomic_path, atomic_write_json
 from survey_io.semantics import CLASS_COLORS
 
 from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
+from ..render.volume import render_image
 from .data import load_depth, load_labels, load_rgb, load_survey, select_images
 from .metrics import confusion_matrix, psnr, semantic_scores, ssim
 
@@ -79,7 +80,6 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
     Returns:
         the report: ``{"views": [...], "mean": {...}, "semantic_total": {...}}``.
     """
-    from ..render.volume import render_image
     from .trainer import load_field
 
     out = Path(out)

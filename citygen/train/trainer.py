@@ -28,14 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from survey_io import IGNORE_LABEL, Survey
 from survey_io.atomic import atomic_write_json
 
 from ..config import TrainConfig, from_dict, to_dict
+from ..distributed.lease import hold_block
 from ..distributed.state import truncate_metrics
 from ..errors import CitygenError
 from ..fields.field import CityField
+from ..nets.lpips import load_lpips
 from ..render.occupancy import OccupancyGrid
 from ..render.volume import render_rays
 from .checkpoint import (
@@ -300,9 +303,6 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
         lpips_weights: LPIPS weights file for the evaluation (see :mod:`citygen.nets.lpips`);
             read before training, so a bad file fails at once.
     """
-    from ..distributed.lease import hold_block
-    from ..nets.lpips import load_lpips
-
     out = Path(out)
     lpips_net = load_lpips(lpips_weights) if config.eval_at_end else None
     trainer = BlockTrainer(config, data, out, image_names, aabb)
@@ -349,14 +349,6 @@ def load_field(checkpoint: Path | str, device: torch.device | str = "cpu") -> tu
 
 # -- helpers -------------------------------------------------------------------------------------
 def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=False)
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from ..geotiff import write_geotiff
@@ -232,16 +233,12 @@ def _progress(enabled: bool, total: int):
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _write_image(path: Path, rgb: np.ndarray, c2w, cam, georef, index: int, quality: int) -> None:
-    from PIL import Image
-
     exif, xmp, _ = image_metadata(c2w, cam, georef, index)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=0, exif=exif, xmp=xmp)
@@ -250,8 +247,6 @@ def _write_image(path: Path, rgb: np.ndarray, c2w, cam, georef, index: int, qual
 
 def _write_preview(path: Path, survey: Survey, ortho_rgb: np.ndarray, ortho_sem: np.ndarray) -> None:
     """2x2 contact sheet: first nadir image, an oblique image, the ortho, the semantic ortho."""
-    from PIL import Image
-
     tile_w, tile_h = 480, 360
     nadir = survey.images[len(survey.images) // 4]
     oblique = next((im for im in survey.images if im.c2w[2, 2] > -0.99), survey.images[-1])
