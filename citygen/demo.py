@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from survey_io import read_drone_folder, read_transforms
@@ -193,8 +194,6 @@ class _TrainProgress:
 
     def _run(self) -> None:
         if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
             with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                           console=self.console, transient=False) as bar:
                 task = bar.add_task("", total=self.total)

@@ -495,8 +495,6 @@ class HeadlessViewer:
     def draw(self) -> np.ndarray:
         if self.target.size != self.app.size:
             self.target.release()
-            from .gl import Offscreen
-
             self.target = Offscreen(self.ctx, self.app.size)
         self.app.draw(self.target.fbo)
         return self.target.read_rgb()

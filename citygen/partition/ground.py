@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyproj
+from PIL import Image
 
 from survey_io import Georef, Survey, SurveyError
 from survey_io.colmap import read_colmap_points
@@ -267,8 +268,6 @@ def load_depth(path: Path) -> np.ndarray:
         if path.suffix.lower() == ".npy":
             depth = np.load(path, allow_pickle=False)
         else:
-            from PIL import Image
-
             with Image.open(path) as img:
                 depth = np.asarray(img, dtype=np.float64) / 1000.0
     except FileNotFoundError:

@@ -21,6 +21,7 @@ from ..checks import format_bytes, largest_fitting, memory_budget, nice_down, ni
 from ..config import TrainConfig, load_config
 from ..errors import CitygenError
 from .config import PartitionConfig
+from .draw import draw_plan
 from .estimate import SizingConfig, sizing_report
 from .ground import GroundModel, estimate_ground, load_sparse_points
 from .layout import FlightLayout, synthetic_survey, synthetic_survey_size
@@ -127,8 +128,6 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
     cam = survey.cameras[0]
     report["assumptions"]["camera"] = {"width": cam.width, "height": cam.height, "fl_x": cam.fl_x}
     if req.out is not None:
-        from .draw import draw_plan
-
         out = Path(req.out)
         report["files"] = {"plan": str(plan.save(out / "plan.json")),
                            "picture": str(draw_plan(plan, out / "plan.png", footprints=fp, ortho=req.ortho)),

@@ -22,7 +22,9 @@ written) and, if ``render_rasters``, the GeoTIFFs are produced: a flight plan fo
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import io
+import multiprocessing as mp
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -169,9 +171,6 @@ def make_survey(out: str | Path, config: SyntheticConfig | None = None, seed: in
                 _render_image(out, config, seed, i)
                 report(i + 1)
         else:
-            import concurrent.futures as cf
-            import multiprocessing as mp
-
             chunks = [list(range(k, min(n, k + 4))) for k in range(0, n, 4)]
             done = 0
             with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
