@@ -36,6 +36,7 @@ from survey_io import read_drone_folder, read_transforms
 from survey_io.atomic import atomic_path, atomic_write_json
 from survey_io.synthetic import PRESETS, make_survey
 
+from . import tile as tile_training  # looked up at call time (tests replace train_tile)
 from .export.compare import compare_to_ground_truth
 from .export.run import ExportOptions, export_tile
 from .nets.lpips import load_lpips
@@ -43,7 +44,6 @@ from .partition import PartitionConfig
 from .partition.run import PlanRequest, run_plan
 from .render.tile import TileRenderer
 from .render.tile_views import render_tile_views
-from .tile import train_tile
 from .train.data import load_survey
 
 #: training steps per block, sized once for the 2-core reference machine (14 steps/s x 150 s with
@@ -139,7 +139,7 @@ def _train(tile: Path, data: Path, block_steps: int, seed: int, n_blocks: int, c
     # the learning-rate schedule always runs to its end and the result does not depend on speed
     overrides = {"steps": block_steps, "max_seconds": 0, "seed": seed, "checkpoint_every": 500}
     with _TrainProgress(tile, block_steps, n_blocks, console):
-        result = train_tile(tile, data, "tiny", executor="local", overrides=overrides)
+        result = tile_training.train_tile(tile, data, "tiny", executor="local", overrides=overrides)
     result.raise_for_failures()
     return {block_id: {"state": o.state, "attempts": o.attempts,
                        **{k: o.result.get(k) for k in ("step", "seconds") if o.result}}
