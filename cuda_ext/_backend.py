@@ -28,7 +28,8 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = [CSRC / "hashgrid_cpu.cpp"]
+# the optimiser steps (optim_cpu.cpp) have their own source but share this build and its module
+CPU_SOURCES = [CSRC / "hashgrid_cpu.cpp", CSRC / "optim_cpu.cpp"]
 CUDA_SOURCES = [CSRC / "hashgrid_cuda.cu", CSRC / "hashgrid_cuda_bind.cpp"]
 # No -std flag: torch picks the C++ standard its headers need (C++17 for 2.13, C++20 from 2.14),
 # and our sources compile under both.

@@ -1,9 +1,9 @@
 """Native optimiser steps (the CPU build): the kernel side of ``citygen.train.optim.HashGridAdam``.
 
-The row-sparse Adam kernel is compiled into the hash-grid CPU build (``csrc/hashgrid_cpu.cpp``,
-``sparse_adam``) so that it costs no JIT build of its own (a torch extension takes about a
-minute to compile on 2 cores); this module is its one public entry point, so nothing outside
-``cuda_ext`` looks it up by name in a build module.
+The row-sparse Adam kernel has its own source (``csrc/optim_cpu.cpp``) but is compiled into the
+hash-grid CPU build, whose module binds it as ``sparse_adam``, so that it costs no JIT build of
+its own (a torch extension takes about a minute to compile on 2 cores); this module is its one
+public entry point, so nothing outside ``cuda_ext`` looks it up by name in a build module.
 """
 
 from __future__ import annotations
