@@ -233,7 +233,6 @@ class ViewerApp:
             return self.frame
         if self.drawer is None:
             return None
-
         off = Offscreen(self.drawer.ctx, self.size)
         off.fbo.use()
         off.fbo.clear(0.0, 0.0, 0.0, 1.0, depth=1.0)
