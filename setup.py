@@ -36,7 +36,9 @@ setup(
     ],
     extras_require={
         # pytest-timeout: a hung test fails (with its stack) instead of stalling CI (pyproject.toml)
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5",
+                # the layer contracts in pyproject.toml (tests/test_layers.py runs them); 2.x for acyclic_siblings
+                "import-linter>=2.17"],
         "mesh": ["open3d-cpu>=0.18; platform_machine=='x86_64'"],
         "ray": ["ray>=2.9"],
         "nerfstudio": ["nerfstudio>=1.1"],

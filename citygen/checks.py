@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import psutil
+
 from .errors import CitygenError
 
 
@@ -120,8 +122,6 @@ class MemoryBudget:
 
 
 def available_memory_bytes() -> int:
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 

@@ -6,6 +6,11 @@ any work.  Library code raises :class:`SurveyError` / :class:`CitygenError` for 
 here they become one line on stderr and exit status 2, without a traceback, and so does an
 ``OSError`` that names a path (disk full, permission denied, a file where a folder should
 be ...).  Anything else is a bug and keeps its traceback.
+
+Imports: each subcommand imports its modules inside its own function, on purpose, so that
+``citygen --help`` and a command's option errors come without torch, rasterio, ray ... (the
+top of the layers in pyproject.toml; tests/test_layers.py checks that importing this module
+loads neither torch nor the viewer).  Everywhere else imports sit at the top of the module.
 """
 
 from __future__ import annotations

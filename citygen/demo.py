@@ -27,10 +27,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
 
+from survey_io import read_drone_folder, read_transforms
 from survey_io.atomic import atomic_path, atomic_write_json
+from survey_io.synthetic import PRESETS, make_survey
 
+from . import tile as tile_training  # looked up at call time (tests replace train_tile)
+from .export.compare import compare_to_ground_truth
+from .export.run import ExportOptions, export_tile
+from .nets.lpips import load_lpips
+from .partition import PartitionConfig
+from .partition.run import PlanRequest, run_plan
+from .render.tile_views import render_tile_views
 from .store.layout import block_id_of, block_run_dirs
+from .train.data import load_survey
 
 #: training steps per block, sized once for the 2-core reference machine (14 steps/s x 150 s with
 #: the tiny preset): fixed, with no time cap, so a slower or busier machine takes longer but trains
@@ -49,10 +63,6 @@ def run_demo(out: str | Path, seed: int = 0, block_steps: int = BLOCK_STEPS,
              lpips_weights: str | Path | None = None) -> dict[str, Any]:
     """Run the demo into ``out``; ``seed`` seeds the synthetic city and the training (sampling,
     initialisation); ``block_steps`` training steps per block."""
-    from rich.console import Console
-
-    from .nets.lpips import load_lpips
-
     lpips_net = load_lpips(lpips_weights)  # a bad weights file fails now, not after training
     console = Console(stderr=True)
     out = Path(out)
@@ -94,8 +104,6 @@ class _Timer:
 
 
 def _synth(folder: Path, seed: int) -> Path:
-    from survey_io.synthetic import PRESETS, make_survey
-
     data = folder / "transforms.json"
     marker = folder / "synth_done.json"
     if not (data.is_file() and marker.is_file() and json.loads(marker.read_text()).get("seed") == seed):
@@ -106,8 +114,6 @@ def _synth(folder: Path, seed: int) -> Path:
 
 def _ingest_check(data: Path) -> dict[str, Any]:
     """Pose priors from the JPEGs' metadata against the exact cameras."""
-    from survey_io import read_drone_folder, read_transforms
-
     truth = read_transforms(data)
     priors = read_drone_folder(data.parent / "images", georef=truth.georef)
     exact = {Path(im.name).name: im.c2w for im in truth.images}
@@ -123,22 +129,17 @@ def _ingest_check(data: Path) -> dict[str, Any]:
 
 
 def _plan(data: Path, tile: Path) -> dict[str, Any]:
-    from .partition import PartitionConfig
-    from .partition.run import PlanRequest, run_plan
-
     report = run_plan(PlanRequest(data=data, out=tile, partition=PartitionConfig(blocks=BLOCKS), train_preset="tiny"))
     s = report["summary"]
     return {"blocks": s["blocks"], "images_per_block": s["images_per_block"], "picture": str(tile / "plan.png")}
 
 
 def _train(tile: Path, data: Path, block_steps: int, seed: int, n_blocks: int, console) -> dict[str, Any]:
-    from .tile import train_tile
-
     # a fixed step count and no time cap (the tiny preset's max_seconds is for `citygen train`):
     # the learning-rate schedule always runs to its end and the result does not depend on speed
     overrides = {"steps": block_steps, "max_seconds": 0, "seed": seed, "checkpoint_every": 500}
     with _TrainProgress(tile, block_steps, n_blocks, console):
-        result = train_tile(tile, data, "tiny", executor="local", overrides=overrides)
+        result = tile_training.train_tile(tile, data, "tiny", executor="local", overrides=overrides)
     result.raise_for_failures()
     return {block_id: {"state": o.state, "attempts": o.attempts,
                        **{k: o.result.get(k) for k in ("step", "seconds") if o.result}}
@@ -194,8 +195,6 @@ class _TrainProgress:
 
     def _run(self) -> None:
         if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
             with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                           console=self.console, transient=False) as bar:
                 task = bar.add_task("", total=self.total)
@@ -216,11 +215,7 @@ def _clock(seconds: float) -> str:
 
 
 def _render(tile: Path, data: Path, out: Path, lpips_net=None) -> dict[str, Any]:
-    from .render.tile_views import render_tile_views
-    from .tile import open_tile
-    from .train.data import load_survey
-
-    report = render_tile_views(open_tile(tile), load_survey(data), ("test",), out, downscale=RENDER_DOWNSCALE,
+    report = render_tile_views(tile_training.open_tile(tile), load_survey(data), ("test",), out, downscale=RENDER_DOWNSCALE,
                                lpips_weights=lpips_net)
     atomic_write_json(out / "metrics.json", report)
     seams = report.get("seams") or {}
@@ -230,9 +225,6 @@ def _render(tile: Path, data: Path, out: Path, lpips_net=None) -> dict[str, Any]
 
 
 def _export(tile: Path, data: Path, out: Path) -> dict[str, Any]:
-    from .export.compare import compare_to_ground_truth
-    from .export.run import ExportOptions, export_tile
-
     options = ExportOptions(what=("ortho", "dsm", "semantics", "las", "ply"), gsd=EXPORT_GSD_M, survey=data)
     manifest = export_tile(tile, out, options)
     files = {kind: out / name for kind, name in manifest["files"].items()}  # names relative to out
@@ -245,8 +237,6 @@ def _export(tile: Path, data: Path, out: Path) -> dict[str, Any]:
 
 def _picture(out: Path, data: Path, summary: dict[str, Any]) -> None:
     """summary.png: for the first held-out view, ground truth | render | classes | depth."""
-    from PIL import Image
-
     name = Path(summary["render"]["views"][0]).stem
     renders = out / "renders"
     tiles = [Image.open(data.parent / "images" / f"{name}.jpg").convert("RGB")]
@@ -264,8 +254,6 @@ def _picture(out: Path, data: Path, summary: dict[str, Any]) -> None:
 
 
 def _print(console, summary: dict[str, Any], out: Path) -> None:
-    from rich.table import Table
-
     table = Table(title=f"citygen demo — {out}")
     table.add_column("stage")
     table.add_column("result")

@@ -60,18 +60,25 @@ top, so it runs before anything is installed.
 
 from __future__ import annotations
 
+# Only the standard library at the top, on purpose: scripts/gpu-check imports this module from
+# the checkout before the wheels (torch aside: numpy, pyproj, rasterio, citygen ...) are
+# installed; each stage imports what it needs inside its own function.
 import argparse
+import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -250,7 +257,6 @@ def stage_install(ctx: Context, log) -> dict[str, Any]:
     # --isolated: no pip configuration or PIP_* variable of the machine adds a source or a constraint
     pip = [sys.executable, "-m", "pip", "--isolated", "install", "--no-index", "--find-links", str(ctx.wheels),
            "--disable-pip-version-check", "--no-input"]
-    import sysconfig
 
     site = ctx.site
     if site is None and not os.access(sysconfig.get_paths()["purelib"], os.W_OK):
@@ -305,8 +311,6 @@ def stage_build(ctx: Context, log) -> dict[str, Any]:
 
 
 def _junit_summary(path: Path) -> dict[str, Any]:
-    import xml.etree.ElementTree as ET
-
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     cases = []
@@ -463,9 +467,6 @@ def stage_render(ctx: Context, log) -> dict[str, Any]:
 
 
 def stage_render_parity(ctx: Context, log) -> dict[str, Any]:
-    import copy
-    import math
-
     import numpy as np
     import torch
 

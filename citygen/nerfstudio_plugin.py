@@ -24,9 +24,44 @@ but neither supervised nor rendered (nerfstudio's data managers carry no label m
 
 # No `from __future__ import annotations`: tyro (ns-train's CLI) resolves the config dataclasses'
 # annotations, which name classes local to _build_method, so they must be evaluated in place.
+import dataclasses
+import math
+import warnings
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from survey_io.semantics import CLASSES
+
+# citygen's own modules are imported here (not inside _build_method) so that the method's
+# losses, schedules and optimiser defaults are visibly the trainer's (tests/test_layers.py checks
+# it without nerfstudio); none of them imports nerfstudio.
+from .config import FieldConfig, OptimConfig, RenderConfig
+from .fields.field import CityField
+from .fields.occupancy import OccupancyGrid
+from .nets.lpips import ENV_WEIGHTS, load_lpips, lpips_distance, resolve_lpips_weights
+from .render.volume import render_rays
+from .train.losses import opacity_entropy
+from .train.optim import adam_groups
+from .train.schedule import WARMUP_START, refresh_occupancy
+
 _SPEC: list[Any] = []
+
+
+def optimizer_settings(optim: OptimConfig | None = None) -> dict[str, dict[str, Any]]:
+    """Adam's settings per parameter group (``grid``, ``mlp``): the trainer's, from ``OptimConfig``."""
+    return {g["name"]: {k: g[k] for k in ("lr", "eps", "weight_decay", "betas")}
+            for g in adam_groups(optim or OptimConfig())}
+
+
+def schedule_args(lr: float, optim: OptimConfig, max_steps: int) -> dict[str, Any]:
+    """nerfstudio's ``ExponentialDecaySchedulerConfig`` arguments that trace the trainer's
+    :func:`~citygen.train.schedule.lr_factor` (times ``lr``): nerfstudio ramps linearly from
+    ``lr_pre_warmup`` to ``lr`` over ``warmup_steps``, then decays log-linearly to ``lr_final``
+    at ``max_steps``."""
+    return {"lr_pre_warmup": WARMUP_START * lr, "lr_final": optim.final_lr_fraction * lr,
+            "warmup_steps": optim.warmup_steps, "max_steps": max_steps, "ramp": "linear"}
 
 
 def _require_nerfstudio():
@@ -40,12 +75,6 @@ def _require_nerfstudio():
 def _build_method():
     """Build the :class:`MethodSpecification` (imports nerfstudio)."""
     _require_nerfstudio()
-    import dataclasses
-    import math
-    import warnings
-
-    import torch
-    import torch.nn.functional as F
     from nerfstudio.configs.base_config import ViewerConfig
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
@@ -58,18 +87,15 @@ def _build_method():
     from nerfstudio.plugins.types import MethodSpecification
     from nerfstudio.utils import colormaps
 
-    from survey_io.semantics import CLASSES
 
-    from .config import FieldConfig, RenderConfig
-    from .fields.field import CityField
-    from .fields.occupancy import OccupancyGrid
-    from .render.volume import render_rays
+    optim = OptimConfig()
+    settings = optimizer_settings(optim)
 
     @dataclasses.dataclass
     class CitygenAdamConfig(AdamOptimizerConfig):
-        """Adam with instant-ngp's betas (nerfstudio's config leaves torch's 0.999)."""
+        """Adam with the trainer's betas (instant-ngp's; nerfstudio's config leaves torch's 0.999)."""
 
-        betas: tuple[float, float] = (0.9, 0.99)
+        betas: tuple[float, float] = settings["grid"]["betas"]
 
     @dataclasses.dataclass
     class CitygenModelConfig(ModelConfig):
@@ -82,8 +108,8 @@ def _build_method():
         """marching and occupancy grid, as in ``citygen train`` but in scene-box units; step_size
         0: the scene box's diagonal / 1024 (instant-ngp's density)."""
         near_plane: float = 0.0
-        entropy_weight: float = 1e-3
-        distortion_weight: float = 0.0
+        entropy_weight: float = optim.entropy_weight
+        distortion_weight: float = optim.distortion_weight
         """mip-NeRF 360 distortion loss, distances in units of the scene box's height."""
 
     class _LazyLPIPS:
@@ -97,8 +123,6 @@ def _build_method():
             self.warned = False
 
         def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> float | None:
-            from .nets.lpips import ENV_WEIGHTS, load_lpips, lpips_distance, resolve_lpips_weights
-
             if self.model is None:
                 path = resolve_lpips_weights(None)
                 if path is None:
@@ -134,17 +158,11 @@ def _build_method():
         def get_training_callbacks(self, training_callback_attributes) -> list[TrainingCallback]:
             cfg = self.config.render
 
-            def refresh_occupancy(step: int):
-                # citygen's schedule: after every `occupancy_update_every` steps; all cells while
-                # the field is young, then random + occupied ones
-                done = step + 1
-                if done % cfg.occupancy_update_every:
-                    return
-                n_cells = None if done <= cfg.occupancy_warmup_steps else cfg.occupancy_cells_per_update
-                self.field.occupancy.update(lambda x: self.field.density(x)[0], self.step_size,
-                                            cfg.occupancy_alpha_threshold, cfg.occupancy_decay, n_cells)
+            def refresh(step: int):
+                # the trainer's schedule (citygen.train.schedule), counted in steps done
+                refresh_occupancy(self.field, step + 1, cfg, self.step_size)
 
-            return [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], refresh_occupancy)]
+            return [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], refresh)]
 
         def _appearance(self, ray_bundle, origins: torch.Tensor) -> torch.Tensor:
             """Per-ray appearance codes: the ray's own image while training, else the nearest
@@ -198,8 +216,7 @@ def _build_method():
             cfg = self.config
             losses = {"rgb_loss": F.mse_loss(outputs["rgb"], self._ground_truth(batch))}
             if cfg.entropy_weight > 0:
-                a = outputs["accumulation"].clamp(1e-6, 1 - 1e-6)
-                losses["entropy_loss"] = cfg.entropy_weight * -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
+                losses["entropy_loss"] = cfg.entropy_weight * opacity_entropy(outputs["accumulation"])
             if "distortion" in outputs:
                 losses["distortion_loss"] = cfg.distortion_weight * outputs["distortion"].mean()
             return losses
@@ -222,10 +239,8 @@ def _build_method():
                       "depth": colormaps.apply_depth_colormap(outputs["depth"], accumulation=acc)}
             return metrics, images
 
-    def schedule(max_steps: int) -> ExponentialDecaySchedulerConfig:
-        # citygen's OptimConfig defaults: warmup from 1% over 100 steps, decay to 3% at the end
-        return ExponentialDecaySchedulerConfig(lr_pre_warmup=1e-4, lr_final=3e-4, warmup_steps=100,
-                                               max_steps=max_steps, ramp="linear")
+    def schedule(group: str, max_steps: int) -> ExponentialDecaySchedulerConfig:
+        return ExponentialDecaySchedulerConfig(**schedule_args(settings[group]["lr"], optim, max_steps))
 
     steps = 30000
     config = TrainerConfig(
@@ -239,10 +254,8 @@ def _build_method():
                                                  train_num_rays_per_batch=4096, eval_num_rays_per_batch=4096),
             model=CitygenModelConfig(eval_num_rays_per_chunk=8192),
         ),
-        optimizers={
-            "grid": {"optimizer": CitygenAdamConfig(lr=1e-2, eps=1e-15), "scheduler": schedule(steps)},
-            "mlp": {"optimizer": CitygenAdamConfig(lr=1e-2, eps=1e-15, weight_decay=1e-6), "scheduler": schedule(steps)},
-        },
+        optimizers={group: {"optimizer": CitygenAdamConfig(lr=kw["lr"], eps=kw["eps"], weight_decay=kw["weight_decay"]),
+                            "scheduler": schedule(group, steps)} for group, kw in settings.items()},
         viewer=ViewerConfig(num_rays_per_chunk=1 << 12),
         vis="viewer",
     )

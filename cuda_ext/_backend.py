@@ -18,14 +18,18 @@ Functions here never raise: they report availability and keep the reason of a fa
 from __future__ import annotations
 
 import os
+import site
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = [CSRC / "hashgrid_cpu.cpp"]
+# the optimiser steps (optim_cpu.cpp) have their own source but share this build and its module
+CPU_SOURCES = [CSRC / "hashgrid_cpu.cpp", CSRC / "optim_cpu.cpp"]
 CUDA_SOURCES = [CSRC / "hashgrid_cuda.cu", CSRC / "hashgrid_cuda_bind.cpp"]
 # No -std flag: torch picks the C++ standard its headers need (C++17 for 2.13, C++20 from 2.14),
 # and our sources compile under both.
@@ -59,8 +63,6 @@ def cpu_isa() -> str:
 
 def build_dir() -> Path:
     """Where the JIT builds live (created on demand)."""
-    import torch
-
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "citygen" / "torch_extensions"
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
@@ -99,7 +101,7 @@ def _load(kind: str) -> ModuleType | None:
 
 
 def _build(kind: str) -> ModuleType:
-    import torch
+    # deferred on purpose: only a build needs it (it imports setuptools, 0.4 s)
     from torch.utils.cpp_extension import load
 
     if kind == "cuda":
@@ -126,8 +128,6 @@ def _build(kind: str) -> ModuleType:
 def _pip_cuda_include_dirs() -> list[str]:
     """CUDA headers shipped in pip wheels (site-packages/nvidia/cu*/include), which a pip-installed
     CUDA torch uses instead of a system toolkit's."""
-    import site
-
     roots = [*site.getsitepackages(), site.getusersitepackages()]
     return sorted(str(p) for root in roots for p in Path(root).glob("nvidia/cu*/include") if p.is_dir())
 

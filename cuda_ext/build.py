@@ -21,6 +21,8 @@ import time
 from types import ModuleType
 from typing import Callable
 
+import torch
+
 from . import _backend
 from . import realtime as _realtime
 
@@ -71,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         return _build_one(args.one)
 
-    import torch
 
     has_cuda = torch.cuda.is_available()
     report = build_all(["cpu", "cuda"] if has_cuda else ["cpu"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import torch
+
 from . import _backend
 
 CPU_SOURCES = [_backend.CSRC / "realtime_cpu.cpp"]
@@ -21,7 +23,7 @@ _errors: dict[str, str] = {}
 
 
 def _build(kind: str) -> ModuleType:
-    import torch
+    # deferred on purpose: only a build needs it (it imports setuptools, 0.4 s)
     from torch.utils.cpp_extension import load
 
     if kind == "cpu":
@@ -60,8 +62,6 @@ def cuda_module() -> ModuleType | None:
 
 def module_for(device) -> ModuleType | None:
     """The build that runs on ``device`` (a torch.device or string), or None."""
-    import torch
-
     return cuda_module() if torch.device(device).type == "cuda" else cpu_module()
 
 

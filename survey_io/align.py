@@ -21,6 +21,7 @@ Everything is deterministic for a given ``seed``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -233,8 +234,6 @@ def align_similarity(src: np.ndarray, dst: np.ndarray, *, vertical_weight: float
     # 1. hypothesis: best of random minimal samples (all triples when there are few).
     rng = np.random.default_rng(seed)
     if n <= 12:
-        from itertools import combinations
-
         samples = np.array(list(combinations(range(n), 3)))
     else:
         samples = np.array([rng.choice(n, 3, replace=False) for _ in range(iterations)])

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
+import pyproj
 
 from .atomic import atomic_write_text
 from .errors import SurveyError
@@ -121,8 +122,6 @@ class _Srs:
 
 
 def _parse_srs(definition: str, doc: _Doc, srs_id: str) -> _Srs:
-    import pyproj
-
     if definition.upper().startswith("ENU:"):
         try:
             lat, lon = (float(v) for v in definition[4:].split(","))
@@ -157,8 +156,6 @@ def _enu_basis(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
 
 
 def _transformer(src, dst, doc: _Doc):
-    import pyproj
-
     try:
         return pyproj.Transformer.from_crs(src, dst, always_xy=True)
     except pyproj.exceptions.ProjError as err:

@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyproj
 
 from .errors import SurveyError
 from .exif import ImageMetadata, gimbal_to_c2w_rotation, read_image_metadata
@@ -128,8 +129,6 @@ def _meridian_convergence_deg(georef: Georef, lon: np.ndarray, lat: np.ndarray) 
     meridian in the northern hemisphere), so a compass heading becomes a grid heading by
     subtracting it.  Zero for CRSs pyproj cannot give factors for.
     """
-    import pyproj
-
     try:
         factors = pyproj.Proj(georef.pyproj_crs).get_factors(np.asarray(lon, float), np.asarray(lat, float))
         return np.asarray(factors.meridian_convergence, dtype=np.float64)

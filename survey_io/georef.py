@@ -14,6 +14,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+import pyproj
 
 from .errors import SurveyError
 
@@ -33,8 +34,6 @@ def utm_epsg_for(lon: float, lat: float) -> int:
 
 
 def _parse_crs(crs: str | int):
-    import pyproj
-
     try:
         parsed = pyproj.CRS.from_user_input(crs)
     except pyproj.exceptions.CRSError as err:
@@ -94,14 +93,10 @@ class Georef:
 
     @cached_property
     def _to_crs(self):
-        import pyproj
-
         return pyproj.Transformer.from_crs("EPSG:4979", self.pyproj_crs, always_xy=True)
 
     @cached_property
     def _to_lonlat(self):
-        import pyproj
-
         return pyproj.Transformer.from_crs(self.pyproj_crs, "EPSG:4979", always_xy=True)
 
     # -- transforms (arrays of shape (..., 3), float64) ---------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
 
 from .atomic import atomic_path
 from .errors import SurveyError
@@ -49,8 +50,6 @@ class GeoRaster:
 
 def north_up_transform(origin_xy: tuple[float, float], gsd: float):
     """Affine transform of a north-up grid whose top-left corner is ``origin_xy`` (CRS x, y)."""
-    from affine import Affine
-
     if not gsd > 0:
         raise SurveyError(None, f"GeoTIFF pixel size must be positive, got {gsd}")
     return Affine(float(gsd), 0.0, float(origin_xy[0]), 0.0, -float(gsd), float(origin_xy[1]))
@@ -78,6 +77,7 @@ def write_geotiff(
         nodata: value marking empty cells, stored in the file.
         dtype: output dtype (default: the array's).
     """
+    # deferred on purpose: rasterio takes 0.6 s to import; `citygen --help` loads this module
     import rasterio
 
     path = Path(path)
@@ -99,6 +99,7 @@ def write_geotiff(
         profile.update(tiled=True, blockxsize=256, blockysize=256)
     if c == 3 and out_dtype == np.uint8:
         profile["photometric"] = "RGB"
+    # deferred on purpose: rasterio (see write_geotiff)
     from rasterio.errors import RasterioError
 
     try:
@@ -111,6 +112,7 @@ def write_geotiff(
 
 def read_geotiff(path: str | Path) -> GeoRaster:
     """Read a GeoTIFF; raise :class:`SurveyError` if it is unreadable or has no CRS."""
+    # deferred on purpose: rasterio takes 0.6 s to import; `citygen --help` loads this module
     import rasterio
     from rasterio.errors import RasterioError
 

@@ -7,10 +7,11 @@ in the local ENU frame of :attr:`Survey.georef`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from .errors import SurveyError
 from .georef import Georef
@@ -57,8 +58,6 @@ class Camera:
 
     def scaled(self, factor: float) -> Camera:
         """The same camera for an image resized by ``factor`` (pixel-centre convention)."""
-        from dataclasses import replace
-
         return replace(
             self, width=round(self.width * factor), height=round(self.height * factor),
             fl_x=self.fl_x * factor, fl_y=self.fl_y * factor, cx=self.cx * factor, cy=self.cy * factor,
@@ -145,8 +144,6 @@ class Survey:
         Raises:
             SurveyError: naming the image file: missing, empty, not an image, or the wrong size.
         """
-        from PIL import Image, UnidentifiedImageError
-
         for im in self.images if images is None else images:
             path = self.image_path(im)
             cam = self.camera_of(im)

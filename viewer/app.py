@@ -36,6 +36,7 @@ from .camera_path import CameraPath
 from .colormap import depth_range
 from .controls import Controls
 from .display import DisplayMode, Frame, block_outlines, plan_ground_height
+from .gl import Drawer, Offscreen, create_headless_context, linearize_depth
 from .hud import HudInfo, Overlay, hud_overlays
 from .measure import Measurement, Pick, ground_sample_distance, pick
 from .ply import PlyModel
@@ -124,8 +125,6 @@ class ViewerApp:
     # -- GL ----------------------------------------------------------------------------------
     def attach_gl(self, ctx) -> None:
         """Create the GL resources on ``ctx`` (call once the context exists)."""
-        from .gl import Drawer
-
         self.drawer = Drawer(ctx)
         if self.baked is not None:
             self.drawer.set_mesh(self.baked)
@@ -234,8 +233,6 @@ class ViewerApp:
             return self.frame
         if self.drawer is None:
             return None
-        from .gl import Offscreen, linearize_depth
-
         off = Offscreen(self.drawer.ctx, self.size)
         off.fbo.use()
         off.fbo.clear(0.0, 0.0, 0.0, 1.0, depth=1.0)
@@ -447,8 +444,6 @@ class ViewerApp:
     def render_image(self, size: tuple[int, int] | None = None, hud: bool = False) -> np.ndarray:
         """(H, W, 3) uint8 of the current view at ``size`` (default the window size), at full
         resolution: a neural tile is re-rendered through the renderer at that size."""
-        from .gl import Offscreen
-
         if self.drawer is None:
             raise CitygenError(None, "attach_gl() must be called before rendering images")
         size = (int(size[0]), int(size[1])) if size else self.size
@@ -485,8 +480,6 @@ class HeadlessViewer:
     size, driven by explicit calls (tests, servers, scripted screenshots)."""
 
     def __init__(self, app: ViewerApp, ctx=None):
-        from .gl import Offscreen, create_headless_context
-
         self.app = app
         self._owns_ctx = ctx is None
         self.ctx = ctx or create_headless_context()
@@ -501,8 +494,6 @@ class HeadlessViewer:
     def draw(self) -> np.ndarray:
         if self.target.size != self.app.size:
             self.target.release()
-            from .gl import Offscreen
-
             self.target = Offscreen(self.ctx, self.app.size)
         self.app.draw(self.target.fbo)
         return self.target.read_rgb()

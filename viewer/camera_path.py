@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from citygen.cameras import opencv_to_opengl, opengl_to_opencv
 from citygen.errors import CitygenError
 from survey_io.atomic import atomic_path, atomic_write_json
 
 from .camera import intrinsics
+from .display import colorize
 
 
 # -- rotations -----------------------------------------------------------------------------
@@ -282,10 +284,6 @@ def render_camera_path(renderer, path_json: str | Path, out_dir: str | Path, res
 
     Returns a summary: frames, out_dir, video path (or None) and a message.
     """
-    from PIL import Image
-
-    from .display import colorize
-
     path = CameraPath.load(path_json)
     width, height = resolution or (path.width, path.height)
     if width <= 0 or height <= 0:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from citygen.edit import EditedField, EditStack
+from citygen.errors import CitygenError
 from citygen.style import NAMED_STYLES, named_style
 
 
@@ -100,8 +101,6 @@ class LiveEdits:
         """Pick a style by its cycle name (``none``, a named style, ``tile:<id>``)."""
         names = [s.name for s in self.styles]
         if name not in names:
-            from citygen.errors import CitygenError
-
             raise CitygenError(None, f"unknown style {name!r} (offered: {', '.join(names)})")
         self.style_index = names.index(name)
         return self.style

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from citygen.cameras import world_to_opengl_view
+from citygen.errors import CitygenError
 from survey_io import Camera
 
 from .colormap import BACKGROUND, CLASS_LUT, EMPTY_ACC, LUT_SIZE, TURBO_LUT, to_uint8
@@ -344,7 +345,5 @@ def create_headless_context():
     try:
         return moderngl.create_standalone_context(backend="egl")
     except Exception as err:  # noqa: BLE001 - moderngl raises plain Exceptions for missing EGL
-        from citygen.errors import CitygenError
-
         raise CitygenError(None, f"cannot create a headless OpenGL context with EGL ({err}); install "
                                  "libegl1 libegl-mesa0 libgl1-mesa-dri libgles2") from None

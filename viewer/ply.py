@@ -8,6 +8,7 @@ properties: ``x y z`` (any numeric type), optional ``red green blue`` (uchar, or
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,7 +210,6 @@ def read_ply(path: str | Path) -> PlyModel:
         data = path.read_bytes()
     except OSError as err:
         raise CitygenError(path, f"cannot read PLY ({err.strerror or err})") from None
-    import io
 
     f = io.BytesIO(data)
     comments: list[str] = []

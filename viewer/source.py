@@ -8,6 +8,7 @@ The renderer is a :class:`citygen.render.tile.TileRenderer` or anything with the
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from citygen.cameras import world_rays
 from survey_io import Camera
@@ -53,8 +54,6 @@ class TileSource:
 
     def render_band(self, camera: Camera, c2w: np.ndarray, row0: int, row1: int) -> Frame:
         """Rows [row0, row1) of the view (z-depth, like ``render_view``)."""
-        import torch
-
         origins, dirs, z_per_m = band_rays(camera, c2w, row0, row1)
         o = torch.as_tensor(origins, dtype=torch.float32, device=self.device)
         d = torch.as_tensor(dirs, dtype=torch.float32, device=self.device)

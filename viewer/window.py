@@ -7,6 +7,8 @@ app; this module only translates events and swaps buffers.
 
 from __future__ import annotations
 
+import numpy as np
+
 from citygen.errors import CitygenError
 
 from .app import ViewerApp
@@ -117,8 +119,6 @@ class ViewerWindow:
 
     def read_rgb(self):
         """The window's current back-buffer content (H, W, 3) uint8, row 0 at the top."""
-        import numpy as np
-
         w, h = self.app.size
         self.ctx.screen.use()
         raw = np.frombuffer(self.ctx.screen.read(viewport=(0, 0, w, h), components=3, alignment=1), np.uint8)

@@ -23,6 +23,10 @@ import signal
 import sys
 import threading
 
+from .attempt import BlockJobError, run_attempt, run_follower_rank
+from .lease import EXECUTOR_PID_ENV, EXIT_HELD, BlockHeldError
+from .task import BlockTask
+
 #: seconds between the watchdog's looks at the parent pid.
 WATCH_S = 1.0
 _PR_SET_PDEATHSIG = 1
@@ -54,15 +58,9 @@ def _kill_own_group() -> None:
 
 
 def main() -> int:
-    from .lease import EXECUTOR_PID_ENV
-
     parent = os.environ.get(EXECUTOR_PID_ENV, "")
     if parent.isdigit():
         die_with_parent(int(parent))
-
-    from .attempt import BlockJobError, run_attempt, run_follower_rank
-    from .lease import EXIT_HELD, BlockHeldError
-    from .task import BlockTask
 
     message = json.loads(sys.stdin.read())
     task, resume = BlockTask.from_dict(message["task"]), bool(message["resume"])

@@ -12,7 +12,7 @@ instead (double in PLY).  PLY vertices carry ``uchar red, green, blue`` and, whe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from survey_io import Camera, Georef
 from survey_io.atomic import atomic_path
 
 from ..errors import CitygenError
+from ..render.sampling import camera_rays
 from .ply import write_ply
 from .raster import OrthoMaps
 from .source import DEFAULT_CHUNK, RayProgress, RaySource, check_source, render_in_chunks, source_device
@@ -150,11 +151,9 @@ def tsdf_mesh(source: RaySource, views: Sequence[tuple[Camera, np.ndarray]], vox
         crop_to_bounds: drop triangles outside the source's bounds.
     """
     o3d = require_open3d()
-    from dataclasses import replace
 
     import open3d.core as o3c
 
-    from ..render.sampling import camera_rays
 
     bounds = check_source(source)
     if not voxel_size > 0:

@@ -27,6 +27,7 @@ from survey_io import Camera, Georef
 from survey_io.atomic import atomic_path
 
 from ..errors import CitygenError
+from ..render.sampling import camera_rays
 from .ply import write_ply
 from .raster import CLASS_NODATA, OrthoMaps
 from .source import DEFAULT_CHUNK, RayProgress, RaySource, check_source, render_in_chunks, source_device
@@ -90,8 +91,6 @@ def points_from_views(source: RaySource, views: Sequence[tuple[Camera, np.ndarra
         views: (camera, OpenCV c2w in the local frame) pairs.
         clip_to_bounds: drop points outside the source's bounds.
     """
-    from ..render.sampling import camera_rays
-
     bounds = check_source(source)
     if stride < 1:
         raise CitygenError(None, f"point stride must be >= 1, got {stride}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from survey_io.atomic import atomic_write_json
 
-from ..checks import memory_budget
+from ..checks import format_bytes, largest_fitting, memory_budget, nice_up
 from ..errors import CitygenError
 from ..store.layout import read_plan, read_tile_config
 from ..tile import open_tile
@@ -156,8 +156,6 @@ def check_export_memory(options: ExportOptions, rect: tuple[float, float, float,
                         budget_source: str, bounds_xy: tuple[float, float, float, float] | None = None) -> None:
     """Refuse an export whose :func:`export_memory` exceeds the budget, naming --gsd (or
     --voxel-size) and the smallest value that fits."""
-    from ..checks import format_bytes, largest_fitting, nice_up
-
     parts = export_memory(options, rect, bounds_xy)
     total = sum(parts.values())
     if total <= budget_bytes:
@@ -188,8 +186,6 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
     """Render and write the deliverables of ``options`` into ``out``; return the manifest
     (also written to ``out/export.json``).  Refuses, before rendering or creating ``out``, an
     export whose estimated memory exceeds the budget (default: :func:`citygen.checks.memory_budget`'s)."""
-    from ..checks import memory_budget
-
     options.validate()
     out = Path(out)
     bounds = check_source(source)

@@ -10,9 +10,12 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from survey_io import Georef
+
+from ..errors import CitygenError
 
 #: Rays per ``render_rays`` call: large enough to keep a GPU busy, small enough for CPU memory.
 DEFAULT_CHUNK = 1 << 16
@@ -45,8 +48,6 @@ def source_device(source: RaySource) -> torch.device:
 
 def check_source(source: RaySource, where=None) -> np.ndarray:
     """Validate the parts of ``source`` the exporters rely on; return its bounds as (2, 3) float64."""
-    from ..errors import CitygenError
-
     bounds = np.asarray(source.bounds, dtype=np.float64)
     if bounds.shape != (2, 3) or not np.all(np.isfinite(bounds)) or np.any(bounds[1] <= bounds[0]):
         raise CitygenError(where, f"scene bounds must be (2, 3) finite min/max with max > min, got {bounds.tolist()}")
@@ -98,13 +99,6 @@ class RayProgress:
     def __enter__(self):
         if not self.enabled:
             return lambda k: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeRemainingColumn(), transient=True)

@@ -52,6 +52,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import cuda_ext
+from cuda_ext.hashgrid import hashgrid_encode
+
 from ..errors import CitygenError
 
 # tiny-cuda-nn's hashing primes for the first three dimensions.
@@ -260,16 +263,11 @@ class HashEncoding(torch.nn.Module):
 
     def _resolve_backend(self, backend: str) -> str:
         if backend == "auto":
-            try:
-                from cuda_ext import _backend
-            except ImportError:  # the native package is not installed: the reference does it all
-                return "torch"
-            return "cuda_ext" if _backend.cpu_available() or _backend.cuda_available() else "torch"
+            return "cuda_ext" if cuda_ext.cpu_available() or cuda_ext.cuda_available() else "torch"
         if backend == "cuda_ext":
-            from cuda_ext import _backend
-            if not (_backend.cpu_available() or _backend.cuda_available()):
+            if not (cuda_ext.cpu_available() or cuda_ext.cuda_available()):
                 raise CitygenError(None, "hash grid: backend 'cuda_ext' is not available: "
-                                         + _backend.unavailable_reason())
+                                         + cuda_ext.unavailable_reason())
         if backend == "tcnn":
             try:
                 import tinycudann  # noqa: F401
@@ -285,17 +283,15 @@ class HashEncoding(torch.nn.Module):
         x = x.float()
         backend = self.backend
         if backend == "cuda_ext":
-            from cuda_ext import _backend
-            if not (_backend.cuda_available() if x.is_cuda else _backend.cpu_available()):
+            if not (cuda_ext.cuda_available() if x.is_cuda else cuda_ext.cpu_available()):
                 kind = "CUDA" if x.is_cuda else "CPU"
                 if not self._auto:
                     raise CitygenError(None, f"hash grid: backend 'cuda_ext' has no {kind} build here: "
-                                             + _backend.unavailable_reason())
+                                             + cuda_ext.unavailable_reason())
                 backend = "torch"  # "auto": e.g. a GPU without the CUDA build
         if backend == "torch":
             return hash_grid_encode_torch(x, self.params, self.levels, self.config.n_features_per_level)
         if backend == "cuda_ext":
-            from cuda_ext.hashgrid import hashgrid_encode
             return hashgrid_encode(x, self.params, self.level_offsets, self.level_scales,
                                    self.config.n_features_per_level, self.accumulate_grad_in_place)
         return self._forward_tcnn(x)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from survey_io.atomic import atomic_path
@@ -35,7 +36,6 @@ def convert_lpips_weights(vgg: str | Path, lin: str | Path, out: str | Path) -> 
                **lin_tensors(_load_state_dict(lin, "LPIPS lin weights"), lin)}
     meta = {"format": FORMAT, "net": NET, "version": VERSION, "vgg_source": vgg.name, "vgg_sha256": _sha256(vgg),
             "lin_source": lin.name, "lin_sha256": _sha256(lin)}
-    from safetensors.torch import save_file
 
     with atomic_path(out, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=meta)

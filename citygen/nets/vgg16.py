@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ..errors import CitygenError
@@ -47,8 +48,6 @@ def vgg16_conv_shapes(last_index: int = 30) -> dict[str, tuple[int, ...]]:
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors and the header metadata of a safetensors file; a CitygenError naming
     ``path`` when it is missing, truncated or not a safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

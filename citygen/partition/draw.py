@@ -13,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyproj
 from PIL import Image, ImageDraw
 
 from survey_io.atomic import atomic_path
+from survey_io.geotiff import read_geotiff
 
 from ..errors import CitygenError
 from .plan import TilePlan
@@ -120,10 +122,6 @@ def _pick_footprints(fp: Footprints, n: int) -> list[int]:
 def _ortho_background(plan: TilePlan, path: Path, top_left: tuple[float, float], scale: float,
                       size: tuple[int, int]) -> Image.Image:
     """The orthophoto resampled (nearest) onto the picture's pixels; white outside it."""
-    import pyproj
-
-    from survey_io.geotiff import read_geotiff
-
     raster = read_geotiff(path)
     if pyproj.CRS.from_user_input(raster.crs) != plan.georef.pyproj_crs:
         raise CitygenError(path, f"orthophoto CRS {raster.crs} differs from the plan's {plan.georef.crs}")

@@ -39,6 +39,7 @@ import numpy as np
 
 from survey_io import Camera, Survey
 
+from ..checks import format_bytes, largest_fitting
 from ..config import TrainConfig
 from ..errors import CitygenError
 from .plan import Block, TilePlan
@@ -90,6 +91,7 @@ class SizingConfig:
 
 def hash_params(train: TrainConfig) -> int:
     """Float parameters of the block's hash grid (the field's own layout)."""
+    # deferred on purpose: the field imports torch (3 s); `citygen plan` runs without it
     from ..fields.hash_encoding import HashGridConfig, n_params
 
     f = train.field
@@ -139,8 +141,6 @@ def check_train_memory(train: TrainConfig, budget_bytes: float, budget_source: s
                        names: dict[str, str] | None = None) -> None:
     """Refuse a config whose training memory (:func:`train_memory_terms`) exceeds the budget,
     naming the key with the largest term and the largest value of it that would fit."""
-    from ..checks import format_bytes, largest_fitting
-
     terms = train_memory_terms(train)
     total = sum(terms.values())
     if total <= budget_bytes:

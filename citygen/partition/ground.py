@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyproj
+from PIL import Image
 
 from survey_io import Georef, Survey, SurveyError
+from survey_io.colmap import read_colmap_points
+from survey_io.geotiff import read_geotiff
 
 from ..cameras import unproject
 from ..errors import CitygenError
@@ -209,15 +213,11 @@ class GroundModel:
 
 
 def _pyproj(crs):
-    import pyproj
-
     return pyproj.CRS.from_user_input(crs)
 
 
 def _read_elevation(path: Path):
     """(band 1, affine as (a, b, c, d, e, f), crs, nodata) of a GeoTIFF, via survey_io."""
-    from survey_io.geotiff import read_geotiff
-
     raster = read_geotiff(path)
     data = raster.array if raster.array.ndim == 2 else raster.array[..., 0]
     t = raster.transform
@@ -258,8 +258,6 @@ def load_sparse_points(folder: str | Path) -> np.ndarray:
     Read through survey_io's checked COLMAP reader: pycolmap alone trusts a truncated
     ``points3D.bin`` and allocates whatever its garbage track lengths ask for.
     """
-    from survey_io.colmap import read_colmap_points
-
     xyz, _rgb = read_colmap_points(folder)
     return xyz
 
@@ -271,8 +269,6 @@ def load_depth(path: Path) -> np.ndarray:
         if path.suffix.lower() == ".npy":
             depth = np.load(path, allow_pickle=False)
         else:
-            from PIL import Image
-
             with Image.open(path) as img:
                 depth = np.asarray(img, dtype=np.float64) / 1000.0
     except FileNotFoundError:

@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from survey_io import read_transforms
 from survey_io.atomic import atomic_write_json
 
+from ..checks import format_bytes, largest_fitting, memory_budget, nice_down, nice_up
+from ..config import TrainConfig, load_config
 from ..errors import CitygenError
 from .config import PartitionConfig
+from .draw import draw_plan
 from .estimate import SizingConfig, sizing_report
 from .ground import GroundModel, estimate_ground, load_sparse_points
 from .layout import FlightLayout, synthetic_survey, synthetic_survey_size
@@ -88,9 +93,6 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
 
     Returns the report (sizing summary, assumptions, per-block estimates, where things went).
     """
-    from ..checks import memory_budget
-    from ..config import TrainConfig, load_config
-
     config = req.partition or PartitionConfig()
     layout = req.layout or FlightLayout()
     if req.memory_budget_bytes is None:
@@ -127,8 +129,6 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
     cam = survey.cameras[0]
     report["assumptions"]["camera"] = {"width": cam.width, "height": cam.height, "fl_x": cam.fl_x}
     if req.out is not None:
-        from .draw import draw_plan
-
         out = Path(req.out)
         report["files"] = {"plan": str(plan.save(out / PLAN_FILE)),
                            "picture": str(draw_plan(plan, out / "plan.png", footprints=fp, ortho=req.ortho)),
@@ -138,15 +138,11 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
 
 
 def _budget_text(req: PlanRequest) -> str:
-    from ..checks import format_bytes
-
     return f"the memory budget of {format_bytes(req.memory_budget_bytes)} ({req.memory_budget_source})"
 
 
 def _check_flight_size(layout: FlightLayout, config: PartitionConfig, req: PlanRequest) -> None:
     """Refuse a dry-run flight whose plan would not fit, naming --area-km2 and an area that fits."""
-    from ..checks import format_bytes, largest_fitting, nice_down, nice_up
-
     def blocks(area_km2: float) -> int:
         if config.blocks is not None:
             return config.blocks[0] * config.blocks[1]
@@ -177,8 +173,6 @@ def _check_flight_size(layout: FlightLayout, config: PartitionConfig, req: PlanR
 def _check_plan_size(fp, survey, config: PartitionConfig, req: PlanRequest) -> None:
     """Refuse a grid of more than :data:`MAX_BLOCKS` blocks, or a plan that would not fit the
     memory budget, naming the option (--blocks or --block-size) and a value that fits."""
-    from ..checks import format_bytes
-
     grid = make_grid(fp, survey, config)
     n_blocks, n_images = grid.rows * grid.cols, len(fp.names)
     if n_blocks > MAX_BLOCKS:
@@ -205,8 +199,6 @@ def _refuse_blocks_option(blocks: tuple[int, int], n_images: int) -> None:
 
 def _fitting_block_size(fp, survey, config: PartitionConfig) -> str:
     """The smallest round block size (2 significant digits) whose grid has <= MAX_BLOCKS blocks."""
-    from ..checks import nice_up
-
     b = config.block_size_m
     for _ in range(2000):
         b *= 1.02
@@ -249,9 +241,6 @@ def _ground(survey, req: PlanRequest, config: PartitionConfig) -> GroundModel:
 
 def print_summary(report: dict[str, Any], file=None) -> None:
     """A readable table of the report (rich), on stderr by default so stdout stays JSON."""
-    from rich.console import Console
-    from rich.table import Table
-
     s, a = report["summary"], report["assumptions"]
     gb = 1e9
     gpu_mem = s["gpu_memory_per_block_bytes"]

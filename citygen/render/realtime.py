@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cuda_ext import realtime as rt_ext
 from survey_io import Camera
 
 from ..cameras import project
@@ -325,10 +326,6 @@ def finish(module: Any, state: FrameState, background: PackedField, cam: Tensor,
 
 def native_module(device: torch.device | str) -> Any | None:
     """The real-time build for ``device`` (None when it cannot be built here)."""
-    try:
-        from cuda_ext import realtime as rt_ext
-    except ImportError:
-        return None
     return rt_ext.module_for(device)
 
 
@@ -364,7 +361,6 @@ class RealtimeRenderer:
         if backend != "torch":
             self._module = native_module(self.device)
             if self._module is None:
-                from cuda_ext import realtime as rt_ext
                 self.fallback_reason = rt_ext.unavailable_reason() or "cuda_ext is not importable"
             else:
                 try:

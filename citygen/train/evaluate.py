@@ -34,7 +34,6 @@ from ..render.volume import render_image
 from ..store.field import load_field
 from .data import load_survey, select_images
 
-
 HELDOUT_POINTS_FILE = "points3D_heldout.npz"
 
 

@@ -1,4 +1,5 @@
-"""Adam with row-sparse updates for hash tables (tiny-cuda-nn's rule).
+"""The trainer's optimiser: Adam with row-sparse updates for hash tables (tiny-cuda-nn's rule),
+and its parameter groups (:func:`adam_groups`, also the nerfstudio method's).
 
 A training batch touches a small part of a hash table: with ``2^19`` entries per level and a
 few tens of thousands of samples, most entries get an exactly-zero gradient.  Dense Adam still
@@ -7,8 +8,8 @@ reads and writes four table-sized arrays per step.  tiny-cuda-nn's optimizer ski
 entries whose gradient is zero; :class:`HashGridAdam` does the same for parameter groups
 marked ``sparse=True``, and is ordinary (fused) ``torch.optim.Adam`` for the others.
 
-The sparse step runs in the native CPU build (``cuda_ext``, one pass over the gradient) when
-it is loaded, else :func:`sparse_adam_reference` (pure torch; also the GPU path: dense masked
+The sparse step runs in the native CPU build (:func:`cuda_ext.optim.sparse_adam_kernel`, one
+pass over the gradient) when it is loaded, else :func:`sparse_adam_reference` (pure torch; also the GPU path: dense masked
 ops are cheap at GPU bandwidth).  State uses ``torch.optim.Adam``'s keys (``step``,
 ``exp_avg``, ``exp_avg_sq``), so checkpoints and ``load_state_dict`` work unchanged.
 """
@@ -16,9 +17,17 @@ ops are cheap at GPU bandwidth).  State uses ``torch.optim.Adam``'s keys (``step
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from cuda_ext.optim import sparse_adam_kernel
+
+from ..config import OptimConfig, TrainConfig
+
+if TYPE_CHECKING:  # annotation only
+    from ..fields.field import CityField
 
 
 def sparse_adam_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float,
@@ -33,13 +42,8 @@ def sparse_adam_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_
 
 
 def _native_sparse_adam():
-    """The CPU build's ``sparse_adam`` (None when the native build is unavailable)."""
-    try:
-        from cuda_ext import _backend
-    except ImportError:
-        return None
-    module = _backend.cpu_module()
-    return getattr(module, "sparse_adam", None) if module is not None else None
+    """The CPU build's sparse Adam step (None when the native build is unavailable)."""
+    return sparse_adam_kernel()
 
 
 class HashGridAdam(torch.optim.Adam):
@@ -101,4 +105,29 @@ class HashGridAdam(torch.optim.Adam):
                 sparse_adam_reference(p, grad, state["exp_avg"], state["exp_avg_sq"], **kwargs)
 
 
-__all__ = ["HashGridAdam", "sparse_adam_reference"]
+#: Adam's betas (instant-ngp's: the second moment follows a sparse hash gradient faster than 0.999).
+ADAM_BETAS = (0.9, 0.99)
+
+
+def adam_groups(optim: OptimConfig) -> list[dict[str, Any]]:
+    """Adam's settings per parameter group, without the parameters: the hash table (``grid``) with
+    eps 1e-15, no weight decay and (``optim.sparse_grid``) row-sparse steps as in tiny-cuda-nn;
+    the MLPs (``mlp``) with a little decay.  Also the nerfstudio method's (citygen.nerfstudio_plugin)."""
+    common = {"eps": optim.eps, "betas": ADAM_BETAS}
+    # key order as the checkpoints' sidecars have always listed them
+    return [{"lr": optim.lr_grid, "weight_decay": 0.0, "name": "grid", "sparse": optim.sparse_grid, **common},
+            {"lr": optim.lr_mlp, "weight_decay": optim.weight_decay_mlp, "name": "mlp", "sparse": False, **common}]
+
+
+def make_optimizer(field: CityField, cfg: TrainConfig, device: torch.device) -> HashGridAdam:
+    """The trainer's optimiser: :class:`HashGridAdam` over :func:`adam_groups`."""
+    params = {"grid": field.grid_parameters(), "mlp": field.mlp_parameters()}
+    groups = []
+    for g in adam_groups(cfg.optim):
+        groups.append({"params": params[g["name"]], **{k: v for k, v in g.items() if k not in ("eps", "betas")},
+                       "initial_lr": g["lr"]})
+    # fused Adam is the fastest dense step on CPU (BUILD-NOTES) and on CUDA.
+    return HashGridAdam(groups, betas=ADAM_BETAS, eps=cfg.optim.eps, fused=True)
+
+
+__all__ = ["ADAM_BETAS", "HashGridAdam", "adam_groups", "make_optimizer", "sparse_adam_reference"]

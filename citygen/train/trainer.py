@@ -28,14 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from survey_io import IGNORE_LABEL, Survey
 from survey_io.atomic import atomic_write_json
 
 from ..config import TrainConfig, to_dict
+from ..distributed.lease import hold_block
 from ..distributed.state import truncate_metrics
 from ..errors import CitygenError
-from ..fields.field import CityField
+from ..nets.lpips import load_lpips
 from ..render.volume import render_rays
 from ..store.checkpoint import (
     CHECKPOINTS_DIR,
@@ -50,7 +52,9 @@ from ..store.field import build_field, load_field  # noqa: F401 (load_field: its
 from .data import RayDataset, load_survey, scene_aabb, select_images
 from .error_map import ErrorMap
 from .evaluate import evaluate
-from .optim import HashGridAdam
+from .losses import opacity_entropy
+from .optim import make_optimizer
+from .schedule import lr_factor, refresh_occupancy
 
 
 @dataclass
@@ -73,29 +77,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from 1% over ``warmup_steps``, then exponential decay to ``final_lr_fraction``."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return 0.01 + 0.99 * step / max(o.warmup_steps, 1)
-    span = max(cfg.steps - o.warmup_steps, 1)
-    return o.final_lr_fraction ** min((step - o.warmup_steps) / span, 1.0)
-
-
-def make_optimizer(field: CityField, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam: the hash table with eps 1e-15, no weight decay and (``optim.sparse_grid``) row-sparse
-    steps as in tiny-cuda-nn; the MLPs with a little decay."""
-    o = cfg.optim
-    groups = [
-        {"params": field.grid_parameters(), "lr": o.lr_grid, "weight_decay": 0.0, "name": "grid",
-         "sparse": o.sparse_grid},
-        {"params": field.mlp_parameters(), "lr": o.lr_mlp, "weight_decay": o.weight_decay_mlp, "name": "mlp",
-         "sparse": False},
-    ]
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    # fused Adam is the fastest dense step on CPU (BUILD-NOTES) and on CUDA.
-    return HashGridAdam(groups, betas=(0.9, 0.99), eps=o.eps, fused=True)
 
 
 class BlockTrainer:
@@ -208,7 +189,7 @@ class BlockTrainer:
     # -- loop ----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        factor = lr_factor(self.step, cfg)
+        factor = lr_factor(self.step, cfg.optim, cfg.steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         if self.error_map is None:
@@ -242,9 +223,7 @@ class BlockTrainer:
                 loss = loss + cfg.optim.depth_weight * d
                 stats["loss_depth"] = float(d.detach())
         if cfg.optim.entropy_weight > 0:
-            a = out["acc"].clamp(1e-6, 1 - 1e-6)
-            entropy = -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
-            loss = loss + cfg.optim.entropy_weight * entropy
+            loss = loss + cfg.optim.entropy_weight * opacity_entropy(out["acc"])
         if cfg.optim.distortion_weight > 0:
             distortion = out["distortion"].mean()
             loss = loss + cfg.optim.distortion_weight * distortion
@@ -253,12 +232,7 @@ class BlockTrainer:
         loss.backward()
         self.optimizer.step()
         self.step += 1
-        r = cfg.render
-        if self.step % r.occupancy_update_every == 0:
-            # instant-ngp: refresh every cell while the field is young, a random subset later
-            n_cells = None if self.step <= r.occupancy_warmup_steps else r.occupancy_cells_per_update
-            self.field.occupancy.update(lambda x: self.field.density(x)[0], r.step_size, r.occupancy_alpha_threshold,
-                                        r.occupancy_decay, n_cells, self.generator)
+        refresh_occupancy(self.field, self.step, cfg.render, cfg.render.step_size, self.generator)
         stats.update(loss=float(loss.detach()), psnr_train=-10.0 * math.log10(max(float(mse.detach()), 1e-12)),
                      samples_per_ray=float(out["n_samples"]) / cfg.rays_per_batch, lr=factor * cfg.optim.lr_grid)
         return stats
@@ -323,9 +297,6 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
         lpips_weights: LPIPS weights file for the evaluation (see :mod:`citygen.nets.lpips`);
             read before training, so a bad file fails at once.
     """
-    from ..distributed.lease import hold_block
-    from ..nets.lpips import load_lpips
-
     out = Path(out)
     lpips_net = load_lpips(lpips_weights) if config.eval_at_end else None
     trainer = BlockTrainer(config, data, out, image_names, aabb)
@@ -347,14 +318,6 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
 
 # -- helpers -------------------------------------------------------------------------------------
 def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=False)
 

@@ -38,6 +38,8 @@ import datetime as _dt
 import math
 
 import numpy as np
+from PIL import Image
+from PIL.TiffImagePlugin import IFDRational
 
 from ..georef import Georef
 from ..survey import Camera
@@ -57,8 +59,6 @@ def grid_convergence_deg(georef: Georef, lon: float, lat: float) -> float:
 
 
 def _rational(value: float, den: int):
-    from PIL.TiffImagePlugin import IFDRational
-
     return IFDRational(round(value * den), den)
 
 
@@ -72,8 +72,6 @@ def _dms(deg: float):
 
 def image_metadata(c2w: np.ndarray, camera: Camera, georef: Georef, index: int) -> tuple[bytes, bytes, dict]:
     """(EXIF bytes, XMP packet bytes, the values written) of image ``index`` with pose ``c2w``."""
-    from PIL import Image
-
     lon, lat, h = (float(v) for v in georef.local_to_lonlat(np.asarray(c2w)[:3, 3]))
     yaw_grid, pitch, roll = c2w_to_gimbal(c2w)
     if abs(roll) > 1e-6:

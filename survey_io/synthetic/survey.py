@@ -22,13 +22,16 @@ written) and, if ``render_rasters``, the GeoTIFFs are produced: a flight plan fo
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import io
+import multiprocessing as mp
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from ..geotiff import write_geotiff
@@ -168,9 +171,6 @@ def make_survey(out: str | Path, config: SyntheticConfig | None = None, seed: in
                 _render_image(out, config, seed, i)
                 report(i + 1)
         else:
-            import concurrent.futures as cf
-            import multiprocessing as mp
-
             chunks = [list(range(k, min(n, k + 4))) for k in range(0, n, 4)]
             done = 0
             with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
@@ -232,16 +232,12 @@ def _progress(enabled: bool, total: int):
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _write_image(path: Path, rgb: np.ndarray, c2w, cam, georef, index: int, quality: int) -> None:
-    from PIL import Image
-
     exif, xmp, _ = image_metadata(c2w, cam, georef, index)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=0, exif=exif, xmp=xmp)
@@ -250,8 +246,6 @@ def _write_image(path: Path, rgb: np.ndarray, c2w, cam, georef, index: int, qual
 
 def _write_preview(path: Path, survey: Survey, ortho_rgb: np.ndarray, ortho_sem: np.ndarray) -> None:
     """2x2 contact sheet: first nadir image, an oblique image, the ortho, the semantic ortho."""
-    from PIL import Image
-
     tile_w, tile_h = 480, 360
     nadir = survey.images[len(survey.images) // 4]
     oblique = next((im for im in survey.images if im.c2w[2, 2] > -0.99), survey.images[-1])
