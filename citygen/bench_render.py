@@ -38,20 +38,25 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cuda_ext import realtime as rt_ext
 from survey_io import Camera
 
 from .bench import _cpu_name
 from .config import FieldConfig, RenderConfig
 from .errors import CitygenError
+from .fields import CityField
+from .render import OccupancyGrid, render_image
+from .render.realtime import RealtimeRenderer, native_module, pack_field
 from .render.realtime_sampling import RealtimeSampling
 from .render.sampling import look_at
+from .render.streaming import BlockCache, BlockInfo, StreamingRenderer, load_packed, save_packed
 from .store.checkpoint import resolve_checkpoint
 from .store.field import load_field
 from .store.layout import PLAN_FILE, discover
@@ -118,9 +123,6 @@ def synthetic_layout(occupancy, rng: np.random.Generator, ground: float = 2.0, c
 def synthetic_field(cfg: FieldConfig, aabb: np.ndarray, grid_resolution: int = 128, seed: int = 0,
                     device: str | torch.device = "cpu"):
     """A CityField with random weights over a synthetic layout (see the module docstring)."""
-    from .fields import CityField
-    from .render import OccupancyGrid
-
     torch.manual_seed(seed)
     aabb_t = torch.as_tensor(aabb, dtype=torch.float32)
     field = CityField(cfg, aabb_t, 4, 7)
@@ -214,9 +216,6 @@ def bench_views(field, render_cfg: RenderConfig, device: torch.device, resolutio
                 sampling: RealtimeSampling | None = None) -> list[dict[str, Any]]:
     """Real-time (with ``sampling``, None = its defaults) vs reference on the same fly-through
     views, per resolution."""
-    from .render import render_image
-    from .render.realtime import RealtimeRenderer
-
     renderer = RealtimeRenderer(field, render_cfg, device=device, sampling=sampling)
     path_aabb = field.aabb.detach().cpu().numpy()
     results = []
@@ -277,18 +276,8 @@ def bench_streaming(device: torch.device, resolution: tuple[int, int], area_km2:
                     grid_resolution: int = 64, seed: int = 0, speed_mps: float = 100.0) -> dict[str, Any]:
     """Fly through a synthetic tile of many random blocks under a memory budget, at ``speed_mps``
     metres per second paced at 30 frames per second (so the path is ``n_frames * speed / 30`` long)."""
-    from .render.realtime import native_module, pack_field
-    from .render.streaming import (
-        BlockCache,
-        BlockInfo,
-        StreamingRenderer,
-        load_packed,
-        save_packed,
-    )
-
     module = native_module(device)
     if module is None:
-        from cuda_ext import realtime as rt_ext
         return {"available": False, "reason": rt_ext.unavailable_reason()}
     side = math.sqrt(area_km2) * 1000.0
     n = max(1, round(side / block_size))
@@ -310,7 +299,6 @@ def bench_streaming(device: torch.device, resolution: tuple[int, int], area_km2:
                 geom = p.geom_f.clone()
                 for start in (0, 3, 6, 9, 12, 15):
                     geom[start:start + 3] += torch.as_tensor(offset, dtype=torch.float32)
-                from dataclasses import replace
                 return replace(p, geom_f=geom)
             return load
 

@@ -54,6 +54,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +240,6 @@ def estimate_gps_lag(src: np.ndarray, gps_track: np.ndarray, ranks: np.ndarray, 
 
 def _seconds_per_frame(metas: list[ImageMetadata], order: np.ndarray) -> float | None:
     """Mean capture interval from DateTimeOriginal (first to last), None when the times do not parse."""
-    from datetime import datetime
 
     try:
         times = [datetime.strptime(metas[i].datetime, "%Y:%m:%d %H:%M:%S") for i in order]

@@ -10,16 +10,18 @@ from pathlib import Path
 from citygen.errors import CitygenError
 from citygen.store.layout import trained_survey
 from citygen.tile import open_tile
+from survey_io import read_transforms
 
 from .app import HeadlessViewer, SurveyView, ViewerApp
+from .display import DisplayMode
 from .edits import live_edits_for_tile
 from .ply import read_ply
 from .source import TileSource
+from .window import ViewerWindow
 
 
 def survey_views_from(transforms: str | Path) -> list[SurveyView]:
     """Training cameras of a survey (``transforms.json``) to jump between."""
-    from survey_io import read_transforms
 
     survey = read_transforms(transforms)
     return [SurveyView(im.name, survey.camera_of(im), im.c2w) for im in survey.train_images]
@@ -57,7 +59,6 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
 
 def run_window(app: ViewerApp, title: str = "citygen viewer") -> None:
     """Open the desktop window and run until it closes."""
-    from .window import ViewerWindow
 
     win = ViewerWindow(app, title=title)
     try:
@@ -69,7 +70,6 @@ def run_window(app: ViewerApp, title: str = "citygen viewer") -> None:
 def headless_screenshot(app: ViewerApp, path: str | Path, size: tuple[int, int] | None = None,
                         view: int | None = None, mode: str = "rgb", hud: bool = True) -> Path:
     """Render the survey view (or training camera ``view``) without a display and save a PNG."""
-    from .display import DisplayMode
 
     hv = HeadlessViewer(app)
     try:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import CitygenError
+from .bake import bake_tile
+from .ops import OP_CLASSES
+from .params import _kind, label_of
+from .selection import SpecError, polygon_rings
 from .stack import EditStack, stack_path
 
 
@@ -67,8 +71,6 @@ def selection_from_flags(f: EditFlags) -> dict | None:
             raise CitygenError(f.polygon, f"not a readable GeoJSON file ({err})") from None
         if f.polygon_crs not in ("tile", "lonlat", "local"):
             raise CitygenError(None, f"--polygon-crs must be tile, lonlat or local, got {f.polygon_crs!r}")
-        from .selection import SpecError, polygon_rings
-
         try:
             polygon_rings(geojson)
         except SpecError as err:
@@ -95,11 +97,6 @@ def params_from_flags(f: EditFlags) -> dict[str, Any]:
     """The operation's parameters from the flags (``--params JSON`` is merged last).  Which flag
     sets which parameter, and how, is declared by the operation (:mod:`citygen.edit.params`):
     a flag left at its default is not given; a list parameter's flag holds comma-separated numbers."""
-    from dataclasses import MISSING, fields
-
-    from .ops import OP_CLASSES
-    from .params import _kind
-
     p: dict[str, Any] = {}
     cls = OP_CLASSES.get(f.op or "")
     declared = fields(cls.Params) if cls is not None else ()
@@ -137,11 +134,6 @@ def params_from_flags(f: EditFlags) -> dict[str, Any]:
 def _flags() -> list[tuple[str, str]]:
     """(text in a reason, the flag to name) pairs: the operations' declared flags (a parameter's
     label, the bracketed part dropped) between the fixed ones and the selection's."""
-    from dataclasses import fields
-
-    from .ops import OP_CLASSES
-    from .params import label_of
-
     pairs = [("unknown op", "--op"), ("unknown param", "--params")]
     for cls in OP_CLASSES.values():
         for fld in fields(cls.Params):
@@ -174,8 +166,6 @@ def run_edit(tile: Path, action: str, flags: EditFlags, edit_id: str | None = No
         raise CitygenError(tile, "tile folder not found")
     stack = EditStack.load(tile)
     if action == "add":
-        from .ops import OP_CLASSES
-
         if flags.op is None:
             known = ", ".join(name for name, cls in OP_CLASSES.items() if cls.cli)
             raise CitygenError(None, f"edit add needs --op ({known})")
@@ -205,8 +195,6 @@ def run_edit(tile: Path, action: str, flags: EditFlags, edit_id: str | None = No
     if action == "bake":
         if out is None:
             raise CitygenError(None, "edit bake needs --out NEWTILE")
-        from .bake import bake_tile
-
         return {"baked": str(out), "blocks": bake_tile(tile, out, steps=steps)}
     raise CitygenError(None, f"unknown edit action {action!r}")
 

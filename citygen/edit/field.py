@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from survey_io.semantics import CLASSES
@@ -42,6 +44,7 @@ from .pipeline import Pipeline
 from .raster import Raster2D
 from .samples import Rays, Samples
 from .selection import SpecError, build_selection
+from .stack import EditStack
 
 CHUNK = 1 << 18
 COLOR_MODULES = ("color_geo", "color_cond", "color_mlp")
@@ -251,8 +254,6 @@ class EditContext:
 
     def styled_color_field(self, rel: str):
         """A shallow copy of the field whose colour branch holds the weights in ``rel``."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         path = self._tile_path(rel)
         try:
@@ -305,7 +306,6 @@ class EditedField(nn.Module):
     def __init__(self, field, edits, georef=None, ground: GroundHeight | None = None, tile_dir: Path | None = None,
                  block_id: str = "block", assets: dict | None = None, raster_cell: float | None = None):
         super().__init__()
-        from .stack import EditStack
 
         ground_spec = None
         if isinstance(edits, EditStack):

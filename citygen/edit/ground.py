@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CitygenError
+from ..partition.ground import GroundModel
 from .raster import Raster2D, inpaint
 
 
@@ -52,8 +53,6 @@ class RasterGround:
     @classmethod
     def from_geotiff(cls, path: str | Path, georef) -> RasterGround:
         """A DTM GeoTIFF in the tile's CRS (heights in the CRS's vertical units)."""
-        from ..partition.ground import GroundModel
-
         model = GroundModel.from_geotiff(path, georef)
         return cls.from_ground_model(model)
 

@@ -45,7 +45,7 @@ from ..render.color import ColorTransform, HsvShift, TargetColor
 from .params import _kind, check_params, param, parse_params, safe_relative_path
 from .raster import Raster2D, dilate, inpaint, raster_box
 from .samples import Rays, Samples, empty_like
-from .selection import SpecError, class_ids
+from .selection import Everything, SpecError, class_ids
 
 Stage = Callable[[Tensor, "Rays | None", bool], Samples]
 OccStage = Callable[[Tensor], Tensor]
@@ -456,8 +456,6 @@ class RestyleOp(Op):
         return s
 
     def background(self, rgb):
-        from .selection import Everything
-
         if self.method != "optimize" and self.default is not None and isinstance(self.selection, Everything):
             return self.default(rgb)
         return rgb

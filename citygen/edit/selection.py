@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from shapely.geometry import Polygon
+from shapely.validation import explain_validity
 from torch import Tensor
 
 from survey_io.semantics import CLASSES
 
-from .raster import Raster2D, component_at, raster_box
+from .raster import Raster2D, component_at, dilate, raster_box
 
 #: Limits that flag a corrupt or hostile stack rather than an ambitious edit.
 MAX_COORD = 1e8           # |CRS coordinate|, metres
@@ -131,9 +133,6 @@ def _check_simple(rings: list[list[list[float]]], what: str) -> None:
     """A polygon must be valid in the OGC sense (shapely's test): rings that do not cross
     themselves or each other, holes inside the shell, non-zero area.  The even-odd test of
     :class:`PolygonSelection` would quietly select a bow-tie's odd parts instead."""
-    from shapely.geometry import Polygon
-    from shapely.validation import explain_validity
-
     try:
         poly = Polygon(rings[0], rings[1:])
     except ValueError as err:  # e.g. a ring that shapely cannot build
@@ -314,8 +313,6 @@ class InstanceSelection(Selection):
         comp = component_at(occ.values[..., 0] > 0, int(r[0]), int(c[0])) if bool(inside[0]) else \
             torch.zeros(occ.shape, dtype=torch.bool)
         # one cell of margin: the scan samples cell centres
-        from .raster import dilate
-
         self.mask = Raster2D(dilate(comp, 1)[..., None].float(), occ.origin, occ.cell)
 
     def _footprint(self, x):

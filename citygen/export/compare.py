@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from rasterio.warp import Resampling, reproject
 
 from survey_io.geotiff import GeoRaster, read_geotiff
 
@@ -14,9 +15,6 @@ from ..errors import CitygenError
 
 def _onto(src: GeoRaster, ref: GeoRaster, band_nodata: float | None, resampling: str) -> np.ndarray:
     """``src`` resampled onto ``ref``'s grid (float64, NaN where ``src`` has no data)."""
-    # deferred on purpose: rasterio takes 0.6 s to import, only this comparison needs it here
-    from rasterio.warp import Resampling, reproject
-
     arr = src.array if src.array.ndim == 3 else src.array[..., None]
     h, w = ref.array.shape[:2]
     out = np.full((arr.shape[-1], h, w), np.nan, np.float64)

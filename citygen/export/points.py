@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import laspy
 import numpy as np
 import torch
 
@@ -129,15 +130,11 @@ def asprs_codes(class_names: Sequence[str]) -> np.ndarray:
 
 def laz_available() -> bool:
     """True when laspy has a LAZ backend (lazrs or laszip)."""
-    import laspy
-
     return bool(laspy.LazBackend.detect_available())
 
 
 def write_las(cloud: PointCloud, path: str | Path) -> Path:
     """Write ``cloud`` as LAS 1.4 (``.las``) or LAZ (``.laz``, needs ``lazrs``), atomically."""
-    import laspy
-
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".las", ".laz"):

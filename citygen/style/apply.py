@@ -11,9 +11,13 @@ from safetensors.torch import save_file
 from survey_io.atomic import atomic_path
 from survey_io.semantics import CLASSES
 
+from ..edit.selection import SpecError, class_ids
+from ..edit.stack import EditStack
+from ..edit.tile import tile_blocks, tile_field_wrapper
 from ..errors import CitygenError
 from ..store.layout import edit_file, open_block_field
 from .named import named_style
+from .optimize import RandomFeatures, StyleOptimizeConfig, VGG16Features, load_reference_image, optimize_color_branch
 from .stats import load_reference, match_statistics, scene_colors
 
 # The edit package (and .optimize, which builds on it) is imported in the functions below: edit's
@@ -23,7 +27,6 @@ from .stats import load_reference, match_statistics, scene_colors
 
 
 def _load_blocks(tile_dir: Path, device: str):
-    from ..edit.tile import tile_blocks, tile_field_wrapper
 
     wrap = tile_field_wrapper(tile_dir)
     fields = {}
@@ -66,8 +69,6 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
         steps: optimisation steps per block (optimize).
         optimize_config: a full :class:`~citygen.style.optimize.StyleOptimizeConfig` (overrides ``steps``).
     """
-    from ..edit.selection import SpecError, class_ids
-    from ..edit.stack import EditStack
 
     tile_dir = Path(tile_dir)
     if (named is None) == (reference is None):
@@ -89,14 +90,6 @@ def add_style(tile_dir: str | Path, *, named: str | None = None, reference: str 
         return _push(stack, params, None)
     if method != "optimize":
         raise CitygenError(None, f"style: unknown method {method!r} (stats, optimize)")
-    from .optimize import (
-        RandomFeatures,
-        StyleOptimizeConfig,
-        VGG16Features,
-        load_reference_image,
-        optimize_color_branch,
-    )
-
     net = VGG16Features(weights) if weights is not None else RandomFeatures()
     ref = load_reference_image(reference)
     edit_id = stack.new_id("restyle")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from survey_io import Camera
@@ -226,7 +227,6 @@ def optimize_color_branch(field, reference: Tensor, cfg: StyleOptimizeConfig | N
 
 def load_reference_image(path, max_side: int = 256) -> Tensor:
     """A reference image as (3, H, W) in [0, 1], its long side at most ``max_side``."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:

@@ -23,12 +23,14 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from survey_io.semantics import CLASSES
 
 from ..errors import CitygenError
 from ..render.color import ColorTransform, to_space
+from ..render.volume import render_rays
 
 #: fewer samples than this and a class's statistics are not trusted (joint fallback).
 MIN_SAMPLES = 50
@@ -137,7 +139,6 @@ def scene_colors(field, n: int = 64, step_size: float | None = None, tilts=(0.0,
     The views are a nadir grid and ``tilts`` x ``azimuths`` obliques (facades); rays that do not
     become opaque (``acc < min_acc``) are dropped.
     """
-    from ..render.volume import render_rays
 
     aabb = field.aabb
     if step_size is None:
@@ -158,7 +159,6 @@ def scene_colors(field, n: int = 64, step_size: float | None = None, tilts=(0.0,
 def load_reference(image_path, labels_path=None, max_pixels: int = 65536) -> tuple[Tensor, Tensor | None]:
     """Reference colours (M, 3) in [0, 1] and, with a label map (uint8 class ids, 255 = none),
     their classes; subsampled to at most ``max_pixels``."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(image_path) as im:

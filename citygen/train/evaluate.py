@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from survey_io import Survey
+from survey_io import Survey, SurveyError
 from survey_io.atomic import atomic_write_json
 
 from ..images import colorize_depth, colorize_labels, load_depth, load_labels, load_rgb, rgb_to_uint8, write_png
@@ -78,8 +78,6 @@ def _load_heldout_points(survey: Survey) -> dict[str, Any] | None:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in ("xyz", "image_names", "obs_point", "obs_image", "obs_xy")}
     except (OSError, ValueError, KeyError) as err:
-        from survey_io import SurveyError
-
         raise SurveyError(path, f"not a held-out points file ({err})") from None
     return data
 
