@@ -434,7 +434,7 @@ def stage_train(ctx: Context, log) -> dict[str, Any]:
 
 def _trained_run(ctx: Context) -> Path | None:
     run_dir = ctx.work / "run"
-    # imported here: this module runs before the wheels (torch) are installed, citygen.store needs them
+    # deferred: this module runs before the wheels (torch) are installed, citygen.store needs them
     from .store.layout import is_single_run
 
     return run_dir if is_single_run(run_dir) else None

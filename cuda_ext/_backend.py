@@ -101,7 +101,7 @@ def _load(kind: str) -> ModuleType | None:
 
 
 def _build(kind: str) -> ModuleType:
-    # deferred on purpose: only a build needs it (it imports setuptools, 0.4 s)
+    # deferred: only a build needs it (it imports setuptools, 0.4 s)
     from torch.utils.cpp_extension import load
 
     if kind == "cuda":

@@ -77,7 +77,7 @@ def write_geotiff(
         nodata: value marking empty cells, stored in the file.
         dtype: output dtype (default: the array's).
     """
-    # deferred on purpose: rasterio takes 0.6 s to import; `citygen --help` loads this module
+    # deferred: rasterio takes 0.6 s to import; `citygen --help` loads this module
     import rasterio
 
     path = Path(path)
@@ -99,7 +99,7 @@ def write_geotiff(
         profile.update(tiled=True, blockxsize=256, blockysize=256)
     if c == 3 and out_dtype == np.uint8:
         profile["photometric"] = "RGB"
-    # deferred on purpose: rasterio (see write_geotiff)
+    # deferred: rasterio (see write_geotiff)
     from rasterio.errors import RasterioError
 
     try:
@@ -112,7 +112,7 @@ def write_geotiff(
 
 def read_geotiff(path: str | Path) -> GeoRaster:
     """Read a GeoTIFF; raise :class:`SurveyError` if it is unreadable or has no CRS."""
-    # deferred on purpose: rasterio takes 0.6 s to import; `citygen --help` loads this module
+    # deferred: rasterio takes 0.6 s to import; `citygen --help` loads this module
     import rasterio
     from rasterio.errors import RasterioError
 

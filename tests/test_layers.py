@@ -4,7 +4,9 @@ without nerfstudio, which is not installable beside the CPU torch)."""
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +47,103 @@ def test_cli_starts_without_torch_or_the_viewer():
             "'citygen.train', 'citygen.render', 'cuda_ext') if m in sys.modules); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- imports sit at the top of each module (DESIGN.md); a function imports only for a reason ------
+PACKAGES = ("citygen", "viewer", "survey_io", "cuda_ext")
+#: Optional extras and heavy optional dependencies (setup.py's extras, or not installable beside the
+#: CPU torch): a function may import these, top-level name, without saying why.  laspy and shapely
+#: are core dependencies now (setup.py), so they are imported at the top like the rest.
+OPTIONAL_EXTRAS = frozenset({"glfw", "imageio_ffmpeg", "importlinter", "moderngl", "nerfstudio", "open3d",
+                             "pycolmap", "ray", "tinycudann", "torchmetrics"})
+#: Modules that defer on purpose throughout: the command line imports each subcommand's module in its
+#: function (start-up of `citygen --help`, test above); the GPU check runs before torch is installed.
+DEFERRING_MODULES = frozenset({"citygen/cli.py", "citygen/gpu_check.py"})
+DEFERRED_MARK = re.compile(r"#\s*deferred:\s*\S")
+
+
+def unexplained_deferred_imports(source: str, name: str) -> list[str]:
+    """``name:line: statement`` for each import inside a function or method body of ``source`` that
+    is neither of an optional extra nor explained by a ``# deferred: why`` comment at the end of its
+    line or on the line directly above it (or above the run of import lines it opens, no blank line
+    between: one comment may explain ``import torch`` / ``import torch.distributed as dist``)."""
+    lines = source.splitlines()
+    tree = ast.parse(source, name)
+    run_start: dict[ast.stmt, ast.stmt] = {}  # each import -> the first import of its run of lines
+    for node in ast.walk(tree):
+        for _, value in ast.iter_fields(node):
+            if not (isinstance(value, list) and value and isinstance(value[0], ast.stmt)):
+                continue
+            prev = None
+            for stmt in value:
+                if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                    joined = prev is not None and stmt.lineno == prev.end_lineno + 1
+                    run_start[stmt] = run_start[prev] if joined else stmt
+                    prev = stmt
+                else:
+                    prev = None
+    in_functions = {stmt for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for stmt in ast.walk(fn) if isinstance(stmt, (ast.Import, ast.ImportFrom))}
+    bad = []
+    for stmt in sorted(in_functions, key=lambda s: s.lineno):
+        if isinstance(stmt, ast.Import):
+            roots = {alias.name.split(".")[0] for alias in stmt.names}
+        else:
+            roots = {(stmt.module or "").split(".")[0]} if stmt.level == 0 else {""}
+        if roots <= OPTIONAL_EXTRAS:
+            continue
+        own = lines[stmt.lineno - 1:stmt.end_lineno]
+        first = run_start[stmt].lineno
+        above = lines[first - 2].strip() if first > 1 else ""
+        if any(DEFERRED_MARK.search(line) for line in own) or (above.startswith("#") and DEFERRED_MARK.match(above)):
+            continue
+        bad.append(f"{name}:{stmt.lineno}: {lines[stmt.lineno - 1].strip()}")
+    return bad
+
+
+def test_imports_inside_functions_are_optional_extras_or_say_why():
+    bad = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel not in DEFERRING_MODULES:
+                bad += unexplained_deferred_imports(path.read_text(encoding="utf-8"), rel)
+    assert not bad, ("imports inside functions: move them to the top of the module, or say why on the line "
+                     "or just above it with `# deferred: ...` (DESIGN.md):\n" + "\n".join(bad))
+
+
+def test_the_deferred_import_check_flags_what_it_should():
+    source = """import json
+
+def f():
+    import ray
+    from open3d import core
+    import torch  # deferred: a reason
+    # deferred: another reason
+    import torch
+    import torch.distributed as dist
+
+    import numpy
+    from . import sibling
+    # deferred: a reason
+
+    import rasterio
+    # deferred:
+    import PIL
+
+
+class A:
+    def method(self):
+        from ray import tune, serve
+        import ray, torch
+
+        def inner():
+            # a comment, not a reason
+            from ..fields import CityField
+            import tinycudann
+"""
+    bad = unexplained_deferred_imports(source, "m.py")
+    assert [line.split(":")[1] for line in bad] == ["11", "12", "15", "17", "23", "27"], bad
 
 
 def test_cuda_ext_public_api():

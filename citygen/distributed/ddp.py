@@ -31,7 +31,7 @@ def init_block_process_group(timeout_s: float = 300.0) -> tuple[int, int]:
     rank, size = world()
     if size == 1:
         return rank, size
-    # deferred on purpose: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
+    # deferred: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
     import torch
     import torch.distributed as dist
 

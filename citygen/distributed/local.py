@@ -42,7 +42,7 @@ WORKER_LOG = "worker.log"
 def visible_gpu_count() -> int:
     """GPUs torch can see here (0 without torch or CUDA)."""
     try:
-        # deferred on purpose: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
+        # deferred: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
         import torch
     except ImportError:
         return 0

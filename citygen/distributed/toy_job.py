@@ -96,7 +96,7 @@ def toy_block_job(block_id: str, out_dir: str, resume: bool, steps: int = 20, st
                 save_file({"v": v}, str(tmp), metadata={"step": str(step), "block_id": block_id})
             report_progress(out, step)
     if size > 1:
-        # deferred on purpose: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
+        # deferred: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
         import torch.distributed as dist
 
         dist.destroy_process_group()
@@ -104,7 +104,7 @@ def toy_block_job(block_id: str, out_dir: str, resume: bool, steps: int = 20, st
 
 
 def _all_reduce_sum(x: np.ndarray) -> np.ndarray:
-    # deferred on purpose: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
+    # deferred: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
     import torch
     import torch.distributed as dist
 

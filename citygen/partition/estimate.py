@@ -91,7 +91,7 @@ class SizingConfig:
 
 def hash_params(train: TrainConfig) -> int:
     """Float parameters of the block's hash grid (the field's own layout)."""
-    # deferred on purpose: the field imports torch (3 s); `citygen plan` runs without it
+    # deferred: the field imports torch (3 s); `citygen plan` runs without it
     from ..fields.hash_encoding import HashGridConfig, n_params
 
     f = train.field
