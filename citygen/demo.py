@@ -142,7 +142,7 @@ def _train(tile: Path, data: Path, block_steps: int, seed: int, n_blocks: int, c
         result = tile_training.train_tile(tile, data, "tiny", executor="local", overrides=overrides)
     result.raise_for_failures()
     return {block_id: {"state": o.state, "attempts": o.attempts,
-                       **{k: o.result.get(k) for k in ("step", "seconds") if o.result}}
+                       **({"step": o.result.get("step"), "seconds": o.result.get("train_seconds")} if o.result else {})}
             for block_id, o in result.blocks.items()}
 
 
