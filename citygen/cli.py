@@ -345,7 +345,7 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
     result = train_block(cfg, data, out, resume=resume, progress=not no_progress,
                          lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
     summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
-               "train_seconds": round(result.seconds, 2),
+               "train_seconds": round(result.seconds, 2), "box_source": result.box_source,
                "eval": result.eval["mean"] if result.eval else None,
                "heldout_points": result.eval.get("heldout_points") if result.eval else None}
     print(json.dumps(summary, indent=2))

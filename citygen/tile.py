@@ -14,6 +14,13 @@ height range), tightened vertically:
   back-projected depth pixels, padded by 10 % of that range plus 2 m) -- the plan's range is
   a generous guess (ground - 20 m to ground + 250 m), and the hash grid's vertical
   resolution and the start-up fog both scale with the box;
+* without depth maps, when the survey has an SfM model (``sparse/0`` beside transforms.json,
+  as ``citygen ingest`` writes it), to the heights of its points inside the extended rectangle
+  (same percentiles and padding; the evaluation tenth and poorly triangulated points left out,
+  see :func:`citygen.partition.ground.load_box_points`), the floor kept a margin below the
+  plan's ground where the plan's ground came from data -- on a real survey the camera-derived
+  guess sat 5 m off and a 270 m tall box wasted most of its cells on air;
+* neither (or fewer than 16 points in the block): the plan's range;
 * always, below the lowest camera that trains the block.  Surveys fly above everything they
   photograph, so nothing is lost, and a box that contained the cameras would spend its hash
   cells and samples on the air around them (and invite floaters in front of the lenses).
@@ -43,14 +50,15 @@ from .distributed import (
 )
 from .edit.tile import tile_field_wrapper
 from .errors import CitygenError
-from .partition import Block, TilePlan
+from .partition import Block, PartitionConfig, TilePlan
+from .partition.ground import ground_is_known, load_box_points
 from .render.tile import TileRenderer
 from .store.layout import PLAN_FILE, TILE_CONFIG_FILE, block_dir, read_tile_config, stack_path, upgraded_tile_config
 from .train.block_job import JOB
-from .train.data import depth_points, load_survey
+from .train.data import CAMERA_CLEARANCE_M, depth_points, load_survey, padded_heights, point_heights, robust_heights
 
-#: the field's top stays this far below the lowest camera training the block (metres).
-CAMERA_CLEARANCE_M = 2.0
+#: an SfM-derived floor stays at least this far below the plan's ground (when the plan's ground is known).
+GROUND_MARGIN_M = 2.0
 
 
 def open_tile(tile_dir: str | Path, *, edited: bool = True, device: str | Any = "cpu",
@@ -88,21 +96,22 @@ def observed_heights(survey, images, rect: tuple[float, float, float, float],
         pts = depth_points(survey, im, stride)
         inside = (pts[:, 0] >= rect[0]) & (pts[:, 0] <= rect[2]) & (pts[:, 1] >= rect[1]) & (pts[:, 1] <= rect[3])
         zs.append(pts[inside, 2])
-    z = np.concatenate(zs)
-    if len(z) < 16:
-        return None
-    return float(np.percentile(z, 0.5)), float(np.percentile(z, 99.5))
+    return robust_heights(np.concatenate(zs))
 
 
 def field_box(block: Block, camera_heights: Sequence[float],
-              seen_heights: tuple[float, float] | None = None) -> np.ndarray:
+              seen_heights: tuple[float, float] | None = None,
+              ground_floor: float | None = None) -> np.ndarray:
     """The (2, 3) box a block's field covers: the plan's box, tightened to the heights the
-    images see (when known) and lowered below the cameras (see the module docstring)."""
+    images see (when known), its floor at most ``ground_floor`` (when given, inside the plan's
+    box) and lowered below the cameras (see the module docstring)."""
     lo, hi = (np.asarray(v, dtype=np.float64) for v in block.aabb)
     if seen_heights is not None:
-        z0, z1 = seen_heights
-        pad = 0.1 * max(z1 - z0, 0.0) + 2.0
-        lo[2], hi[2] = max(lo[2], z0 - pad), min(hi[2], z1 + pad)
+        z0, z1 = padded_heights(seen_heights)
+        plan_lo = lo[2]
+        lo[2], hi[2] = max(lo[2], z0), min(hi[2], z1)
+        if ground_floor is not None:  # never cut the ground off (the points may miss it, e.g. under trees)
+            lo[2] = max(plan_lo, min(lo[2], ground_floor))
     if len(camera_heights):
         top = float(min(camera_heights)) - CAMERA_CLEARANCE_M
         if top > lo[2] + 1.0:  # never invert the box (a plan whose cameras sit below its ground)
@@ -142,6 +151,9 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
         if unknown:
             raise CitygenError(tile_dir / PLAN_FILE, f"no blocks {unknown} in the plan")
     tasks, record_blocks, skipped = [], {}, []
+    # SfM points only where depth maps are missing: depth stays the first source
+    sfm = None if all(im.depth is not None for im in survey.images) else load_box_points(survey.root)
+    z_below = float(plan.config.get("z_below_ground_m", PartitionConfig.z_below_ground_m))
     for b in chosen:
         missing = [n for n in b.images if n not in by_name]
         if missing:
@@ -152,10 +164,18 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
             skipped.append(b.id)
             continue
         images = [by_name[n] for n in names]
-        box = field_box(b, [im.c2w[2, 3] for im in images], observed_heights(survey, images, b.extended))
+        seen, source, floor = observed_heights(survey, images, b.extended), "depth", None
+        if seen is None and sfm is not None:
+            seen, source = point_heights(sfm, b.extended), "sfm-points"
+            if ground_is_known(plan.ground):  # the plan's z range starts z_below under its ground estimate
+                floor = b.z_range[0] + z_below - GROUND_MARGIN_M
+        if seen is None:
+            source = "plan"
+        box = field_box(b, [im.c2w[2, 3] for im in images], seen, ground_floor=floor)
         kwargs = {"config": to_dict(cfg), "data": str(data), "image_names": names, "aabb": box.tolist()}
         tasks.append(BlockTask(b.id, str(block_dir(tile_dir, b.id)), JOB, kwargs))
-        record_blocks[b.id] = {"dir": block_dir(tile_dir, b.id).name, "aabb": box.tolist(), "n_images": len(names)}
+        record_blocks[b.id] = {"dir": block_dir(tile_dir, b.id).name, "aabb": box.tolist(), "n_images": len(names),
+                               "box_source": source}
     record = {"kind": "citygen.tile_config", "version": 1, "data": str(data), "train": to_dict(cfg),
               "blocks": record_blocks, "skipped": skipped}
     return tasks, record
@@ -198,5 +218,5 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
                                          max_retries=max_retries), tile_dir)
 
 
-__all__ = ["CAMERA_CLEARANCE_M", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
+__all__ = ["CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
            "open_tile", "read_tile_config", "resolve_config", "tile_tasks", "train_tile"]

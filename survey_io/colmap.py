@@ -325,11 +325,25 @@ def read_colmap(model_dir: str | Path, images_dir: str | Path, georef: Georef | 
 
 def read_colmap_points(model_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The model's sparse points: ``xyz`` float64 (N, 3) in the model frame and ``rgb`` uint8 (N, 3)."""
+    table = read_colmap_point_table(model_dir)
+    return table["xyz"], table["rgb"]
+
+
+def read_colmap_point_table(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """The model's sparse points in id order, with what COLMAP knows of each: ``id`` int64 (N,),
+    ``xyz`` float64 (N, 3) in the model frame, ``rgb`` uint8 (N, 3), ``error_px`` float64 (N,)
+    (mean reprojection error; -1 where the model has none) and ``track_length`` int64 (N,)
+    (views that observe the point; 0 for points written without a track)."""
     rec = _load_reconstruction(Path(model_dir))
     ids = sorted(rec.points3D)
-    xyz = np.array([rec.points3D[i].xyz for i in ids], dtype=np.float64).reshape(-1, 3)
-    rgb = np.array([rec.points3D[i].color for i in ids], dtype=np.uint8).reshape(-1, 3)
-    return xyz, rgb
+    pts = [rec.points3D[i] for i in ids]
+    return {
+        "id": np.asarray(ids, dtype=np.int64),
+        "xyz": np.array([p.xyz for p in pts], dtype=np.float64).reshape(-1, 3),
+        "rgb": np.array([p.color for p in pts], dtype=np.uint8).reshape(-1, 3),
+        "error_px": np.array([p.error for p in pts], dtype=np.float64),
+        "track_length": np.array([p.track.length() for p in pts], dtype=np.int64),
+    }
 
 
 def _invert_rigid(m: np.ndarray) -> np.ndarray:

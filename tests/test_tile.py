@@ -298,6 +298,7 @@ def test_train_tile_trains_every_block(tiny_tile):
         assert box[1, 2] < cam_z                                                   # ... below the cameras ...
         assert b.z_range[0] <= box[0, 2] < 0.0 and 10.0 < box[1, 2] <= b.z_range[1]  # ... around the ground (z = 0)
         assert box[1, 2] - box[0, 2] < 0.5 * (b.z_range[1] - b.z_range[0])      # ... tightened by the depth maps
+        assert record["blocks"][b.id]["box_source"] == "depth"                     # (the first source)
     # finished blocks are skipped when the tile is trained again
     from citygen.tile import train_tile
 

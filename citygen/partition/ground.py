@@ -17,12 +17,23 @@ import pyproj
 from PIL import Image
 
 from survey_io import Georef, Survey, SurveyError
-from survey_io.colmap import read_colmap_points
+from survey_io.colmap import read_colmap_point_table, read_colmap_points
+from survey_io.ingest import heldout_point_mask
 from survey_io.geotiff import read_geotiff
 
 from ..cameras import unproject
 from ..errors import CitygenError
 from .config import PartitionConfig
+
+#: where ``citygen ingest`` puts the survey's COLMAP model, beside ``transforms.json``.
+SPARSE_MODEL = "sparse/0"
+#: the ground source of the last-resort guess (a flight height below the cameras): no ground is known.
+GUESSED_GROUND_SOURCE = "median camera height - flight_height_m"
+#: SfM points used for field boxes: at most this reprojection error (COLMAP's own default filter) ...
+BOX_POINT_MAX_ERROR_PX = 4.0
+#: ... and seen by at least this many views (two-view points are the noisiest; a model written
+#: without tracks, track length 0, keeps its points).
+BOX_POINT_MIN_TRACK = 3
 
 
 @dataclass
@@ -249,7 +260,13 @@ def estimate_ground(survey: Survey, config: PartitionConfig, points: np.ndarray 
             return GroundModel.plane(float(np.median(z)), source="median of depth-map points")
     cam_z = np.median([im.c2w[2, 3] for im in survey.images])
     return GroundModel.plane(float(cam_z - config.flight_height_m),
-                             source=f"median camera height - flight_height_m ({config.flight_height_m} m)")
+                             source=f"{GUESSED_GROUND_SOURCE} ({config.flight_height_m} m)")
+
+
+def ground_is_known(ground: dict) -> bool:
+    """Whether a plan's ground record (:meth:`GroundModel.describe`) came from data (a DTM, SfM or
+    depth points, a given height) rather than the flight-height guess."""
+    return bool(ground) and not str(ground.get("source", "")).startswith(GUESSED_GROUND_SOURCE)
 
 
 def load_sparse_points(folder: str | Path) -> np.ndarray:
@@ -260,6 +277,26 @@ def load_sparse_points(folder: str | Path) -> np.ndarray:
     """
     xyz, _rgb = read_colmap_points(folder)
     return xyz
+
+
+def load_box_points(survey_root: str | Path) -> np.ndarray | None:
+    """(N, 3) SfM points of ``survey_root/sparse/0`` fit to bound a field's heights, or None
+    without a model.
+
+    Left out: the evaluation tenth (:func:`survey_io.ingest.heldout_point_mask`, the points
+    ``citygen ingest`` copies to ``points3D_heldout.npz`` -- a box fitted to them would leak
+    into the depth check), points with a reprojection error above ``BOX_POINT_MAX_ERROR_PX``
+    and points seen by fewer than ``BOX_POINT_MIN_TRACK`` views (where the model records them).
+    """
+    folder = Path(survey_root) / SPARSE_MODEL
+    if not folder.is_dir():
+        return None
+    table = read_colmap_point_table(folder)
+    err, track = table["error_px"], table["track_length"]
+    keep = ~heldout_point_mask(table["id"]) & np.all(np.isfinite(table["xyz"]), axis=1)
+    keep &= ~(err > BOX_POINT_MAX_ERROR_PX)  # -1: no error recorded
+    keep &= ~((track > 0) & (track < BOX_POINT_MIN_TRACK))
+    return table["xyz"][keep]
 
 
 def load_depth(path: Path) -> np.ndarray:

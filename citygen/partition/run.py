@@ -23,7 +23,7 @@ from ..errors import CitygenError
 from .config import PartitionConfig
 from .draw import draw_plan
 from .estimate import SizingConfig, sizing_report
-from .ground import GroundModel, estimate_ground, load_sparse_points
+from .ground import SPARSE_MODEL, GroundModel, estimate_ground, load_sparse_points
 from .layout import FlightLayout, synthetic_survey, synthetic_survey_size
 from .plan import PLAN_FILE
 from .planner import candidate_counts, make_grid, plan_tile
@@ -33,7 +33,6 @@ from .visibility import compute_footprints
 #: the cameras see roofs, and the synthetic city writes both as ground truth).
 GROUND_TIF_NAMES = ("dsm.tif", "dtm.tif")
 #: the COLMAP model ``citygen ingest`` writes beside transforms.json (local frame).
-SPARSE_MODEL = "sparse/0"
 
 #: The most blocks one plan may have.  Planning time and plan.json grow with the blocks (the
 #: per-block coverage rasters and records): 10,000 blocks (100 m blocks over 1 km²) took 53 s

@@ -20,6 +20,12 @@ from survey_io import IGNORE_LABEL, Survey, SurveyImage, read_transforms
 from ..cameras import CameraSet, pixel_directions, unproject
 from ..errors import CitygenError
 from ..images import load_depth, load_labels, load_rgb
+from ..partition.ground import load_box_points
+
+#: the field's top stays this far below the lowest camera training the block (metres).
+CAMERA_CLEARANCE_M = 2.0
+#: fewer observed points than this (depth pixels or SfM points in a block): heights unknown.
+MIN_HEIGHT_POINTS = 16
 
 
 def load_survey(data: Path | str | Survey) -> Survey:
@@ -136,31 +142,63 @@ def depth_points(survey: Survey, image: SurveyImage, stride: int = 8) -> np.ndar
     return unproject(cam, image.c2w, cols[ok] + 0.5, rows[ok] + 0.5, z[ok])
 
 
+def robust_heights(z: np.ndarray) -> tuple[float, float] | None:
+    """The 0.5 / 99.5 percentiles of observed heights ``z`` (robust to stray points); None with
+    fewer than ``MIN_HEIGHT_POINTS``."""
+    z = np.asarray(z, dtype=np.float64).ravel()
+    if len(z) < MIN_HEIGHT_POINTS:
+        return None
+    return float(np.percentile(z, 0.5)), float(np.percentile(z, 99.5))
+
+
+def padded_heights(heights: tuple[float, float]) -> tuple[float, float]:
+    """An observed height range padded by 10 % of its size plus 2 m on both ends (what lies just
+    beyond the observed surfaces: the percentiles cut the extreme points)."""
+    z0, z1 = heights
+    pad = 0.1 * max(z1 - z0, 0.0) + 2.0
+    return z0 - pad, z1 + pad
+
+
+def point_heights(points: np.ndarray, rect: tuple[float, float, float, float]) -> tuple[float, float] | None:
+    """:func:`robust_heights` of the ``points`` (N, 3) inside the horizontal rectangle ``rect``."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    inside = (pts[:, 0] >= rect[0]) & (pts[:, 0] <= rect[2]) & (pts[:, 1] >= rect[1]) & (pts[:, 1] <= rect[3])
+    return robust_heights(pts[inside, 2])
+
+
 def scene_aabb(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
                ground_z: float = 0.0, stride: int = 8) -> np.ndarray:
-    """Derive a block's (2, 3) AABB from its images.
+    """:func:`scene_box`'s box alone."""
+    return scene_box(survey, images, margin, ground_z, stride)[0]
 
-    With depth maps: back-project every ``stride``-th pixel of every image with a known
-    depth, take the 0.5 / 99.5 percentiles of the points per axis (robust to stray far
+
+def scene_box(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
+              ground_z: float = 0.0, stride: int = 8) -> tuple[np.ndarray, str]:
+    """Derive a block's (2, 3) AABB from its images, and where its heights came from
+    (``"depth"``, ``"sfm-points"`` or ``"plan"``).
+
+    With depth maps (``"depth"``): back-project every ``stride``-th pixel of every image with a
+    known depth, take the 0.5 / 99.5 percentiles of the points per axis (robust to stray far
     pixels), and pad by ``margin`` of the size on every side.
 
     Without depth: intersect each camera's rays through a 5x5 grid of pixels with the ground
     plane ``z = ground_z`` (the local frame's origin height; rays above the horizon are cut
-    at 3x the camera's height above ground) for the horizontal extent, and take
-    ``[ground_z - 0.1 h, ground_z + 0.6 h]`` vertically, where ``h`` is the lowest camera's
-    height above ground (buildings stay below the flight); then pad by ``margin``.
+    at 3x the camera's height above ground) for the horizontal extent.  Vertically, when the
+    survey has an SfM model (``sparse/0``, see :func:`citygen.partition.ground.load_box_points`)
+    with at least ``MIN_HEIGHT_POINTS`` points over that extent (``"sfm-points"``): their
+    robust height range, padded (:func:`padded_heights`) and kept ``CAMERA_CLEARANCE_M`` below
+    the lowest camera -- a guessed ground sits metres off on real surveys (a take-off altitude
+    is not the ground), and the points say where the surfaces are.  Otherwise (``"plan"``):
+    ``[ground_z - 0.1 h, ground_z + 0.6 h]``, where ``h`` is the lowest camera's height above
+    ground (buildings stay below the flight); the horizontal extent is padded by ``margin``.
     """
     points = []
     if all(im.depth is not None for im in images):
         pts = np.concatenate([depth_points(survey, im, stride) for im in images]) if images else np.zeros((0, 3))
         if len(pts) >= 8:
             lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
-            return _pad(lo, hi, margin)
-    heights = np.array([im.c2w[2, 3] for im in images]) - ground_z
-    h = float(heights.min())
-    if h <= 0:
-        raise CitygenError(survey.root, "cannot derive the scene bounds: a camera is below the ground plane z = "
-                                        f"{ground_z}; pass an explicit AABB")
+            return _pad(lo, hi, margin), "depth"
+    cam_z = np.array([im.c2w[2, 3] for im in images])
     for im in images:
         cam = survey.camera_of(im)
         u, v = np.meshgrid(np.linspace(0, cam.width, 5), np.linspace(0, cam.height, 5))
@@ -169,13 +207,30 @@ def scene_aabb(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
         o = im.c2w[:3, 3]
         height = o[2] - ground_z
         t = np.where(d[:, 2] < -1e-6, height / np.maximum(-d[:, 2], 1e-6), np.inf)
-        t = np.minimum(t, 3.0 * height / np.linalg.norm(d, axis=-1))
+        t = np.minimum(t, 3.0 * abs(height) / np.linalg.norm(d, axis=-1))
         points.append(o + t[:, None] * d)
         points.append(o[None])
+    sfm = load_box_points(survey.root)
+    if sfm is not None and len(images):
+        # the footprint as seen from the SfM ground: the points' own extent caps the rays there
+        pts = np.concatenate(points)
+        rect = (pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max())
+        seen = point_heights(sfm, rect)
+        if seen is not None:
+            z0, z1 = padded_heights(seen)
+            z1 = min(z1, float(cam_z.min()) - CAMERA_CLEARANCE_M)
+            if z1 > z0:
+                box = _pad(np.array([rect[0], rect[1], z0]), np.array([rect[2], rect[3], z1]), margin)
+                box[:, 2] = (z0, z1)  # already padded
+                return box, "sfm-points"
+    h = float(cam_z.min() - ground_z) if len(images) else 0.0
+    if h <= 0:
+        raise CitygenError(survey.root, "cannot derive the scene bounds: a camera is below the ground plane z = "
+                                        f"{ground_z}; pass an explicit AABB")
     pts = np.concatenate(points)
     lo = np.array([pts[:, 0].min(), pts[:, 1].min(), ground_z - 0.1 * h])
     hi = np.array([pts[:, 0].max(), pts[:, 1].max(), ground_z + 0.6 * h])
-    return _pad(lo, hi, margin)
+    return _pad(lo, hi, margin), "plan"
 
 
 def _pad(lo: np.ndarray, hi: np.ndarray, margin: float) -> np.ndarray:
@@ -184,4 +239,4 @@ def _pad(lo: np.ndarray, hi: np.ndarray, margin: float) -> np.ndarray:
 
 
 __all__ = ["IGNORE_LABEL", "RayBatch", "RayDataset", "load_depth", "load_labels", "load_rgb", "load_survey",
-           "scene_aabb", "select_images"]
+           "scene_aabb", "scene_box", "select_images"]

@@ -49,7 +49,7 @@ from ..store.checkpoint import (
     save_checkpoint,
 )
 from ..store.field import build_field, load_field  # noqa: F401 (load_field: its old import path)
-from .data import RayDataset, load_survey, scene_aabb, select_images
+from .data import RayDataset, load_survey, scene_box, select_images
 from .error_map import ErrorMap
 from .evaluate import evaluate
 from .losses import opacity_entropy
@@ -67,6 +67,7 @@ class TrainResult:
     seconds: float            # training wall time (all sessions of a resumed run)
     metrics_path: Path
     eval: dict[str, Any] | None = None
+    box_source: str = "given"  # where the field box's heights came from (see scene_box), "given" if passed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,7 +88,7 @@ class BlockTrainer:
         survey: the survey (or a ``transforms.json`` path).
         out: run folder.
         image_names: the block's images (None: all training images of the survey).
-        aabb: the block's (2, 3) box in the local frame (None: derived, see :func:`scene_aabb`).
+        aabb: the block's (2, 3) box in the local frame (None: derived, see :func:`scene_box`).
     """
 
     def __init__(self, cfg: TrainConfig, survey: Survey | Path | str, out: Path,
@@ -100,8 +101,9 @@ class BlockTrainer:
             torch.set_num_threads(cfg.threads)
         images = select_images(self.survey, image_names, "train")
         self.data = RayDataset(self.survey, images, cfg.downscale, self.device)
+        self.box_source = "given"
         if aabb is None:
-            aabb = scene_aabb(self.survey, images, cfg.aabb_margin)
+            aabb, self.box_source = scene_box(self.survey, images, cfg.aabb_margin)
         self.aabb = np.asarray(aabb, dtype=np.float64).reshape(2, 3)
         self.classes = list(self.survey.classes)
         torch.manual_seed(cfg.seed)  # network initialisation
@@ -132,6 +134,7 @@ class BlockTrainer:
             "config": to_dict(self.cfg),
             "georef": self.survey.georef.to_dict(),
             "aabb": aabb.tolist(),
+            "box_source": self.box_source,
             # normalised = (local - offset) / scale, per axis; undo with local = offset + scale * u
             "scale": (aabb[1] - aabb[0]).tolist(),
             "offset": aabb[0].tolist(),
@@ -180,6 +183,7 @@ class BlockTrainer:
         self.seconds = float(meta.get("seconds", 0.0))
         self.cpu_seconds = float(meta.get("cpu_seconds", 0.0))
         self.aabb = np.asarray(meta["aabb"], dtype=np.float64)
+        self.box_source = str(meta.get("box_source", self.box_source))
 
     @property
     def height(self) -> float:
@@ -292,7 +296,8 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
         BlockHeldError: another live process trains into ``out``.
         image_names: the block's training images (None: all of the survey's training images).
         aabb: the block's (2, 3) box (min xyz, max xyz) in the local frame; None derives it
-            (depth maps when present, else camera footprints on z = 0; see ``scene_aabb``).
+            (depth maps when present, else the SfM points of ``sparse/0``, else camera footprints on
+            z = 0; see ``scene_box``; the source is recorded as ``box_source``).
         progress: show a progress bar.
         lpips_weights: LPIPS weights file for the evaluation (see :mod:`citygen.nets.lpips`);
             read before training, so a bad file fails at once.
@@ -313,7 +318,7 @@ def train_block(config: TrainConfig, data: Path | str | Survey, out: Path, resum
         if config.eval_at_end and trainer.survey.test_names:
             report = evaluate(ckpt, trainer.survey, out / "eval", lpips_weights=lpips_net)
     return TrainResult(out=out, checkpoint=ckpt, step=trainer.step, seconds=trainer.seconds,
-                       metrics_path=trainer.metrics_path, eval=report)
+                       metrics_path=trainer.metrics_path, eval=report, box_source=trainer.box_source)
 
 
 # -- helpers -------------------------------------------------------------------------------------
