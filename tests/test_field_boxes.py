@@ -4,10 +4,7 @@ cameras.  Expectations are written out here (percentiles + 10 % + 2 m), not take
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pytest
 
 from citygen.partition import Block, Grid, TilePlan
 from citygen.tile import CAMERA_CLEARANCE_M, field_box, tile_tasks

@@ -18,8 +18,8 @@ from PIL import Image
 
 from survey_io import Georef, Survey, SurveyError
 from survey_io.colmap import read_colmap_point_table, read_colmap_points
-from survey_io.ingest import heldout_point_mask
 from survey_io.geotiff import read_geotiff
+from survey_io.ingest import heldout_point_mask
 
 from ..cameras import unproject
 from ..errors import CitygenError
