@@ -32,7 +32,7 @@ def make_tile(tile: Path) -> None:
     from citygen.edit.analytic import AnalyticCityField
     from citygen.edit.bake import distill
     from citygen.store.checkpoint import save_checkpoint
-    from citygen.train.trainer import build_field
+    from citygen.store.field import build_field
     from survey_io import Georef
     from survey_io.semantics import CLASSES
 

@@ -70,8 +70,8 @@ def test_invalid_polygon_refused_by_the_library_and_on_load(tile):
 def _checkpoint(folder: Path) -> None:
     """A small, untrained field checkpoint (loadable: the sidecar and tensors fit its config)."""
     from citygen.config import TrainConfig, to_dict
-    from citygen.train.checkpoint import save_checkpoint
-    from citygen.train.trainer import build_field
+    from citygen.store.checkpoint import save_checkpoint
+    from citygen.store.field import build_field
     from survey_io.semantics import CLASSES
 
     cfg = TrainConfig()

@@ -636,8 +636,8 @@ def _checkpoint(tmp_path: Path, edit_tensors: Callable[[dict], None] = lambda t:
     import torch
 
     from citygen.config import load_config, to_dict
-    from citygen.train.checkpoint import save_checkpoint
-    from citygen.train.trainer import build_field
+    from citygen.store.checkpoint import save_checkpoint
+    from citygen.store.field import build_field
 
     cfg = load_config("tiny", {"field.n_levels": 2, "field.log2_hashmap_size": 8, "field.max_resolution": 16,
                                "field.hidden_dim": 16, "field.semantic_hidden_dim": 16, "field.backend": "torch",

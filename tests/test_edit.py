@@ -312,8 +312,8 @@ def _tiny_tile(tmp_path: Path, teacher) -> Path:
     """A single-block 'tile' (a training run folder) holding a small CityField fit to ``teacher``."""
     from citygen.config import TrainConfig, to_dict
     from citygen.edit.bake import distill
-    from citygen.train.checkpoint import save_checkpoint
-    from citygen.train.trainer import build_field
+    from citygen.store.checkpoint import save_checkpoint
+    from citygen.store.field import build_field
     from survey_io.semantics import CLASSES
 
     cfg = TrainConfig()
@@ -336,7 +336,7 @@ def _tiny_tile(tmp_path: Path, teacher) -> Path:
 def test_bake_folds_removal_into_weights(tmp_path, field):
     from citygen.edit import tile_field_wrapper
     from citygen.edit.tile import tile_blocks, tile_georef
-    from citygen.train.trainer import load_field
+    from citygen.store.field import load_field
 
     tile = _tiny_tile(tmp_path, field)
     assert list(tile_blocks(tile)) == ["block"] and tile_georef(tile) == GEOREF

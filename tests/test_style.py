@@ -246,8 +246,8 @@ def test_vgg16_weights_from_safetensors(tmp_path):
 def test_style_cli_on_a_trained_run(tmp_path, reference, capsys):
     """Statistics and optimize modes end to end on a (small, untrained) CityField checkpoint."""
     from citygen.config import TrainConfig, to_dict
-    from citygen.train.checkpoint import save_checkpoint
-    from citygen.train.trainer import build_field, load_field
+    from citygen.store.checkpoint import save_checkpoint
+    from citygen.store.field import build_field, load_field
     from survey_io.semantics import CLASSES
 
     cfg = TrainConfig()

@@ -16,9 +16,9 @@ from PIL import Image
 from citygen.cli import entrypoint
 from citygen.config import TrainConfig, from_dict, load_config, to_dict
 from citygen.errors import CitygenError
+from citygen.metrics import confusion_matrix, psnr, semantic_scores, ssim
 from citygen.train import load_checkpoint, load_field, train_block
 from citygen.train.data import RayDataset, scene_aabb
-from citygen.train.metrics import confusion_matrix, psnr, semantic_scores, ssim
 from survey_io import read_transforms
 
 #: test_load_field_renders_like_the_report: the PNG against the independent quadrature.  Measured

@@ -48,7 +48,7 @@ from ..store.checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from ..store.field import build_field, load_field  # noqa: F401 (load_field: its old import path)
+from ..store.field import build_field
 from .data import RayDataset, load_survey, scene_box, select_images
 from .error_map import ErrorMap
 from .evaluate import evaluate
