@@ -51,6 +51,23 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def scratch_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path next to ``path`` that is always removed at the end: a staging file
+    (for instance the tiled GeoTIFF a Cloud Optimized GeoTIFF is copied from).  It is named
+    like :func:`atomic_path`'s temp files, so :func:`temp_files` finds it if its writer dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

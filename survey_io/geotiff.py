@@ -3,17 +3,23 @@
 Arrays are row-major images: row 0 is the northern edge, column 0 the western edge, as in
 every north-up GeoTIFF.  Multi-band arrays are band-last, ``(H, W, C)`` (like an RGB image),
 and are written as C bands.  Files are written atomically (temp file + rename).
+
+Cloud Optimized GeoTIFFs (:func:`cog_writer`) are written window by window into a tiled
+staging GeoTIFF next to the target, then copied by GDAL's COG driver (internal tiles,
+overviews): no step holds the whole raster, so memory does not grow with its size.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from affine import Affine
 
-from .atomic import atomic_path
+from .atomic import atomic_path, scratch_path
 from .errors import SurveyError
 from .georef import Georef
 
@@ -65,6 +71,9 @@ def write_geotiff(
     gsd: float | None = None,
     nodata: float | None = None,
     dtype: str | np.dtype | None = None,
+    cog: bool = False,
+    alpha: bool = False,
+    resampling: str = "average",
 ) -> Path:
     """Write ``array`` as a (deflate-compressed, tiled when large) GeoTIFF, atomically.
 
@@ -76,6 +85,8 @@ def write_geotiff(
             top-left corner) and ``gsd`` (metres per pixel) for a north-up grid.
         nodata: value marking empty cells, stored in the file.
         dtype: output dtype (default: the array's).
+        cog: write a Cloud Optimized GeoTIFF (see :func:`cog_writer`, which also explains
+            ``alpha`` and ``resampling``).
     """
     # deferred: rasterio takes 0.6 s to import; `citygen --help` loads this module
     import rasterio
@@ -90,9 +101,14 @@ def write_geotiff(
         if origin_xy is None or gsd is None:
             raise SurveyError(path, "give either transform or origin_xy and gsd")
         transform = north_up_transform(origin_xy, gsd)
-    crs_str = crs.crs if isinstance(crs, Georef) else (f"EPSG:{crs}" if isinstance(crs, int) else str(crs))
+    crs_str = _crs_string(crs)
     out_dtype = np.dtype(dtype or arr.dtype)
     h, w, c = arr.shape
+    if cog:
+        with cog_writer(path, width=w, height=h, bands=c, dtype=out_dtype, crs=crs_str, transform=transform,
+                        nodata=nodata, alpha=alpha, resampling=resampling) as dst:
+            dst.write(arr, 0, 0)
+        return path
     profile = dict(driver="GTiff", width=w, height=h, count=c, dtype=out_dtype.name, crs=crs_str,
                    transform=transform, nodata=nodata, compress="deflate")
     if h >= 256 and w >= 256:
@@ -108,6 +124,106 @@ def write_geotiff(
     except (RasterioError, ValueError, TypeError) as err:
         raise SurveyError(path, f"cannot write GeoTIFF ({str(err).splitlines()[0][:200]})") from None
     return path
+
+
+def _crs_string(crs: str | int | Georef) -> str:
+    return crs.crs if isinstance(crs, Georef) else (f"EPSG:{crs}" if isinstance(crs, int) else str(crs))
+
+
+#: Side of the staging file's tiles; windows written in multiples of it fill whole tiles, so
+#: GDAL never reads back a compressed tile to complete it.
+STAGE_BLOCK = 256
+#: Side of the COG's internal tiles (the COG driver's default).
+COG_BLOCK = 512
+#: GDAL's block cache while a COG is staged and copied, MB.  Left alone GDAL takes 5 % of the
+#: RAM, which would make an export's peak memory depend on the machine rather than the window.
+COG_CACHE_MB = 256
+
+
+class WindowWriter:
+    """Writes windows of a raster being staged by :func:`cog_writer`."""
+
+    def __init__(self, dst, path: Path):
+        self._dst, self._path = dst, path
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._dst.height, self._dst.width, self._dst.count
+
+    def write(self, array: np.ndarray, row_off: int, col_off: int) -> None:
+        """Write ``array`` ((h, w) or (h, w, C), band-last) with its top-left cell at
+        (``row_off``, ``col_off``)."""
+        # deferred: rasterio (see write_geotiff)
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        arr = np.asarray(array)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        h, w, c = arr.shape
+        height, width, count = self.shape
+        if c != count or row_off < 0 or col_off < 0 or row_off + h > height or col_off + w > width:
+            raise SurveyError(self._path, f"window {arr.shape} at row {row_off}, col {col_off} does not fit the "
+                                          f"{height}x{width}x{count} raster")
+        try:
+            self._dst.write(np.moveaxis(arr.astype(self._dst.dtypes[0], copy=False), -1, 0),
+                            window=Window(col_off, row_off, w, h))
+        except RasterioError as err:
+            raise SurveyError(self._path, f"cannot write GeoTIFF ({str(err).splitlines()[0][:200]})") from None
+
+
+@contextlib.contextmanager
+def cog_writer(path: str | Path, *, width: int, height: int, bands: int, dtype: str | np.dtype,
+               crs: str | int | Georef, transform, nodata: float | None = None, alpha: bool = False,
+               resampling: str = "average") -> Iterator[WindowWriter]:
+    """Write a Cloud Optimized GeoTIFF window by window, atomically.
+
+    Yields a :class:`WindowWriter`; windows go into a tiled staging GeoTIFF next to ``path``
+    (fast deflate).  On a clean exit GDAL's COG driver copies it into ``path`` (deflate with a
+    predictor, 512-pixel tiles, overviews down to one tile, made with ``resampling``:
+    ``average`` for colour and heights, ``mode`` for class ids); on an exception nothing is
+    written.  Memory: the caller's window plus GDAL's block cache (:data:`COG_CACHE_MB`).
+
+    Args:
+        bands, dtype: band count and sample type.
+        alpha: the last band of a 4-band uint8 raster is alpha (RGBA).
+        nodata: value marking empty cells.
+    """
+    # deferred: rasterio (see write_geotiff)
+    import rasterio
+    import rasterio.shutil
+    from rasterio.errors import RasterioError
+
+    path = Path(path)
+    if width < 1 or height < 1 or bands < 1:
+        raise SurveyError(path, f"GeoTIFF must have a positive size, got {width}x{height}x{bands}")
+    out_dtype = np.dtype(dtype)
+    profile = dict(driver="GTiff", width=width, height=height, count=bands, dtype=out_dtype.name,
+                   crs=_crs_string(crs), transform=transform, nodata=nodata, tiled=True, blockxsize=STAGE_BLOCK,
+                   blockysize=STAGE_BLOCK, compress="deflate", zlevel=1, bigtiff="IF_SAFER")
+    if bands in (3, 4) and out_dtype == np.uint8:
+        profile["photometric"] = "RGB"
+        if bands == 4 and alpha:
+            profile["alpha"] = "YES"
+
+    def fail(err: Exception) -> SurveyError:
+        return SurveyError(path, f"cannot write Cloud Optimized GeoTIFF ({str(err).splitlines()[0][:200]})")
+
+    with rasterio.Env(GDAL_CACHEMAX=COG_CACHE_MB), atomic_path(path, suffix=".tif") as final, \
+            scratch_path(path, suffix=".stage.tif") as stage:
+        try:
+            dst = rasterio.open(stage, "w", **profile)
+        except (RasterioError, ValueError, TypeError) as err:
+            raise fail(err) from None
+        try:
+            yield WindowWriter(dst, path)
+        finally:
+            dst.close()
+        try:
+            rasterio.shutil.copy(stage, final, driver="COG", compress="DEFLATE", predictor="YES",
+                                 blocksize=COG_BLOCK, overview_resampling=resampling.upper(), bigtiff="IF_SAFER")
+        except (RasterioError, ValueError, TypeError) as err:
+            raise fail(err) from None
 
 
 def read_geotiff(path: str | Path) -> GeoRaster:

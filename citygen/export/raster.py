@@ -9,19 +9,26 @@ Grid convention (shared with ``survey_io.geotiff``): row 0 is the northern edge;
 tile's CRS (local frame + georef origin).  The DSM holds heights in the CRS's vertical
 (local z + origin height) as float32 with nodata -9999; the ortho is RGBA uint8 (alpha 0 =
 nothing rendered there); the semantic raster holds class ids (uint8, 255 = nodata).
+
+Rasters of any size are rendered in windows of at most :data:`WINDOW_CELLS` cells
+(:class:`OrthoWindows`) and written window by window as Cloud Optimized GeoTIFFs
+(:class:`RasterFiles`), so memory does not grow with the raster; :func:`render_ortho` assembles
+the windows into whole arrays for the callers that need them (meshes, small rasters, tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from survey_io import Georef
-from survey_io.geotiff import north_up_transform, write_geotiff
+from survey_io.geotiff import STAGE_BLOCK, cog_writer, north_up_transform
 
 from ..errors import CitygenError
 from .source import DEFAULT_CHUNK, RayProgress, RaySource, check_source, render_in_chunks, source_device
@@ -30,18 +37,28 @@ DSM_NODATA = -9999.0
 CLASS_NODATA = 255
 #: Rays start this far above the scene's top, so the first sample is in free space.
 TOP_CLEARANCE_M = 1.0
+#: Most cells rendered and held at once by a windowed export (the window's maps take about
+#: 13 bytes a cell, the file conversions and its points a few times more: citygen.export.run).
+WINDOW_CELLS = 1 << 20
 
 
 @dataclass(frozen=True)
 class OrthoGrid:
     """A north-up grid in the local frame: cell (row r, col c) spans
-    ``[x0 + c gsd, x0 + (c+1) gsd] x [y1 - (r+1) gsd, y1 - r gsd]``."""
+    ``[x0 + c' gsd, x0 + (c'+1) gsd] x [y1 - (r'+1) gsd, y1 - r' gsd]`` with
+    ``r' = row_off + r``, ``c' = col_off + c``.
+
+    A whole raster has ``row_off = col_off = 0``; a window of it (:meth:`window`) keeps the
+    raster's corner (x0, y1) and says where it starts, so its cell centres are computed by the
+    same expression, bit for bit, as the whole raster's."""
 
     x0: float
     y1: float
     gsd: float
     width: int
     height: int
+    row_off: int = 0
+    col_off: int = 0
 
     @classmethod
     def covering(cls, rect: tuple[float, float, float, float], gsd: float) -> OrthoGrid:
@@ -63,14 +80,34 @@ class OrthoGrid:
 
     def cell_centers(self, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Local (x, y) of the cell centres of ``rows``, each (R, W) float64."""
-        r = np.arange(self.height, dtype=np.float64)[rows]
-        c = np.arange(self.width, dtype=np.float64)
+        r = np.arange(self.row_off, self.row_off + self.height, dtype=np.float64)[rows]
+        c = np.arange(self.col_off, self.col_off + self.width, dtype=np.float64)
         cols, rows_ = np.meshgrid(c, r)
         return self.x0 + (cols + 0.5) * self.gsd, self.y1 - (rows_ + 0.5) * self.gsd
 
     def transform(self, georef: Georef):
-        """The affine pixel -> CRS transform (rasterio ``Affine``)."""
-        return north_up_transform((self.x0 + georef.origin[0], self.y1 + georef.origin[1]), self.gsd)
+        """The affine pixel -> CRS transform (rasterio ``Affine``) of this grid's cell (0, 0)."""
+        return north_up_transform((self.x0 + self.col_off * self.gsd + georef.origin[0],
+                                   self.y1 - self.row_off * self.gsd + georef.origin[1]), self.gsd)
+
+    def window(self, row_off: int, col_off: int, height: int, width: int) -> OrthoGrid:
+        """The cells ``[row_off, row_off + height) x [col_off, col_off + width)`` of this grid."""
+        if not (0 <= row_off and 0 <= col_off and height >= 1 and width >= 1 and row_off + height <= self.height
+                and col_off + width <= self.width):
+            raise ValueError(f"window {height}x{width} at ({row_off}, {col_off}) is outside the "
+                             f"{self.height}x{self.width} grid")
+        return replace(self, width=width, height=height, row_off=self.row_off + row_off,
+                       col_off=self.col_off + col_off)
+
+    def windows(self, max_cells: int = WINDOW_CELLS, align: int = STAGE_BLOCK) -> Iterator[OrthoGrid]:
+        """Windows of at most ``max_cells`` cells (but at least ``align`` x ``align``) covering the
+        grid row band by row band, west to east; their sides are multiples of ``align`` (except
+        at the grid's edges), so each fills whole tiles of a GeoTIFF tiled by ``align``."""
+        cols = min(self.width, max(align, (max_cells // align) // align * align))
+        rows = min(self.height, max(align, (max_cells // cols) // align * align))
+        for r0 in range(0, self.height, rows):
+            for c0 in range(0, self.width, cols):
+                yield self.window(r0, c0, min(rows, self.height - r0), min(cols, self.width - c0))
 
 
 @dataclass
@@ -100,9 +137,14 @@ class OrthoMaps:
         NaN, or bounds outside the scene, render nothing, and an all-nodata GeoTIFF written
         with exit status 0 looks like a result."""
         if not self.valid.any():
-            raise CitygenError(path, f"the rendered {self.grid.width}x{self.grid.height} raster is all nodata "
-                                     "(no cell reached the opacity threshold min_acc): nothing written; "
-                                     "check the bounds and that the tile's fields render")
+            raise _all_nodata(self.grid, path)
+
+    def paste(self, part: OrthoMaps) -> None:
+        """Copy the maps of ``part``, a window of this grid (see :meth:`OrthoGrid.window`), into place."""
+        r0, c0 = part.grid.row_off - self.grid.row_off, part.grid.col_off - self.grid.col_off
+        at = (slice(r0, r0 + part.grid.height), slice(c0, c0 + part.grid.width))
+        for name in ("rgb", "height", "semantics", "acc", "valid"):
+            getattr(self, name)[at] = getattr(part, name)
 
     def dsm(self) -> np.ndarray:
         """float32 heights in the CRS's vertical, :data:`DSM_NODATA` where invalid."""
@@ -128,10 +170,13 @@ def _subcell_offsets(supersample: int) -> np.ndarray:
     return np.stack([ox.ravel(), oy.ravel()], axis=1)
 
 
-def render_ortho(source: RaySource, gsd: float, rect: tuple[float, float, float, float] | None = None, *,
-                 supersample: int = 1, min_acc: float = 0.5, chunk: int = DEFAULT_CHUNK,
-                 progress: bool = True) -> OrthoMaps:
-    """Render the true orthophoto, surface heights and classes of ``rect`` at ``gsd``.
+class OrthoWindows:
+    """The ortho, heights and classes of ``rect`` at ``gsd``, rendered window by window.
+
+    Iterating yields one :class:`OrthoMaps` per window of :attr:`grid` (its ``grid`` is the
+    window: ``row_off``/``col_off`` place it), at most ``max_cells`` cells each, so memory
+    stays bounded whatever the raster's size.  Arguments are checked here, before any
+    rendering.
 
     Args:
         source: the scene (a ``TileRenderer`` or anything with its ray API).
@@ -143,24 +188,40 @@ def render_ortho(source: RaySource, gsd: float, rect: tuple[float, float, float,
         min_acc: cells whose mean opacity is below this are nodata (nothing there).
         chunk: rays per render call.
         progress: show a progress bar.
+        max_cells: cells per window.
     """
-    bounds = check_source(source)
-    if supersample < 1:
-        raise CitygenError(None, f"supersample must be >= 1, got {supersample}")
-    grid = OrthoGrid.covering(rect if rect is not None else tile_rect(source), gsd)
-    H, W = grid.shape
-    offsets = _subcell_offsets(supersample) * gsd
-    S = len(offsets)
-    z_top = float(bounds[1, 2]) + TOP_CLEARANCE_M
-    device = source_device(source)
-    n_classes = len(source.classes)
 
-    rgb = np.zeros((H, W, 3), np.uint8)
-    height = np.full((H, W), np.nan, np.float32)
-    semantics = np.full((H, W), CLASS_NODATA, np.uint8)
-    acc = np.zeros((H, W), np.float32)
-    rows_per_block = max(1, chunk // (W * S))
-    with RayProgress("ortho + DSM", total=H * W * S, enabled=progress) as advance:
+    def __init__(self, source: RaySource, gsd: float, rect: tuple[float, float, float, float] | None = None, *,
+                 supersample: int = 1, min_acc: float = 0.5, chunk: int = DEFAULT_CHUNK, progress: bool = True,
+                 max_cells: int = WINDOW_CELLS):
+        bounds = check_source(source)
+        if supersample < 1:
+            raise CitygenError(None, f"supersample must be >= 1, got {supersample}")
+        if chunk < 1 or max_cells < 1:
+            raise CitygenError(None, f"chunk and max_cells must be >= 1, got {chunk}, {max_cells}")
+        self.source, self.supersample, self.min_acc, self.chunk = source, supersample, min_acc, chunk
+        self.progress, self.max_cells = progress, max_cells
+        self.grid = OrthoGrid.covering(rect if rect is not None else tile_rect(source), gsd)
+        self.z_top = float(bounds[1, 2]) + TOP_CLEARANCE_M
+
+    def __iter__(self) -> Iterator[OrthoMaps]:
+        H, W = self.grid.shape
+        with RayProgress("ortho + DSM", total=H * W * self.supersample**2, enabled=self.progress) as advance:
+            for window in self.grid.windows(self.max_cells):
+                yield self._render(window, advance)
+
+    def _render(self, grid: OrthoGrid, advance) -> OrthoMaps:
+        source, min_acc, chunk, z_top = self.source, self.min_acc, self.chunk, self.z_top
+        H, W = grid.shape
+        offsets = _subcell_offsets(self.supersample) * grid.gsd
+        S = len(offsets)
+        device = source_device(source)
+        n_classes = len(source.classes)
+        rgb = np.zeros((H, W, 3), np.uint8)
+        height = np.full((H, W), np.nan, np.float32)
+        semantics = np.full((H, W), CLASS_NODATA, np.uint8)
+        acc = np.zeros((H, W), np.float32)
+        rows_per_block = max(1, chunk // (W * S))
         for r0 in range(0, H, rows_per_block):
             rows = slice(r0, min(H, r0 + rows_per_block))
             xs, ys = grid.cell_centers(rows)                                       # (R, W)
@@ -185,32 +246,115 @@ def render_ortho(source: RaySource, gsd: float, rect: tuple[float, float, float,
                 logits = torch.from_numpy(out["semantics"].reshape(*shape, n_classes))
                 probs = torch.softmax(logits, dim=-1).sum(dim=-2)
                 semantics[rows] = np.where(cell_ok, probs.argmax(dim=-1).numpy(), CLASS_NODATA)
-    valid = np.isfinite(height)
-    return OrthoMaps(grid=grid, georef=source.georef, classes=tuple(source.classes), rgb=rgb, height=height,
-                     semantics=semantics, acc=acc, valid=valid)
+        return OrthoMaps(grid=grid, georef=source.georef, classes=tuple(source.classes), rgb=rgb, height=height,
+                         semantics=semantics, acc=acc, valid=np.isfinite(height))
+
+
+def render_ortho(source: RaySource, gsd: float, rect: tuple[float, float, float, float] | None = None, *,
+                 supersample: int = 1, min_acc: float = 0.5, chunk: int = DEFAULT_CHUNK,
+                 progress: bool = True, max_cells: int = WINDOW_CELLS) -> OrthoMaps:
+    """Render the true orthophoto, surface heights and classes of ``rect`` at ``gsd`` into
+    whole (H, W) arrays (the arguments are :class:`OrthoWindows`'); for large rasters, iterate
+    :class:`OrthoWindows` and write with :class:`RasterFiles` instead."""
+    windows = OrthoWindows(source, gsd, rect, supersample=supersample, min_acc=min_acc, chunk=chunk,
+                           progress=progress, max_cells=max_cells)
+    grid = windows.grid
+    H, W = grid.shape
+    whole = OrthoMaps(grid=grid, georef=source.georef, classes=tuple(source.classes),
+                      rgb=np.zeros((H, W, 3), np.uint8), height=np.full((H, W), np.nan, np.float32),
+                      semantics=np.full((H, W), CLASS_NODATA, np.uint8), acc=np.zeros((H, W), np.float32),
+                      valid=np.zeros((H, W), bool))
+    for part in windows:
+        whole.paste(part)
+    return whole
 
 
 def _to_u8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
-def write_ortho(maps: OrthoMaps, path: str | Path) -> Path:
-    """Write the true orthophoto as an RGBA uint8 GeoTIFF (alpha 0 = nodata)."""
+#: What each raster file holds: bands, sample type, nodata, and how its overviews average
+#: (class ids take the most frequent class, never a blend).
+RASTER_FILES = {
+    "ortho": dict(bands=4, dtype="uint8", nodata=None, alpha=True, resampling="average"),
+    "dsm": dict(bands=1, dtype="float32", nodata=DSM_NODATA, alpha=False, resampling="average"),
+    "semantics": dict(bands=1, dtype="uint8", nodata=CLASS_NODATA, alpha=False, resampling="mode"),
+}
+
+
+class RasterFiles(contextlib.AbstractContextManager):
+    """Ortho / DSM / semantic Cloud Optimized GeoTIFFs of ``grid``, written window by window.
+
+    Use as a context manager; :meth:`write` takes each window's :class:`OrthoMaps` as it is
+    rendered.  On a clean exit every file is converted to a COG and published; if no window had
+    a valid cell (see :meth:`OrthoMaps.require_data`), or anything fails, nothing is written.
+
+    Args:
+        paths: kind (``ortho``, ``dsm``, ``semantics``) -> output file.
+        grid, georef, classes: the whole raster's grid, its CRS, the class names.
+    """
+
+    def __init__(self, paths: dict[str, str | Path], grid: OrthoGrid, georef: Georef, classes: tuple[str, ...]):
+        unknown = [k for k in paths if k not in RASTER_FILES]
+        if unknown:
+            raise ValueError(f"unknown raster kinds {unknown} (known: {', '.join(RASTER_FILES)})")
+        if "semantics" in paths and not classes:
+            raise CitygenError(paths["semantics"], "the scene has no semantic classes to export")
+        self.paths = {k: Path(p) for k, p in paths.items()}
+        self.grid, self.georef = grid, georef
+        self.valid_cells = 0
+        self._stack = contextlib.ExitStack()
+        self._writers: dict = {}
+
+    def __enter__(self) -> RasterFiles:
+        with contextlib.ExitStack() as stack:
+            for kind, path in self.paths.items():
+                self._writers[kind] = stack.enter_context(cog_writer(
+                    path, width=self.grid.width, height=self.grid.height, crs=self.georef.crs,
+                    transform=self.grid.transform(self.georef), **RASTER_FILES[kind]))
+            self._stack = stack.pop_all()
+        return self
+
+    def write(self, maps: OrthoMaps) -> None:
+        """Write a window (``maps.grid`` is a window of this grid)."""
+        r0, c0 = maps.grid.row_off - self.grid.row_off, maps.grid.col_off - self.grid.col_off
+        self.valid_cells += int(maps.valid.sum())
+        for kind, writer in self._writers.items():
+            data = maps.rgba() if kind == "ortho" else maps.dsm() if kind == "dsm" else maps.semantics
+            writer.write(data, r0, c0)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and self.valid_cells == 0:
+            # the staged files are dropped (as on any failure), then the refusal goes up
+            err = _all_nodata(self.grid, next(iter(self.paths.values()), None))
+            self._stack.__exit__(CitygenError, err, None)
+            raise err
+        return self._stack.__exit__(exc_type, exc, tb)
+
+
+def _all_nodata(grid: OrthoGrid, path: str | Path | None) -> CitygenError:
+    return CitygenError(path, f"the rendered {grid.width}x{grid.height} raster is all nodata "
+                             "(no cell reached the opacity threshold min_acc): nothing written; "
+                             "check the bounds and that the tile's fields render")
+
+
+def _write_one(kind: str, maps: OrthoMaps, path: str | Path) -> Path:
     maps.require_data(path)
-    return write_geotiff(path, maps.rgba(), crs=maps.georef.crs, transform=maps.grid.transform(maps.georef))
+    with RasterFiles({kind: path}, maps.grid, maps.georef, maps.classes) as files:
+        files.write(maps)
+    return Path(path)
+
+
+def write_ortho(maps: OrthoMaps, path: str | Path) -> Path:
+    """Write the true orthophoto as an RGBA uint8 Cloud Optimized GeoTIFF (alpha 0 = nodata)."""
+    return _write_one("ortho", maps, path)
 
 
 def write_dsm(maps: OrthoMaps, path: str | Path) -> Path:
-    """Write the DSM: float32 heights in the CRS's vertical, nodata -9999."""
-    maps.require_data(path)
-    return write_geotiff(path, maps.dsm(), crs=maps.georef.crs, transform=maps.grid.transform(maps.georef),
-                         nodata=DSM_NODATA, dtype="float32")
+    """Write the DSM as a Cloud Optimized GeoTIFF: float32 heights in the CRS's vertical, nodata -9999."""
+    return _write_one("dsm", maps, path)
 
 
 def write_semantics(maps: OrthoMaps, path: str | Path) -> Path:
-    """Write the semantic raster: uint8 class ids (``maps.classes``), nodata 255."""
-    if not maps.classes:
-        raise CitygenError(path, "the scene has no semantic classes to export")
-    maps.require_data(path)
-    return write_geotiff(path, maps.semantics, crs=maps.georef.crs, transform=maps.grid.transform(maps.georef),
-                         nodata=CLASS_NODATA, dtype="uint8")
+    """Write the semantic raster as a Cloud Optimized GeoTIFF: uint8 class ids (``maps.classes``), nodata 255."""
+    return _write_one("semantics", maps, path)
