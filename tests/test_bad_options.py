@@ -220,13 +220,27 @@ def _tile_extent(tile: Path) -> tuple[float, float]:
 
 
 def test_export_tiny_gsd_names_the_smallest_gsd_that_fits(tile, tmp_path, capsys):
-    line = refused(["export", tile, "--out", tmp_path / "e", "--gsd", "0.001", "--what", "ortho",
+    line = refused(["export", tile, "--out", tmp_path / "e", "--gsd", "0.001", "--what", "mesh",
                     "--memory-budget-gb", "0.01"], capsys, "--gsd 0.001", "--memory-budget-gb 0.01")
     suggested = float(re.search(r"use --gsd ([0-9.]+) or more", line).group(1))
-    # closed form for an ortho alone: 48 bytes per cell of (W/g) x (H/g) cells <= 1e7 bytes
+    # closed form for a heightfield mesh alone, which needs the whole raster: per cell 48 bytes
+    # of rendering (one window, and fewer cells than a window here) + 13 of whole maps + 256 of
+    # mesh, over (W/g) x (H/g) cells <= 1e7 bytes
     w, h = _tile_extent(tile)
-    exact = math.sqrt(w * h * 48 / 1e7)
+    exact = math.sqrt(w * h * (48 + 13 + 256) / 1e7)
     assert exact <= suggested <= exact * 1.1 + 0.01
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_rasters_need_a_fixed_memory_and_disk_by_size(tile, tmp_path, capsys):
+    # rasters are written window by window: no --gsd fits a budget under one window plus
+    # GDAL's block cache (256 MB), and the line says to raise the budget
+    refused(["export", tile, "--out", tmp_path / "e", "--gsd", "0.5", "--what", "ortho,dsm",
+             "--memory-budget-gb", "0.1"], capsys, "--gsd 0.5", "raise --memory-budget-gb")
+    # ... while their files still grow with the raster: 1e-5 m cells would not fit on any disk
+    line = refused(["export", tile, "--out", tmp_path / "e", "--gsd", "0.00001", "--what", "ortho"], capsys,
+                   "--gsd 1e-05", "free there", "use --gsd")
+    assert str(tmp_path / "e") in line
     assert not (tmp_path / "e").exists()
 
 

@@ -16,7 +16,8 @@ File conventions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,43 +134,97 @@ def laz_available() -> bool:
     return bool(laspy.LazBackend.detect_available())
 
 
-def write_las(cloud: PointCloud, path: str | Path) -> Path:
-    """Write ``cloud`` as LAS 1.4 (``.las``) or LAZ (``.laz``, needs ``lazrs``), atomically."""
+class LasChunks:
+    """The sink :func:`las_writer` yields: :meth:`write` appends a :class:`PointCloud` chunk."""
+
+    def __init__(self, writer, path: Path, codes: np.ndarray):
+        self._writer, self.path, self._codes, self.count = writer, path, codes, 0
+
+    def write(self, cloud: PointCloud) -> None:
+        if len(cloud) == 0:
+            return
+        header = self._writer.header
+        xyz = cloud.crs_xyz()
+        span = np.abs(xyz - header.offsets).max()
+        if not np.isfinite(span) or span / LAS_SCALE >= 2**31 - 1:
+            raise CitygenError(self.path, f"points lie {span:.0f} m from the LAS offset (at most 2,147 km at "
+                                          "1 mm resolution)")
+        record = laspy.ScaleAwarePointRecord.zeros(len(cloud), header=header)
+        record.x, record.y, record.z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+        rgb16 = cloud.rgb.astype(np.uint16) * 257  # 8-bit -> the full 16-bit range LAS colours use
+        record.red, record.green, record.blue = rgb16[:, 0], rgb16[:, 1], rgb16[:, 2]
+        record.classification = self._codes[cloud.classes]
+        record.user_data = cloud.classes
+        self._writer.write_points(record)
+        self.count += len(cloud)
+
+
+@contextlib.contextmanager
+def las_writer(path: str | Path, georef: Georef, class_names: Sequence[str],
+               offsets: Sequence[float]) -> Iterator[LasChunks]:
+    """A LAS 1.4 / LAZ file written chunk by chunk: memory holds one chunk, not the cloud.
+
+    Yields a :class:`LasChunks` to write :class:`PointCloud` chunks into (same frame and
+    classes); laspy keeps the header's count and bounds as they come.  The file appears
+    atomically on a clean exit; with no point written, or on any failure, nothing is written.
+
+    Args:
+        path: ``.las`` or ``.laz`` (needs ``lazrs``).
+        georef, class_names: the clouds' CRS and classes.
+        offsets: CRS x, y, z of the LAS coordinate offset; every point must lie within
+            2,147 km of it (int32 at 1 mm).  :func:`write_las` takes the whole metre below the
+            cloud's minimum; a streamed export, the corner of its extent.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".las", ".laz"):
         raise CitygenError(path, "a LAS point cloud needs a .las or .laz suffix")
     if suffix == ".laz" and not laz_available():
         raise CitygenError(path, "writing LAZ needs a LAZ backend: pip install lazrs (or write .las)")
-    if len(cloud) == 0:
-        raise CitygenError(path, "no points to write")
-    xyz = cloud.crs_xyz()
     header = laspy.LasHeader(point_format=7, version="1.4")
     header.scales = np.full(3, LAS_SCALE)
-    header.offsets = np.floor(xyz.min(axis=0))
-    header.add_crs(cloud.georef.pyproj_crs)
-    las = laspy.LasData(header)
-    las.x, las.y, las.z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-    rgb16 = cloud.rgb.astype(np.uint16) * 257  # 8-bit -> the full 16-bit range LAS colours use
-    las.red, las.green, las.blue = rgb16[:, 0], rgb16[:, 1], rgb16[:, 2]
-    las.classification = asprs_codes(cloud.class_names)[cloud.classes]
-    las.user_data = cloud.classes
+    header.offsets = np.asarray(offsets, np.float64)
+    header.add_crs(georef.pyproj_crs)
     with atomic_path(path, suffix=suffix) as tmp:
-        las.write(str(tmp), do_compress=suffix == ".laz")
-    return path
+        with laspy.open(str(tmp), mode="w", header=header, do_compress=suffix == ".laz") as writer:
+            sink = LasChunks(writer, path, asprs_codes(class_names))
+            yield sink
+        if sink.count == 0:
+            raise CitygenError(path, "no points to write")
+
+
+def write_las(cloud: PointCloud, path: str | Path) -> Path:
+    """Write ``cloud`` as LAS 1.4 (``.las``) or LAZ (``.laz``, needs ``lazrs``), atomically."""
+    if len(cloud) == 0:
+        raise CitygenError(path, "no points to write")
+    with las_writer(path, cloud.georef, cloud.class_names, offsets=np.floor(cloud.crs_xyz().min(axis=0))) as sink:
+        sink.write(cloud)
+    return Path(path)
+
+
+#: The vertex record of point-cloud PLY files.
+PLY_POINT = np.dtype([("x", "<f8"), ("y", "<f8"), ("z", "<f8"), ("red", "u1"), ("green", "u1"), ("blue", "u1"),
+                      ("class", "u1")])
+
+
+def ply_points(cloud: PointCloud) -> np.ndarray:
+    """``cloud`` as :data:`PLY_POINT` records (x, y, z in the CRS)."""
+    xyz = cloud.crs_xyz()
+    v = np.empty(len(cloud), dtype=PLY_POINT)
+    v["x"], v["y"], v["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    v["red"], v["green"], v["blue"] = cloud.rgb[:, 0], cloud.rgb[:, 1], cloud.rgb[:, 2]
+    v["class"] = cloud.classes
+    return v
+
+
+def ply_comments(georef: Georef, class_names: Sequence[str]) -> tuple[str, ...]:
+    names = ",".join(f"{i}={n}" for i, n in enumerate(class_names))
+    return (f"crs {_crs_one_line(georef)}", "coordinates x,y,z in the crs, metres", f"class ids (255 = none): {names}")
 
 
 def write_points_ply(cloud: PointCloud, path: str | Path) -> Path:
     """Write ``cloud`` as a binary PLY: double x,y,z in the CRS, uchar red/green/blue/class."""
-    xyz = cloud.crs_xyz()
-    v = np.empty(len(cloud), dtype=[("x", "<f8"), ("y", "<f8"), ("z", "<f8"), ("red", "u1"), ("green", "u1"),
-                                    ("blue", "u1"), ("class", "u1")])
-    v["x"], v["y"], v["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-    v["red"], v["green"], v["blue"] = cloud.rgb[:, 0], cloud.rgb[:, 1], cloud.rgb[:, 2]
-    v["class"] = cloud.classes
-    names = ",".join(f"{i}={n}" for i, n in enumerate(cloud.class_names))
-    return write_ply(path, v, comments=(f"crs {_crs_one_line(cloud.georef)}", "coordinates x,y,z in the crs, metres",
-                                        f"class ids (255 = none): {names}"))
+    return write_ply(path, ply_points(cloud), comments=ply_comments(cloud.georef, cloud.class_names))
 
 
 def _crs_one_line(georef: Georef) -> str:

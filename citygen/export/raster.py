@@ -12,7 +12,7 @@ nothing rendered there); the semantic raster holds class ids (uint8, 255 = nodat
 
 Rasters of any size are rendered in windows of at most :data:`WINDOW_CELLS` cells
 (:class:`OrthoWindows`) and written window by window as Cloud Optimized GeoTIFFs
-(:class:`RasterFiles`), so memory does not grow with the raster; :func:`render_ortho` assembles
+(the sinks of :func:`raster_files`), so memory does not grow with the raster; :func:`render_ortho` assembles
 the windows into whole arrays for the callers that need them (meshes, small rasters, tests).
 """
 
@@ -137,7 +137,15 @@ class OrthoMaps:
         NaN, or bounds outside the scene, render nothing, and an all-nodata GeoTIFF written
         with exit status 0 looks like a result."""
         if not self.valid.any():
-            raise _all_nodata(self.grid, path)
+            raise all_nodata_error(self.grid, path)
+
+    @classmethod
+    def empty(cls, grid: OrthoGrid, georef: Georef, classes: tuple[str, ...]) -> OrthoMaps:
+        """Maps of ``grid`` with nothing seen yet (to :meth:`paste` windows into)."""
+        H, W = grid.shape
+        return cls(grid=grid, georef=georef, classes=classes, rgb=np.zeros((H, W, 3), np.uint8),
+                   height=np.full((H, W), np.nan, np.float32), semantics=np.full((H, W), CLASS_NODATA, np.uint8),
+                   acc=np.zeros((H, W), np.float32), valid=np.zeros((H, W), bool))
 
     def paste(self, part: OrthoMaps) -> None:
         """Copy the maps of ``part``, a window of this grid (see :meth:`OrthoGrid.window`), into place."""
@@ -255,15 +263,10 @@ def render_ortho(source: RaySource, gsd: float, rect: tuple[float, float, float,
                  progress: bool = True, max_cells: int = WINDOW_CELLS) -> OrthoMaps:
     """Render the true orthophoto, surface heights and classes of ``rect`` at ``gsd`` into
     whole (H, W) arrays (the arguments are :class:`OrthoWindows`'); for large rasters, iterate
-    :class:`OrthoWindows` and write with :class:`RasterFiles` instead."""
+    :class:`OrthoWindows` and write with the sinks of :func:`raster_files` instead."""
     windows = OrthoWindows(source, gsd, rect, supersample=supersample, min_acc=min_acc, chunk=chunk,
                            progress=progress, max_cells=max_cells)
-    grid = windows.grid
-    H, W = grid.shape
-    whole = OrthoMaps(grid=grid, georef=source.georef, classes=tuple(source.classes),
-                      rgb=np.zeros((H, W, 3), np.uint8), height=np.full((H, W), np.nan, np.float32),
-                      semantics=np.full((H, W), CLASS_NODATA, np.uint8), acc=np.zeros((H, W), np.float32),
-                      valid=np.zeros((H, W), bool))
+    whole = OrthoMaps.empty(windows.grid, source.georef, tuple(source.classes))
     for part in windows:
         whole.paste(part)
     return whole
@@ -282,38 +285,11 @@ RASTER_FILES = {
 }
 
 
-class RasterFiles(contextlib.AbstractContextManager):
-    """Ortho / DSM / semantic Cloud Optimized GeoTIFFs of ``grid``, written window by window.
+class RasterWindows:
+    """The sink :func:`raster_files` yields: :meth:`write` takes each window's maps."""
 
-    Use as a context manager; :meth:`write` takes each window's :class:`OrthoMaps` as it is
-    rendered.  On a clean exit every file is converted to a COG and published; if no window had
-    a valid cell (see :meth:`OrthoMaps.require_data`), or anything fails, nothing is written.
-
-    Args:
-        paths: kind (``ortho``, ``dsm``, ``semantics``) -> output file.
-        grid, georef, classes: the whole raster's grid, its CRS, the class names.
-    """
-
-    def __init__(self, paths: dict[str, str | Path], grid: OrthoGrid, georef: Georef, classes: tuple[str, ...]):
-        unknown = [k for k in paths if k not in RASTER_FILES]
-        if unknown:
-            raise ValueError(f"unknown raster kinds {unknown} (known: {', '.join(RASTER_FILES)})")
-        if "semantics" in paths and not classes:
-            raise CitygenError(paths["semantics"], "the scene has no semantic classes to export")
-        self.paths = {k: Path(p) for k, p in paths.items()}
-        self.grid, self.georef = grid, georef
-        self.valid_cells = 0
-        self._stack = contextlib.ExitStack()
-        self._writers: dict = {}
-
-    def __enter__(self) -> RasterFiles:
-        with contextlib.ExitStack() as stack:
-            for kind, path in self.paths.items():
-                self._writers[kind] = stack.enter_context(cog_writer(
-                    path, width=self.grid.width, height=self.grid.height, crs=self.georef.crs,
-                    transform=self.grid.transform(self.georef), **RASTER_FILES[kind]))
-            self._stack = stack.pop_all()
-        return self
+    def __init__(self, grid: OrthoGrid, writers: dict):
+        self.grid, self._writers, self.valid_cells = grid, writers, 0
 
     def write(self, maps: OrthoMaps) -> None:
         """Write a window (``maps.grid`` is a window of this grid)."""
@@ -323,16 +299,36 @@ class RasterFiles(contextlib.AbstractContextManager):
             data = maps.rgba() if kind == "ortho" else maps.dsm() if kind == "dsm" else maps.semantics
             writer.write(data, r0, c0)
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None and self.valid_cells == 0:
-            # the staged files are dropped (as on any failure), then the refusal goes up
-            err = _all_nodata(self.grid, next(iter(self.paths.values()), None))
-            self._stack.__exit__(CitygenError, err, None)
-            raise err
-        return self._stack.__exit__(exc_type, exc, tb)
+
+@contextlib.contextmanager
+def raster_files(paths: dict[str, str | Path], grid: OrthoGrid, georef: Georef,
+                 classes: tuple[str, ...]) -> Iterator[RasterWindows]:
+    """Ortho / DSM / semantic Cloud Optimized GeoTIFFs of ``grid``, written window by window.
+
+    Yields a :class:`RasterWindows`: write each window's :class:`OrthoMaps` into it as it is
+    rendered.  On a clean exit every file is converted to a COG and published; if no window
+    had a valid cell (see :meth:`OrthoMaps.require_data`), or anything fails, nothing is written.
+
+    Args:
+        paths: kind (``ortho``, ``dsm``, ``semantics``: :data:`RASTER_FILES`) -> output file.
+        grid, georef, classes: the whole raster's grid, its CRS, the class names.
+    """
+    unknown = [k for k in paths if k not in RASTER_FILES]
+    if unknown:
+        raise ValueError(f"unknown raster kinds {unknown} (known: {', '.join(RASTER_FILES)})")
+    if "semantics" in paths and not classes:
+        raise CitygenError(paths["semantics"], "the scene has no semantic classes to export")
+    with contextlib.ExitStack() as stack:
+        writers = {kind: stack.enter_context(cog_writer(path, width=grid.width, height=grid.height, crs=georef.crs,
+                                                        transform=grid.transform(georef), **RASTER_FILES[kind]))
+                   for kind, path in paths.items()}
+        sink = RasterWindows(grid, writers)
+        yield sink
+        if sink.valid_cells == 0:
+            raise all_nodata_error(grid, next(iter(paths.values()), None))
 
 
-def _all_nodata(grid: OrthoGrid, path: str | Path | None) -> CitygenError:
+def all_nodata_error(grid: OrthoGrid, path: str | Path | None) -> CitygenError:
     return CitygenError(path, f"the rendered {grid.width}x{grid.height} raster is all nodata "
                              "(no cell reached the opacity threshold min_acc): nothing written; "
                              "check the bounds and that the tile's fields render")
@@ -340,8 +336,8 @@ def _all_nodata(grid: OrthoGrid, path: str | Path | None) -> CitygenError:
 
 def _write_one(kind: str, maps: OrthoMaps, path: str | Path) -> Path:
     maps.require_data(path)
-    with RasterFiles({kind: path}, maps.grid, maps.georef, maps.classes) as files:
-        files.write(maps)
+    with raster_files({kind: path}, maps.grid, maps.georef, maps.classes) as sink:
+        sink.write(maps)
     return Path(path)
 
 

@@ -13,7 +13,9 @@ Files written into ``out`` (each only when asked for)::
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from survey_io.atomic import atomic_write_json
+from survey_io.geotiff import COG_CACHE_MB
 
 from ..checks import format_bytes, largest_fitting, memory_budget, nice_up
 from ..errors import CitygenError
@@ -29,8 +32,29 @@ from ..store.layout import read_plan, read_tile_config
 from ..tile import open_tile
 from .cameras import export_cameras
 from .mesh import TSDF_MAX_BLOCKS, heightfield_mesh, require_open3d, tsdf_mesh, write_mesh
-from .points import asprs_codes, laz_available, points_from_ortho, points_from_views, write_las, write_points_ply
-from .raster import DSM_NODATA, render_ortho, tile_rect, write_dsm, write_ortho, write_semantics
+from .ply import ply_vertex_writer
+from .points import (
+    PLY_POINT,
+    asprs_codes,
+    las_writer,
+    laz_available,
+    ply_comments,
+    ply_points,
+    points_from_ortho,
+    points_from_views,
+    write_las,
+    write_points_ply,
+)
+from .raster import (
+    DSM_NODATA,
+    WINDOW_CELLS,
+    OrthoGrid,
+    OrthoMaps,
+    OrthoWindows,
+    all_nodata_error,
+    raster_files,
+    tile_rect,
+)
 from .source import DEFAULT_CHUNK, RaySource, check_source
 from .views import aerial_views
 
@@ -99,14 +123,18 @@ class ExportOptions:
 
 
 # Peak memory of an export, per raster cell or rendered ray (bytes; counted from the arrays
-# the code holds at once, rounded up).  Rasters: the maps (RGB 3 + height 4 + class 1 + opacity
-# 4 + valid 1) and, while writing, the float64 DSM and cell-centre grids.  Grid points: float64
-# xyz (with its masked copies), colour, class, and the LAS/PLY record arrays.  Heightfield
-# mesh: the int64 vertex index, float64 vertices, the corner stacks and int32 faces (about
+# the code holds at once, rounded up).  The grid is rendered and written one window of at most
+# WINDOW_CELLS cells at a time, so rasters and grid points count one window's cells, not the
+# raster's.  Rasters: the window's maps (RGB 3 + height 4 + class 1 + opacity 4 + valid 1) and,
+# while writing, the float64 DSM and cell-centre grids; plus GDAL's block cache while GeoTIFFs
+# are written (COG_CACHE_MB).  Grid points: float64 xyz (with its masked copies), colour, class,
+# and the LAS/PLY record arrays.  Heightfield mesh: whole maps of the raster (MAPS_BYTES_PER_CELL),
+# the int64 vertex index, float64 vertices, the corner stacks and int32 faces (about
 # two triangles per cell) and the writers' rows.  View points: origin, direction and hit
 # arrays per rendered ray.  TSDF: open3d's voxel block grid, allocated whole up front:
 # 16^3 voxels of float32 tsdf, weight and RGB per block, for the capacity tsdf_mesh asks.
 RASTER_BYTES_PER_CELL = 48
+MAPS_BYTES_PER_CELL = 13
 GRID_POINTS_BYTES_PER_CELL = 128
 HEIGHTFIELD_MESH_BYTES_PER_CELL = 256
 VIEW_POINT_BYTES_PER_RAY = 128
@@ -129,12 +157,15 @@ def export_memory(options: ExportOptions, rect: tuple[float, float, float, float
     w, h = rect[2] - rect[0], rect[3] - rect[1]
     cells = math.ceil(round(w / options.gsd, 6)) * math.ceil(round(h / options.gsd, 6))
     parts: dict[str, float] = {}
+    window = min(cells, WINDOW_CELLS)
     if _needs_grid(options):
-        parts["rasters"] = RASTER_BYTES_PER_CELL * cells
+        parts["rasters"] = RASTER_BYTES_PER_CELL * window
+    if what & _NEEDS_GRID:
+        parts["gdal_cache"] = COG_CACHE_MB * 1e6
     if what & {"las", "laz", "ply"} and options.points_from == "grid":
-        parts["points"] = GRID_POINTS_BYTES_PER_CELL * cells
+        parts["points"] = GRID_POINTS_BYTES_PER_CELL * window
     if "mesh" in what and options.mesh_method == "heightfield":
-        parts["mesh"] = HEIGHTFIELD_MESH_BYTES_PER_CELL * cells
+        parts["mesh"] = (MAPS_BYTES_PER_CELL + HEIGHTFIELD_MESH_BYTES_PER_CELL) * cells
     views_gsd = options.view_gsd or options.gsd
     if (what & {"las", "laz", "ply"} and options.points_from == "views") or \
             ("mesh" in what and options.mesh_method == "tsdf"):
@@ -173,12 +204,52 @@ def check_export_memory(options: ExportOptions, rect: tuple[float, float, float,
             return sum(export_memory(replace(options, gsd=1.0 / inv), rect, bounds_xy).values())
 
     side = max(rect[2] - rect[0], rect[3] - rect[1])
-    fit = largest_fitting(need, 1.0 / side, 1.0 / value, budget_bytes)
-    hint = f"use {name} {nice_up(1.0 / fit)} or more" if fit is not None else "export a smaller --bounds"
+    floor = need(1.0 / side)
+    if floor > budget_bytes:
+        # what does not grow with the raster (one window, GDAL's cache) is over the budget
+        hint = f"any {name} needs ~{format_bytes(floor)}: raise --memory-budget-gb"
+    else:
+        fit = largest_fitting(need, 1.0 / side, 1.0 / value, budget_bytes)
+        hint = f"use {name} {nice_up(1.0 / fit)} or more" if fit is not None else "export a smaller --bounds"
     detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
     raise CitygenError(None, f"{name} {value:g} over {rect[2] - rect[0]:.0f} m x {rect[3] - rect[1]:.0f} m needs "
                              f"~{format_bytes(total)} ({detail}), more than the memory budget of "
                              f"{format_bytes(budget_bytes)} ({budget_source}): {hint}")
+
+
+# Disk an export may fill, per raster cell (bytes, uncompressed: an upper bound, as compression
+# depends on the scene).  A raster is staged, copied into its COG and its overviews (a third
+# more) go through a temp file first, all on disk at once: 3x its samples (RGBA 4, float32 DSM 4,
+# class 1).  Grid point clouds hold at most one point a cell: a LAS/LAZ record of point format 7
+# (36 bytes; LAZ counted uncompressed), a PLY record (27 bytes) staged and then copied.
+DISK_BYTES_PER_CELL = {"ortho": 3 * 4, "dsm": 3 * 4, "semantics": 3 * 1, "las": 36, "laz": 36, "ply": 2 * 27}
+
+
+def export_disk(options: ExportOptions, rect: tuple[float, float, float, float]) -> float:
+    """Upper bound of the bytes the grid deliverables of ``options`` write over ``rect`` (local)."""
+    w, h = rect[2] - rect[0], rect[3] - rect[1]
+    cells = math.ceil(round(w / options.gsd, 6)) * math.ceil(round(h / options.gsd, 6))
+    grid_points = options.points_from == "grid"
+    return cells * sum(n for k, n in DISK_BYTES_PER_CELL.items()
+                       if k in options.what and (k in _NEEDS_GRID or grid_points))
+
+
+def check_export_disk(options: ExportOptions, rect: tuple[float, float, float, float], out: str | Path) -> None:
+    """Refuse an export whose grid files (:func:`export_disk`) cannot fit in the free space of
+    ``out``'s file system, naming --gsd and the smallest value that fits."""
+    base = Path(out).absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    need = export_disk(options, rect)
+    if need <= free:
+        return
+    fit = largest_fitting(lambda inv: export_disk(replace(options, gsd=1.0 / inv), rect),
+                          1.0 / max(rect[2] - rect[0], rect[3] - rect[1]), 1.0 / options.gsd, free)
+    hint = f"use --gsd {nice_up(1.0 / fit)} or more" if fit is not None else "export a smaller --bounds"
+    raise CitygenError(out, f"--gsd {options.gsd:g} over {rect[2] - rect[0]:.0f} m x {rect[3] - rect[1]:.0f} m may "
+                            f"write up to ~{format_bytes(need)} (uncompressed), more than the {format_bytes(free)} "
+                            f"free there: {hint}")
 
 
 def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, memory_budget_bytes: float | None = None,
@@ -204,6 +275,7 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
         memory_budget_bytes, memory_budget_source = default.bytes, default.source
     check_export_memory(options, rect, memory_budget_bytes, memory_budget_source,
                         bounds_xy=(float(bounds[0, 0]), float(bounds[0, 1]), float(bounds[1, 0]), float(bounds[1, 1])))
+    check_export_disk(options, rect, out)
     files: dict[str, str] = {}
     counts: dict[str, int] = {}
     timings: dict[str, float] = {}
@@ -214,79 +286,128 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
         timings[name] = round(time.perf_counter() - t0, 3)
         return result
 
-    needs_grid = _needs_grid(options)
-    maps = None
-    if needs_grid:
-        maps = timed("render_ortho", render_ortho, source, options.gsd, rect, supersample=options.supersample,
-                     min_acc=options.min_acc, chunk=options.chunk, progress=options.progress)
-        counts["raster_cells"] = int(maps.valid.size)
-        counts["raster_valid_cells"] = int(maps.valid.sum())
-        maps.require_data(out)  # before any file is written
-    out.mkdir(parents=True, exist_ok=True)
-    if "ortho" in what:
-        files["ortho"] = str(write_ortho(maps, out / "ortho.tif"))
-    if "dsm" in what:
-        files["dsm"] = str(write_dsm(maps, out / "dsm.tif"))
-    if "semantics" in what:
-        files["semantics"] = str(write_semantics(maps, out / "semantics.tif"))
+    grid_points = bool(what & {"las", "laz", "ply"}) and options.points_from == "grid"
+    if "semantics" in what and not source.classes:
+        raise CitygenError(out / "semantics.tif", "the scene has no semantic classes to export")
+    maps = grid = None
+    with _folder_or_nothing(out):
+        if _needs_grid(options):
+            maps, grid = timed("grid", _grid_pass, source, out, options, rect, bounds, files, counts, grid_points)
+        views = None
 
-    views = None
+        def get_views():
+            nonlocal views
+            if views is None:
+                box = bounds.copy()
+                box[0, :2], box[1, :2] = rect[:2], rect[2:]
+                views = aerial_views(box, options.view_gsd or options.gsd, image_size=options.view_size)
+            return views
 
-    def get_views():
-        nonlocal views
-        if views is None:
-            box = bounds.copy()
-            box[0, :2], box[1, :2] = rect[:2], rect[2:]
-            views = aerial_views(box, options.view_gsd or options.gsd, image_size=options.view_size)
-        return views
-
-    if what & {"las", "laz", "ply"}:
-        if options.points_from == "grid":
-            cloud = points_from_ortho(maps)
-        else:
+        if what & {"las", "laz", "ply"} and not grid_points:
             cloud = timed("render_points", points_from_views, source, get_views(), min_acc=options.min_acc,
                           chunk=options.chunk, progress=options.progress)
             inside = np.all((cloud.xyz[:, :2] >= rect[:2]) & (cloud.xyz[:, :2] <= rect[2:]), axis=1)
             cloud = replace(cloud, xyz=cloud.xyz[inside], rgb=cloud.rgb[inside], classes=cloud.classes[inside])
-        counts["points"] = len(cloud)
-        for kind, name in (("las", "points.las"), ("laz", "points.laz")):
-            if kind in what:
-                files[kind] = str(timed(f"write_{kind}", write_las, cloud, out / name))
-        if "ply" in what:
-            files["ply"] = str(timed("write_ply", write_points_ply, cloud, out / "points.ply"))
-    if "mesh" in what:
-        if options.mesh_method == "heightfield":
-            mesh = heightfield_mesh(maps)
-        else:
-            mesh = timed("tsdf", tsdf_mesh, source, get_views(), options.voxel_size or options.gsd,
-                         min_acc=options.min_acc, chunk=options.chunk, progress=options.progress)
-            mesh = mesh.cropped(rect[:2], rect[2:])
-        counts["mesh_vertices"], counts["mesh_faces"] = len(mesh.vertices), len(mesh.faces)
-        for fmt in options.mesh_formats:
-            files[f"mesh_{fmt}"] = str(timed(f"write_mesh_{fmt}", write_mesh, mesh, out / f"mesh.{fmt}"))
-    if "cameras" in what:
-        files["cameras"] = str(export_cameras(options.survey, out / "cameras", georef=georef,
-                                              images=options.camera_images, rect=options.rect))
-    if views is not None:
-        counts["views"] = len(views)
+            counts["points"] = len(cloud)
+            for kind, name in (("las", "points.las"), ("laz", "points.laz")):
+                if kind in what:
+                    files[kind] = str(timed(f"write_{kind}", write_las, cloud, out / name))
+            if "ply" in what:
+                files["ply"] = str(timed("write_ply", write_points_ply, cloud, out / "points.ply"))
+        if "mesh" in what:
+            if options.mesh_method == "heightfield":
+                mesh = heightfield_mesh(maps)
+            else:
+                mesh = timed("tsdf", tsdf_mesh, source, get_views(), options.voxel_size or options.gsd,
+                             min_acc=options.min_acc, chunk=options.chunk, progress=options.progress)
+                mesh = mesh.cropped(rect[:2], rect[2:])
+            counts["mesh_vertices"], counts["mesh_faces"] = len(mesh.vertices), len(mesh.faces)
+            for fmt in options.mesh_formats:
+                files[f"mesh_{fmt}"] = str(timed(f"write_mesh_{fmt}", write_mesh, mesh, out / f"mesh.{fmt}"))
+        if "cameras" in what:
+            files["cameras"] = str(export_cameras(options.survey, out / "cameras", georef=georef,
+                                                  images=options.camera_images, rect=options.rect))
+        if views is not None:
+            counts["views"] = len(views)
 
-    manifest: dict[str, Any] = {
-        "kind": "citygen.export", "version": 1, "georef": georef.to_dict(),
-        "rect_local": list(rect), "rect_crs": [rect[0] + georef.origin[0], rect[1] + georef.origin[1],
-                                               rect[2] + georef.origin[0], rect[3] + georef.origin[1]],
-        "gsd": options.gsd, "supersample": options.supersample, "min_acc": options.min_acc,
-        "classes": {str(i): n for i, n in enumerate(source.classes)},
-        "asprs_classification": {n: int(asprs_codes(source.classes)[i]) for i, n in enumerate(source.classes)},
-        "dsm_nodata": DSM_NODATA, "points_from": options.points_from, "mesh_method": options.mesh_method,
-        "files": {k: Path(v).name if Path(v).parent == out else str(Path(v).relative_to(out))
-                  for k, v in files.items()},
-        "counts": counts, "timings_s": timings,
-    }
-    if maps is not None:
-        manifest["grid"] = {"width": maps.grid.width, "height": maps.grid.height,
-                            "transform": list(maps.grid.transform(georef))[:6]}
-    atomic_write_json(out / "export.json", manifest)
-    return manifest
+        manifest: dict[str, Any] = {
+            "kind": "citygen.export", "version": 1, "georef": georef.to_dict(),
+            "rect_local": list(rect), "rect_crs": [rect[0] + georef.origin[0], rect[1] + georef.origin[1],
+                                                   rect[2] + georef.origin[0], rect[3] + georef.origin[1]],
+            "gsd": options.gsd, "supersample": options.supersample, "min_acc": options.min_acc,
+            "classes": {str(i): n for i, n in enumerate(source.classes)},
+            "asprs_classification": {n: int(asprs_codes(source.classes)[i]) for i, n in enumerate(source.classes)},
+            "dsm_nodata": DSM_NODATA, "points_from": options.points_from, "mesh_method": options.mesh_method,
+            "files": {k: Path(v).name if Path(v).parent == out else str(Path(v).relative_to(out))
+                      for k, v in files.items()},
+            "counts": counts, "timings_s": timings,
+        }
+        if grid is not None:
+            manifest["grid"] = {"width": grid.width, "height": grid.height, "transform": list(grid.transform(georef))[:6]}
+        atomic_write_json(out / "export.json", manifest)
+        return manifest
+
+
+@contextlib.contextmanager
+def _folder_or_nothing(out: Path):
+    """Make ``out``; if what follows fails, remove it again when it was made here and is still
+    empty (the writers drop their own temp files), so a refused export leaves nothing."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _grid_pass(source: RaySource, out: Path, options: ExportOptions, rect, bounds: np.ndarray, files: dict,
+               counts: dict, grid_points: bool) -> tuple[OrthoMaps | None, OrthoGrid]:
+    """Render the grid window by window and stream each window into every file that comes from
+    it (rasters, grid point clouds); keep whole maps only for the heightfield mesh.  All files
+    appear together at the end, or none (all nodata, or any failure)."""
+    what, georef = set(options.what), source.georef
+    windows = OrthoWindows(source, options.gsd, rect, supersample=options.supersample, min_acc=options.min_acc,
+                           chunk=options.chunk, progress=options.progress)
+    grid = windows.grid
+    whole = None
+    if "mesh" in what and options.mesh_method == "heightfield":
+        whole = OrthoMaps.empty(grid, georef, tuple(source.classes))
+    raster_paths = {kind: out / f"{kind}.tif" for kind in ("ortho", "dsm", "semantics") if kind in what}
+    # LAS offsets: the whole metre below the extent's corner (points are streamed, so their
+    # minimum is not known when the header is written)
+    las_offsets = np.floor([rect[0] + georef.origin[0], rect[1] + georef.origin[1], bounds[0, 2] + georef.origin[2]])
+    valid = n_points = 0
+    with contextlib.ExitStack() as stack:
+        rasters = stack.enter_context(raster_files(raster_paths, grid, georef, tuple(source.classes)))
+        clouds = [stack.enter_context(las_writer(out / f"points.{kind}", georef, source.classes, las_offsets))
+                  for kind in ("las", "laz") if grid_points and kind in what]
+        ply = stack.enter_context(ply_vertex_writer(out / "points.ply", PLY_POINT, ply_comments(georef, source.classes))) \
+            if grid_points and "ply" in what else None
+        for part in windows:
+            valid += int(part.valid.sum())
+            rasters.write(part)
+            if whole is not None:
+                whole.paste(part)
+            if grid_points:
+                cloud = points_from_ortho(part)
+                n_points += len(cloud)
+                for sink in clouds:
+                    sink.write(cloud)
+                if ply is not None:
+                    ply.write(ply_points(cloud))
+        if valid == 0:
+            raise all_nodata_error(grid, out)  # before any file appears
+    files.update({kind: str(path) for kind, path in raster_paths.items()})
+    for kind in ("las", "laz", "ply"):
+        if grid_points and kind in what:
+            files[kind] = str(out / f"points.{kind}")
+    counts["raster_cells"] = grid.width * grid.height
+    counts["raster_valid_cells"] = valid
+    if grid_points:
+        counts["points"] = n_points
+    return whole, grid
 
 
 def parse_what(text: str) -> tuple[str, ...]:
@@ -347,6 +468,7 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
         rect = parse_bounds(bounds_crs, plan.georef.origin) if bounds_crs else \
             (cores[:, 0].min(), cores[:, 1].min(), cores[:, 2].max(), cores[:, 3].max())
         check_export_memory(options, rect, memory_budget_bytes, memory_budget_source)
+        check_export_disk(options, rect, out)
     survey = options.survey
     if "cameras" in options.what and survey is None:
         record = read_tile_config(tile_dir) or {}
