@@ -38,7 +38,9 @@ setup(
         # pytest-timeout: a hung test fails (with its stack) instead of stalling CI (pyproject.toml)
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5",
                 # the layer contracts in pyproject.toml (tests/test_layers.py runs them); 2.x for acyclic_siblings
-                "import-linter>=2.17"],
+                "import-linter>=2.17",
+                # its validator checks the COG layout of exported rasters (tests/test_export_windows.py)
+                "rio-cogeo>=5"],
         "mesh": ["open3d-cpu>=0.18; platform_machine=='x86_64'"],
         "ray": ["ray>=2.9"],
         "nerfstudio": ["nerfstudio>=1.1"],

@@ -175,15 +175,17 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
     print(json.dumps(summary))
 
 
-def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | None = None, n_points: int = 2**16,
-          repeats: int = 5, device: str = "auto", tile: Path | None = None, res: tuple[str, ...] = (),
-          frames: int = 5, reference_frames: int = 1, no_stream: bool = False, stream_budget_gb: float | None = None,
-          stream_frames: int | None = None, sweep_log2: tuple[int, ...] = ()) -> None:
+def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out: Path | None = None,
+          n_points: int = 2**16, repeats: int = 5, device: str = "auto", tile: Path | None = None,
+          res: tuple[str, ...] = (), frames: int = 5, reference_frames: int = 1, no_stream: bool = False,
+          stream_budget_gb: float | None = None, stream_frames: int | None = None, sweep_log2: tuple[int, ...] = (),
+          size_m: float = 1000.0, gsd: float = 0.1, las_points: int = 50_000_000, work: Path | None = None) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
         what: which benchmark: encode (hash-grid forward + backward, every available backend
-            side by side, torch reference = 1.0x).
+            side by side, torch reference = 1.0x); export (peak memory of windowed COG rasters and
+            chunked LAZ, analytic scene).
         out: also write the JSON here.
         n_points: points per step.
         repeats: timed steps per backend (the median is reported).
@@ -197,6 +199,10 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
         stream_frames: render: frames of the streaming fly-through.
         sweep_log2: encode: instead of --n-points, one run per size 2^K for each K given
             (e.g. --sweep-log2 18 19 20 21 22).
+        size_m: export: side of the square exported as ortho + DSM COGs (analytic scene), metres.
+        gsd: export: their cell size, metres.
+        las_points: export: points of the larger of the two chunked LAZ files (the other: a tenth).
+        work: export: keep the files in this folder (default: a temp folder, removed).
     """
     import json
 
@@ -224,6 +230,13 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
         result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,
                               reference_frames=reference_frames, device=device, stream=not no_stream,
                               stream_budget_gb=stream_budget_gb, stream_frames=stream_frames)
+    elif what == "export":
+        from .export.bench import bench_export
+
+        check_values([("--size-m", size_m, POSITIVE), ("--gsd", gsd, POSITIVE), ("--las-points", las_points, Range(10))])
+        if work is not None:
+            check_out_dir(work, "--work")
+        result = bench_export(size_m=size_m, gsd=gsd, n_points=las_points, work=work)
     print(json.dumps(result, indent=2))
     if out is not None:
         atomic_write_json(out, result)

@@ -1,6 +1,8 @@
 """``citygen export``: render a tile's deliverables into one folder, with a manifest.
 
-Files written into ``out`` (each only when asked for)::
+Files written into ``out`` (each only when asked for; the rasters are Cloud Optimized GeoTIFFs,
+and they and the grid point clouds are written window by window as the grid renders, so memory
+does not grow with the extent)::
 
     ortho.tif            true orthophoto, RGBA uint8 (alpha 0 = nodata)
     dsm.tif              surface heights, float32, CRS vertical, nodata -9999
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from survey_io.atomic import atomic_write_json
-from survey_io.geotiff import COG_CACHE_MB
+from survey_io.geotiff import COG_CACHE_MB, STAGE_BLOCK
 
 from ..checks import format_bytes, largest_fitting, memory_budget, nice_up
 from ..errors import CitygenError
@@ -84,6 +86,8 @@ class ExportOptions:
         camera_images: ``link``, ``copy`` or ``none`` (see citygen.export.cameras).
         chunk: rays per render call.
         progress: progress bars.
+        window_cells: most raster cells rendered and held at once (rasters and grid point
+            clouds are streamed window by window).
     """
 
     what: tuple[str, ...] = ("ortho", "dsm", "semantics", "las", "ply", "mesh")
@@ -101,6 +105,7 @@ class ExportOptions:
     camera_images: str = "link"
     chunk: int = DEFAULT_CHUNK
     progress: bool = True
+    window_cells: int = WINDOW_CELLS
 
     def validate(self) -> None:
         unknown = [w for w in self.what if w not in DELIVERABLES]
@@ -115,6 +120,8 @@ class ExportOptions:
             raise CitygenError(None, f"mesh formats must be among ply, obj, got {list(self.mesh_formats)}")
         if not (self.gsd > 0 and math.isfinite(self.gsd)):
             raise CitygenError(None, f"gsd must be a finite number > 0, got {self.gsd}")
+        if self.window_cells < 1:
+            raise CitygenError(None, f"window_cells must be >= 1, got {self.window_cells}")
         if self.view_size < 8 or self.supersample < 1:
             raise CitygenError(None, f"view_size must be >= 8 and supersample >= 1, got {self.view_size}, "
                                      f"{self.supersample}")
@@ -157,7 +164,7 @@ def export_memory(options: ExportOptions, rect: tuple[float, float, float, float
     w, h = rect[2] - rect[0], rect[3] - rect[1]
     cells = math.ceil(round(w / options.gsd, 6)) * math.ceil(round(h / options.gsd, 6))
     parts: dict[str, float] = {}
-    window = min(cells, WINDOW_CELLS)
+    window = min(cells, max(options.window_cells, STAGE_BLOCK**2))
     if _needs_grid(options):
         parts["rasters"] = RASTER_BYTES_PER_CELL * window
     if what & _NEEDS_GRID:
@@ -369,7 +376,7 @@ def _grid_pass(source: RaySource, out: Path, options: ExportOptions, rect, bound
     appear together at the end, or none (all nodata, or any failure)."""
     what, georef = set(options.what), source.georef
     windows = OrthoWindows(source, options.gsd, rect, supersample=options.supersample, min_acc=options.min_acc,
-                           chunk=options.chunk, progress=options.progress)
+                           chunk=options.chunk, progress=options.progress, max_cells=options.window_cells)
     grid = windows.grid
     whole = None
     if "mesh" in what and options.mesh_method == "heightfield":
