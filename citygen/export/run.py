@@ -372,8 +372,9 @@ def _folder_or_nothing(out: Path):
 def _grid_pass(source: RaySource, out: Path, options: ExportOptions, rect, bounds: np.ndarray, files: dict,
                counts: dict, grid_points: bool) -> tuple[OrthoMaps | None, OrthoGrid]:
     """Render the grid window by window and stream each window into every file that comes from
-    it (rasters, grid point clouds); keep whole maps only for the heightfield mesh.  All files
-    appear together at the end, or none (all nodata, or any failure)."""
+    it (rasters, grid point clouds); keep whole maps only for the heightfield mesh.  The files
+    appear (each atomically) once the whole grid has rendered; a failure while rendering, or a
+    grid with no valid cell, leaves none."""
     what, georef = set(options.what), source.georef
     windows = OrthoWindows(source, options.gsd, rect, supersample=options.supersample, min_acc=options.min_acc,
                            chunk=options.chunk, progress=options.progress, max_cells=options.window_cells)
