@@ -71,9 +71,6 @@ def write_geotiff(
     gsd: float | None = None,
     nodata: float | None = None,
     dtype: str | np.dtype | None = None,
-    cog: bool = False,
-    alpha: bool = False,
-    resampling: str = "average",
 ) -> Path:
     """Write ``array`` as a (deflate-compressed, tiled when large) GeoTIFF, atomically.
 
@@ -85,8 +82,6 @@ def write_geotiff(
             top-left corner) and ``gsd`` (metres per pixel) for a north-up grid.
         nodata: value marking empty cells, stored in the file.
         dtype: output dtype (default: the array's).
-        cog: write a Cloud Optimized GeoTIFF (see :func:`cog_writer`, which also explains
-            ``alpha`` and ``resampling``).
     """
     # deferred: rasterio takes 0.6 s to import; `citygen --help` loads this module
     import rasterio
@@ -104,11 +99,6 @@ def write_geotiff(
     crs_str = _crs_string(crs)
     out_dtype = np.dtype(dtype or arr.dtype)
     h, w, c = arr.shape
-    if cog:
-        with cog_writer(path, width=w, height=h, bands=c, dtype=out_dtype, crs=crs_str, transform=transform,
-                        nodata=nodata, alpha=alpha, resampling=resampling) as dst:
-            dst.write(arr, 0, 0)
-        return path
     profile = dict(driver="GTiff", width=w, height=h, count=c, dtype=out_dtype.name, crs=crs_str,
                    transform=transform, nodata=nodata, compress="deflate")
     if h >= 256 and w >= 256:

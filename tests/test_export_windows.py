@@ -174,3 +174,27 @@ def test_export_memory_does_not_grow_with_the_raster(tmp_path):
         peaks[gsd] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[0.05] < 1.5 * peaks[0.1], peaks
+
+
+def test_cog_writer_windows_in_any_order_and_failures_leave_nothing(tmp_path):
+    from survey_io import SurveyError
+    from survey_io.geotiff import cog_writer, north_up_transform, read_geotiff
+
+    rng = np.random.default_rng(5)
+    full = rng.normal(50.0, 10.0, (700, 600)).astype(np.float32)
+    args = dict(width=600, height=700, bands=1, dtype="float32", crs=GEOREF, nodata=-9999.0,
+                transform=north_up_transform((ORIGIN[0], ORIGIN[1]), 0.5))
+    with cog_writer(tmp_path / "a.tif", **args) as dst:
+        for r0, c0 in ((512, 256), (0, 0), (256, 512), (0, 256), (512, 0), (256, 0), (0, 512), (256, 256),
+                       (512, 512)):
+            dst.write(full[r0:r0 + 256, c0:c0 + 256], r0, c0)
+    assert np.array_equal(read_geotiff(tmp_path / "a.tif").array, full)
+    assert cog_validate(str(tmp_path / "a.tif"), strict=True, quiet=True)[0]
+
+    with pytest.raises(SurveyError, match=r"b\.tif.*does not fit the 700x600x1 raster"), \
+            cog_writer(tmp_path / "b.tif", **args) as dst:
+        dst.write(full[:10, :10], 695, 0)
+    with pytest.raises(KeyboardInterrupt), cog_writer(tmp_path / "c.tif", **args) as dst:
+        dst.write(full[:256, :256], 0, 0)
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif"]
