@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -244,7 +245,7 @@ def load_envelope(path: str | Path) -> Envelope:
     """Read an envelope written by :func:`save_envelope`."""
     try:
         return Envelope.from_tensors(load_file(str(path)))
-    except (OSError, KeyError, ValueError, IndexError) as err:
+    except (OSError, SafetensorError, KeyError, ValueError, IndexError) as err:
         raise CitygenError(path, f"not a block envelope ({err})") from None
 
 
