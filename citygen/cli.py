@@ -178,7 +178,8 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
 def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | None = None, n_points: int = 2**16,
           repeats: int = 5, device: str = "auto", tile: Path | None = None, res: tuple[str, ...] = (),
           frames: int = 5, reference_frames: int = 1, no_stream: bool = False, stream_budget_gb: float | None = None,
-          stream_frames: int | None = None, sweep_log2: tuple[int, ...] = ()) -> None:
+          stream_frames: int | None = None, sweep_log2: tuple[int, ...] = (), narrow_band: bool = False,
+          survey: Path | None = None) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
@@ -197,6 +198,10 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
         stream_frames: render: frames of the streaming fly-through.
         sweep_log2: encode: instead of --n-points, one run per size 2^K for each K given
             (e.g. --sweep-log2 18 19 20 21 22).
+        narrow_band: render: also bake the block's envelope and compare narrow-band rendering
+            (samples per pixel, PSNR, envelope bytes, bake time, H100 roofline estimate).
+        survey: render --narrow-band: the survey (transforms.json) whose held-out views are also
+            scored, against their ground-truth images too.
     """
     import json
 
@@ -223,7 +228,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
         check_values((f"--res {r}", side, IMAGE_SIDE) for r, wh in zip(res, resolutions) for side in wh)
         result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,
                               reference_frames=reference_frames, device=device, stream=not no_stream,
-                              stream_budget_gb=stream_budget_gb, stream_frames=stream_frames)
+                              stream_budget_gb=stream_budget_gb, stream_frames=stream_frames,
+                              narrow_band=narrow_band, survey=survey)
     print(json.dumps(result, indent=2))
     if out is not None:
         atomic_write_json(out, result)

@@ -161,3 +161,30 @@ def test_envelope_file_round_trip_and_bad_file(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CitygenError, match="bad.safetensors.*not a block envelope"):
         load_envelope(tmp_path / "bad.safetensors")
+
+
+def test_bench_narrow_band_reports(realtime_cpu, tmp_path):
+    """`citygen bench render --narrow-band`'s figures on a small field: samples per pixel with and
+    without the band, PSNR against the reference (>= 35 dB) and, on a survey's held-out views,
+    against their ground-truth images, envelope bytes within 10 % of the packed block, bake time,
+    and the H100 roofline estimate at both resolutions (labelled an estimate)."""
+    from boxscene import make_box_survey
+
+    from citygen.bench_render import bench_narrow_band
+
+    field, rc = make_field()
+    survey = make_box_survey(tmp_path / "boxes", n_train=2, n_test=1, width=24, height=18)
+    out = bench_narrow_band(field, rc, torch.device("cpu"), (24, 18), 2, 10.0, RealtimeSampling(), survey=survey)
+    assert out["available"] and 0 < out["envelope_fraction"] <= 0.1 and out["bake_s"] > 0
+    fly, views = out["view_sets"]["fly_path"], out["view_sets"]["survey_views"]
+    assert len(fly["views"]) == 2 and len(views["views"]) == 1
+    assert fly["psnr_vs_reference_db_narrow_band_worst"] >= 35.0
+    row = views["views"][0]
+    assert set(row["psnr_vs_ground_truth_db"]) == {"reference", "realtime", "narrow_band"}
+    assert out["samples_per_pixel_narrow_band_mean"] <= out["samples_per_pixel_mean"]
+    for res in ("1920x1080", "3840x2160"):
+        est = out["roofline_h100"][res]["narrow_band"]
+        assert "ESTIMATE" in est["label"] and est["resolution"] == res
+    # Four times the pixels, a quarter of the frame rate (same samples per pixel).
+    assert out["roofline_h100"]["1920x1080"]["narrow_band"]["fps_tensor_core_mlp"] == pytest.approx(
+        4 * out["roofline_h100"]["3840x2160"]["narrow_band"]["fps_tensor_core_mlp"])

@@ -72,6 +72,9 @@ FORMAT = "citygen-envelope/1"
 VERTEX_BYTES, TRIANGLE_BYTES = 15, 12
 #: lattice points evaluated per chunk: ~64k x (position + density + the MLP's activations) stays a few MB
 CHUNK_POINTS = 1 << 16
+#: lattice points of the default voxel: the step, or coarser where the box would need more points
+#: (4M points: ~10-30 s of density evaluation on a CPU core for the CPU presets' fields)
+DEFAULT_POINTS = 1 << 22
 #: refuse lattices beyond this many points (a 64M-point lattice is ~0.5 GB of float32 grids + hours on a CPU)
 MAX_POINTS = 1 << 26
 
@@ -346,13 +349,16 @@ def bake_envelope(density_fn, aabb: np.ndarray, step: float, budget_bytes: int, 
         budget_bytes: most bytes the two stored shells may take.
         occupancy: the block's OccupancyGrid (lattice points far from its occupied cells are 0).
         color_fn: (points (N, 3), unit directions (N, 3)) -> rgb (N, 3) for the vertex colours.
-        voxel: lattice spacing, metres (default: ``step``).
+        voxel: lattice spacing, metres (default: ``step``, or coarser so that the lattice has at
+            most ``DEFAULT_POINTS`` points).
         outer_alpha, inner_alpha: opacity over one step at the outer / inner level.
         min_transmittance: the march's termination threshold (sets the margin past the inner shell).
     """
     start = time.perf_counter()
-    voxel = float(voxel or step)
     aabb = np.asarray(aabb, dtype=np.float64)
+    if voxel is None:
+        voxel = max(step, float(np.prod(aabb[1] - aabb[0]) / DEFAULT_POINTS) ** (1 / 3))
+    voxel = float(voxel)
     sigma_outer, sigma_inner = sigma_threshold(outer_alpha, step), sigma_threshold(inner_alpha, step)
     density = density_lattice(density_fn, aabb, voxel, occupancy)
     dilated = torch.nn.functional.max_pool3d(torch.from_numpy(density)[None, None], 3, stride=1, padding=1)[0, 0]
