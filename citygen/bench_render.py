@@ -23,7 +23,14 @@ keeps bounds the samples evaluated per ray to the few around the first surface (
 proposal network would (which needs its own evaluations per ray) and keeps the field live —
 edits, restyling and semantics apply at render time — whereas a baked mesh/texture would be
 faster per pixel but must be re-baked after every edit and loses the volumetric semantics
-and soft geometry.  The real-time path renders with the reduced sampling of
+and soft geometry.  The one mesh the real-time path does bake is not a replacement but a bound
+(``--narrow-band``, :mod:`citygen.render.envelope`, Adaptive Shells): per block an outer and an
+inner shell from the density, within 10 % of the packed block's bytes, give each pixel the
+interval [t_in, t_out] in which the field is still evaluated, so the field stays live (an edit
+re-bakes only the envelope of the blocks it touches, seconds per block) while the samples before
+the first surface go; what it buys is reported, not assumed (samples per pixel with and without
+the band, PSNR against the reference and the survey's ground truth, bake seconds, and the
+roofline estimate at 1920x1080 and 3840x2160).  The real-time path renders with the reduced sampling of
 :mod:`citygen.render.realtime_sampling` (reported as ``sampling``; on the synthetic field
 without its fine occupancy level, which could skip nothing in its uniformly opaque cells), so
 ``psnr_vs_reference_db`` is the price of that reduction.  ``estimate_4k`` turns the measured

@@ -188,3 +188,29 @@ def test_bench_narrow_band_reports(realtime_cpu, tmp_path):
     # Four times the pixels, a quarter of the frame rate (same samples per pixel).
     assert out["roofline_h100"]["1920x1080"]["narrow_band"]["fps_tensor_core_mlp"] == pytest.approx(
         4 * out["roofline_h100"]["3840x2160"]["narrow_band"]["fps_tensor_core_mlp"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA real-time kernel runs on GPUs only")
+def test_cuda_interval_march_matches_cpu_build(realtime_cpu):
+    """The CUDA build's per-pixel intervals against the CPU build's (same math header): only the
+    float16 weights and table separate them."""
+    from citygen.render.realtime import native_module
+
+    cuda = native_module("cuda")
+    if cuda is None:
+        from cuda_ext import realtime as rt_ext
+        pytest.fail(f"a CUDA device is present but the real-time CUDA build failed: {rt_ext.unavailable_reason()}")
+    field, rc = make_field()
+    camera = Camera(width=24, height=18, fl_x=22.0, fl_y=22.0, cx=12.0, cy=9.0)
+    cam = camera_vector(camera, look_at((9.0, 7.0, 14.0)))
+    band = random_bands(camera.width * camera.height, seed=5)
+    packed = pack_field(field, rc, sampling=RealtimeSampling.reference())
+    out = {}
+    for device, module in (("cpu", realtime_cpu), ("cuda", cuda)):
+        block = packed.to(device)
+        state = FrameState(camera.width * camera.height, packed.n_classes, torch.device(device))
+        march(module, state, block, cam, camera.width, (0, 0, camera.width, camera.height), band.to(device))
+        out[device] = {k: v.cpu() for k, v in finish(module, state, block, cam, camera).items()}
+    assert psnr(out["cuda"]["rgb"], out["cpu"]["rgb"]) >= 35.0
+    n_cpu, n_gpu = float(out["cpu"]["n_samples"].float().sum()), float(out["cuda"]["n_samples"].float().sum())
+    assert n_cpu > 0 and abs(n_gpu - n_cpu) <= 0.05 * n_cpu

@@ -25,8 +25,9 @@ read by the narrow-band march.  The envelope is saved beside the packed block
 (:func:`envelope_path`: ``<block>.envelope.safetensors``).
 
 **Narrow band** (:meth:`Envelope.bands`): each pixel's ray is cast against both shells (open3d's
-``RaycastingScene``, a BVH on the CPU; on a GPU the same intervals would come from rasterising the
-two shells into a front-depth buffer each, one draw per shell).  ``t_in`` = the first outer-shell
+``RaycastingScene``, a BVH on the CPU; on a GPU the intervals would come from rasterising the
+shells: the outer's nearest and farthest depth in one pass each, the inner-depth rule below by
+depth peeling, or the same BVH traversal in the march kernel).  ``t_in`` = the first outer-shell
 hit (0 when the camera is inside the outer shell: the first hit faces away), ``t_out`` = the
 last outer-shell crossing when it leaves the shell (beyond it the density is below the outer
 level), or earlier, once the ray has spent ``margin`` metres inside the inner shell, twice the

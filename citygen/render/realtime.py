@@ -8,7 +8,9 @@ ray on an aerial city (measured on the CPU build, ``citygen bench render``), the
 editable and restylable at render time, and semantics and depth come out of the same pass.
 On a trained tile a finer occupancy level baked at pack time and an earlier termination cut the
 samples further (:mod:`citygen.render.realtime_sampling`, measured there: 15.5 -> 8.2 samples
-per ray on the demo tile at >= 44.8 dB against the reference).
+per ray on the demo tile at >= 44.8 dB against the reference).  With a baked envelope
+(:mod:`citygen.render.envelope`) each pixel marches only its narrow band [t_in, t_out]
+(``march_block_band``: the same lattice of samples, restricted per pixel).
 
 Packed layout (what ``csrc/realtime_math.h`` reads):
 
