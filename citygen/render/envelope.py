@@ -187,7 +187,9 @@ class Envelope:
             same = np.zeros(len(ray), bool)
             same[:-1] = ray[1:] == ray[:-1]
             t_next = np.where(same, np.roll(t, -1), np.inf)
-            seg = np.where(level > 0, t_next - t, 0.0)
+            # a ray whose last crossing enters (an open decimated shell) stays inside: a long finite
+            # segment keeps the running sums finite
+            seg = np.where(level > 0, np.minimum(t_next - t, 1e30), 0.0)
             cum = _segment_cumsum(seg, ray)
             reached = np.nonzero(cum >= self.margin)[0]
             first = reached[np.unique(ray[reached], return_index=True)[1]]
@@ -371,12 +373,14 @@ def bake_envelope(density_fn, aabb: np.ndarray, step: float, budget_bytes: int, 
     total = max(len(outer_f) + len(inner_f), 1)
     shells = []
     for v, f in ((outer_v, outer_f), (inner_v, inner_f)):
-        target = int(budget_bytes / per_triangle * len(f) / total)
-        while True:
-            dv, df = _decimate(v, f, target)
-            if len(dv) * VERTEX_BYTES + len(df) * TRIANGLE_BYTES <= budget_bytes * len(f) / total or target <= 4:
-                break
-            target = int(target * 0.9)
+        share = budget_bytes * len(f) / total
+        target = int(share / per_triangle)
+        dv, df = _decimate(v, f, target)
+        # Decimation leaves more vertices per triangle than a closed mesh's half where it cuts
+        # small components; shrink the (already small) result until it fits.
+        while len(dv) * VERTEX_BYTES + len(df) * TRIANGLE_BYTES > share and len(df) > 4:
+            target = int(len(df) * 0.9)
+            dv, df = _decimate(dv, df, target)
         shells.append(Shell(dv, df, _vertex_colors(color_fn, dv, df)))
     # Twice the depth at sigma_inner that brings T to the termination threshold: the shell is a
     # linear interpolation of the lattice, decimated, so the field inside is not >= sigma_inner
