@@ -224,6 +224,9 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
     elif what == "render":
         from .bench_render import bench_render, parse_resolution
 
+        if survey is not None and not narrow_band:
+            raise CitygenError(None, "bench render: --survey scores the narrow band's views; pass --narrow-band with it")
+
         resolutions = [parse_resolution(r) for r in res]
         check_values((f"--res {r}", side, IMAGE_SIDE) for r, wh in zip(res, resolutions) for side in wh)
         result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,

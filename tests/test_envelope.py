@@ -214,3 +214,13 @@ def test_cuda_interval_march_matches_cpu_build(realtime_cpu):
     assert psnr(out["cuda"]["rgb"], out["cpu"]["rgb"]) >= 35.0
     n_cpu, n_gpu = float(out["cpu"]["n_samples"].float().sum()), float(out["cuda"]["n_samples"].float().sum())
     assert n_cpu > 0 and abs(n_gpu - n_cpu) <= 0.05 * n_cpu
+
+
+def test_bench_render_survey_needs_narrow_band():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "citygen.cli", "bench", "render", "--survey", "x.json"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "--survey" in result.stderr and "--narrow-band" in result.stderr and "Traceback" not in result.stderr
