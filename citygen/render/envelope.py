@@ -2,10 +2,11 @@
 Wang et al. 2023, for the real-time path).
 
 **Bake** (:func:`bake_envelope`, once per packed block): the trained density on a lattice over the
-block's box (voxel = the marching step by default; evaluated in chunks, and only inside the
-occupancy grid's occupied cells: elsewhere the march never evaluates the field, so the density
-there counts as 0 -- measured on a distilled field, a trained density the grid marks empty put
-the inner shell metres in front of the rendered surface and cost 20 dB), then two iso-surfaces (open3d's flying edges, a marching-cubes variant):
+block's box (voxel = the marching step, or coarser so that the lattice has at most 4M points;
+evaluated in chunks, and only inside the occupancy grid's occupied cells: elsewhere the march
+never evaluates the field, so the density there counts as 0 -- measured on a distilled field, a
+trained density the grid marks empty put the inner shell metres in front of the rendered surface
+and cost 20 dB), then two iso-surfaces (open3d's flying edges, a marching-cubes variant):
 
 * the **outer shell** at the density whose opacity over one step is ``outer_alpha`` (1e-2, below
   the fine occupancy's 3e-2 skip level, so the band is the more conservative of the two), taken
@@ -45,7 +46,14 @@ samples in occupied cells before the outer shell (fog, and the empty parts of oc
 fine occupancy level cannot resolve) are never evaluated; what the band cuts off after the inner
 shell is the transmittance left there (it goes to the background, as at early termination).  The
 samples *inside* a thick young surface remain: the band cannot thin a surface the field has not
-made thin.
+made thin.  Measured (CPU build, a ``tiny``-preset block trained 1000 steps on the synthetic
+``tiny`` survey, 500 x 460 x 54 m box, fly path at 160x90 and four held-out views at 320x240):
+6.642 -> 6.641 samples per pixel, 46.9 dB worst against the reference (47.0 without the band),
+-0.03..+0.005 dB against ground truth, envelope 4.08 MB = 9.5 % of the 42.8 MB packed block,
+bake 74 s on one core (of which quadric decimation 65 s).  Cutting the band at the inner shell's
+entry instead saved only 0.01-0.19 samples per pixel and cost 9-19 dB: nearly every sample lies
+where the opacity per step is between 1e-2 (outer) and 0.5 (inner), a semi-transparent layer
+several metres thick that the fine occupancy level already bounds as tightly as the outer shell.
 """
 
 from __future__ import annotations
@@ -130,14 +138,6 @@ class Envelope:
                                     o3d.core.Tensor(np.ascontiguousarray(shell.triangles, dtype=np.uint32)))
             self._scenes[name] = scene
         return self._scenes[name]
-
-    def _first_hit(self, name: str, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distance to the first hit (inf on a miss) and whether that triangle faces the ray."""
-        o3d = require_open3d()
-        hit = self._scene(name).cast_rays(o3d.core.Tensor(rays))
-        t = hit["t_hit"].numpy().astype(np.float64)
-        facing = (hit["primitive_normals"].numpy() * rays[:, 3:]).sum(-1) < 0
-        return t, facing
 
     def _crossings(self, name: str, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every crossing of shell ``name``, sorted by ray then distance: ray ids, distances, and
