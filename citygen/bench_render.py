@@ -23,7 +23,14 @@ keeps bounds the samples evaluated per ray to the few around the first surface (
 proposal network would (which needs its own evaluations per ray) and keeps the field live —
 edits, restyling and semantics apply at render time — whereas a baked mesh/texture would be
 faster per pixel but must be re-baked after every edit and loses the volumetric semantics
-and soft geometry.  The real-time path renders with the reduced sampling of
+and soft geometry.  The one mesh the real-time path does bake is not a replacement but a bound
+(``--narrow-band``, :mod:`citygen.render.envelope`, Adaptive Shells): per block an outer and an
+inner shell from the density, within 10 % of the packed block's bytes, give each pixel the
+interval [t_in, t_out] in which the field is still evaluated, so the field stays live (an edit
+re-bakes only the envelope of the blocks it touches, seconds per block) while the samples before
+the first surface go; what it buys is reported, not assumed (samples per pixel with and without
+the band, PSNR against the reference and the survey's ground truth, bake seconds, and the
+roofline estimate at 1920x1080 and 3840x2160).  The real-time path renders with the reduced sampling of
 :mod:`citygen.render.realtime_sampling` (reported as ``sampling``; on the synthetic field
 without its fine occupancy level, which could skip nothing in its uniformly opaque cells), so
 ``psnr_vs_reference_db`` is the price of that reduction.  ``estimate_4k`` turns the measured
@@ -52,14 +59,17 @@ from .bench import _cpu_name
 from .config import FieldConfig, RenderConfig
 from .errors import CitygenError
 from .fields import CityField
+from .images import load_rgb, rgb_to_uint8
 from .render import OccupancyGrid, render_image
+from .render.envelope import bake_field_envelope
 from .render.realtime import RealtimeRenderer, native_module, pack_field
 from .render.realtime_sampling import RealtimeSampling
 from .render.sampling import look_at
 from .render.streaming import BlockCache, BlockInfo, StreamingRenderer, load_packed, save_packed
-from .store.checkpoint import resolve_checkpoint
+from .store.checkpoint import read_sidecar, resolve_checkpoint
 from .store.field import load_field
 from .store.layout import PLAN_FILE, discover
+from .train.data import load_survey
 
 GPU_PENDING = ("GPU figures pending: this run had no CUDA device; the numbers below are CPU figures of the "
                "same per-ray math (native CPU build) and say nothing about GPU frame rates.")
@@ -169,8 +179,10 @@ def per_sample_cost(field) -> dict[str, float]:
             "table_bytes_fp16": float(cfg.n_levels * 8 * cfg.n_features_per_level * 2)}
 
 
-def estimate_4k(samples_per_ray: float, cost: dict[str, float]) -> dict[str, Any]:
-    """H100 frame-time ESTIMATE at 3840x2160 from samples per ray and the per-sample cost.
+def estimate_4k(samples_per_ray: float, cost: dict[str, float],
+                resolution: tuple[int, int] = (3840, 2160)) -> dict[str, Any]:
+    """H100 frame-time ESTIMATE at ``resolution`` (default 3840x2160) from samples per ray and the
+    per-sample cost.
 
     Three bounds per evaluated sample: the MLPs as scalar fp32 FMAs (this kernel), the MLPs on
     fp16 tensor cores (the planned fused-MLP kernel), and the hash-table gathers served from L2
@@ -178,7 +190,7 @@ def estimate_4k(samples_per_ray: float, cost: dict[str, float]) -> dict[str, Any
     frame time of a design is the larger of its compute bound and the gather bound; also given
     is the most samples per ray that still allows 30 FPS.
     """
-    rays = 3840 * 2160
+    rays = resolution[0] * resolution[1]
     samples = rays * samples_per_ray
     scalar = 51e12 * 0.25        # H100 PCIe fp32 non-tensor peak, 25% for thread-per-ray scalar code
     tensor = 756e12 * 0.15       # H100 PCIe fp16 dense tensor-core peak, 15% for tiny 64-wide layers
@@ -195,6 +207,7 @@ def estimate_4k(samples_per_ray: float, cost: dict[str, float]) -> dict[str, Any
 
     return {
         "label": "ESTIMATE from FLOPs and bytes per sample, not a measurement",
+        "resolution": f"{resolution[0]}x{resolution[1]}",
         "assumptions": ["H100 PCIe peaks: 51 TFLOP/s fp32, 756 TFLOP/s fp16 tensor (dense); L2 ~5.5 TB/s (assumed)",
                         "efficiencies: 25% scalar fp32, 15% tensor core, 50% L2 for random 4-byte gathers",
                         ("every hash-corner read costs a 32-byte sector and the block's table stays in L2 "
@@ -263,6 +276,91 @@ def bench_views(field, render_cfg: RenderConfig, device: torch.device, resolutio
             entry["realtime"]["psnr_vs_reference_db"] = min(psnrs)
         results.append(entry)
     return results
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return -10 * math.log10(max(float(((a.float() - b.float()) ** 2).mean()), 1e-20))
+
+
+def survey_views(survey_path: Path, downscale: int, max_views: int) -> list[tuple[str, Camera, np.ndarray, Path]]:
+    """(name, camera, c2w, ground-truth image) of the survey's held-out views, at the training downscale."""
+    survey = load_survey(survey_path)
+    views = survey.test_images[:max_views]
+    survey.check_image_files(views)
+    out = []
+    for im in views:
+        cam = survey.camera_of(im)
+        if downscale > 1:
+            cam = cam.scaled(1.0 / downscale)
+        out.append((im.name, cam, np.asarray(im.c2w, dtype=np.float64), survey.image_path(im)))
+    return out
+
+
+def bench_narrow_band(field, render_cfg: RenderConfig, device: torch.device, resolution: tuple[int, int],
+                      n_frames: int, altitude: float, sampling: RealtimeSampling, survey: Path | None = None,
+                      downscale: int = 1, max_survey_views: int = 4) -> dict[str, Any]:
+    """The baked envelope and narrow-band rendering (:mod:`citygen.render.envelope`) against the
+    plain real-time path and the torch reference: on the fly path and, with ``survey``, on its
+    held-out views (also against their ground-truth images): samples per pixel, PSNR, envelope
+    bytes against the packed block's, bake and ray-cast seconds, and the H100 roofline ESTIMATE
+    at 1920x1080 and 3840x2160 from the narrow band's samples per pixel."""
+    plain = RealtimeRenderer(field, render_cfg, device=device, sampling=sampling)
+    if plain.backend != "native":
+        return {"available": False, "reason": plain.fallback_reason}
+    packed = plain.packed
+    envelope = bake_field_envelope(field, render_cfg.step_size, packed.nbytes,
+                                   min_transmittance=sampling.min_transmittance or render_cfg.min_transmittance)
+    banded = RealtimeRenderer(field, render_cfg, device=device, sampling=sampling, envelope=envelope)
+    camera = pinhole(*resolution)
+    sets: dict[str, list[tuple[str, Camera, np.ndarray, Path | None]]] = {
+        "fly_path": [(f"fly_{i}", camera, c2w, None)
+                     for i, c2w in enumerate(fly_path(field.aabb.detach().cpu().numpy(), n_frames, altitude))]}
+    if survey is not None:
+        sets["survey_views"] = survey_views(survey, downscale, max_survey_views)
+    result: dict[str, Any] = {"available": True, "envelope_bytes": envelope.nbytes, "packed_bytes": packed.nbytes,
+                              "envelope_fraction": envelope.nbytes / packed.nbytes,
+                              "bake_s": envelope.bake_seconds,
+                              "triangles": {"outer": len(envelope.outer.triangles),
+                                            "inner": len(envelope.inner.triangles)},
+                              "sigma_outer": envelope.sigma_outer, "sigma_inner": envelope.sigma_inner,
+                              "margin_m": envelope.margin, "view_sets": {}}
+    all_band, all_plain = [], []
+    for name, views in sets.items():
+        rows = []
+        for view, cam, c2w, gt_path in views:
+            ref = render_image(field, cam, c2w, render=render_cfg)
+            a, b = plain.render(cam, c2w), banded.render(cam, c2w)
+            band_s = banded.timings.get("band", 0.0)
+            row = {"view": view, "resolution": f"{cam.width}x{cam.height}",
+                   "samples_per_pixel": float(a["n_samples"].float().mean()),
+                   "samples_per_pixel_narrow_band": float(b["n_samples"].float().mean()),
+                   "psnr_vs_reference_db": _psnr(a["rgb"], ref["rgb"]),
+                   "psnr_vs_reference_db_narrow_band": _psnr(b["rgb"], ref["rgb"]),
+                   "band_raycast_s": band_s}
+            if gt_path is not None:
+                gt = torch.from_numpy(load_rgb(gt_path, (cam.width, cam.height))).float() / 255
+                as8 = {k: torch.from_numpy(rgb_to_uint8(o["rgb"])).float() / 255 for k, o in
+                       (("reference", ref), ("realtime", a), ("narrow_band", b))}
+                row["psnr_vs_ground_truth_db"] = {k: _psnr(v, gt) for k, v in as8.items()}
+                row["narrow_band_loss_vs_ground_truth_db"] = (row["psnr_vs_ground_truth_db"]["reference"]
+                                                             - row["psnr_vs_ground_truth_db"]["narrow_band"])
+            rows.append(row)
+            all_band.append(row["samples_per_pixel_narrow_band"])
+            all_plain.append(row["samples_per_pixel"])
+        result["view_sets"][name] = {
+            "views": rows,
+            "samples_per_pixel_mean": statistics.mean(r["samples_per_pixel"] for r in rows),
+            "samples_per_pixel_narrow_band_mean": statistics.mean(r["samples_per_pixel_narrow_band"] for r in rows),
+            "psnr_vs_reference_db_worst": min(r["psnr_vs_reference_db"] for r in rows),
+            "psnr_vs_reference_db_narrow_band_worst": min(r["psnr_vs_reference_db_narrow_band"] for r in rows)}
+    spp_band, spp_plain = statistics.mean(all_band), statistics.mean(all_plain)
+    cost = per_sample_cost(field)
+    result["samples_per_pixel_mean"] = spp_plain
+    result["samples_per_pixel_narrow_band_mean"] = spp_band
+    result["roofline_h100"] = {f"{w}x{h}": {"narrow_band": estimate_4k(spp_band, cost, (w, h)),
+                                            "without_band": estimate_4k(spp_plain, cost, (w, h))}
+                               for w, h in ((1920, 1080), (3840, 2160))}
+    return result
 
 
 def stream_field_config(gpu: bool) -> FieldConfig:
@@ -349,8 +447,10 @@ def bench_streaming(device: torch.device, resolution: tuple[int, int], area_km2:
 def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | None = None, n_frames: int = 5,
                  reference_frames: int = 1, device: str = "auto", stream: bool = True,
                  stream_area_km2: float = 100.0, stream_block_size: float = 500.0,
-                 stream_budget_gb: float | None = None, stream_frames: int | None = None) -> dict[str, Any]:
-    """Run the render benchmark (module docstring) and return the JSON-ready result."""
+                 stream_budget_gb: float | None = None, stream_frames: int | None = None,
+                 narrow_band: bool = False, survey: Path | None = None) -> dict[str, Any]:
+    """Run the render benchmark (module docstring) and return the JSON-ready result; with
+    ``narrow_band`` also :func:`bench_narrow_band` (``survey``: its held-out views too)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise CitygenError(None, "bench: --device cuda, but torch sees no CUDA device here")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -359,6 +459,8 @@ def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | 
     resolutions = resolutions or ([(1920, 1080), (3840, 2160)] if gpu else [(160, 90)])
     if tile is not None:
         field, render_cfg, label = load_bench_field(tile, dev)
+        # the held-out views are scored at the size the block trained on
+        meta_downscale = int(read_sidecar(Path(label))["config"].get("downscale", 1))
         altitude = 0.5 * float((field.aabb[1] - field.aabb[0])[:2].max())
         sampling = RealtimeSampling()
     else:
@@ -386,6 +488,10 @@ def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | 
         cost = per_sample_cost(field)
         result["per_sample_cost"] = cost
         result["estimate_4k_h100"] = estimate_4k(statistics.mean(spr), cost)
+    if narrow_band:
+        downscale = meta_downscale if tile is not None else 1
+        result["narrow_band"] = bench_narrow_band(field, render_cfg, dev, resolutions[0], n_frames, altitude, sampling,
+                                                  survey=survey, downscale=downscale)
     if stream:
         budget = int((stream_budget_gb if stream_budget_gb is not None else (12.0 if gpu else 0.005)) * 1e9)
         result["streaming"] = bench_streaming(dev, resolutions[0], stream_area_km2, stream_block_size, budget,

@@ -179,6 +179,7 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out
           n_points: int = 2**16, repeats: int = 5, device: str = "auto", tile: Path | None = None,
           res: tuple[str, ...] = (), frames: int = 5, reference_frames: int = 1, no_stream: bool = False,
           stream_budget_gb: float | None = None, stream_frames: int | None = None, sweep_log2: tuple[int, ...] = (),
+          narrow_band: bool = False, survey: Path | None = None,
           size_m: float = 1000.0, gsd: float = 0.1, las_points: int = 50_000_000, work: Path | None = None) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
@@ -199,6 +200,10 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out
         stream_frames: render: frames of the streaming fly-through.
         sweep_log2: encode: instead of --n-points, one run per size 2^K for each K given
             (e.g. --sweep-log2 18 19 20 21 22).
+        narrow_band: render: also bake the block's envelope and compare narrow-band rendering
+            (samples per pixel, PSNR, envelope bytes, bake time, H100 roofline estimate).
+        survey: render --narrow-band: the survey (transforms.json) whose held-out views are also
+            scored, against their ground-truth images too.
         size_m: export: side of the square exported as ortho + DSM COGs (analytic scene), metres.
         gsd: export: their cell size, metres.
         las_points: export: points of the larger of the two chunked LAZ files (the other: a tenth).
@@ -225,11 +230,15 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out
     elif what == "render":
         from .bench_render import bench_render, parse_resolution
 
+        if survey is not None and not narrow_band:
+            raise CitygenError(None, "bench render: --survey scores the narrow band's views; pass --narrow-band with it")
+
         resolutions = [parse_resolution(r) for r in res]
         check_values((f"--res {r}", side, IMAGE_SIDE) for r, wh in zip(res, resolutions) for side in wh)
         result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,
                               reference_frames=reference_frames, device=device, stream=not no_stream,
-                              stream_budget_gb=stream_budget_gb, stream_frames=stream_frames)
+                              stream_budget_gb=stream_budget_gb, stream_frames=stream_frames,
+                              narrow_band=narrow_band, survey=survey)
     elif what == "export":
         from .export.bench import bench_export
 

@@ -21,6 +21,7 @@ from survey_io import Camera, Georef
 from survey_io.atomic import atomic_path
 
 from ..errors import CitygenError
+from ..extras import require_open3d
 from ..render.sampling import camera_rays
 from .ply import write_ply
 from .raster import OrthoMaps
@@ -112,15 +113,6 @@ def heightfield_mesh(maps: OrthoMaps, stride: int = 1) -> TriangleMesh:
 TSDF_MAX_BLOCKS = 4_000_000
 
 
-def require_open3d():
-    try:
-        import open3d
-    except ImportError as err:
-        raise CitygenError(None, "TSDF meshing needs open3d: pip install 'citygen[mesh]' (open3d-cpu; on Debian also "
-                                 f"apt-get install libusb-1.0-0), or use the heightfield mesh ({err})") from None
-    return open3d
-
-
 def _drop_depth_edges(depth: np.ndarray, jump: float) -> np.ndarray:
     """Zero the pixels next to a depth jump larger than ``jump``.
 
@@ -150,7 +142,7 @@ def tsdf_mesh(source: RaySource, views: Sequence[tuple[Camera, np.ndarray]], vox
         sdf_trunc: truncation distance (default 4 voxels).
         crop_to_bounds: drop triangles outside the source's bounds.
     """
-    o3d = require_open3d()
+    o3d = require_open3d("TSDF meshing", ", or use the heightfield mesh")
 
     import open3d.core as o3c
 

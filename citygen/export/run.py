@@ -30,10 +30,11 @@ from survey_io.geotiff import COG_CACHE_MB, STAGE_BLOCK
 
 from ..checks import format_bytes, largest_fitting, memory_budget, nice_up
 from ..errors import CitygenError
+from ..extras import require_open3d
 from ..store.layout import read_plan, read_tile_config
 from ..tile import open_tile
 from .cameras import export_cameras
-from .mesh import TSDF_MAX_BLOCKS, heightfield_mesh, require_open3d, tsdf_mesh, write_mesh
+from .mesh import TSDF_MAX_BLOCKS, heightfield_mesh, tsdf_mesh, write_mesh
 from .ply import ply_vertex_writer
 from .points import (
     PLY_POINT,
@@ -276,7 +277,7 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
     if "laz" in what and not laz_available():
         raise CitygenError(out / "points.laz", "writing LAZ needs a LAZ backend: pip install lazrs (or export las)")
     if "mesh" in what and options.mesh_method == "tsdf":
-        require_open3d()
+        require_open3d("TSDF meshing", ", or use the heightfield mesh")
     if memory_budget_bytes is None:
         default = memory_budget(None)
         memory_budget_bytes, memory_budget_source = default.bytes, default.source

@@ -8,7 +8,9 @@ ray on an aerial city (measured on the CPU build, ``citygen bench render``), the
 editable and restylable at render time, and semantics and depth come out of the same pass.
 On a trained tile a finer occupancy level baked at pack time and an earlier termination cut the
 samples further (:mod:`citygen.render.realtime_sampling`, measured there: 15.5 -> 8.2 samples
-per ray on the demo tile at >= 44.8 dB against the reference).
+per ray on the demo tile at >= 44.8 dB against the reference).  With a baked envelope
+(:mod:`citygen.render.envelope`) each pixel marches only its narrow band [t_in, t_out]
+(``march_block_band``: the same lattice of samples, restricted per pixel).
 
 Packed layout (what ``csrc/realtime_math.h`` reads):
 
@@ -51,6 +53,7 @@ from ..cameras import project
 from ..config import RenderConfig
 from ..errors import CitygenError
 from .realtime_sampling import RealtimeSampling, bake_fine_occupancy, fine_bits, fine_factors, sigma_threshold
+from .sampling import camera_rays
 from .volume import render_image
 
 LAYOUT_INTS = 18
@@ -302,10 +305,18 @@ class FrameState:
 
 
 def march(module: Any, state: FrameState, block: PackedField, cam: Tensor, width: int,
-          rect: tuple[int, int, int, int]) -> None:
-    """Composite one (device-resident) block into ``state`` over pixel rect ``rect``."""
+          rect: tuple[int, int, int, int], band: Tensor | None = None) -> None:
+    """Composite one (device-resident) block into ``state`` over pixel rect ``rect``; with ``band``
+    (n_pixels, 2) float32 on the device, each pixel's ray only over its (t_in, t_out)
+    (:mod:`citygen.render.envelope`)."""
     x0, y0, x1, y1 = rect
     if x1 <= x0 or y1 <= y0:
+        return
+    if band is not None:
+        module.march_block_band(state.rgb, state.depth_sum, state.log_t, state.sem, state.n_samples, block.weights,
+                                block.table, block.offsets, block.scales, block.occ_bits, block.layout, block.geom_f,
+                                block.geom_i, cam, int(width), int(x0), int(y0), int(x1), int(y1),
+                                band.contiguous())
         return
     module.march_block(state.rgb, state.depth_sum, state.log_t, state.sem, state.n_samples, block.weights,
                        block.table, block.offsets, block.scales, block.occ_bits, block.layout, block.geom_f,
@@ -340,6 +351,8 @@ class RealtimeRenderer:
             (the reference renderer) or ``"auto"`` (native where it builds, else torch).
         sampling: the native path's sample reduction (:class:`RealtimeSampling`; None = its
             defaults); the torch backend always renders the reference samples.
+        envelope: the block's baked :class:`~citygen.render.envelope.Envelope`: the native path
+            then marches each pixel only over its narrow band (ray-cast on the CPU every frame).
 
     Attributes:
         backend: the backend in use ("native" or "torch"); ``fallback_reason`` says why torch.
@@ -347,10 +360,11 @@ class RealtimeRenderer:
     """
 
     def __init__(self, field: Any, render: RenderConfig | None = None, device: torch.device | str | None = None,
-                 backend: str = "auto", sampling: RealtimeSampling | None = None):
+                 backend: str = "auto", sampling: RealtimeSampling | None = None, envelope: Any = None):
         if backend not in BACKENDS:
             raise CitygenError(None, f"realtime: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
         self.field = field
+        self.envelope = envelope
         self.render_config = render or RenderConfig()
         self.device = torch.device(device) if device is not None else field.aabb.device
         self.fallback_reason = ""
@@ -413,15 +427,21 @@ class RealtimeRenderer:
         block = self._packed if n_active_levels is None else self._packed.with_view(n_active_levels=n_active_levels)
         cam = camera_vector(camera, c2w_np)
         state = FrameState(camera.width * camera.height, block.n_classes, self.device, with_semantics)
+        band, tb = None, time.perf_counter()
+        if self.envelope is not None:  # the CPU ray cast of the first version (envelope.py: GPU rasterisation)
+            origins, dirs, _ = camera_rays(camera, c2w_np)
+            band = self.envelope.bands(origins, dirs).to(self.device)
         sync()
         t1 = time.perf_counter()
-        march(self._module, state, block, cam, camera.width, (0, 0, camera.width, camera.height))
+        march(self._module, state, block, cam, camera.width, (0, 0, camera.width, camera.height), band)
         sync()
         t2 = time.perf_counter()
         out = finish(self._module, state, block, cam, camera)
         sync()
         t3 = time.perf_counter()
-        self.timings = {"pack": t1 - t0, "march": t2 - t1, "finish": t3 - t2, "total": t3 - t0}
+        self.timings = {"pack": tb - t0, "band": t1 - tb, "march": t2 - t1, "finish": t3 - t2, "total": t3 - t0}
+        if band is not None:
+            out["band"] = band.reshape(camera.height, camera.width, 2)
         return out
 
 

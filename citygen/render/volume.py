@@ -34,7 +34,7 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
                 occupancy: OccupancyGrid | None = None, z_scale: Tensor | None = None,
                 jitter: Tensor | None = None, near: float = 0.0, segment: int = 64,
                 min_transmittance: float = 1e-4, with_semantics: bool = True,
-                distortion_scale: float | None = None) -> dict[str, Tensor]:
+                distortion_scale: float | None = None, band: Tensor | None = None) -> dict[str, Tensor]:
     """Volume-render a batch of rays through ``field`` (a :class:`~citygen.fields.CityField`).
 
     Args:
@@ -49,6 +49,9 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
         min_transmittance: early termination threshold.
         distortion_scale: when given, also return the mip-NeRF 360 distortion loss per ray,
             with distances along the ray measured in units of ``1 / distortion_scale`` metres.
+        band: (R, 2) per-ray interval (t_in, t_out): only the samples with t_in <= t <= t_out are
+            evaluated, the others count as empty (the narrow band of :mod:`citygen.render.envelope`;
+            the sample positions do not move).
 
     Returns:
         dict with ``rgb`` (R, 3), ``acc`` (R,), ``depth`` (R,), ``semantics`` (R, C) logits when
@@ -90,6 +93,8 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
         x = origins[alive, None, :] + t[..., None] * dirs[alive, None, :]        # (A, K, 3)
         if occupancy is not None:
             valid = valid & occupancy.query(x)
+        if band is not None:
+            valid = valid & (t >= band[alive, 0:1]) & (t <= band[alive, 1:2])
         ri, si = valid.nonzero(as_tuple=True)
         if ri.numel() > 0:
             rays = alive[ri]

@@ -70,12 +70,13 @@ BlockGeom checked_geom(const torch::Tensor& geom_f, const torch::Tensor& geom_i,
     return g;
 }
 
-// March the pixels of rect [x0, x1) x [y0, y1) of a width-wide image through one block.
-void march_block(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
+// March the pixels of rect [x0, x1) x [y0, y1) of a width-wide image through one block; with a
+// non-empty `band` (n_pixels, 2) float32, each pixel's ray marches only [band[p, 0], band[p, 1]].
+void march_block_impl(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
                  torch::Tensor n_samples, torch::Tensor weights, torch::Tensor table, torch::Tensor offsets,
                  torch::Tensor scales, torch::Tensor occ_bits, torch::Tensor layout, torch::Tensor geom_f,
                  torch::Tensor geom_i, torch::Tensor camera, int64_t width, int64_t x0, int64_t y0, int64_t x1,
-                 int64_t y1) {
+                 int64_t y1, const torch::Tensor& band) {
     const Layout L = checked_layout(layout, weights);
     const BlockGeom g = checked_geom(geom_f, geom_i, offsets, scales, table, occ_bits, L);
     check_f32(rgb, "rgb");
@@ -100,6 +101,12 @@ void march_block(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t
     float* p_logt = log_t.data_ptr<float>();
     float* p_sem = with_sem ? sem.data_ptr<float>() : nullptr;
     int32_t* p_n = n_samples.data_ptr<int32_t>();
+    const bool with_band = band.numel() > 0;
+    if (with_band) {
+        check_f32(band, "band");
+        TORCH_CHECK(band.numel() == 2 * n_pixels, "realtime: band must hold (t_in, t_out) for every pixel");
+    }
+    const float* p_band = with_band ? band.data_ptr<float>() : nullptr;
     const int64_t rect_w = x1 - x0, count = rect_w * (y1 - y0);
 #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t r = 0; r < count; ++r) {
@@ -107,8 +114,30 @@ void march_block(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t
         float o[3], d[3], z_scale;
         realtime::camera_ray(cam, (int)col, (int)row, o, d, z_scale);
         PixelState px{p_rgb + 3 * p, p_depth + p, p_logt + p, p_sem ? p_sem + p * L.classes : nullptr, p_n + p};
-        realtime::march_ray(w, tab, offs, sc, bits, L, g, o, d, px);
+        if (p_band != nullptr)
+            realtime::march_ray(w, tab, offs, sc, bits, L, g, o, d, px, p_band[2 * p], p_band[2 * p + 1]);
+        else
+            realtime::march_ray(w, tab, offs, sc, bits, L, g, o, d, px);
     }
+}
+
+void march_block(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
+                 torch::Tensor n_samples, torch::Tensor weights, torch::Tensor table, torch::Tensor offsets,
+                 torch::Tensor scales, torch::Tensor occ_bits, torch::Tensor layout, torch::Tensor geom_f,
+                 torch::Tensor geom_i, torch::Tensor camera, int64_t width, int64_t x0, int64_t y0, int64_t x1,
+                 int64_t y1) {
+    march_block_impl(rgb, depth_sum, log_t, sem, n_samples, weights, table, offsets, scales, occ_bits, layout,
+                     geom_f, geom_i, camera, width, x0, y0, x1, y1, torch::Tensor());
+}
+
+// march_block with per-pixel intervals (t_in, t_out) from the block's envelope (narrow band).
+void march_block_band(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
+                      torch::Tensor n_samples, torch::Tensor weights, torch::Tensor table, torch::Tensor offsets,
+                      torch::Tensor scales, torch::Tensor occ_bits, torch::Tensor layout, torch::Tensor geom_f,
+                      torch::Tensor geom_i, torch::Tensor camera, int64_t width, int64_t x0, int64_t y0, int64_t x1,
+                      int64_t y1, torch::Tensor band) {
+    march_block_impl(rgb, depth_sum, log_t, sem, n_samples, weights, table, offsets, scales, occ_bits, layout,
+                     geom_f, geom_i, camera, width, x0, y0, x1, y1, band);
 }
 
 // Finish every pixel with the background layers of `weights`; returns the z-depth image (flat).
@@ -195,6 +224,7 @@ torch::Tensor occupancy_query(torch::Tensor x, torch::Tensor occ_bits, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "citygen real-time renderer, CPU (OpenMP) build";
     m.def("march_block", &march_block, "march a pixel rect through one packed block (state in place)");
+    m.def("march_block_band", &march_block_band, "march_block with per-pixel (t_in, t_out) intervals (narrow band)");
     m.def("finish", &finish, "background, z-depth and semantics of every pixel; returns depth");
     m.def("eval_points", &eval_points, "packed field outputs at points (tests)");
     m.def("occupancy_query", &occupancy_query, "bitfield lookup at points (tests)");

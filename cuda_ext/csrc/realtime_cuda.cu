@@ -29,7 +29,7 @@ march_block_kernel(float* __restrict__ rgb, float* __restrict__ depth_sum, float
                    float* __restrict__ sem, int32_t* __restrict__ n_samples, const __half* __restrict__ weights,
                    const __half* __restrict__ table, const int32_t* __restrict__ offsets,
                    const float* __restrict__ scales, const uint32_t* __restrict__ occ_bits, Layout L, BlockGeom g,
-                   Camera cam, int width, int x0, int y0, int rect_w, int count) {
+                   Camera cam, int width, int x0, int y0, int rect_w, int count, const float* __restrict__ band) {
     extern __shared__ __align__(16) unsigned char smem[];
     int32_t* s_offsets = reinterpret_cast<int32_t*>(smem);
     float* s_scales = reinterpret_cast<float*>(smem + (g.n_levels + 1) * 4);
@@ -53,7 +53,10 @@ march_block_kernel(float* __restrict__ rgb, float* __restrict__ depth_sum, float
     float o[3], d[3], z_scale;
     camera_ray(cam, col, row, o, d, z_scale);
     PixelState px{rgb + 3 * p, depth_sum + p, log_t + p, sem ? sem + p * L.classes : nullptr, n_samples + p};
-    march_ray(s_w, table, s_offsets, s_scales, occ_bits, L, g, o, d, px);
+    if (band != nullptr)
+        march_ray(s_w, table, s_offsets, s_scales, occ_bits, L, g, o, d, px, band[2 * p], band[2 * p + 1]);
+    else
+        march_ray(s_w, table, s_offsets, s_scales, occ_bits, L, g, o, d, px);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -75,7 +78,7 @@ cudaError_t launch_march_block(float* rgb, float* depth_sum, float* log_t, float
                                const __half* weights, const __half* table, const int32_t* offsets, const float* scales,
                                const uint32_t* occ_bits, const int32_t* layout_host, const float* geom_f_host,
                                const int32_t* geom_i_host, const float* camera_host, int width, int x0, int y0, int x1,
-                               int y1, cudaStream_t stream) {
+                               int y1, cudaStream_t stream, const float* band) {
     const Layout L = layout_from(layout_host);
     const BlockGeom g = geom_from(geom_f_host, geom_i_host);
     const Camera cam = camera_from(camera_host);
@@ -91,7 +94,7 @@ cudaError_t launch_march_block(float* rgb, float* depth_sum, float* log_t, float
     const int blocks = (count + kThreads - 1) / kThreads;
     march_block_kernel<<<blocks, kThreads, shared, stream>>>(rgb, depth_sum, log_t, sem, n_samples, weights, table,
                                                              offsets, scales, occ_bits, L, g, cam, width, x0, y0,
-                                                             rect_w, count);
+                                                             rect_w, count, band);
     return cudaGetLastError();
 }
 

@@ -22,11 +22,11 @@ void check_host(const torch::Tensor& t, torch::ScalarType type, int64_t n, const
 
 const __half* half_ptr(const torch::Tensor& t) { return reinterpret_cast<const __half*>(t.data_ptr<at::Half>()); }
 
-void march_block(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
-                 torch::Tensor n_samples, torch::Tensor weights, torch::Tensor table, torch::Tensor offsets,
-                 torch::Tensor scales, torch::Tensor occ_bits, torch::Tensor layout, torch::Tensor geom_f,
-                 torch::Tensor geom_i, torch::Tensor camera, int64_t width, int64_t x0, int64_t y0, int64_t x1,
-                 int64_t y1) {
+void march_block_impl(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
+                      torch::Tensor n_samples, torch::Tensor weights, torch::Tensor table, torch::Tensor offsets,
+                      torch::Tensor scales, torch::Tensor occ_bits, torch::Tensor layout, torch::Tensor geom_f,
+                      torch::Tensor geom_i, torch::Tensor camera, int64_t width, int64_t x0, int64_t y0, int64_t x1,
+                      int64_t y1, const torch::Tensor& band) {
     check_cuda(rgb, torch::kFloat32, "rgb");
     check_cuda(depth_sum, torch::kFloat32, "depth_sum");
     check_cuda(log_t, torch::kFloat32, "log_t");
@@ -46,6 +46,11 @@ void march_block(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t
     TORCH_CHECK(weights.numel() >= L.total, "realtime: weights shorter than the layout");
     TORCH_CHECK(x0 >= 0 && y0 >= 0 && x1 <= width && x0 <= x1 && y0 <= y1 && y1 * width <= log_t.numel(),
                 "realtime: pixel rect outside the image");
+    const bool with_band = band.numel() > 0;
+    if (with_band) {
+        check_cuda(band, torch::kFloat32, "band");
+        TORCH_CHECK(band.numel() == 2 * log_t.numel(), "realtime: band must hold (t_in, t_out) for every pixel");
+    }
     const c10::cuda::CUDAGuard guard(rgb.device());
     const cudaError_t err = realtime::launch_march_block(
         rgb.data_ptr<float>(), depth_sum.data_ptr<float>(), log_t.data_ptr<float>(),
@@ -53,8 +58,27 @@ void march_block(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t
         half_ptr(table), offsets.data_ptr<int32_t>(), scales.data_ptr<float>(),
         reinterpret_cast<const uint32_t*>(occ_bits.data_ptr<int32_t>()), layout.data_ptr<int32_t>(),
         geom_f.data_ptr<float>(), geom_i.data_ptr<int32_t>(), camera.data_ptr<float>(), (int)width, (int)x0, (int)y0,
-        (int)x1, (int)y1, c10::cuda::getCurrentCUDAStream().stream());
+        (int)x1, (int)y1, c10::cuda::getCurrentCUDAStream().stream(), with_band ? band.data_ptr<float>() : nullptr);
     TORCH_CHECK(err == cudaSuccess, "realtime: march kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void march_block(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
+                 torch::Tensor n_samples, torch::Tensor weights, torch::Tensor table, torch::Tensor offsets,
+                 torch::Tensor scales, torch::Tensor occ_bits, torch::Tensor layout, torch::Tensor geom_f,
+                 torch::Tensor geom_i, torch::Tensor camera, int64_t width, int64_t x0, int64_t y0, int64_t x1,
+                 int64_t y1) {
+    march_block_impl(rgb, depth_sum, log_t, sem, n_samples, weights, table, offsets, scales, occ_bits, layout,
+                     geom_f, geom_i, camera, width, x0, y0, x1, y1, torch::Tensor());
+}
+
+// march_block with per-pixel intervals (t_in, t_out) from the block's envelope (narrow band).
+void march_block_band(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
+                      torch::Tensor n_samples, torch::Tensor weights, torch::Tensor table, torch::Tensor offsets,
+                      torch::Tensor scales, torch::Tensor occ_bits, torch::Tensor layout, torch::Tensor geom_f,
+                      torch::Tensor geom_i, torch::Tensor camera, int64_t width, int64_t x0, int64_t y0, int64_t x1,
+                      int64_t y1, torch::Tensor band) {
+    march_block_impl(rgb, depth_sum, log_t, sem, n_samples, weights, table, offsets, scales, occ_bits, layout,
+                     geom_f, geom_i, camera, width, x0, y0, x1, y1, band);
 }
 
 torch::Tensor finish(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor log_t, torch::Tensor sem,
@@ -80,5 +104,6 @@ torch::Tensor finish(torch::Tensor rgb, torch::Tensor depth_sum, torch::Tensor l
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "citygen real-time renderer, CUDA build";
     m.def("march_block", &march_block, "march a pixel rect through one packed block (state in place)");
+    m.def("march_block_band", &march_block_band, "march_block with per-pixel (t_in, t_out) intervals (narrow band)");
     m.def("finish", &finish, "background, z-depth and semantics of every pixel; returns depth");
 }

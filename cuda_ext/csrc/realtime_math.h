@@ -351,10 +351,17 @@ struct PixelState {
 // samples in empty occupancy cells (coarse, or fine inside an occupied coarse cell) are never
 // evaluated, and a run of them is jumped over in one step (to the first sample past the cell's
 // exit); the ray stops once log T < log_min_t.
+//
+// Narrow band (citygen/render/envelope.py): only the samples of that lattice with
+// band_lo <= t_k <= band_hi are marched -- the ray's interval inside the block's baked envelope
+// (outer shell hit .. inner shell hit + margin).  The lattice stays anchored at the box entry, so
+// a banded ray evaluates a subset of the unbanded ray's samples (the torch reference restricted
+// to the same interval is the parity check).  band_lo > band_hi (e.g. +inf: the ray misses the
+// envelope) marches nothing; the defaults (-inf, +inf) are the whole box.
 template <typename T>
 RT_HD void march_ray(const T* w, const T* table, const int32_t* offsets, const float* scales,
                      const uint32_t* occ_bits, const Layout& L, const BlockGeom& g, const float* o,
-                     const float* d, PixelState& px) {
+                     const float* d, PixelState& px, float band_lo = -INFINITY, float band_hi = INFINITY) {
     float lo[3], hi[3];
     for (int a = 0; a < 3; ++a) {
         lo[a] = fmaxf(g.aabb_lo[a], g.clip_lo[a]);
@@ -364,7 +371,12 @@ RT_HD void march_ray(const T* w, const T* table, const int32_t* offsets, const f
     if (!intersect_box(o, d, lo, hi, t0, t1)) return;
     float log_t = *px.log_t;
     if (log_t <= g.log_min_transmittance) return;
-    const int n_steps = (int)ceilf((t1 - t0) / g.step);
+    // Clamp in float before converting: the band's ends may be infinite.
+    const float steps_box = ceilf((t1 - t0) / g.step);
+    const float k_lo = fmaxf(ceilf((band_lo - t0) / g.step - 0.5f), 0.0f);
+    const float k_hi = fminf(floorf((band_hi - t0) / g.step - 0.5f) + 1.0f, steps_box);
+    if (!(k_lo < k_hi)) return;
+    const int n_steps = (int)k_hi;
     float cond[kMaxWidth];
     bool have_cond = false;
     float rgb[3] = {px.rgb[0], px.rgb[1], px.rgb[2]};
@@ -374,7 +386,7 @@ RT_HD void march_ray(const T* w, const T* table, const int32_t* offsets, const f
     if (with_sem)
         for (int i = 0; i < L.classes; ++i) sem[i] = px.sem[i];
     int n = 0;
-    int k = 0;
+    int k = (int)k_lo;
     while (k < n_steps) {
         const float t = t0 + ((float)k + 0.5f) * g.step;
         float x[3];

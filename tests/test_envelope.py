@@ -1,0 +1,226 @@
+"""The baked envelope and narrow-band rendering (citygen.render.envelope): the shells of an
+analytic radial density against its level sets in closed form, the native march with per-pixel
+intervals against the torch reference restricted to the same intervals, the narrow band against
+the unrestricted reference, the stored size budget, and the envelope file."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_realtime import look_at, make_field, psnr
+
+from citygen.errors import CitygenError
+from citygen.render import camera_rays, render_image, render_rays
+from citygen.render.envelope import (
+    bake_envelope,
+    bake_field_envelope,
+    envelope_path,
+    load_envelope,
+    save_envelope,
+)
+from citygen.render.realtime import (
+    FrameState,
+    RealtimeRenderer,
+    RealtimeSampling,
+    camera_vector,
+    finish,
+    march,
+    pack_field,
+)
+from survey_io import Camera
+
+pytest.importorskip("open3d", reason="the envelope is baked and ray-cast with open3d (the mesh extra)")
+
+# A radial density: A / (1 + exp((r - R0) / W)) around CENTRE, so the level s lies at the radius
+# R0 + W log(A / s - 1) (closed form).
+CENTRE = np.array([0.5, -0.25, 1.0])
+A, R0, W = 60.0, 3.0, 0.4
+BOX = np.array([[-7.0, -7.0, -6.0], [7.0, 7.0, 8.0]])
+
+
+def radial(x: torch.Tensor) -> torch.Tensor:
+    r = (x.double() - torch.as_tensor(CENTRE)).norm(dim=-1)
+    return (A / (1.0 + torch.exp((r - R0) / W))).float()
+
+
+def level_radius(sigma: float) -> float:
+    return R0 + W * math.log(A / sigma - 1.0)
+
+
+def directions(n: int, seed: int = 0) -> np.ndarray:
+    d = np.random.default_rng(seed).normal(size=(n, 3))
+    return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("budget", [10_000_000, 20_000])
+def test_envelope_brackets_the_level_sets_of_an_analytic_density(budget):
+    """Rays from outside towards the centre: the outer shell is met no closer to the centre than
+    the outer level's sphere (it contains every point above that level) and within a few voxels
+    of it; the inner shell lies at its level's sphere within a voxel and a half (lattice and
+    decimation error); so the surface (any level between) lies inside the band.  Decimated to a
+    small budget the stored shells fit it and the bracket still holds."""
+    step = 0.25
+    env = bake_envelope(radial, BOX, step, budget)
+    assert env.nbytes <= budget
+    r_outer, r_inner = level_radius(env.sigma_outer), level_radius(env.sigma_inner)
+    assert r_inner < r_outer - 4 * step, "the two levels should be well apart on this soft density"
+    u = directions(400)
+    dist = 20.0
+    origins = CENTRE + dist * u
+    band = env.bands(torch.from_numpy(origins).float(), torch.from_numpy(-u).float()).double().numpy()
+    assert np.isfinite(band).all(), "every ray towards the centre meets both shells"
+    hit_outer = dist - band[:, 0]
+    # The band ends `margin` metres inside the (thick) inner ball: the inner entry is t_out - margin.
+    hit_inner = dist - (band[:, 1] - env.margin)
+    assert hit_outer.min() >= r_outer - 1e-3, (hit_outer.min(), r_outer)
+    assert hit_outer.max() <= r_outer + 3 * step, (hit_outer.max(), r_outer)
+    assert np.abs(hit_inner - r_inner).max() <= 1.5 * step, (hit_inner.min(), hit_inner.max(), r_inner)
+    # Rays that pass beside the ball get no samples at all (background only).
+    miss = env.bands(torch.tensor([[8.0, 8.0, 5.5]]), torch.tensor([[0.0, 0.0, -1.0]]))
+    assert math.isinf(float(miss[0, 0]))
+    # A camera inside the outer shell starts its band at once.
+    inside = env.bands(torch.from_numpy(CENTRE[None] + [[0.0, 0.0, r_outer - 0.5]]).float(),
+                       torch.tensor([[0.0, 0.0, 1.0]]))
+    assert float(inside[0, 0]) == 0.0
+
+
+def random_bands(n: int, seed: int) -> torch.Tensor:
+    """Intervals of every kind: ordinary, empty (t_in > t_out), a miss (+inf), open-ended."""
+    g = torch.Generator().manual_seed(seed)
+    t_in = torch.rand(n, generator=g) * 20.0
+    t_out = t_in + torch.rand(n, generator=g) * 8.0 - 1.0
+    kind = torch.randint(0, 6, (n,), generator=g)
+    t_in = torch.where(kind == 0, torch.tensor(float("inf")), t_in)
+    t_in = torch.where(kind == 1, torch.tensor(float("-inf")), t_in)
+    t_out = torch.where(kind == 2, torch.tensor(float("inf")), t_out)
+    return torch.stack([t_in, t_out], 1).contiguous()
+
+
+@pytest.mark.parametrize("eye", [(0.0, -14.0, 12.0), (9.0, 7.0, 14.0)])
+def test_interval_march_matches_reference_restricted_to_the_same_intervals(realtime_cpu, eye):
+    """Per-pixel (t_in, t_out) in the native march = the torch reference evaluating only the
+    samples inside the same intervals: the same sample count (up to samples on an interval's end,
+    rays built in float64 there and float32 here) and the same image; and a miss marches nothing."""
+    field, rc = make_field()
+    camera = Camera(width=24, height=18, fl_x=22.0, fl_y=22.0, cx=12.0, cy=9.0)
+    c2w = look_at(eye)
+    packed = pack_field(field, rc, sampling=RealtimeSampling.reference())
+    code = field.appearance.weight[0]
+    packed.set_appearance(code)
+    band = random_bands(camera.width * camera.height, seed=3)
+    state = FrameState(camera.width * camera.height, packed.n_classes, torch.device("cpu"))
+    cam = camera_vector(camera, c2w)
+    march(realtime_cpu, state, packed, cam, camera.width, (0, 0, camera.width, camera.height), band)
+    out = finish(realtime_cpu, state, packed, cam, camera)
+    origins, dirs, z_scale = camera_rays(camera, c2w)
+    with torch.no_grad():
+        ref = render_rays(field, origins, dirs, code, step_size=rc.step_size, occupancy=field.occupancy,
+                          z_scale=z_scale, min_transmittance=rc.min_transmittance, band=band)
+        full = render_rays(field, origins, dirs, code, step_size=rc.step_size, occupancy=field.occupancy,
+                           z_scale=z_scale, min_transmittance=rc.min_transmittance)
+    n_out, n_ref = int(out["n_samples"].sum()), int(ref["n_samples"])
+    assert n_ref < 0.8 * int(full["n_samples"]), "the intervals should cut a good part of the samples"
+    assert n_ref > 0 and abs(n_out - n_ref) <= max(2, 0.01 * n_ref), (n_out, n_ref)
+    assert psnr(out["rgb"].reshape(-1, 3), ref["rgb"]) > 45
+    missed = torch.isinf(band[:, 0]) & (band[:, 0] > 0) | (band[:, 0] > band[:, 1])
+    assert int(out["n_samples"].reshape(-1)[missed].sum()) == 0
+    assert torch.allclose(out["acc"].reshape(-1)[missed], torch.zeros(int(missed.sum())))
+    assert psnr(out["rgb"].reshape(-1, 3), full["rgb"]) < 40, "the test intervals should change the image"
+
+
+@pytest.mark.parametrize("eye", [(0.0, -14.0, 12.0), (9.0, 7.0, 14.0)])
+def test_narrow_band_render_against_the_reference(realtime_cpu, eye):
+    """With the envelope baked from the field, the narrow band (default sampling) against the
+    unrestricted torch reference: >= 35 dB (the real-time parity bar) with no more field
+    evaluations than without the band; the envelope within 10 % of the packed block's bytes."""
+    field, rc = make_field()
+    packed = pack_field(field, rc)
+    env = bake_field_envelope(field, rc.step_size, packed.nbytes)
+    assert 0 < env.nbytes <= 0.1 * packed.nbytes
+    camera = Camera(width=24, height=18, fl_x=22.0, fl_y=22.0, cx=12.0, cy=9.0)
+    c2w = look_at(eye)
+    ref = render_image(field, camera, c2w, render=rc)
+    plain = RealtimeRenderer(field, rc, backend="native").render(camera, c2w)
+    banded = RealtimeRenderer(field, rc, backend="native", envelope=env).render(camera, c2w)
+    assert psnr(banded["rgb"], ref["rgb"]) >= 35.0
+    assert int(banded["n_samples"].sum()) <= int(plain["n_samples"].sum())
+
+
+def test_envelope_file_round_trip_and_bad_file(tmp_path):
+    env = bake_envelope(radial, BOX, 0.5, 50_000)
+    path = envelope_path(tmp_path / "block_a.safetensors")
+    assert path.name == "block_a.envelope.safetensors"
+    save_envelope(path, env)
+    back = load_envelope(path)
+    assert np.array_equal(back.outer.vertices, env.outer.vertices)
+    assert np.array_equal(back.inner.triangles, env.inner.triangles)
+    assert (back.sigma_inner, back.margin) == (env.sigma_inner, env.margin)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CitygenError, match="bad.safetensors.*not a block envelope"):
+        load_envelope(tmp_path / "bad.safetensors")
+
+
+def test_bench_narrow_band_reports(realtime_cpu, tmp_path):
+    """`citygen bench render --narrow-band`'s figures on a small field: samples per pixel with and
+    without the band, PSNR against the reference (>= 35 dB) and, on a survey's held-out views,
+    against their ground-truth images, envelope bytes within 10 % of the packed block, bake time,
+    and the H100 roofline estimate at both resolutions (labelled an estimate)."""
+    from boxscene import make_box_survey
+
+    from citygen.bench_render import bench_narrow_band
+
+    field, rc = make_field()
+    survey = make_box_survey(tmp_path / "boxes", n_train=2, n_test=1, width=24, height=18)
+    out = bench_narrow_band(field, rc, torch.device("cpu"), (24, 18), 2, 10.0, RealtimeSampling(), survey=survey)
+    assert out["available"] and 0 < out["envelope_fraction"] <= 0.1 and out["bake_s"] > 0
+    fly, views = out["view_sets"]["fly_path"], out["view_sets"]["survey_views"]
+    assert len(fly["views"]) == 2 and len(views["views"]) == 1
+    assert fly["psnr_vs_reference_db_narrow_band_worst"] >= 35.0
+    row = views["views"][0]
+    assert set(row["psnr_vs_ground_truth_db"]) == {"reference", "realtime", "narrow_band"}
+    assert out["samples_per_pixel_narrow_band_mean"] <= out["samples_per_pixel_mean"]
+    for res in ("1920x1080", "3840x2160"):
+        est = out["roofline_h100"][res]["narrow_band"]
+        assert "ESTIMATE" in est["label"] and est["resolution"] == res
+    # Four times the pixels, a quarter of the frame rate (same samples per pixel).
+    assert out["roofline_h100"]["1920x1080"]["narrow_band"]["fps_tensor_core_mlp"] == pytest.approx(
+        4 * out["roofline_h100"]["3840x2160"]["narrow_band"]["fps_tensor_core_mlp"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA real-time kernel runs on GPUs only")
+def test_cuda_interval_march_matches_cpu_build(realtime_cpu):
+    """The CUDA build's per-pixel intervals against the CPU build's (same math header): only the
+    float16 weights and table separate them."""
+    from citygen.render.realtime import native_module
+
+    cuda = native_module("cuda")
+    if cuda is None:
+        from cuda_ext import realtime as rt_ext
+        pytest.fail(f"a CUDA device is present but the real-time CUDA build failed: {rt_ext.unavailable_reason()}")
+    field, rc = make_field()
+    camera = Camera(width=24, height=18, fl_x=22.0, fl_y=22.0, cx=12.0, cy=9.0)
+    cam = camera_vector(camera, look_at((9.0, 7.0, 14.0)))
+    band = random_bands(camera.width * camera.height, seed=5)
+    packed = pack_field(field, rc, sampling=RealtimeSampling.reference())
+    out = {}
+    for device, module in (("cpu", realtime_cpu), ("cuda", cuda)):
+        block = packed.to(device)
+        state = FrameState(camera.width * camera.height, packed.n_classes, torch.device(device))
+        march(module, state, block, cam, camera.width, (0, 0, camera.width, camera.height), band.to(device))
+        out[device] = {k: v.cpu() for k, v in finish(module, state, block, cam, camera).items()}
+    assert psnr(out["cuda"]["rgb"], out["cpu"]["rgb"]) >= 35.0
+    n_cpu, n_gpu = float(out["cpu"]["n_samples"].float().sum()), float(out["cuda"]["n_samples"].float().sum())
+    assert n_cpu > 0 and abs(n_gpu - n_cpu) <= 0.05 * n_cpu
+
+
+def test_bench_render_survey_needs_narrow_band():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "citygen.cli", "bench", "render", "--survey", "x.json"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "--survey" in result.stderr and "--narrow-band" in result.stderr and "Traceback" not in result.stderr
