@@ -11,13 +11,32 @@ the block lock to keep two nodes apart).
 
 Every attempt holds its block (:mod:`citygen.distributed.lease`): a retry that Ray starts
 while the attempt it replaces still holds the block (a node that lost contact but still
-runs) waits up to ``hold_wait_s`` and then fails as held, without further retries.
+runs) waits up to ``hold_wait_s`` and then fails as held, without further retries.  A node
+that dies outright (machine lost, raylet killed) fails its task with a node-died error; Ray
+retries it on another node, and the retry takes the block over once the dead holder's lock
+is gone (same host, or a file system that carries ``flock``) or its lease has gone stale
+(:data:`~citygen.distributed.lease.LEASE_STALE_S`, other file systems).
+
+**The same code on every node.**  Ray imports the task's function by name on the worker, so
+each node imports *its* citygen: the one on the ``PYTHONPATH`` of its ``ray start`` (plus the
+driver's working directory, which Ray adds silently), or the one installed there.  The
+executor therefore (1) gives its tasks ``PYTHONPATH`` = the folders the driver imports
+citygen, survey_io and cuda_ext from (pass ``runtime_env`` to choose otherwise, e.g. Ray's
+``py_modules``), and (2) before any block starts, asks every live node for a fingerprint of
+the code it imports (:func:`code_fingerprint`, a hash of the three packages' sources) and
+refuses to run when one differs from the driver's or cannot import citygen; each attempt
+checks again (a node that joined later) and fails without a retry when it differs.
 
 Ray is an optional dependency (``pip install citygen[ray]``), imported only when used.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import CitygenError
@@ -37,9 +56,74 @@ def import_ray() -> Any:
     return ray
 
 
-def _ray_block_attempt(task: dict, hold_wait_s: float = 0.0) -> dict:
+#: the packages a block job runs on: every node must import the same code as the driver.
+CODE_PACKAGES = ("citygen", "survey_io", "cuda_ext")
+_SOURCE_SUFFIXES = {".py", ".yaml", ".cu", ".cuh", ".cpp", ".h"}
+#: how long the check of every node's code may take (each node starts a worker for it).
+PROBE_TIMEOUT_S = 300.0
+
+
+class CodeMismatchError(CitygenError):
+    """A Ray node imports citygen code other than the driver's."""
+
+    def __reduce__(self):  # Ray ships exceptions between processes
+        return CodeMismatchError, (self.path, self.reason)
+
+
+def code_roots() -> list[str]:
+    """The folders this process imports :data:`CODE_PACKAGES` from (their parents), in order."""
+    roots: list[str] = []
+    for name in CODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            root = str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
+            if root not in roots:
+                roots.append(root)
+    return roots
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the sources of :data:`CODE_PACKAGES` as this process imports them (paths
+    relative to each package, so two checkouts of one commit agree wherever they are)."""
+    digest = hashlib.sha256()
+    for name in CODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            digest.update(f"{name}: missing\0".encode())
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(root.rglob("*")):
+            if path.suffix in _SOURCE_SUFFIXES and "__pycache__" not in path.parts and path.is_file():
+                digest.update(f"{name}/{path.relative_to(root).as_posix()}\0".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _ray_block_attempt(task: dict, hold_wait_s: float = 0.0, fingerprint: str | None = None) -> dict:
     """Body of the Ray task (a module-level function, so workers import it by name)."""
+    if fingerprint is not None and code_fingerprint() != fingerprint:
+        raise CodeMismatchError(None, f"this node ({os.uname().nodename}) imports citygen code {code_fingerprint()} "
+                                      f"from {os.pathsep.join(code_roots())}, the driver's is {fingerprint}")
     return run_attempt(BlockTask.from_dict(task), hold_wait_s=hold_wait_s)
+
+
+def _node_code_probe() -> Any:
+    """The function a probe task runs on each node.  Nested, so that Ray ships it by value:
+    it must run (and say so) where citygen cannot be imported at all."""
+
+    def probe() -> dict:
+        import importlib
+        import socket
+
+        try:
+            mod = importlib.import_module("citygen.distributed.ray_executor")
+            return {"host": socket.gethostname(), "fingerprint": mod.code_fingerprint(),
+                    "roots": mod.code_roots()}
+        except Exception as err:  # any import failure is the answer
+            return {"host": socket.gethostname(), "error": f"{type(err).__name__}: {err}"}
+
+    return probe
 
 
 class RayExecutor:
@@ -54,11 +138,14 @@ class RayExecutor:
         max_retries: retries after a failed attempt (worker death or job error).
         init_kwargs: extra ``ray.init`` arguments (e.g. ``num_cpus=2, include_dashboard=False``).
         hold_wait_s: how long an attempt waits for another process holding its block.
+        runtime_env: the Ray runtime environment of the tasks. Default: ``PYTHONPATH`` set to
+            the folders the driver imports citygen from (see the module docstring).
+        check_code: refuse to run when a node imports other citygen code than the driver.
     """
 
     def __init__(self, address: str | None = None, num_gpus_per_task: float | None = None,
                  num_cpus_per_task: float = 1, max_retries: int = 2, init_kwargs: dict | None = None,
-                 hold_wait_s: float = 60.0):
+                 hold_wait_s: float = 60.0, runtime_env: dict | None = None, check_code: bool = True):
         if max_retries < 0:
             raise CitygenError(None, f"max_retries must be >= 0, got {max_retries}")
         self.address = address
@@ -67,6 +154,9 @@ class RayExecutor:
         self.max_retries = max_retries
         self.init_kwargs = dict(init_kwargs or {})
         self.hold_wait_s = hold_wait_s
+        self.runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(code_roots())}} if runtime_env is None \
+            else dict(runtime_env)
+        self.check_code = check_code
 
     def execute(self, tasks: Sequence[BlockTask]) -> dict[str, BlockOutcome]:
         """Run every task to done or failed (see :class:`citygen.distributed.tile.Executor`)."""
@@ -84,6 +174,7 @@ class RayExecutor:
         gpus = self.num_gpus_per_task
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        fingerprint = self._check_nodes(ray) if self.check_code else None
         remote = ray.remote(_ray_block_attempt)
         budget = 1 + self.max_retries
         # Attempts recorded in each block's state before this run: the rest is this run's.
@@ -100,7 +191,8 @@ class RayExecutor:
             left = budget - used(task)  # attempts still allowed
             submitted[task.block_id] += 1
             ref = remote.options(num_gpus=gpus, num_cpus=self.num_cpus_per_task, max_retries=left - 1,
-                                 retry_exceptions=False, name=f"block:{task.block_id}").remote(task.to_dict(), self.hold_wait_s)
+                                 retry_exceptions=False, name=f"block:{task.block_id}",
+                                 runtime_env=self.runtime_env).remote(task.to_dict(), self.hold_wait_s, fingerprint)
             pending[ref] = task
 
         for task in tasks:
@@ -114,8 +206,9 @@ class RayExecutor:
                     ray.get(ready[0])
                     outcomes[task.block_id] = outcome_from_state(task)
                 except ray.exceptions.RayTaskError as err:
-                    if isinstance(getattr(err, "cause", None), BlockHeldError):
-                        # Another process trains the block: no retry, and its state is not ours.
+                    if isinstance(getattr(err, "cause", None), (BlockHeldError, CodeMismatchError)):
+                        # Another process trains the block, or this node runs other code: no
+                        # retry, and the block's state is not ours to write.
                         state = read_state(task.path) or {}
                         outcomes[task.block_id] = BlockOutcome(task.block_id, FAILED, int(state.get("attempts", 0)),
                                                                error=err.cause.reason)
@@ -134,6 +227,37 @@ class RayExecutor:
             for ref in pending:  # interrupted: do not leave tasks running behind us
                 ray.cancel(ref, force=True)
         return outcomes
+
+
+    def _check_nodes(self, ray: Any) -> str:
+        """Every live node imports the driver's citygen code; returns its fingerprint.
+
+        Raises:
+            CitygenError: a node cannot import citygen or imports other code (one line per run).
+        """
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        ours = code_fingerprint()
+        probe = ray.remote(_node_code_probe())
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = [probe.options(num_cpus=0, runtime_env=self.runtime_env, name="citygen:code-probe",
+                              scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+                for n in nodes]
+        try:
+            answers = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise CitygenError(None, f"the Ray nodes did not report their citygen code within {PROBE_TIMEOUT_S:.0f} s") \
+                from None
+        for node, answer in zip(nodes, answers):
+            where = f"Ray node {node.get('NodeManagerAddress')} ({answer['host']})"
+            if "error" in answer:
+                raise CitygenError(None, f"{where} cannot import citygen ({answer['error']}): install the driver's "
+                                         "citygen there or put it on a path every node sees (README: Ray cluster)")
+            if answer["fingerprint"] != ours:
+                raise CitygenError(None, f"{where} imports other citygen code ({answer['fingerprint']} from "
+                                         f"{os.pathsep.join(answer['roots'])}) than this driver ({ours} from "
+                                         f"{os.pathsep.join(code_roots())}): run one version on every node")
+        return ours
 
 
 def _attempts(task: BlockTask) -> int:
