@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -363,6 +364,40 @@ def test_ray_refuses_a_node_with_other_code(tmp_path, ray_local, monkeypatch):
     with pytest.raises(CodeMismatchError, match="imports citygen code .* the driver's is 0{16}"):
         _ray_block_attempt(tasks[0].to_dict(), 0.0, "0" * 16)
     assert not (tmp_path / "tile" / "a").exists()
+
+
+def test_ray_tasks_import_the_drivers_code_not_the_working_directorys(tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'citygen[ray]')")
+    # A driver whose working directory holds another citygen: Ray puts that folder first on
+    # every worker's sys.path.  The executor's tasks import the driver's code all the same; a
+    # caller's own runtime_env leaves the import order to Ray, and the code check catches it.
+    other = copy_code(tmp_path / "other")
+    with open(other / "citygen" / "distributed" / "toy_job.py", "a") as f:
+        f.write("# another version\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""
+        import json, sys
+        import ray
+        from citygen.distributed import BlockTask, RayExecutor
+        from citygen.errors import CitygenError
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        def task(b):
+            return BlockTask(b, f"{sys.argv[1]}/{b}", "citygen.distributed.toy_job:toy_block_job", {"steps": 2})
+        out = {"default": RayExecutor().execute([task("a")])["a"].state}
+        try:  # its own worker pool (another runtime env), so no worker of the first run is reused
+            RayExecutor(runtime_env={"env_vars": {"CITYGEN_TEST": "1"}}).execute([task("b")])
+            out["own_env"] = "ran"
+        except CitygenError as err:
+            out["own_env"] = str(err)
+        print(json.dumps(out))
+    """))
+    run = subprocess.run([sys.executable, str(driver), str(tmp_path / "tile")], cwd=other, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["default"] == "done"
+    assert "imports other citygen code" in out["own_env"] and f"from {other.resolve()})" in out["own_env"]
+    assert not (tmp_path / "tile" / "b").exists()
 
 
 # ---------------------------------------------------------------------------- data parallel in a block

@@ -17,15 +17,18 @@ retries it on another node, and the retry takes the block over once the dead hol
 is gone (same host, or a file system that carries ``flock``) or its lease has gone stale
 (:data:`~citygen.distributed.lease.LEASE_STALE_S`, other file systems).
 
-**The same code on every node.**  Ray imports the task's function by name on the worker, so
-each node imports *its* citygen: the one on the ``PYTHONPATH`` of its ``ray start`` (plus the
-driver's working directory, which Ray adds silently), or the one installed there.  The
-executor therefore (1) gives its tasks ``PYTHONPATH`` = the folders the driver imports
-citygen, survey_io and cuda_ext from (pass ``runtime_env`` to choose otherwise, e.g. Ray's
-``py_modules``), and (2) before any block starts, asks every live node for a fingerprint of
-the code it imports (:func:`code_fingerprint`, a hash of the three packages' sources) and
-refuses to run when one differs from the driver's or cannot import citygen; each attempt
-checks again (a node that joined later) and fails without a retry when it differs.
+**The same code on every node.**  A Ray worker imports a task's function by name, so each
+node would import *its* citygen: the one on the ``PYTHONPATH`` of its ``ray start``, the one
+installed there, or a citygen in the driver's working directory, which Ray puts first on
+every worker's ``sys.path`` without a word.  The executor therefore (1) ships its tasks by
+value (:func:`_in_code_roots`): they put the folders the driver imports citygen, survey_io
+and cuda_ext from first on ``sys.path`` where those folders exist on the node (a checkout on
+a shared file system serves every node), then import citygen; with a ``runtime_env`` of the
+caller's (e.g. Ray's ``py_modules``) the node's own import order is left alone; and (2)
+before any block starts, asks every live node for a fingerprint of the code it imports
+(:func:`code_fingerprint`, a hash of the three packages' sources) and refuses to run when one
+differs from the driver's or cannot import citygen; each attempt checks again (a node that
+joined later) and fails without a retry when it differs.
 
 Ray is an optional dependency (``pip install citygen[ray]``), imported only when used.
 """
@@ -108,22 +111,43 @@ def _ray_block_attempt(task: dict, hold_wait_s: float = 0.0, fingerprint: str | 
     return run_attempt(BlockTask.from_dict(task), hold_wait_s=hold_wait_s)
 
 
-def _node_code_probe() -> Any:
-    """The function a probe task runs on each node.  Nested, so that Ray ships it by value:
-    it must run (and say so) where citygen cannot be imported at all."""
+def _probe() -> dict:
+    """What a node answers the code check (run through :func:`_in_code_roots`)."""
+    return {"host": os.uname().nodename, "fingerprint": code_fingerprint(), "roots": code_roots()}
 
-    def probe() -> dict:
+
+def _in_code_roots() -> Any:
+    """The function every task of the executor runs: ``run(roots, name, *args)`` puts ``roots``
+    first on ``sys.path`` (those that exist here), then calls ``citygen.distributed.ray_executor.<name>``.
+
+    Nested, so that Ray ships it by value: it runs before anything imports citygen on the
+    worker, and where citygen cannot be imported at all (the probe then reports the error).
+    """
+
+    def run(roots: list[str] | None, name: str, *args: Any) -> Any:
         import importlib
-        import socket
+        import os
+        import sys
 
+        for root in reversed(roots or []):
+            if os.path.isdir(root):
+                while root in sys.path:
+                    sys.path.remove(root)
+                sys.path.insert(0, root)
         try:
-            mod = importlib.import_module("citygen.distributed.ray_executor")
-            return {"host": socket.gethostname(), "fingerprint": mod.code_fingerprint(),
-                    "roots": mod.code_roots()}
-        except Exception as err:  # any import failure is the answer
-            return {"host": socket.gethostname(), "error": f"{type(err).__name__}: {err}"}
+            module = importlib.import_module("citygen.distributed.ray_executor")
+            fn = getattr(module, name)
+        except Exception as err:  # an import failure, or a citygen without this function
+            if name != "_probe":
+                raise
+            import socket
 
-    return probe
+            where = getattr(sys.modules.get("citygen"), "__file__", None)
+            return {"host": socket.gethostname(), "error": f"{type(err).__name__}: {err}"
+                                                           + (f" (citygen from {where})" if where else "")}
+        return fn(*args)
+
+    return run
 
 
 class RayExecutor:
@@ -138,8 +162,9 @@ class RayExecutor:
         max_retries: retries after a failed attempt (worker death or job error).
         init_kwargs: extra ``ray.init`` arguments (e.g. ``num_cpus=2, include_dashboard=False``).
         hold_wait_s: how long an attempt waits for another process holding its block.
-        runtime_env: the Ray runtime environment of the tasks. Default: ``PYTHONPATH`` set to
-            the folders the driver imports citygen from (see the module docstring).
+        runtime_env: the Ray runtime environment of the tasks (e.g. ``{"py_modules": [...]}``).
+            Default: none, and tasks import citygen from the driver's folders where a node has
+            them (see the module docstring).
         check_code: refuse to run when a node imports other citygen code than the driver.
     """
 
@@ -154,8 +179,9 @@ class RayExecutor:
         self.max_retries = max_retries
         self.init_kwargs = dict(init_kwargs or {})
         self.hold_wait_s = hold_wait_s
-        self.runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(code_roots())}} if runtime_env is None \
-            else dict(runtime_env)
+        self.runtime_env = dict(runtime_env) if runtime_env is not None else None
+        # where tasks import citygen from: the driver's folders, unless the caller's runtime_env says
+        self.code_roots = code_roots() if runtime_env is None else None
         self.check_code = check_code
 
     def execute(self, tasks: Sequence[BlockTask]) -> dict[str, BlockOutcome]:
@@ -175,7 +201,7 @@ class RayExecutor:
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         fingerprint = self._check_nodes(ray) if self.check_code else None
-        remote = ray.remote(_ray_block_attempt)
+        remote = ray.remote(_in_code_roots())
         budget = 1 + self.max_retries
         # Attempts recorded in each block's state before this run: the rest is this run's.
         base = {t.block_id: _attempts(t) for t in tasks}
@@ -192,7 +218,8 @@ class RayExecutor:
             submitted[task.block_id] += 1
             ref = remote.options(num_gpus=gpus, num_cpus=self.num_cpus_per_task, max_retries=left - 1,
                                  retry_exceptions=False, name=f"block:{task.block_id}",
-                                 runtime_env=self.runtime_env).remote(task.to_dict(), self.hold_wait_s, fingerprint)
+                                 **self._env()).remote(self.code_roots, "_ray_block_attempt", task.to_dict(),
+                                                       self.hold_wait_s, fingerprint)
             pending[ref] = task
 
         for task in tasks:
@@ -229,6 +256,9 @@ class RayExecutor:
         return outcomes
 
 
+    def _env(self) -> dict:
+        return {} if self.runtime_env is None else {"runtime_env": self.runtime_env}
+
     def _check_nodes(self, ray: Any) -> str:
         """Every live node imports the driver's citygen code; returns its fingerprint.
 
@@ -238,15 +268,19 @@ class RayExecutor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         ours = code_fingerprint()
-        probe = ray.remote(_node_code_probe())
+        probe = ray.remote(_in_code_roots())
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        refs = [probe.options(num_cpus=0, runtime_env=self.runtime_env, name="citygen:code-probe",
-                              scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-                for n in nodes]
+        refs = [probe.options(num_cpus=0, name="citygen:code-probe", max_retries=0, **self._env(),
+                              scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(self.code_roots, "_probe") for n in nodes]
         try:
             answers = ray.get(refs, timeout=PROBE_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise CitygenError(None, f"the Ray nodes did not report their citygen code within {PROBE_TIMEOUT_S:.0f} s") \
+                from None
+        except ray.exceptions.RayError as err:  # a node died under the probe, say
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise CitygenError(None, f"the check of the Ray nodes' citygen code failed: {type(err).__name__}: {first}") \
                 from None
         for node, answer in zip(nodes, answers):
             where = f"Ray node {node.get('NodeManagerAddress')} ({answer['host']})"
