@@ -50,7 +50,7 @@ def main() -> int:
         env = {**cluster.env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         with open(args.tile.parent / "train-tile.log", "w") as log:
             run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-            killed, seen = None, {}
+            killed, seen, rss_seen = None, {}, set()
             while run.poll() is None:
                 for b in blocks:
                     state = read_state(args.tile / f"block_{b}") if (args.tile / f"block_{b}").is_dir() else None
@@ -61,6 +61,10 @@ def main() -> int:
                         seen[b] = key
                         print(f"[{time.monotonic() - t0:6.1f} s] {b}: {state['state']} attempt {state.get('attempts')} "
                               f"pid {state.get('pid')} node {cluster.node_of_pid(state.get('pid') or 0)}", flush=True)
+                    if state["state"] == "running" and b not in rss_seen:  # memory of the nodes while they train
+                        rss_seen.add(b)
+                        print(f"[{time.monotonic() - t0:6.1f} s] resident memory per node (MiB): {cluster.rss_mb()}",
+                              flush=True)
                     if (killed is None and state["state"] == "running"
                             and state.get("last_checkpoint_step", 0) >= args.kill_at_step):
                         node = cluster.node_of_pid(state["pid"])

@@ -144,6 +144,19 @@ class LocalRayCluster:
         return [f"{pid} {_cmdline(pid)}" for pid, start in sorted(self._seen, key=lambda x: x[0])
                 if process_alive(pid, start)]
 
+    def rss_mb(self) -> dict[str, float]:
+        """Resident memory of each node's processes now, in MiB."""
+        out = {}
+        for name in self.nodes:
+            total = 0
+            for pid in self.node_tree(name):
+                try:
+                    total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                except OSError:
+                    pass
+            out[name] = round(total / 2**20, 1)
+        return out
+
     def stop(self, grace_s: float = 5) -> None:
         """Stop every node: SIGTERM (``ray start --block`` then stops its node), SIGKILL after ``grace_s``."""
         self.processes()  # note every process now: a daemon can outlive its `ray start`

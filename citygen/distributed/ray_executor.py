@@ -125,6 +125,7 @@ def _in_code_roots() -> Any:
     """
 
     def run(roots: list[str] | None, name: str, *args: Any) -> Any:
+        # deferred: shipped by value, the function takes nothing from this module's globals
         import importlib
         import os
         import sys
@@ -140,10 +141,8 @@ def _in_code_roots() -> Any:
         except Exception as err:  # an import failure, or a citygen without this function
             if name != "_probe":
                 raise
-            import socket
-
             where = getattr(sys.modules.get("citygen"), "__file__", None)
-            return {"host": socket.gethostname(), "error": f"{type(err).__name__}: {err}"
+            return {"host": os.uname().nodename, "error": f"{type(err).__name__}: {err}"
                                                            + (f" (citygen from {where})" if where else "")}
         return fn(*args)
 
