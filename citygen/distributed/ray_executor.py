@@ -104,7 +104,7 @@ def code_fingerprint() -> str:
 
 
 def _ray_block_attempt(task: dict, hold_wait_s: float = 0.0, fingerprint: str | None = None) -> dict:
-    """Body of the Ray task (a module-level function, so workers import it by name)."""
+    """Body of a block's Ray task (called by name through :func:`_in_code_roots`)."""
     if fingerprint is not None and code_fingerprint() != fingerprint:
         raise CodeMismatchError(None, f"this node ({os.uname().nodename}) imports citygen code {code_fingerprint()} "
                                       f"from {os.pathsep.join(code_roots())}, the driver's is {fingerprint}")
@@ -131,7 +131,9 @@ def _in_code_roots() -> Any:
         import sys
 
         for root in reversed(roots or []):
-            if os.path.isdir(root):
+            # an installed citygen (site-packages) is the node's own business: moving that
+            # folder first would also reorder every other package
+            if os.path.isdir(root) and os.path.basename(root) not in ("site-packages", "dist-packages"):
                 while root in sys.path:
                     sys.path.remove(root)
                 sys.path.insert(0, root)
