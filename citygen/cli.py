@@ -317,6 +317,17 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
     print_summary(report)
 
 
+def _parse_overrides(override: tuple[str, ...]) -> dict[str, str]:
+    """``--override KEY=VALUE ...`` as a dict (the values are checked by load_config)."""
+    overrides = {}
+    for item in override:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CitygenError(None, f"--override expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
 def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None, resume: bool = False,
           rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
           downscale: int | None = None, seed: int | None = None, max_seconds: float | None = None,
@@ -354,11 +365,7 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
     overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
                                        downscale=downscale, seed=seed, max_seconds=max_seconds).items()
                  if v is not None}
-    for item in override:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CitygenError(None, f"--override expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
+    overrides.update(_parse_overrides(override))
     if no_eval:
         overrides["eval_at_end"] = False
     cfg = load_config(preset, overrides, TRAIN_FLAGS)
@@ -377,7 +384,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
                executor: Literal["local", "ray"] = "local", ray_address: str | None = None,
                max_parallel: int | None = None, max_retries: int = 2, steps: int | None = None,
                rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
-               downscale: int | None = None, blocks: list[str] | None = None,
+               downscale: int | None = None, blocks: list[str] | None = None, override: tuple[str, ...] = (),
                memory_budget_gb: float | None = None) -> None:
     """Train every block of a planned tile (TILE/plan.json from `citygen plan`) through an
     executor; block runs go to TILE/block_<id>/.  Re-running resumes: finished blocks are
@@ -397,6 +404,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
         device: cpu, cuda or auto (overrides the preset).
         downscale: image downscale factor (overrides the preset).
         blocks: train only these block ids.
+        override: further config overrides as dotted KEY=VALUE, e.g. --override steps=200 checkpoint_every=50.
         memory_budget_gb: refuse configs estimated to need more memory per block (default: the
             GPU's memory on a GPU, else 75% of the RAM available when it starts).
     """
@@ -408,6 +416,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
     check_values([("--max-parallel", max_parallel, AT_LEAST_ONE), ("--max-retries", max_retries, NON_NEGATIVE)])
     overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
                                        downscale=downscale).items() if v is not None}
+    overrides.update(_parse_overrides(override))
     _check_train_memory(load_config(preset, overrides, TRAIN_FLAGS), memory_budget_gb)
     check_out_dir(tile, "TILE")
     result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,

@@ -309,6 +309,9 @@ def test_train_tile_flag_ranges(tile, survey, capsys):
     before = snapshot(tile)
     refused(["train-tile", tile, "--data", survey, "--max-parallel", "0"], capsys, "--max-parallel", ">= 1")
     refused(["train-tile", tile, "--data", survey, "--steps", "0"], capsys, "--steps", ">= 1")
+    refused(["train-tile", tile, "--data", survey, "--override", "checkpoint_every=0"], capsys, "checkpoint_every",
+            ">= 1")
+    refused(["train-tile", tile, "--data", survey, "--override", "steps"], capsys, "--override", "KEY=VALUE")
     assert snapshot(tile) == before
 
 

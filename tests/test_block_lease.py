@@ -302,3 +302,62 @@ def test_a_resumed_metrics_log_is_cut_back_to_the_checkpoint_step(tmp_path):
     truncate_metrics(log, 0)  # a fresh start keeps nothing
     assert log.read_text() == ""
     assert temp_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- holders on other hosts
+
+
+def foreign_lease(age_s: float) -> dict:
+    """A lease written on another host whose last heartbeat is ``age_s`` seconds old."""
+    from datetime import datetime, timedelta, timezone
+
+    beat = (datetime.now(timezone.utc) - timedelta(seconds=age_s)).isoformat(timespec="milliseconds")
+    return {"pid": 4242, "host": "another-node", "started": beat, "heartbeat": beat, "role": "test", "pid_start": 1}
+
+
+def test_a_fresh_lease_from_another_host_holds_the_block_and_a_stale_one_is_taken_over(tmp_path):
+    from citygen.distributed.lease import LEASE_STALE_S, hold_block, holder
+
+    block = tmp_path / "b"
+    block.mkdir()
+    # A file system whose flock does not reach across nodes: only the lease shows the holder.
+    (block / LEASE_FILE).write_text(json.dumps(foreign_lease(LEASE_STALE_S - 20)))
+    assert holder(block)["host"] == "another-node"
+    with pytest.raises(BlockHeldError, match="held by pid 4242 on host another-node"):
+        with hold_block(block, wait_s=0.3):
+            pass
+    assert read_lease(block)["host"] == "another-node"  # refused without touching it
+
+    (block / LEASE_FILE).write_text(json.dumps(foreign_lease(LEASE_STALE_S + 5)))  # its node went silent
+    assert holder(block) is None
+    with hold_block(block) as lease:
+        assert lease["pid"] == os.getpid() and read_lease(block)["pid"] == os.getpid()
+    assert not (block / LEASE_FILE).exists()
+
+
+def test_a_holder_whose_lease_was_taken_over_exits_before_it_writes_again(tmp_path):
+    from citygen.distributed.lease import EXIT_LEASE_LOST
+
+    block = tmp_path / "b"
+    proc = python(f"""
+        import time
+        from pathlib import Path
+        from citygen.distributed import lease
+        lease.HEARTBEAT_S = 0.1
+        with lease.hold_block({str(block)!r}):
+            print("holding", flush=True)
+            for i in range(600):  # a trainer writing a file a step
+                (Path({str(block)!r}) / "written").write_text(str(i))
+                time.sleep(0.05)
+    """, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"holding"
+        # Another node declared it dead and took the block over (it sees no cross-node flock).
+        (block / LEASE_FILE).write_text(json.dumps(foreign_lease(0)))
+        assert proc.wait(timeout=25) == EXIT_LEASE_LOST  # long before its 30 s of writes were done
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+    assert b"lost the block to pid 4242 on host another-node" in proc.stderr.read()
+    assert int((block / "written").read_text()) < 599
+    assert read_lease(block)["host"] == "another-node"  # the new holder's lease left as it was

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -313,6 +314,90 @@ def test_ray_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
     with pytest.raises(CitygenError, match=r"pip install 'citygen\[ray\]'"):
         RayExecutor().execute([])
+
+
+def copy_code(dest: Path) -> Path:
+    """The packages a block job runs on, copied to ``dest`` (sources only)."""
+    import shutil
+
+    from citygen.distributed.ray_executor import CODE_PACKAGES, code_roots
+
+    for name in CODE_PACKAGES:
+        shutil.copytree(Path(code_roots()[0]) / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def fingerprint_in(root: Path) -> tuple[str, list[str]]:
+    """code_fingerprint() and code_roots() of a Python started in ``root`` with only it on PYTHONPATH."""
+    out = subprocess.run([sys.executable, "-c", "from citygen.distributed.ray_executor import code_fingerprint, "
+                          "code_roots; import json; print(json.dumps([code_fingerprint(), code_roots()]))"],
+                         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, check=True)
+    fp, roots = json.loads(out.stdout)
+    return fp, roots
+
+
+def test_code_fingerprint_follows_the_sources_not_their_folder(tmp_path):
+    from citygen.distributed.ray_executor import code_fingerprint
+
+    same = copy_code(tmp_path / "same")
+    edited = copy_code(tmp_path / "edited")
+    with open(edited / "citygen" / "distributed" / "toy_job.py", "a") as f:
+        f.write("# one more line\n")
+    assert fingerprint_in(same) == (code_fingerprint(), [str(same.resolve())])
+    fp, roots = fingerprint_in(edited)
+    assert fp != code_fingerprint() and roots == [str(edited.resolve())]
+
+
+def test_ray_refuses_a_node_with_other_code(tmp_path, ray_local, monkeypatch):
+    from citygen.distributed import ray_executor
+    from citygen.distributed.ray_executor import CodeMismatchError, _ray_block_attempt
+
+    tasks = toy_tasks(tmp_path / "tile", ["a"])
+    # The driver's code differs from what the node imports (the node reports the real one).
+    monkeypatch.setattr(ray_executor, "code_fingerprint", lambda: "0" * 16)
+    with pytest.raises(CitygenError, match=r"Ray node .* imports other citygen code \(\w+ from .*\) than this "
+                                           r"driver \(0{16} from"):
+        RayExecutor().execute(tasks)
+    assert not (tmp_path / "tile" / "a").exists()  # refused before any block started
+    monkeypatch.undo()
+    # A node that joins later is caught by the attempt itself, before it touches the block.
+    with pytest.raises(CodeMismatchError, match="imports citygen code .* the driver's is 0{16}"):
+        _ray_block_attempt(tasks[0].to_dict(), 0.0, "0" * 16)
+    assert not (tmp_path / "tile" / "a").exists()
+
+
+def test_ray_tasks_import_the_drivers_code_not_the_working_directorys(tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'citygen[ray]')")
+    # A driver whose working directory holds another citygen: Ray puts that folder first on
+    # every worker's sys.path.  The executor's tasks import the driver's code all the same; a
+    # caller's own runtime_env leaves the import order to Ray, and the code check catches it.
+    other = copy_code(tmp_path / "other")
+    with open(other / "citygen" / "distributed" / "toy_job.py", "a") as f:
+        f.write("# another version\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""
+        import json, sys
+        import ray
+        from citygen.distributed import BlockTask, RayExecutor
+        from citygen.errors import CitygenError
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        def task(b):
+            return BlockTask(b, f"{sys.argv[1]}/{b}", "citygen.distributed.toy_job:toy_block_job", {"steps": 2})
+        out = {"default": RayExecutor().execute([task("a")])["a"].state}
+        try:  # its own worker pool (another runtime env), so no worker of the first run is reused
+            RayExecutor(runtime_env={"env_vars": {"CITYGEN_TEST": "1"}}).execute([task("b")])
+            out["own_env"] = "ran"
+        except CitygenError as err:
+            out["own_env"] = str(err)
+        print(json.dumps(out))
+    """))
+    run = subprocess.run([sys.executable, str(driver), str(tmp_path / "tile")], cwd=other, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["default"] == "done"
+    assert "imports other citygen code" in out["own_env"] and f"from {other.resolve()})" in out["own_env"]
+    assert not (tmp_path / "tile" / "b").exists()
 
 
 # ---------------------------------------------------------------------------- data parallel in a block

@@ -11,7 +11,17 @@ holds the block for its whole life:
   ``started``, ``heartbeat`` (rewritten every :data:`HEARTBEAT_S` seconds), ``pid_start`` (the
   process's start time, so a reused pid is not taken for the holder) and, for a worker of the
   local executor, ``executor_pid`` / ``executor_start``.  Removed on release; one left
-  behind by a killed holder is only a record (the lock is what counts).
+  behind by a killed holder on this host is only a record (the lock is what counts).
+
+**Across hosts** (a Ray cluster whose nodes share the block folders) the lock keeps two nodes
+apart only where the file system carries ``flock`` between clients (NFSv4, Lustre, CephFS do;
+NFSv3 with ``local_lock``, SMB and FUSE object stores often do not).  So the lease also
+counts there: a lease written on *another host* whose heartbeat is younger than
+:data:`LEASE_STALE_S` means a live holder even when the lock is free, and one that old means
+its holder's node is gone: the block is taken over (clocks must agree to well under that,
+as NTP keeps them).  And a holder whose heartbeat finds the lease rewritten by another
+process has been declared dead and replaced: it exits at once with :data:`EXIT_LEASE_LOST`
+before it writes anything more (a node cut off from the cluster that comes back).
 
 Whoever gets the lock first removes the temp files of killed atomic writes in the block's
 folders (:func:`remove_stale_temps`): under the lock no other live process writes there, and
@@ -39,9 +49,11 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -57,6 +69,11 @@ LOCK_FILE = ".block.lock"
 LEASE_FILE = "lease.json"
 #: seconds between rewrites of the lease's heartbeat.
 HEARTBEAT_S = 10.0
+#: a lease from another host whose heartbeat is older than this is a dead node's (4.5 missed
+#: heartbeats; shorter than the Ray executor's default hold_wait_s, so a retry waits it out).
+LEASE_STALE_S = 45.0
+#: the exit status of a holder that found its lease taken over (see the module docstring).
+EXIT_LEASE_LOST = 75
 #: an acquirer keeps trying this long even when told not to wait: a status probe holds the
 #: lock (shared) for microseconds.
 ACQUIRE_GRACE_S = 0.5
@@ -161,9 +178,18 @@ def _acquire(f: IO[str], out_dir: Path, wait_s: float, stop_orphans: bool) -> No
     while True:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
         except BlockingIOError:
             pass
+        else:
+            lease = read_lease(out_dir)
+            if not live_foreign_lease(lease):
+                return
+            # a live holder on another host that this file system's flock does not show us
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if time.monotonic() >= deadline:
+                raise BlockHeldError(out_dir, lease)
+            time.sleep(0.2)
+            continue
         lease = read_lease(out_dir)
         if stop_orphans and lease and is_orphan(lease):
             stop_holder(out_dir, lease)
@@ -186,11 +212,36 @@ def _new_lease(role: str) -> dict[str, Any]:
 
 def _heartbeat(out_dir: Path, lease: dict[str, Any], stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
+        current = read_lease(out_dir)
+        if current is not None and not same_holder(current, lease) and not stop.is_set():
+            # Declared dead (our heartbeat went stale) and replaced: every further write of
+            # ours would clobber the new holder's checkpoints.
+            print(f"citygen: {out_dir}: lost the block to pid {current.get('pid')} on host {current.get('host')}; "
+                  "exiting", file=sys.stderr, flush=True)
+            os._exit(EXIT_LEASE_LOST)
         lease["heartbeat"] = utc_now()
         try:
             atomic_write_json(out_dir / LEASE_FILE, lease)
         except OSError:  # the folder went away under us: nothing to keep up to date
             return
+
+
+def same_holder(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a.get("host"), a.get("pid"), a.get("pid_start")) == (b.get("host"), b.get("pid"), b.get("pid_start"))
+
+
+def live_foreign_lease(lease: dict[str, Any] | None, now: datetime | None = None) -> bool:
+    """Whether ``lease`` is another host's with a heartbeat younger than :data:`LEASE_STALE_S`
+    (a live holder there, whatever this host's ``flock`` says)."""
+    if not lease or lease.get("host") in (None, this_host()):
+        return False
+    try:
+        beat = datetime.fromisoformat(str(lease["heartbeat"]))
+    except (KeyError, ValueError):
+        return False  # no readable heartbeat: nothing shows the holder is alive
+    if beat.tzinfo is None:
+        beat = beat.replace(tzinfo=timezone.utc)
+    return ((now or datetime.now(timezone.utc)) - beat).total_seconds() < LEASE_STALE_S
 
 
 def read_lease(out_dir: str | Path) -> dict[str, Any] | None:
@@ -224,7 +275,8 @@ def is_held(out_dir: str | Path) -> bool:
 def holder(out_dir: str | Path) -> dict[str, Any] | None:
     """The live holder's lease (``{}`` when it has not written one yet), or None when free."""
     if not is_held(out_dir):
-        return None
+        lease = read_lease(out_dir)  # a holder on another host may not show in our flock
+        return lease if live_foreign_lease(lease) else None
     return read_lease(out_dir) or {}
 
 

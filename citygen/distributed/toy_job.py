@@ -6,7 +6,9 @@ atomically) and resumes from it, so its result is bit-identical whether or not i
 interrupted.  It also keeps ``toy_attempts.json``: the step each attempt started from,
 which lets tests see that a retry really resumed, and ``toy_metrics.jsonl``: one line per
 step (``step``, ``pid``), truncated on resume like the trainer's ``metrics.jsonl``, which
-shows whether two processes ever trained the block at once.
+shows whether two processes ever trained the block at once, and ``toy_completions.jsonl``:
+one line (``pid``, ``step``) appended by each attempt that trains to the last step, so a
+block trained to completion twice shows two lines whatever the executors recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .state import report_progress, truncate_metrics
 CHECKPOINT = "toy_checkpoint.safetensors"
 ATTEMPTS_LOG = "toy_attempts.json"
 METRICS_LOG = "toy_metrics.jsonl"
+COMPLETIONS_LOG = "toy_completions.jsonl"
 DIM = 8
 DECAY = 0.9
 
@@ -95,6 +98,9 @@ def toy_block_job(block_id: str, out_dir: str, resume: bool, steps: int = 20, st
             with atomic_path(ckpt) as tmp:
                 save_file({"v": v}, str(tmp), metadata={"step": str(step), "block_id": block_id})
             report_progress(out, step)
+    if rank == 0:
+        with open(out / COMPLETIONS_LOG, "a") as f:  # appended, never rewritten: every completion stays
+            f.write(json.dumps({"pid": os.getpid(), "step": step}) + "\n")
     if size > 1:
         # deferred: citygen.distributed imports no torch (3 s), so `citygen status` and the executor's parent start without it
         import torch.distributed as dist
