@@ -175,15 +175,20 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
     print(json.dumps(summary))
 
 
-def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | None = None, n_points: int = 2**16,
-          repeats: int = 5, device: str = "auto", tile: Path | None = None, res: tuple[str, ...] = (),
-          frames: int = 5, reference_frames: int = 1, no_stream: bool = False, stream_budget_gb: float | None = None,
-          stream_frames: int | None = None, sweep_log2: tuple[int, ...] = ()) -> None:
+def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream"]], out: Path | None = None,
+          n_points: int = 2**16, repeats: int = 5, device: str = "auto", tile: Path | None = None,
+          res: tuple[str, ...] = (), frames: int = 5, reference_frames: int = 1, no_stream: bool = False,
+          stream_budget_gb: float | None = None, stream_frames: int | None = None, sweep_log2: tuple[int, ...] = (),
+          stream_area_km2: float = 100.0, stream_block_size: float = 1000.0, stream_path_km: float = 10.0,
+          stream_prefetch_m: float = 1500.0, stream_read_gbps: float = 1.0, stream_dir: Path | None = None,
+          picture: Path | None = None) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
         what: which benchmark: encode (hash-grid forward + backward, every available backend
-            side by side, torch reference = 1.0x).
+            side by side, torch reference = 1.0x), render (the real-time renderer), stream (a
+            simulated fly-through of a 100 km2 tile of block-preset-sized packed blocks, prefetch
+            on and off).
         out: also write the JSON here.
         n_points: points per step.
         repeats: timed steps per backend (the median is reported).
@@ -193,10 +198,19 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
         frames: render: fly-through frames per resolution.
         reference_frames: render: frames of the torch reference renderer (the 1.0x baseline).
         no_stream: render: skip the 100 km2 streaming fly-through.
-        stream_budget_gb: render: device memory budget of the block cache (default 12 on a GPU).
+        stream_budget_gb: render, stream: device memory budget of the block cache (default 12 on a GPU;
+            on a CPU 0.005 for render, 2 for stream).
         stream_frames: render: frames of the streaming fly-through.
         sweep_log2: encode: instead of --n-points, one run per size 2^K for each K given
             (e.g. --sweep-log2 18 19 20 21 22).
+        stream_area_km2: stream: the tile's area (square).
+        stream_block_size: stream: block side, metres (the plan's default 1000).
+        stream_path_km: stream: length of the flight path.
+        stream_prefetch_m: stream: prefetch the blocks seen from this much path ahead.
+        stream_read_gbps: stream: simulated read speed of a block load, GB/s.
+        stream_dir: stream: keep the blocks' files here and reuse them on the next run (default: a
+            temporary folder, removed; 100 blocks of the block preset take about 19 GB).
+        picture: stream: write the picture of the path over the plan here (PNG).
     """
     import json
 
@@ -206,9 +220,14 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
         raise CitygenError(None, f"bench: unknown device {device!r} (known: auto, cpu, cuda)")
     check_values([("--n-points", n_points, AT_LEAST_ONE), ("--repeats", repeats, AT_LEAST_ONE),
                   ("--frames", frames, AT_LEAST_ONE), ("--reference-frames", reference_frames, NON_NEGATIVE),
-                  ("--stream-budget-gb", stream_budget_gb, POSITIVE), ("--stream-frames", stream_frames, AT_LEAST_ONE)])
+                  ("--stream-budget-gb", stream_budget_gb, POSITIVE), ("--stream-frames", stream_frames, AT_LEAST_ONE),
+                  ("--stream-area-km2", stream_area_km2, POSITIVE), ("--stream-block-size", stream_block_size, POSITIVE),
+                  ("--stream-path-km", stream_path_km, POSITIVE), ("--stream-prefetch-m", stream_prefetch_m, NON_NEGATIVE),
+                  ("--stream-read-gbps", stream_read_gbps, POSITIVE)])
     if out is not None:
         check_out_file(out, "--out")
+    if picture is not None:
+        check_out_file(picture, "--picture")
     if what == "encode":
         from .bench import bench_encode, bench_encode_sweep
 
@@ -224,6 +243,12 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render"]], out: Path | N
         result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,
                               reference_frames=reference_frames, device=device, stream=not no_stream,
                               stream_budget_gb=stream_budget_gb, stream_frames=stream_frames)
+    elif what == "stream":
+        from .bench_stream import bench_stream
+
+        result = bench_stream(area_km2=stream_area_km2, block_size=stream_block_size, budget_gb=stream_budget_gb,
+                              path_km=stream_path_km, prefetch_m=stream_prefetch_m, read_gbps=stream_read_gbps,
+                              folder=stream_dir, picture=picture, device=device)
     print(json.dumps(result, indent=2))
     if out is not None:
         atomic_write_json(out, result)
