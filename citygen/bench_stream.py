@@ -35,6 +35,7 @@ stall episodes and the longest, and the level-of-detail levels used.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -47,6 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+
+from survey_io.atomic import atomic_path, atomic_write_json
 
 from .bench import _cpu_name
 from .bench_render import pinhole, synthetic_layout
@@ -58,9 +62,18 @@ from .render import OccupancyGrid
 from .render.realtime import PackedField, pack_field
 from .render.realtime_sampling import RealtimeSampling, fine_bits, fine_factors
 from .render.sampling import look_at
-from .render.streaming import BlockCache, BlockInfo, StreamingRenderer, box_distance, load_packed, lod_levels, save_packed
+from .render.streaming import (
+    BlockCache,
+    BlockInfo,
+    StreamingRenderer,
+    box_distance,
+    load_packed,
+    lod_levels,
+    save_packed,
+)
 
 MANIFEST = "blocks.json"
+DEVICE_TENSORS = ("weights", "table", "offsets", "scales", "occ_bits")   # PackedField.nbytes counts these
 Z_RANGE = (-20.0, 100.0)   # a city block's box after tightening to the observed heights (DESIGN: field box)
 
 
@@ -105,10 +118,6 @@ def write_blocks(folder: Path, area_km2: float, block_size: float, preset: str =
     Raises:
         CitygenError: the folder's file system lacks the room (checked before writing).
     """
-    import json
-
-    from survey_io.atomic import atomic_write_json
-
     folder = Path(folder)
     n = max(1, round(math.sqrt(area_km2) * 1000.0 / block_size))
     want = {"preset": preset, "area_km2": area_km2, "block_size_m": block_size, "margin_m": margin,
@@ -230,6 +239,10 @@ class SimulatedCache(BlockCache):
         packed, error = None, None
         try:
             packed = load_packed(info.path).with_view(clip=info.core).to(self.device)
+            if self.device.type == "cpu":
+                # safetensors maps the file; copying reads every byte now, as a device upload
+                # does (else the bytes would be read at first use, by the frame)
+                packed = replace(packed, **{k: getattr(packed, k).clone() for k in DEVICE_TENSORS})
         except CitygenError as err:
             error = str(err)
         wall = time.perf_counter() - start
@@ -243,8 +256,8 @@ class SimulatedCache(BlockCache):
     def _poll(self) -> None:
         done = [p for p in self._pending if p[0] <= self.now + 1e-12]
         self._pending = [p for p in self._pending if p[0] > self.now + 1e-12]
-        for _, block_id, packed, error, took in done:
-            self._admit((block_id, packed, error, took))
+        for _, bid, packed, error, took in done:
+            self._admit((bid, packed, error, took))
 
 
 def fly(manifest: dict[str, Any], folder: Path, budget_bytes: int, path_m: float, speed_mps: float = 100.0,
@@ -361,10 +374,6 @@ def _viridis(x: float) -> tuple[int, int, int]:
 def draw_flythrough(path: Path, manifest: dict[str, Any], runs: dict[str, dict[str, Any]], size_px: int = 900) -> Path:
     """The plan's blocks coloured by seconds resident (prefetch on), the path over them, and
     resident bytes over time of both runs against the budget."""
-    from PIL import Image, ImageDraw
-
-    from survey_io.atomic import atomic_path
-
     on, off = runs["prefetch_on"], runs["prefetch_off"]
     blocks = manifest["blocks"]
     x0 = min(b["core"][0] for b in blocks)
@@ -390,7 +399,8 @@ def draw_flythrough(path: Path, manifest: dict[str, Any], runs: dict[str, dict[s
     d.line(pts, fill=(220, 30, 30), width=3)
     for (u, v), label in ((pts[0], "start"), (pts[-1], "end")):
         d.ellipse([u - 6, v - 6, u + 6, v + 6], fill=(220, 30, 30))
-        d.text((u + 8, v - 6), label, fill=(220, 30, 30))
+        d.rectangle([u + 8, v - 7, u + 12 + 6 * len(label), v + 7], fill=(255, 255, 255))
+        d.text((u + 10, v - 6), label, fill=(220, 30, 30))
     d.text((pad, 8), f"{manifest['rows']}x{manifest['cols']} blocks of {manifest['block_size_m']:.0f} m "
                      f"({manifest['file_bytes'] / 1e6:.0f} MB each), {on['path_km']:.1f} km path at "
                      f"{pos[0][2]:.0f} m; colour: seconds resident (prefetch on); north up", fill=(0, 0, 0))
@@ -409,6 +419,7 @@ def draw_flythrough(path: Path, manifest: dict[str, Any], runs: dict[str, dict[s
         series = np.asarray(run["resident_bytes_series"])
         step = max(1, n // 800)
         d.line([cpt(i, float(series[i])) for i in range(0, n, step)], fill=color, width=2)
+    d.text((cx0 - 12, cy1 - 10), "0", fill=(0, 0, 0))
     d.text((cx0, cy1 + 4), f"resident bytes over {on['sim_seconds']:.0f} s: prefetch on (blue), off (grey)",
            fill=(0, 0, 0))
     path = Path(path)
@@ -433,6 +444,7 @@ def bench_stream(area_km2: float = 100.0, block_size: float = 1000.0, budget_gb:
     budget = int((budget_gb if budget_gb is not None else (12.0 if dev.type == "cuda" else 2.0)) * 1e9)
     n = max(1, round(math.sqrt(area_km2) * 1000.0 / block_size))
     positions = lawnmower(n * block_size, path_km * 1000.0, speed_mps / fps, altitude)  # a bad length fails before any write
+    start = time.perf_counter()
     tmp = None
     if folder is None:
         tmp = tempfile.TemporaryDirectory(prefix="citygen_stream_")
@@ -473,7 +485,7 @@ def bench_stream(area_km2: float = 100.0, block_size: float = 1000.0, budget_gb:
         "blocks_reused": manifest["reused"], "write_s": write_s, "budget_bytes": budget,
         "path_km": path_km, "speed_mps": speed_mps, "fps": fps, "altitude_m": altitude, "far_m": far,
         "prefetch_m": prefetch_m, "read_gbps_model": read_gbps,
-        "picture": str(picture) if picture is not None else None, **runs,
+        "picture": str(picture) if picture is not None else None, "wall_s": time.perf_counter() - start, **runs,
     }
 
 

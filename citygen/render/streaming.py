@@ -7,6 +7,10 @@ budget allows) and returns what is resident now; the frame renders those and rep
 as loading.  Loads run in a worker thread: safetensors file -> (pinned) host memory -> device
 (a side CUDA stream on GPUs), so the render thread only swaps finished blocks in.
 
+Prefetch: the caller may name the blocks it will need soon (a scripted or recorded path's view
+ahead); they load after the visible ones, without evicting or delaying a visible block
+(:meth:`BlockCache.begin_frame`).
+
 Budget: resident bytes plus the bytes of loads in flight never exceed ``budget_bytes``.  To
 make room, blocks are evicted in this order: first those outside the view frustum (least
 recently used first), then visible blocks farther than the one being loaded (farthest
@@ -363,13 +367,15 @@ class StreamingRenderer:
         return [b for _, b in sorted(out)]
 
     @torch.no_grad()
-    def render(self, camera: Camera, c2w: np.ndarray, with_semantics: bool = True) -> dict:
+    def render(self, camera: Camera, c2w: np.ndarray, with_semantics: bool = True,
+               prefetch: list[str] | tuple[str, ...] = ()) -> dict:
         """One frame from the resident blocks: images plus ``blocks`` (a :class:`FrameBlocks`),
-        ``levels`` {block id: active levels} and ``timings`` (seconds)."""
+        ``levels`` {block id: active levels} and ``timings`` (seconds).  ``prefetch``: blocks the
+        camera will need soon, soonest first (:meth:`BlockCache.begin_frame`)."""
         t0 = time.perf_counter()
         c2w = np.asarray(c2w, dtype=np.float64)
         visible = self.visible_blocks(camera, c2w)
-        frame = self.cache.begin_frame(visible)
+        frame = self.cache.begin_frame(visible, prefetch)
         t1 = time.perf_counter()
         eye = c2w[:3, 3]
         cam = camera_vector(camera, c2w)
