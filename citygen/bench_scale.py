@@ -59,8 +59,8 @@ from .train.data import load_survey
 AREAS_KM2 = (0.1, 0.25, 1.0, 4.0)
 STAGES = ("synth", "ingest", "plan", "train", "render", "export", "pack")
 CHAIN = STAGES[1:]            # the synthetic renderer is the input, reported apart
-BLOCK_SIZE_M = 250.0
-STEPS = 200
+BLOCK_SIZE_M = 500.0
+STEPS = 60
 IMAGE_SIZE = (160, 120)
 EXPORT_GSD_M = 1.0
 

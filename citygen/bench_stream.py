@@ -331,7 +331,7 @@ def fly(manifest: dict[str, Any], folder: Path, budget_bytes: int, path_m: float
             table_frac.append(float(offsets[n] / offsets[-1]))
         if trace:
             frames_trace.append({"t": cache.now, "visible": list(visible[k]), "resident": cache.resident_ids(),
-                                 "inflight": sorted(cache._inflight), "resident_bytes": res_b, "inflight_bytes": inf_b})
+                                 "inflight": sorted(cache.inflight_ids()), "resident_bytes": res_b, "inflight_bytes": inf_b})
     cache.close()
     km = (len(poses) - 1) * spacing / 1000.0
     bytes_read = sum(r["bytes"] for r in cache.read_log)

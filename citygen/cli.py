@@ -182,7 +182,7 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
           stream_area_km2: float = 100.0, stream_block_size: float = 1000.0, stream_path_km: float = 10.0,
           stream_prefetch_m: float = 1500.0, stream_read_gbps: float = 1.0, stream_dir: Path | None = None,
           picture: Path | None = None, scale_dir: Path = Path("outputs/bench_scale"),
-          scale_areas: tuple[float, ...] = (0.1, 0.25), scale_steps: int = 200) -> None:
+          scale_areas: tuple[float, ...] = (0.1, 0.25), scale_steps: int = 60) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:

@@ -125,3 +125,30 @@ def test_bench_stream_path_too_long_is_one_line():
                              "--stream-path-km", "50"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert "the path can be at most" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_stream_writes_picture_and_reuses_blocks(tmp_path):
+    """The whole benchmark on 9 tiny blocks: the picture is written, a second run reuses the
+    block files (same manifest) instead of rewriting them."""
+    from PIL import Image
+
+    from citygen.bench_stream import bench_stream
+
+    cfg = FieldConfig(n_levels=4, log2_hashmap_size=10, hidden_dim=16, semantic_hidden_dim=16, max_resolution=64)
+    template = pack_field(synthetic_field(cfg, np.array([[-5.0, -5.0, -20.0], [105.0, 105.0, 100.0]]), 16),
+                          RenderConfig(step_size=1.0), sampling=RealtimeSampling(occupancy_factor=1))
+    kw = dict(area_km2=0.09, block_size=100.0, budget_gb=3.5 * template.nbytes / 1e9, path_km=0.3, speed_mps=10.0,
+              altitude=150.0, prefetch_m=150.0, far=400.0, folder=tmp_path / "blocks", preset="test",
+              device="cpu", template=template)
+    first = bench_stream(picture=tmp_path / "fly.png", **kw)
+    assert first["blocks"] == 9 and not first["blocks_reused"]
+    assert first["disk_bytes"] == sum(p.stat().st_size for p in (tmp_path / "blocks").glob("*.safetensors"))
+    with Image.open(tmp_path / "fly.png") as img:
+        assert img.format == "PNG" and img.size[0] == 900
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "blocks").glob("*.safetensors")}
+    second = bench_stream(**kw)
+    assert second["blocks_reused"]
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "blocks").glob("*.safetensors")}
+    for run in ("prefetch_on", "prefetch_off"):
+        assert second[run]["peak_resident_plus_inflight_bytes"] <= second["budget_bytes"]
+        assert second[run]["frames_waiting"] == first[run]["frames_waiting"]   # simulated clock: reproducible

@@ -12,9 +12,9 @@ ahead); they load after the visible ones, without evicting or delaying a visible
 (:meth:`BlockCache.begin_frame`).
 
 Budget: resident bytes plus the bytes of loads in flight never exceed ``budget_bytes``.  To
-make room, blocks are evicted in this order: first those outside the view frustum (least
-recently used first), then visible blocks farther than the one being loaded (farthest
-first).  A visible block that cannot get room stays unloaded (reported as ``deferred``).
+make room, blocks are evicted in this order: first those outside the view frustum (those no
+prefetch asked for, least recently used first; then prefetched ones, needed last first), then
+visible blocks farther than the one being loaded (farthest first).  A visible block that cannot get room stays unloaded (reported as ``deferred``).
 
 Level of detail (:func:`lod_levels`): a hash level whose cells are finer than half a pixel's
 footprint cannot be resolved by the pixel (beyond Nyquist), so its features only add
@@ -182,6 +182,10 @@ class BlockCache:
     def resident_ids(self) -> list[str]:
         """Resident blocks, least recently used first."""
         return list(self._resident)
+
+    def inflight_ids(self) -> list[str]:
+        """Blocks whose load is in flight."""
+        return list(self._inflight)
 
     def get(self, block_id: str) -> PackedField | None:
         """The resident block (marks it used), or None."""
