@@ -19,8 +19,12 @@ Per stage: wall time of the stage's work (the process's start-up and imports rep
 peak resident set size (the process's own, or its largest waited-for child's -- the training
 workers), and, over the areas run, the growth exponent ``k`` of ``time ~ area^k`` (and of
 ``time ~ images^k``) fitted by least squares on log-log.  With two areas the fit is exact and
-says little; with four it has two degrees of freedom.  ``estimate`` extrapolates each stage's
-fit to the areas not run.
+says little; with four it has two degrees of freedom.  ``estimate`` gives the areas not run:
+each stage's time scales with what drives its work (:data:`DRIVERS`: images, blocks, held-out
+views or area; a power law fitted over the areas run), and those sizes come from
+:func:`predicted_sizes` (the synthetic flight and the planner, nothing rendered: at 500 m
+blocks 69/152/510/1824 images and 4/6/12/30 blocks for 0.1/0.25/1/4 km²).  The area exponent
+alone would mislead at small areas: a tile is whole blocks, so the block count moves in steps.
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ from PIL import Image, ImageDraw
 
 from survey_io import read_drone_folder, read_transforms
 from survey_io.atomic import atomic_path, atomic_write_json
-from survey_io.synthetic import PRESETS, make_survey
+from survey_io.synthetic import PRESETS, make_survey, plan_flight
 
 from .errors import CitygenError
 from .export.run import ExportOptions, export_tile
 from .partition import PartitionConfig
+from .partition.planner import plan_tile
 from .partition.run import PlanRequest, run_plan
 from .render.realtime import pack_field
 from .render.streaming import save_packed
@@ -63,6 +68,10 @@ BLOCK_SIZE_M = 500.0
 STEPS = 60
 IMAGE_SIZE = (160, 120)
 EXPORT_GSD_M = 1.0
+#: what each stage's work grows with: the estimate for an area not run scales each stage's time
+#: by its driver (fitted power law over the areas run), the driver predicted by `predicted_sizes`
+DRIVERS = {"synth": "images", "ingest": "images", "plan": "images", "train": "blocks", "render": "test_images",
+           "export": "area_km2", "pack": "blocks"}
 
 
 def fit_exponent(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> dict[str, float] | None:
@@ -81,6 +90,18 @@ def fit_exponent(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> di
 def _survey_config(area_km2: float):
     w, h = IMAGE_SIZE
     return replace(PRESETS["tiny"], area_m=math.sqrt(area_km2) * 1000.0, width=w, height=h, antialias=False)
+
+
+def predicted_sizes(area_km2: float, block_size: float = BLOCK_SIZE_M) -> dict[str, float]:
+    """What the chain will see at ``area_km2``, without rendering anything: the synthetic flight's
+    images and held-out views (``plan_flight``) and the plan's blocks (the planner on that flight,
+    the ground at the take-off height, as the survey's DSM has it)."""
+    cfg = _survey_config(area_km2)
+    survey = plan_flight(cfg)
+    survey = replace(survey, images=[replace(im, depth=None) for im in survey.images])  # no files to read
+    plan = plan_tile(survey, PartitionConfig(block_size_m=block_size, flight_height_m=cfg.altitude_m))
+    return {"area_km2": area_km2, "images": len(survey.images), "test_images": len(survey.test_names),
+            "blocks": len(plan.blocks)}
 
 
 def _stage(name: str, a: dict[str, Any]) -> dict[str, Any]:
@@ -112,9 +133,12 @@ def _stage(name: str, a: dict[str, Any]) -> dict[str, Any]:
         atomic_write_json(root / "renders" / "metrics.json", report)
         return {"views": len(report["views"]), "psnr_mean": report["mean"].get("psnr")}
     if name == "export":
+        # the surveyed square, not the tile's bounds: the tile is whole blocks, so its area
+        # moves in steps of a block while the survey's grows smoothly
+        half = math.sqrt(a["area_km2"]) * 1000.0 / 2
         manifest = export_tile(tile, root / "export", ExportOptions(what=("ortho", "dsm", "las"), gsd=EXPORT_GSD_M,
-                                                                     survey=data))
-        return {"files": len(manifest["files"]), "gsd_m": EXPORT_GSD_M}
+                                                                     rect=(-half, -half, half, half), survey=data))
+        return {"files": len(manifest["files"]), "gsd_m": EXPORT_GSD_M, "cells": round((2 * half / EXPORT_GSD_M) ** 2)}
     if name == "pack":
         total, n = 0, 0
         for block, run in sorted(discover(tile).trained.items()):
@@ -144,6 +168,13 @@ def _stage_main(argv: list[str]) -> int:
 def run_stage(name: str, args: dict[str, Any], out: Path, timeout_s: float | None = None) -> dict[str, Any]:
     """Run one stage in a fresh process; its figures plus ``process_s`` (wall time with start-up)."""
     out = Path(out)
+    if out.is_file():      # a finished stage of the same run (same arguments) is not run again
+        try:
+            done = json.loads(out.read_text())
+        except (OSError, ValueError):
+            done = {}
+        if done.get("args") == args and "process_s" in done:
+            return {**done, "reused": True}
     start = time.perf_counter()
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "citygen.bench_scale", name, json.dumps(args), str(out)],
@@ -153,8 +184,8 @@ def run_stage(name: str, args: dict[str, Any], out: Path, timeout_s: float | Non
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise CitygenError(out.parent, f"bench scale: stage {name} failed (exit {proc.returncode}): {tail[0]}")
     result = json.loads(out.read_text())
-    result["process_s"] = wall
-    result["startup_s"] = max(wall - result["seconds"], 0.0)
+    result.update(args=args, process_s=wall, startup_s=max(wall - result["seconds"], 0.0))
+    atomic_write_json(out, result)
     return result
 
 
@@ -172,24 +203,30 @@ def bench_scale(out_dir: Path, areas: tuple[float, ...] = AREAS_KM2[:2], block_s
         stages = {}
         for name in STAGES:
             stages[name] = run_stage(name, args, root / f"stage_{name}.json")
-        runs.append({"area_km2": area, "images": stages["synth"]["images"], "blocks": stages["plan"]["blocks"],
-                     "stages": stages, "chain_s": sum(stages[s]["process_s"] for s in CHAIN)})
+        sizes = {"area_km2": area, "images": stages["synth"]["images"], "test_images": stages["synth"]["test_images"],
+                 "blocks": stages["plan"]["blocks"]}
+        runs.append({**sizes, "sizes": sizes, "predicted_sizes": predicted_sizes(area, block_size), "stages": stages,
+                     "chain_s": sum(stages[s]["process_s"] for s in CHAIN)})
     fits = {}
     for name in STAGES:
         t = [r["stages"][name]["process_s"] for r in runs]
+        driver = DRIVERS[name]
         fits[name] = {"vs_area": fit_exponent([r["area_km2"] for r in runs], t),
                       "vs_images": fit_exponent([r["images"] for r in runs], t),
+                      "driver": driver, "vs_driver": fit_exponent([r["sizes"][driver] for r in runs], t),
                       "peak_rss_vs_area": fit_exponent([r["area_km2"] for r in runs],
                                                        [r["stages"][name]["peak_rss_bytes"] for r in runs])}
     estimate = {}
     for area in all_areas:
         done = next((r for r in runs if r["area_km2"] == area), None)
+        sizes = predicted_sizes(area, block_size)
         per = {}
         for name in STAGES:
-            f = fits[name]["vs_area"]
+            f = fits[name]["vs_driver"]
             per[name] = (done["stages"][name]["process_s"] if done else
-                         (f["c"] * area ** f["k"] if f else None))
-        estimate[f"{area:g}"] = {"measured": done is not None, "stages_s": per,
+                         (f["c"] * sizes[DRIVERS[name]] ** f["k"] if f else None))
+        estimate[f"{area:g}"] = {"measured": done is not None, "predicted_sizes": sizes, "stages_s": per,
+                                 "chain_s": sum(per[n] for n in CHAIN if per[n] is not None),
                                  "total_s": sum(v for v in per.values() if v is not None)}
     result = {"benchmark": "scale", "areas_run_km2": list(areas), "block_size_m": block_size, "steps_per_block": steps,
               "image_size": list(IMAGE_SIZE), "export_gsd_m": EXPORT_GSD_M, "train_preset": "tiny",

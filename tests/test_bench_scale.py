@@ -51,3 +51,14 @@ def test_bench_scale_rejects_bad_area(tmp_path):
                              "--scale-areas", "0.1", "-1"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert "--scale-areas -1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_finished_stage_is_reused_only_with_the_same_arguments(tmp_path):
+    import json
+
+    out = tmp_path / "stage_plan.json"
+    args = {"root": str(tmp_path), "block_size": 250.0}
+    out.write_text(json.dumps({"stage": "plan", "seconds": 1.0, "process_s": 3.0, "args": args, "blocks": 4}))
+    assert run_stage("plan", args, out)["reused"] is True        # no process: the plan would fail here
+    with pytest.raises(CitygenError):
+        run_stage("plan", {**args, "block_size": 500.0}, out, timeout_s=300)
