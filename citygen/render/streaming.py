@@ -8,13 +8,14 @@ as loading.  Loads run in a worker thread: safetensors file -> (pinned) host mem
 (a side CUDA stream on GPUs), so the render thread only swaps finished blocks in.
 
 Prefetch: the caller may name the blocks it will need soon (a scripted or recorded path's view
-ahead); they load after the visible ones, without evicting or delaying a visible block
-(:meth:`BlockCache.begin_frame`).
+ahead); they load after the visible ones, never evict a visible block, and delay a block that
+becomes visible by at most two loads (:meth:`BlockCache.begin_frame`).
 
 Budget: resident bytes plus the bytes of loads in flight never exceed ``budget_bytes``.  To
 make room, blocks are evicted in this order: first those outside the view frustum (those no
 prefetch asked for, least recently used first; then prefetched ones, needed last first), then
-visible blocks farther than the one being loaded (farthest first).  A visible block that cannot get room stays unloaded (reported as ``deferred``).
+visible blocks farther than the one being loaded (farthest first).  A visible block that
+cannot get room stays unloaded (reported as ``deferred``).
 
 Level of detail (:func:`lod_levels`): a hash level whose cells are finer than half a pixel's
 footprint cannot be resolved by the pixel (beyond Nyquist), so its features only add
@@ -294,9 +295,9 @@ class BlockCache:
         ``prefetch``: blocks the camera will need soon, soonest first (e.g. those visible from
         the path ahead).  After the visible blocks, up to ``max_prefetch_inflight`` of them load
         in the background, into free room or room of blocks outside the view that no sooner
-        prefetch needs; a prefetch never evicts a visible block and never delays one (visible
-        loads are queued first each frame; at most ``max_prefetch_inflight`` prefetches queue
-        ahead of a block that becomes visible later)."""
+        prefetch needs.  A prefetch never evicts a visible block; visible loads are queued
+        first each frame, so a block that becomes visible later waits behind at most
+        ``max_prefetch_inflight`` prefetches."""
         self._poll()
         self._visible = set(visible)
         self._soon = {b: i for i, b in enumerate(prefetch) if b not in self._visible}
@@ -324,7 +325,7 @@ class BlockCache:
             loading.append(block_id)
         prefetching = []
         queued = sum(1 for b in self._inflight if b not in self._visible)
-        for rank, block_id in enumerate(b for b in prefetch if b not in self._visible):
+        for block_id in (b for b in prefetch if b not in self._visible):
             if queued >= self.max_prefetch_inflight:
                 break
             if (block_id in self._resident or block_id in self._inflight or block_id in self._errors
