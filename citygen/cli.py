@@ -175,18 +175,24 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
     print(json.dumps(summary))
 
 
-def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out: Path | None = None,
-          n_points: int = 2**16, repeats: int = 5, device: str = "auto", tile: Path | None = None,
-          res: tuple[str, ...] = (), frames: int = 5, reference_frames: int = 1, no_stream: bool = False,
-          stream_budget_gb: float | None = None, stream_frames: int | None = None, sweep_log2: tuple[int, ...] = (),
-          narrow_band: bool = False, survey: Path | None = None,
+def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scale", "export"]],
+          out: Path | None = None, n_points: int = 2**16, repeats: int = 5, device: str = "auto",
+          tile: Path | None = None, res: tuple[str, ...] = (), frames: int = 5, reference_frames: int = 1,
+          no_stream: bool = False, stream_budget_gb: float | None = None, stream_frames: int | None = None,
+          sweep_log2: tuple[int, ...] = (), narrow_band: bool = False, survey: Path | None = None,
+          stream_area_km2: float = 100.0, stream_block_size: float = 1000.0, stream_path_km: float = 10.0,
+          stream_prefetch_m: float = 1500.0, stream_read_gbps: float = 1.0, stream_dir: Path | None = None,
+          picture: Path | None = None, scale_dir: Path = Path("outputs/bench_scale"),
+          scale_areas: tuple[float, ...] = (0.1, 0.25), scale_steps: int = 60,
           size_m: float = 1000.0, gsd: float = 0.1, las_points: int = 50_000_000, work: Path | None = None) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
         what: which benchmark: encode (hash-grid forward + backward, every available backend
-            side by side, torch reference = 1.0x); export (peak memory of windowed COG rasters and
-            chunked LAZ, analytic scene).
+            side by side, torch reference = 1.0x), render (the real-time renderer), stream (a
+            simulated fly-through of a 100 km2 tile of block-preset-sized packed blocks, prefetch
+            on and off), scale (the chain, stage by stage, on synthetic surveys of growing area),
+            export (peak memory of windowed COG rasters and chunked LAZ, analytic scene).
         out: also write the JSON here.
         n_points: points per step.
         repeats: timed steps per backend (the median is reported).
@@ -196,7 +202,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out
         frames: render: fly-through frames per resolution.
         reference_frames: render: frames of the torch reference renderer (the 1.0x baseline).
         no_stream: render: skip the 100 km2 streaming fly-through.
-        stream_budget_gb: render: device memory budget of the block cache (default 12 on a GPU).
+        stream_budget_gb: render, stream: device memory budget of the block cache (default 12 on a GPU;
+            on a CPU 0.005 for render, 2 for stream).
         stream_frames: render: frames of the streaming fly-through.
         sweep_log2: encode: instead of --n-points, one run per size 2^K for each K given
             (e.g. --sweep-log2 18 19 20 21 22).
@@ -208,6 +215,19 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out
         gsd: export: their cell size, metres.
         las_points: export: points of the larger of the two chunked LAZ files (the other: a tenth).
         work: export: keep the files in this folder (default: a temp folder, removed).
+        stream_area_km2: stream: the tile's area (square).
+        stream_block_size: stream: block side, metres (the plan's default 1000).
+        stream_path_km: stream: length of the flight path.
+        stream_prefetch_m: stream: prefetch the blocks seen from this much path ahead.
+        stream_read_gbps: stream: simulated read speed of a block load, GB/s.
+        stream_dir: stream: keep the blocks' files here and reuse them on the next run (default: a
+            temporary folder, removed; 100 blocks of the block preset take about 19 GB).
+        picture: stream: write the picture of the path over the plan here (PNG); scale: the
+            log-log plot of stage time against area.
+        scale_dir: scale: where each area's survey, tile and outputs go (area_<A>km2/).
+        scale_areas: scale: areas in km2 to run (0.1 0.25 1 4 is the whole study; the default
+            runs the two smallest and extrapolates the others).
+        scale_steps: scale: training steps per block (fixed, short).
     """
     import json
 
@@ -217,9 +237,15 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out
         raise CitygenError(None, f"bench: unknown device {device!r} (known: auto, cpu, cuda)")
     check_values([("--n-points", n_points, AT_LEAST_ONE), ("--repeats", repeats, AT_LEAST_ONE),
                   ("--frames", frames, AT_LEAST_ONE), ("--reference-frames", reference_frames, NON_NEGATIVE),
-                  ("--stream-budget-gb", stream_budget_gb, POSITIVE), ("--stream-frames", stream_frames, AT_LEAST_ONE)])
+                  ("--stream-budget-gb", stream_budget_gb, POSITIVE), ("--stream-frames", stream_frames, AT_LEAST_ONE),
+                  ("--stream-area-km2", stream_area_km2, POSITIVE), ("--stream-block-size", stream_block_size, POSITIVE),
+                  ("--stream-path-km", stream_path_km, POSITIVE), ("--stream-prefetch-m", stream_prefetch_m, NON_NEGATIVE),
+                  ("--stream-read-gbps", stream_read_gbps, POSITIVE), ("--scale-steps", scale_steps, AT_LEAST_ONE)]
+                 + [(f"--scale-areas {a}", a, POSITIVE) for a in scale_areas])
     if out is not None:
         check_out_file(out, "--out")
+    if picture is not None:
+        check_out_file(picture, "--picture")
     if what == "encode":
         from .bench import bench_encode, bench_encode_sweep
 
@@ -239,6 +265,19 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "export"]], out
                               reference_frames=reference_frames, device=device, stream=not no_stream,
                               stream_budget_gb=stream_budget_gb, stream_frames=stream_frames,
                               narrow_band=narrow_band, survey=survey)
+    elif what == "stream":
+        from .bench_stream import bench_stream
+
+        result = bench_stream(area_km2=stream_area_km2, block_size=stream_block_size, budget_gb=stream_budget_gb,
+                              path_km=stream_path_km, prefetch_m=stream_prefetch_m, read_gbps=stream_read_gbps,
+                              folder=stream_dir, picture=picture, device=device)
+    elif what == "scale":
+        from .bench_scale import bench_scale
+
+        if not scale_areas:
+            raise CitygenError(None, "bench scale: --scale-areas needs at least one area")
+        result = bench_scale(check_out_dir(scale_dir, "--scale-dir"), tuple(scale_areas), steps=scale_steps,
+                             picture=picture)
     elif what == "export":
         from .export.bench import bench_export
 

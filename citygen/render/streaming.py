@@ -7,10 +7,15 @@ budget allows) and returns what is resident now; the frame renders those and rep
 as loading.  Loads run in a worker thread: safetensors file -> (pinned) host memory -> device
 (a side CUDA stream on GPUs), so the render thread only swaps finished blocks in.
 
+Prefetch: the caller may name the blocks it will need soon (a scripted or recorded path's view
+ahead); they load after the visible ones, never evict a visible block, and delay a block that
+becomes visible by at most two loads (:meth:`BlockCache.begin_frame`).
+
 Budget: resident bytes plus the bytes of loads in flight never exceed ``budget_bytes``.  To
-make room, blocks are evicted in this order: first those outside the view frustum (least
-recently used first), then visible blocks farther than the one being loaded (farthest
-first).  A visible block that cannot get room stays unloaded (reported as ``deferred``).
+make room, blocks are evicted in this order: first those outside the view frustum (those no
+prefetch asked for, least recently used first; then prefetched ones, needed last first), then
+visible blocks farther than the one being loaded (farthest first).  A visible block that
+cannot get room stays unloaded (reported as ``deferred``).
 
 Level of detail (:func:`lod_levels`): a hash level whose cells are finer than half a pixel's
 footprint cannot be resolved by the pixel (beyond Nyquist), so its features only add
@@ -99,6 +104,7 @@ class FrameBlocks:
     loading: list[str]                  # visible, load in flight
     deferred: list[str]                 # visible, no room under the budget
     evicted: list[str] = dc_field(default_factory=list)
+    prefetching: list[str] = dc_field(default_factory=list)  # not visible yet, load queued this frame
 
 
 def frustum_visible(camera: Camera, c2w: np.ndarray, box: np.ndarray, far: float) -> bool:
@@ -142,10 +148,28 @@ class BlockCache:
         self._jobs: queue.Queue = queue.Queue()
         self._errors: dict[str, str] = {}
         self._visible: set[str] = set()
+        self._soon: dict[str, int] = {}      # prefetch order of this frame (blocks not visible)
         self._lock = threading.Lock()
         self.load_seconds: list[float] = []
+        self.max_prefetch_inflight = 2
+        self._start_loader()
+
+    def _start_loader(self) -> None:
+        """Start the background loader (a subclass with its own loads, e.g. a simulated clock, overrides)."""
         self._worker = threading.Thread(target=self._work, name="citygen-block-loader", daemon=True)
         self._worker.start()
+
+    def _submit(self, block_id: str) -> None:
+        """Queue the load of ``block_id`` (its bytes are already counted in flight)."""
+        self._jobs.put(block_id)
+
+    def _poll(self) -> None:
+        """Admit every load that has finished."""
+        while True:
+            try:
+                self._admit(self._done.get_nowait())
+            except queue.Empty:
+                return
 
     # -- accounting -----------------------------------------------------------------------------
     @property
@@ -159,6 +183,10 @@ class BlockCache:
     def resident_ids(self) -> list[str]:
         """Resident blocks, least recently used first."""
         return list(self._resident)
+
+    def inflight_ids(self) -> list[str]:
+        """Blocks whose load is in flight."""
+        return list(self._inflight)
 
     def get(self, block_id: str) -> PackedField | None:
         """The resident block (marks it used), or None."""
@@ -223,14 +251,16 @@ class BlockCache:
     # -- the frame ------------------------------------------------------------------------------
     def _make_room(self, need: int, priority: list[str], rank: int) -> list[str] | None:
         """Evict until ``need`` more bytes fit; None when impossible without evicting visible
-        blocks at least as near as ``priority[rank]``."""
+        blocks at least as near as ``priority[rank]``.  Blocks outside the view go first: those
+        no prefetch asked for (least recently used first), then prefetched ones, the one needed
+        last first."""
         evicted = []
         protected = set(priority[:rank + 1])
         rank_of = {b: i for i, b in enumerate(priority)}
         while self.resident_bytes + self.inflight_bytes + need > self.budget_bytes:
             outside = [b for b in self._resident if b not in self._visible]
             if outside:
-                victim = outside[0]                                   # least recently used
+                victim = min(outside, key=lambda b: (0, 0) if b not in self._soon else (1, -self._soon[b]))
             else:
                 farther = [b for b in self._resident if b not in protected]
                 if not farther:
@@ -240,15 +270,37 @@ class BlockCache:
             evicted.append(victim)
         return evicted
 
-    def begin_frame(self, visible: list[str]) -> FrameBlocks:
-        """Start a frame that sees ``visible`` (block ids, nearest first): admit finished loads,
-        schedule missing ones within the budget, and return what can be rendered now."""
-        while True:
-            try:
-                self._admit(self._done.get_nowait())
-            except queue.Empty:
+    def _prefetch_room(self, need: int, keep: set[str]) -> list[str] | None:
+        """Room for a prefetch: evict only blocks outside the view and not in ``keep`` (in
+        :meth:`_make_room`'s order), and nothing at all unless that frees enough."""
+        free = self.budget_bytes - self.resident_bytes - self.inflight_bytes
+        victims = []
+        order = sorted(self._resident, key=lambda b: (0, 0) if b not in self._soon else (1, -self._soon[b]))
+        for b in order:   # blocks no prefetch wants first (least recently used first), then the last needed
+            if free >= need:
                 break
+            if b not in self._visible and b not in keep:
+                victims.append(b)
+                free += self.blocks[b].nbytes
+        if free < need:
+            return None
+        for b in victims:
+            del self._resident[b]
+        return victims
+
+    def begin_frame(self, visible: list[str], prefetch: list[str] | tuple[str, ...] = ()) -> FrameBlocks:
+        """Start a frame that sees ``visible`` (block ids, nearest first): admit finished loads,
+        schedule missing ones within the budget, and return what can be rendered now.
+
+        ``prefetch``: blocks the camera will need soon, soonest first (e.g. those visible from
+        the path ahead).  After the visible blocks, up to ``max_prefetch_inflight`` of them load
+        in the background, into free room or room of blocks outside the view that no sooner
+        prefetch needs.  A prefetch never evicts a visible block; visible loads are queued
+        first each frame, so a block that becomes visible later waits behind at most
+        ``max_prefetch_inflight`` prefetches."""
+        self._poll()
         self._visible = set(visible)
+        self._soon = {b: i for i, b in enumerate(prefetch) if b not in self._visible}
         evicted, loading, deferred = [], [], []
         for rank, block_id in enumerate(visible):
             if block_id in self._resident:
@@ -269,10 +321,28 @@ class BlockCache:
                 continue
             evicted += out
             self._inflight[block_id] = need
-            self._jobs.put(block_id)
+            self._submit(block_id)
             loading.append(block_id)
+        prefetching = []
+        queued = sum(1 for b in self._inflight if b not in self._visible)
+        for block_id in (b for b in prefetch if b not in self._visible):
+            if queued >= self.max_prefetch_inflight:
+                break
+            if (block_id in self._resident or block_id in self._inflight or block_id in self._errors
+                    or block_id not in self.blocks):
+                continue
+            need = self.blocks[block_id].nbytes
+            out = self._prefetch_room(need, {b for b, r in self._soon.items() if r <= self._soon[block_id]})
+            if out is None:
+                break          # later prefetches are needed later still: no room for them either
+            evicted += out
+            self._inflight[block_id] = need
+            self._submit(block_id)
+            prefetching.append(block_id)
+            queued += 1
         resident = [b for b in visible if b in self._resident]
-        return FrameBlocks(resident=resident, loading=loading, deferred=deferred, evicted=evicted)
+        return FrameBlocks(resident=resident, loading=loading, deferred=deferred, evicted=evicted,
+                           prefetching=prefetching)
 
 
 class StreamingRenderer:
@@ -302,13 +372,15 @@ class StreamingRenderer:
         return [b for _, b in sorted(out)]
 
     @torch.no_grad()
-    def render(self, camera: Camera, c2w: np.ndarray, with_semantics: bool = True) -> dict:
+    def render(self, camera: Camera, c2w: np.ndarray, with_semantics: bool = True,
+               prefetch: list[str] | tuple[str, ...] = ()) -> dict:
         """One frame from the resident blocks: images plus ``blocks`` (a :class:`FrameBlocks`),
-        ``levels`` {block id: active levels} and ``timings`` (seconds)."""
+        ``levels`` {block id: active levels} and ``timings`` (seconds).  ``prefetch``: blocks the
+        camera will need soon, soonest first (:meth:`BlockCache.begin_frame`)."""
         t0 = time.perf_counter()
         c2w = np.asarray(c2w, dtype=np.float64)
         visible = self.visible_blocks(camera, c2w)
-        frame = self.cache.begin_frame(visible)
+        frame = self.cache.begin_frame(visible, prefetch)
         t1 = time.perf_counter()
         eye = c2w[:3, 3]
         cam = camera_vector(camera, c2w)
