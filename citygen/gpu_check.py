@@ -15,7 +15,7 @@ install         30 s   ``pip install --no-index`` of the wheel folder (``scripts
                        run ``citygen --help``
 build           150 s  ``python -m cuda_ext.build --require-cuda`` (TORCH_CUDA_ARCH_LIST=9.0):
                        hash grid + real-time renderer, CPU and CUDA builds, at once
-cuda_tests      45 s   pytest tests/test_cuda_ext.py tests/test_realtime.py (junit XML): hash grid
+cuda_tests      45 s   pytest tests/test_cuda_ext.py tests/test_realtime.py tests/test_narrow_band.py (junit XML): hash grid
                        fwd/bwd and in-place accumulation vs torch, real-time kernel vs reference
                        and vs the CPU build; fails when a CUDA test was skipped
 bench_encode    40 s   ``citygen bench encode --sweep-log2 18 19 20 21 22``: torch vs cuda_ext
@@ -334,7 +334,7 @@ def stage_cuda_tests(ctx: Context, log) -> dict[str, Any]:
     # every test of both files (the CPU parity tests too: the CUDA ones compare against that build);
     # the nvcc compile checks are left out: the build stage compiled the same files for sm_90
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_ext.py",
-           "tests/test_realtime.py", "-k", "not compile_with_nvcc and not compiles_with_nvcc",
+           "tests/test_realtime.py", "tests/test_narrow_band.py", "-k", "not compile_with_nvcc and not compiles_with_nvcc",
            f"--junitxml={xml}", "-o", "junit_family=xunit2"]
     proc = run(cmd, log, cwd=REPO, check=False)
     if not xml.is_file():
