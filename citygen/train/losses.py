@@ -17,4 +17,16 @@ def opacity_entropy(acc: Tensor) -> Tensor:
     return -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
 
 
-__all__ = ["ENTROPY_CLAMP", "opacity_entropy"]
+def sparse_depth_loss(depth: Tensor, target: Tensor, weight: Tensor, unit: float) -> Tensor:
+    """Weighted mean absolute z-depth error of rays through SfM keypoints, in units of ``unit``
+    metres (the block's height, like the dense depth loss): ``sum w |d - t| / (unit sum w)``.
+
+    DS-NeRF supervises such rays with a KL term on the ray's termination distribution and
+    depth-nerfacto offers it beside an L1/URF variant; on the rendered expected depth the L1 is
+    one line, needs no per-sample weights out of the renderer, and (with the distortion loss
+    keeping each ray's weight on one surface) gave the sharper DSM on caliterra (see drone.yaml).
+    """
+    return (weight * (depth - target).abs()).sum() / (weight.sum().clamp_min(1e-12) * unit)
+
+
+__all__ = ["ENTROPY_CLAMP", "opacity_entropy", "sparse_depth_loss"]

@@ -52,7 +52,7 @@ from ..store.field import build_field
 from .data import RayDataset, load_survey, scene_box, select_images
 from .error_map import ErrorMap
 from .evaluate import evaluate
-from .losses import opacity_entropy
+from .losses import opacity_entropy, sparse_depth_loss
 from .optim import make_optimizer
 from .schedule import lr_factor, refresh_occupancy
 
@@ -196,10 +196,17 @@ class BlockTrainer:
         factor = lr_factor(self.step, cfg.optim, cfg.steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
+        sparse = self.data.sparse_depth if cfg.optim.sparse_depth_weight > 0 else None
+        n_sparse = min(int(round(cfg.sparse_depth_fraction * cfg.rays_per_batch)), cfg.rays_per_batch) \
+            if sparse is not None else 0
+        n_rest = cfg.rays_per_batch - n_sparse
         if self.error_map is None:
-            pixels = self.data.uniform_pixels(cfg.rays_per_batch, self.generator)
+            pixels = self.data.uniform_pixels(n_rest, self.generator)
         else:
-            pixels = self.error_map.sample(cfg.rays_per_batch, cfg.error_sampling, self.generator)
+            pixels = self.error_map.sample(n_rest, cfg.error_sampling, self.generator)
+        if n_sparse:  # the keypoint rays go last: their depth targets line up with the batch's tail
+            keypoints = self.data.sparse_depth_draw(n_sparse, self.generator)
+            pixels = torch.cat([pixels, sparse.pixel[keypoints]])
         batch = self.data.batch(pixels)
         jitter = torch.rand(cfg.rays_per_batch, generator=self.generator, device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -226,6 +233,10 @@ class BlockTrainer:
                 d = F.l1_loss(out["depth"][known], batch.depth[known]) / float(self.aabb[1, 2] - self.aabb[0, 2])
                 loss = loss + cfg.optim.depth_weight * d
                 stats["loss_depth"] = float(d.detach())
+        if n_sparse:
+            d = sparse_depth_loss(out["depth"][n_rest:], sparse.depth[keypoints], sparse.weight[keypoints], self.height)
+            loss = loss + cfg.optim.sparse_depth_weight * d
+            stats["loss_sparse_depth"] = float(d.detach())
         if cfg.optim.entropy_weight > 0:
             loss = loss + cfg.optim.entropy_weight * opacity_entropy(out["acc"])
         if cfg.optim.distortion_weight > 0:
