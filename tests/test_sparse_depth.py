@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from survey_io import Camera, Georef, Survey, SurveyImage
-from survey_io.ingest import heldout_point_mask
-
 from citygen.config import choose_preset, load_config
 from citygen.partition.ground import BOX_POINT_MAX_ERROR_PX
 from citygen.train.data import load_sparse_depth
 from citygen.train.losses import sparse_depth_loss
+from survey_io import Camera, Georef, Survey, SurveyImage
+from survey_io.ingest import heldout_point_mask
 
 pycolmap = pytest.importorskip("pycolmap")
 

@@ -4,7 +4,8 @@ Two figures (issue 15):
 
 - **held-out points**: the SfM points ``citygen ingest`` held out of training
   (``points3D_heldout.npz``, a tenth of the model) against the DSM cell under each: median
-  absolute error, RMSE, and the share within 2 GSD (the DSM's cell size).  A point over a nodata
+  absolute error, RMSE, and the share within 2 GSD (the DSM's cell size; also within 2 image GSD,
+  the images' median nadir pixel footprint).  A point over a nodata
   cell counts as a miss in the share (the DSM failed there) and is counted apart.
 - **coverage**: the share of the cells that two or more survey cameras see (each cell centre at
   its DSM height, or at the median DSM height where the DSM has no data, projected into every
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.transform import rowcol
 
 from survey_io import Survey
 from survey_io.geotiff import read_geotiff
@@ -43,32 +45,34 @@ def dsm_survey_check(dsm_path: str | Path, survey: Survey) -> dict[str, Any]:
     gsd = abs(float(dsm.gsd))
     ox, oy = float(survey.georef.origin[0]), float(survey.georef.origin[1])
     h, w = z.shape
-    report: dict[str, Any] = {"gsd_m": gsd, "dsm": str(dsm_path)}
+    report: dict[str, Any] = {"gsd_m": gsd, "dsm": str(dsm_path), "image_gsd_m": None}
 
     points = load_heldout_points(survey)
     if points is not None and len(points["xyz"]):
         xyz = points["xyz"]
-        inv = ~dsm.transform
-        col, row = inv * (xyz[:, 0] + ox, xyz[:, 1] + oy)
-        col, row = np.floor(col).astype(np.int64), np.floor(row).astype(np.int64)
+        row, col = (np.asarray(a, np.int64) for a in rowcol(dsm.transform, xyz[:, 0] + ox, xyz[:, 1] + oy))
         inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
         on_data = np.zeros(len(xyz), bool)
         on_data[inside] = valid[row[inside], col[inside]]
         err = z[row[on_data], col[on_data]] - xyz[on_data, 2]
         stats = summarize_point_errors(err, np.full(len(err), gsd)) or {}
         n_inside = int(inside.sum())
+        # the images' own GSD: the median nadir pixel footprint (camera height over the points / focal)
+        image_gsd = float(np.median([(im.c2w[2, 3] - np.median(xyz[:, 2])) / survey.camera_of(im).fl_x
+                                     for im in survey.images]))
+        report["image_gsd_m"] = image_gsd
         stats.update(points_total=int(len(xyz)), points_in_raster=n_inside,
                      points_on_nodata=int(n_inside - on_data.sum()),
-                     share_within_2gsd=float(np.sum(np.abs(err) <= 2 * gsd) / max(n_inside, 1)))
+                     share_within_2gsd=float(np.sum(np.abs(err) <= 2 * gsd) / max(n_inside, 1)),
+                     share_within_2_image_gsd=float(np.sum(np.abs(err) <= 2 * image_gsd) / max(n_inside, 1)))
         report["heldout_points"] = stats
     else:
         report["heldout_points"] = None
 
     # coverage: cell centres in the local frame at their DSM height (median height where empty)
     fill = float(np.median(z[valid])) if valid.any() else 0.0
-    cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
-    x, y = dsm.transform * (cols.ravel(), rows.ravel())
-    pts = np.stack([np.asarray(x) - ox, np.asarray(y) - oy, np.where(valid, z, fill).ravel()], axis=-1)
+    x, y = dsm.cell_centers()
+    pts = np.stack([x.ravel() - ox, y.ravel() - oy, np.where(valid, z, fill).ravel()], axis=-1)
     views = np.zeros(len(pts), np.int32)
     for im in survey.images:
         cam = survey.camera_of(im)
