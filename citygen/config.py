@@ -97,6 +97,10 @@ class OptimConfig:
     #: weight of the sparse depth loss on rays through SfM keypoints (surveys with an SfM model in
     #: ``sparse/0``, e.g. from ``citygen ingest``; DS-NeRF-style; citygen.train.losses.sparse_depth_loss).
     sparse_depth_weight: float = 0.0
+    #: learning rate of a per-training-image affine colour transform (3x3 + offset, identity at the
+    #: start) applied to the rendered colour before the loss: exposure and white balance that vary
+    #: from image to image.  Held-out views render without it (identity).  0 = off.
+    lr_exposure: float = 0.0
     #: weight of the opacity entropy regulariser on the accumulation (pushes rays to 0 or 1).
     entropy_weight: float = 1e-3
     #: weight of the mip-NeRF 360 distortion loss (distances in units of the block's height):
@@ -181,6 +185,7 @@ RULES: dict[str, Range] = {
     "optim.semantic_weight": NON_NEGATIVE,
     "optim.depth_weight": NON_NEGATIVE,
     "optim.sparse_depth_weight": NON_NEGATIVE,
+    "optim.lr_exposure": NON_NEGATIVE,
     "optim.entropy_weight": NON_NEGATIVE,
     "optim.distortion_weight": NON_NEGATIVE,
     "steps": AT_LEAST_ONE,

@@ -113,6 +113,14 @@ class BlockTrainer:
         # in one buffer (cuda_ext; other backends ignore the flag)
         self.field.encoding.accumulate_grad_in_place = True
         self.optimizer = make_optimizer(self.field, cfg, self.device)
+        self.exposure = None
+        if cfg.optim.lr_exposure > 0:
+            # per-image colour = A rgb + b, starting at the identity; its own Adam group (no decay)
+            eye = torch.eye(3, 4, device=self.device)
+            self.exposure = torch.nn.Parameter(eye.repeat(len(images), 1, 1))
+            self.optimizer.add_param_group({"params": [self.exposure], "lr": cfg.optim.lr_exposure,
+                                            "initial_lr": cfg.optim.lr_exposure, "weight_decay": 0.0,
+                                            "name": "exposure", "sparse": False})
         if not 0 <= cfg.error_sampling <= 1 or cfg.error_map_cell < 1:
             raise CitygenError(None, f"error_sampling must be in [0, 1] and error_map_cell >= 1, got "
                                      f"{cfg.error_sampling} and {cfg.error_map_cell}")
@@ -156,6 +164,8 @@ class BlockTrainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if self.error_map is not None:
             tensors["error_map.error"] = self.error_map.error
+        if self.exposure is not None:
+            tensors["exposure.affine"] = self.exposure.detach()
         return save_checkpoint(self.checkpoint_dir, self.step, tensors, self.meta())
 
     def restore(self, path: Path) -> None:
@@ -178,6 +188,12 @@ class BlockTrainer:
                 self.error_map.load_state_dict({"error": tensors["error_map.error"]})
             except ValueError as err:
                 raise CitygenError(source, str(err)) from None
+        if self.exposure is not None:
+            if "exposure.affine" not in tensors or tensors["exposure.affine"].shape != self.exposure.shape:
+                raise CitygenError(source, "checkpoint has no per-image exposure of this shape: resume with the "
+                                           "run's own config")
+            with torch.no_grad():
+                self.exposure.copy_(tensors["exposure.affine"])
         _set_numpy_state(meta.get("numpy_rng"))
         self.step = int(meta["step"])
         self.seconds = float(meta.get("seconds", 0.0))
@@ -216,11 +232,15 @@ class BlockTrainer:
                               min_transmittance=cfg.render.min_transmittance,
                               with_semantics=batch.semantics is not None,
                               distortion_scale=1.0 / self.height if cfg.optim.distortion_weight > 0 else None)
-        ray_se = (out["rgb"] - batch.rgb).square().mean(dim=-1)
+        rgb = out["rgb"]
+        if self.exposure is not None:
+            a = self.exposure[batch.image_index]
+            rgb = torch.einsum("rij,rj->ri", a[:, :, :3], rgb.float()) + a[:, :, 3]
+        ray_se = (rgb - batch.rgb).square().mean(dim=-1)
         mse = ray_se.mean()
         if self.error_map is not None:
             self.error_map.update(pixels, ray_se)
-        loss_rgb = mse if cfg.optim.rgb_loss == "mse" else F.huber_loss(out["rgb"], batch.rgb, delta=0.1)
+        loss_rgb = mse if cfg.optim.rgb_loss == "mse" else F.huber_loss(rgb, batch.rgb, delta=0.1)
         loss = loss_rgb
         stats = {"loss_rgb": float(loss_rgb.detach())}
         if batch.semantics is not None and cfg.optim.semantic_weight > 0 and bool((batch.semantics != IGNORE_LABEL).any()):
