@@ -101,6 +101,9 @@ class OptimConfig:
     #: start) applied to the rendered colour before the loss: exposure and white balance that vary
     #: from image to image.  Held-out views render without it (identity).  0 = off.
     lr_exposure: float = 0.0
+    #: weight of the mean transparency (1 - opacity) of the rays (aerial surveys: every ray ends on
+    #: the ground, none on the background; citygen.train.losses.ground_opacity_loss).
+    ground_opacity_weight: float = 0.0
     #: weight of the opacity entropy regulariser on the accumulation (pushes rays to 0 or 1).
     entropy_weight: float = 1e-3
     #: weight of the mip-NeRF 360 distortion loss (distances in units of the block's height):
@@ -186,6 +189,7 @@ RULES: dict[str, Range] = {
     "optim.depth_weight": NON_NEGATIVE,
     "optim.sparse_depth_weight": NON_NEGATIVE,
     "optim.lr_exposure": NON_NEGATIVE,
+    "optim.ground_opacity_weight": NON_NEGATIVE,
     "optim.entropy_weight": NON_NEGATIVE,
     "optim.distortion_weight": NON_NEGATIVE,
     "steps": AT_LEAST_ONE,

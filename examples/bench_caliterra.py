@@ -44,7 +44,10 @@ def ingest_subset(src: Path, out: Path, n_images: int | None, threads: int) -> d
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in names:
-        (staging / name).symlink_to((src / "images" / name).resolve())
+        try:  # a hard link (symlinks may leave the dataset folder, which the reader refuses)
+            (staging / name).hardlink_to(src / "images" / name)
+        except OSError:
+            shutil.copy(src / "images" / name, staging / name)
     t0 = time.perf_counter()
     ingest(staging, out, IngestOptions(sfm=SfmOptions(num_threads=threads)))
     report = json.loads((out / "ingest_report.json").read_text())

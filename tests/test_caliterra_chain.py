@@ -61,7 +61,7 @@ def test_caliterra_chain_small(tmp_path):
 def test_survey_check_against_closed_form(tmp_path):
     """Two nadir pinhole cameras 100 m up see overlapping 80 m x 60 m squares of flat ground; a DSM
     at z = 0 with a nodata quarter, and held-out points with known offsets from it."""
-    georef = Georef("EPSG:32633", (500000.0, 4500000.0, 0.0))
+    georef = Georef("EPSG:32633", (500000.0, 4500000.0, 300.0))  # the DSM holds CRS heights: local + 300
     cam = Camera(800, 600, 1000.0, 1000.0, 400.0, 300.0, "PINHOLE")  # footprint 80 m x 60 m at 100 m
     images = []
     for x in (-20.0, 20.0):
@@ -71,7 +71,7 @@ def test_survey_check_against_closed_form(tmp_path):
         images.append(SurveyImage(f"{x}.jpg", 0, c2w))
     survey = Survey(tmp_path, [cam], images, georef)
     # a 1 m raster over x in [-100, 100), y in [-50, 50): both cameras see x in [-20, 20], y in [-30, 30]
-    z = np.zeros((100, 200), np.float32)
+    z = np.full((100, 200), 300.0, np.float32)
     z[:, 100:] = -9999.0  # x >= 0: no data
     from rasterio.transform import from_origin
 

@@ -42,6 +42,7 @@ def dsm_survey_check(dsm_path: str | Path, survey: Survey) -> dict[str, Any]:
         raise CitygenError(dsm_path, "a DSM must have one band")
     z = dsm.array.astype(np.float64)
     valid = np.isfinite(z) & ((z != dsm.nodata) if dsm.nodata is not None else True)
+    z = z - float(survey.georef.origin[2])  # heights in the CRS -> the local frame of the points and cameras
     gsd = abs(float(dsm.gsd))
     ox, oy = float(survey.georef.origin[0]), float(survey.georef.origin[1])
     h, w = z.shape

@@ -29,4 +29,14 @@ def sparse_depth_loss(depth: Tensor, target: Tensor, weight: Tensor, unit: float
     return (weight * (depth - target).abs()).sum() / (weight.sum().clamp_min(1e-12) * unit)
 
 
-__all__ = ["ENTROPY_CLAMP", "opacity_entropy", "sparse_depth_loss"]
+def ground_opacity_loss(acc: Tensor) -> Tensor:
+    """Mean transparency ``1 - acc`` of the rays: in an aerial survey every ray ends on the ground.
+
+    Without it the field's learned background (a colour per view direction) paints uniform ground
+    seen from above, and the DSM/orthophoto (straight-down rays, nodata below opacity 0.5) is holed
+    where it does (caliterra: two thirds of the ground two cameras see; see drone.yaml).
+    """
+    return (1.0 - acc).mean()
+
+
+__all__ = ["ENTROPY_CLAMP", "ground_opacity_loss", "opacity_entropy", "sparse_depth_loss"]

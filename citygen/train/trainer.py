@@ -52,7 +52,7 @@ from ..store.field import build_field
 from .data import RayDataset, load_survey, scene_box, select_images
 from .error_map import ErrorMap
 from .evaluate import evaluate
-from .losses import opacity_entropy, sparse_depth_loss
+from .losses import ground_opacity_loss, opacity_entropy, sparse_depth_loss
 from .optim import make_optimizer
 from .schedule import lr_factor, refresh_occupancy
 
@@ -257,6 +257,10 @@ class BlockTrainer:
             d = sparse_depth_loss(out["depth"][n_rest:], sparse.depth[keypoints], sparse.weight[keypoints], self.height)
             loss = loss + cfg.optim.sparse_depth_weight * d
             stats["loss_sparse_depth"] = float(d.detach())
+        if cfg.optim.ground_opacity_weight > 0:
+            clear = ground_opacity_loss(out["acc"])
+            loss = loss + cfg.optim.ground_opacity_weight * clear
+            stats["loss_ground_opacity"] = float(clear.detach())
         if cfg.optim.entropy_weight > 0:
             loss = loss + cfg.optim.entropy_weight * opacity_entropy(out["acc"])
         if cfg.optim.distortion_weight > 0:
