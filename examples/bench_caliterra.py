@@ -4,7 +4,7 @@ evaluation, with every figure in one JSON::
 
     python examples/bench_caliterra.py --work /tmp/cal-bench                 # the full run (~15 min)
     python examples/bench_caliterra.py --work /tmp/cal-bench --baseline tiny  # + the tiny preset, same steps
-    python examples/bench_caliterra.py --work /tmp/ci --images 10 --steps 100 --downscale 4 --export-gsd 1
+    python examples/bench_caliterra.py --work /tmp/ci --images 10 --ingest-max-size 600 --steps 100 --downscale 4 --export-gsd 1
 
 Figures (``WORK/bench_caliterra.json``): ingest (registered images, reprojection error, held-out
 views and points), training (preset and why, steps, seconds), held-out views (PSNR, SSIM, and the
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 CALITERRA = REPO / "tests" / "data" / "caliterra"
 
 
-def ingest_subset(src: Path, out: Path, n_images: int | None, threads: int) -> dict:
+def ingest_subset(src: Path, out: Path, n_images: int | None, threads: int, max_image_size: int = 1000) -> dict:
     """``citygen ingest`` of the first ``n_images`` JPEGs of ``src`` (all when None); reused when
     ``out`` already holds an ingest of the same selection."""
     from survey_io.ingest import IngestOptions, ingest
@@ -38,7 +38,8 @@ def ingest_subset(src: Path, out: Path, n_images: int | None, threads: int) -> d
 
     marker = out / "bench_ingest.json"
     names = sorted(p.name for p in (src / "images").glob("*.jpg"))[: n_images or None]
-    if marker.is_file() and json.loads(marker.read_text()).get("images") == names:
+    key = {"images": names, "max_image_size": max_image_size}
+    if marker.is_file() and all(json.loads(marker.read_text()).get(k) == v for k, v in key.items()):
         return json.loads((out / "ingest_report.json").read_text()) | {"reused": True}
     staging = out.parent / f"{out.name}_src"
     shutil.rmtree(staging, ignore_errors=True)
@@ -49,9 +50,9 @@ def ingest_subset(src: Path, out: Path, n_images: int | None, threads: int) -> d
         except OSError:
             shutil.copy(src / "images" / name, staging / name)
     t0 = time.perf_counter()
-    ingest(staging, out, IngestOptions(sfm=SfmOptions(num_threads=threads)))
+    ingest(staging, out, IngestOptions(sfm=SfmOptions(num_threads=threads, max_image_size=max_image_size)))
     report = json.loads((out / "ingest_report.json").read_text())
-    marker.write_text(json.dumps({"images": names, "seconds": time.perf_counter() - t0}))
+    marker.write_text(json.dumps({**key, "seconds": time.perf_counter() - t0}))
     return report
 
 
@@ -97,13 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
     ap.add_argument("--export-gsd", type=float, default=0.25, help="DSM / ortho cell size, metres")
     ap.add_argument("--ingest-threads", type=int, default=2, help="COLMAP threads")
+    ap.add_argument("--ingest-max-size", type=int, default=1000, help="long side (pixels) SfM features are extracted at")
     args = ap.parse_args(argv)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in {"steps": args.steps, "max_seconds": args.max_seconds, "downscale": args.downscale,
                                    "threads": args.threads}.items() if v is not None}
     t0 = time.perf_counter()
-    rep = ingest_subset(args.src, work / "survey", args.images, args.ingest_threads)
+    rep = ingest_subset(args.src, work / "survey", args.images, args.ingest_threads, args.ingest_max_size)
     figures = {"survey": str(args.src), "ingest": {
         "registered": rep.get("registered"), "total": rep.get("total"),
         "reprojection_error_px": (rep.get("sfm") or {}).get("mean_reprojection_error_px"),
