@@ -50,12 +50,17 @@ def test_caliterra_chain_small(tmp_path):
                         for im in survey.train_images]).mean(0) / 255
     assert run["heldout_views"]["psnr"] > psnr(mean.expand_as(gt), gt) + 1.0
     assert 0 < run["heldout_views"]["ssim"] <= 1
-    # the DSM against the held-out SfM points (never trained on): metres off, not tens of metres
+    # rendered depth and the DSM against the held-out SfM points (never trained on).  Measured on
+    # the 2-core box: 90 % of the view observations and 90 % of the points within 2 GSD (1 m DSM
+    # cells), DSM median 0.15 m; every cell two cameras see covered.  Before the ground opacity
+    # term the same run's DSM covered 34 % of that ground.
+    depth = run["heldout_views"]["depth_vs_heldout_points"]
+    assert depth["num_observations"] > 50 and depth["share_within_2gsd"] > 0.6
     dsm = run["export"]["dsm_vs_heldout_points"]
-    assert dsm["points_in_raster"] > 50 and dsm["median_abs_m"] < 3.0
-    assert 0 <= dsm["share_within_2gsd"] <= 1
+    assert dsm["points_in_raster"] > 100 and dsm["median_abs_m"] < 1.0 and dsm["share_within_2gsd"] > 0.7
+    assert dsm["points_on_nodata"] <= 0.05 * dsm["points_in_raster"]
     cov = run["export"]["coverage"]
-    assert cov["cells_seen_by_2_cameras"] > 1000 and 0.5 < cov["share"] <= 1.0
+    assert cov["cells_seen_by_2_cameras"] > 1000 and cov["share"] > 0.9
     assert (work / "export" / "dsm.tif").is_file() and (work / "export" / "ortho.tif").is_file()
 
 
