@@ -295,18 +295,16 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
     print_summary(report)
 
 
-def _chosen_preset(preset: str | None, data: Path) -> str:
+def _chosen_preset(preset: str | None, data: Path) -> tuple[str, str]:
     """``preset``, or the default for the survey at ``data`` (``citygen.config.choose_preset``: tiny
-    with depth maps, drone without); says on stderr which and why."""
-    import sys
-
+    with depth maps, drone without), and why (for the command's JSON summary: a line on stderr
+    before the run would break the one-line errors of bad input found later)."""
     from .config import choose_preset
     from .train.data import load_survey
 
     survey = load_survey(data)
     name, why = choose_preset(preset, bool(survey.images) and all(im.depth is not None for im in survey.images))
-    print(f"citygen: preset {name} ({why})", file=sys.stderr)
-    return str(name)
+    return str(name), why
 
 
 def train(data: Path, out: Path, preset: str | None = None, steps: int | None = None, resume: bool = False,
@@ -354,13 +352,13 @@ def train(data: Path, out: Path, preset: str | None = None, steps: int | None = 
         overrides[key.strip()] = value.strip()
     if no_eval:
         overrides["eval_at_end"] = False
-    preset = _chosen_preset(preset, data)
+    preset, why = _chosen_preset(preset, data)
     cfg = load_config(preset, overrides, TRAIN_FLAGS)
     _check_train_memory(cfg, memory_budget_gb)
     check_out_dir(out, "--out")
     result = train_block(cfg, data, out, resume=resume, progress=not no_progress,
                          lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
-    summary = {"out": str(result.out), "preset": cfg.preset, "checkpoint": str(result.checkpoint), "step": result.step,
+    summary = {"out": str(result.out), "preset": cfg.preset, "preset_reason": why, "checkpoint": str(result.checkpoint), "step": result.step,
                "train_seconds": round(result.seconds, 2), "box_source": result.box_source,
                "eval": result.eval["mean"] if result.eval else None,
                "heldout_points": result.eval.get("heldout_points") if result.eval else None}
@@ -403,12 +401,12 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
     check_values([("--max-parallel", max_parallel, AT_LEAST_ONE), ("--max-retries", max_retries, NON_NEGATIVE)])
     overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
                                        downscale=downscale).items() if v is not None}
-    preset = _chosen_preset(preset, data)
+    preset, why = _chosen_preset(preset, data)
     _check_train_memory(load_config(preset, overrides, TRAIN_FLAGS), memory_budget_gb)
     check_out_dir(tile, "TILE")
     result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,
                             ray_address=ray_address, max_retries=max_retries, blocks=blocks)
-    summary = {"tile": str(tile), "preset": preset, "ok": result.ok, "failed": result.failed,
+    summary = {"tile": str(tile), "preset": preset, "preset_reason": why, "ok": result.ok, "failed": result.failed,
                "blocks": {b: {"state": o.state, "attempts": o.attempts, "skipped": o.skipped, "error": o.error,
                               "step": (o.result or {}).get("step"),
                               "train_seconds": (o.result or {}).get("train_seconds")}

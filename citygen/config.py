@@ -307,8 +307,8 @@ def choose_preset(preset: str | Path | None, has_depth_maps: bool) -> tuple[str 
     if preset is not None:
         return preset, "given with --preset"
     if has_depth_maps:
-        return DEPTH_PRESET, "default for a survey with depth maps"
-    return DRONE_PRESET, "default for a survey without depth maps (real imagery)"
+        return DEPTH_PRESET, "the default for a survey with depth maps"
+    return DRONE_PRESET, "the default for a survey without depth maps (real imagery)"
 
 
 def _read_preset(preset: str | Path) -> tuple[str, str, str]:

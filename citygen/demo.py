@@ -37,7 +37,6 @@ from survey_io.atomic import atomic_path, atomic_write_json
 from survey_io.synthetic import PRESETS, make_survey
 
 from . import tile as tile_training  # looked up at call time (tests replace train_tile)
-from .config import choose_preset
 from .export.compare import compare_to_ground_truth
 from .export.run import ExportOptions, export_tile
 from .nets.lpips import load_lpips
@@ -140,9 +139,8 @@ def _train(tile: Path, data: Path, block_steps: int, seed: int, n_blocks: int, c
     # the learning-rate schedule always runs to its end and the result does not depend on speed
     overrides = {"steps": block_steps, "max_seconds": 0, "seed": seed, "checkpoint_every": 500}
     with _TrainProgress(tile, block_steps, n_blocks, console):
-        survey = load_survey(data)
-        preset, _why = choose_preset(None, all(im.depth is not None for im in survey.images))  # tiny: depth maps
-        result = tile_training.train_tile(tile, data, preset, executor="local", overrides=overrides)
+        # "tiny": what citygen.config.choose_preset picks for the synthetic survey (it has depth maps)
+        result = tile_training.train_tile(tile, data, "tiny", executor="local", overrides=overrides)
     result.raise_for_failures()
     return {block_id: {"state": o.state, "attempts": o.attempts,
                        **({"step": o.result.get("step"), "seconds": o.result.get("train_seconds")} if o.result else {})}

@@ -309,6 +309,8 @@ def test_cli_train_and_bad_input(box_survey, tmp_path, capsys):
                        "--rays-per-batch", "64", "--no-eval", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 2 and Path(summary["checkpoint"]).exists()
+    # no --preset: the box survey has depth maps, so the default rule picks tiny and says why
+    assert summary["preset"] == "tiny" and "with depth maps" in summary["preset_reason"]
     assert entrypoint(["train", "--data", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     assert "missing.json" in capsys.readouterr().err
 
