@@ -10,7 +10,7 @@ import torch
 from citygen.config import choose_preset, load_config
 from citygen.partition.ground import BOX_POINT_MAX_ERROR_PX
 from citygen.train.data import load_sparse_depth
-from citygen.train.losses import sparse_depth_loss
+from citygen.train.losses import ground_opacity_loss, sparse_depth_loss
 from survey_io import Camera, Georef, Survey, SurveyImage
 from survey_io.ingest import heldout_point_mask
 
@@ -122,6 +122,10 @@ def test_sparse_depth_loss_closed_form():
     g = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     sparse_depth_loss(g, t, w, 2.0).backward()
     assert g.grad.tolist() == pytest.approx([0.0, -2 / 7, 0.5 / 7])  # sign(d - t) w / (sum w * unit); sign(0) = 0
+
+
+def test_ground_opacity_loss_closed_form():
+    assert float(ground_opacity_loss(torch.tensor([1.0, 0.5, 0.0, 0.9]))) == pytest.approx((0 + 0.5 + 1 + 0.1) / 4)
 
 
 def test_default_preset_rule():
