@@ -367,7 +367,19 @@ def _parse_overrides(override: tuple[str, ...]) -> dict[str, str]:
     return overrides
 
 
-def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None, resume: bool = False,
+def _chosen_preset(preset: str | None, data: Path) -> tuple[str, str]:
+    """``preset``, or the default for the survey at ``data`` (``citygen.config.choose_preset``: tiny
+    with depth maps, drone without), and why (for the command's JSON summary: a line on stderr
+    before the run would break the one-line errors of bad input found later)."""
+    from .config import choose_preset
+    from .train.data import load_survey
+
+    survey = load_survey(data)
+    name, why = choose_preset(preset, bool(survey.images) and all(im.depth is not None for im in survey.images))
+    return str(name), why
+
+
+def train(data: Path, out: Path, preset: str | None = None, steps: int | None = None, resume: bool = False,
           rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
           downscale: int | None = None, seed: int | None = None, max_seconds: float | None = None,
           override: tuple[str, ...] = (), no_eval: bool = False, no_progress: bool = False,
@@ -378,7 +390,8 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
     Args:
         data: the survey's transforms.json (or its folder).
         out: run folder.
-        preset: config preset (tiny, block, city-100km2; shipped in citygen/configs/) or a YAML file.
+        preset: config preset (tiny, drone, block, city-100km2; shipped in citygen/configs/) or a YAML
+            file (default: tiny when every image has a depth map, else drone).
         steps: training steps (overrides the preset).
         resume: continue exactly from the newest checkpoint in OUT.
         rays_per_batch: rays per step (overrides the preset).
@@ -407,19 +420,20 @@ def train(data: Path, out: Path, preset: str = "tiny", steps: int | None = None,
     overrides.update(_parse_overrides(override))
     if no_eval:
         overrides["eval_at_end"] = False
+    preset, why = _chosen_preset(preset, data)
     cfg = load_config(preset, overrides, TRAIN_FLAGS)
     _check_train_memory(cfg, memory_budget_gb)
     check_out_dir(out, "--out")
     result = train_block(cfg, data, out, resume=resume, progress=not no_progress,
                          lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
-    summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "step": result.step,
+    summary = {"out": str(result.out), "preset": cfg.preset, "preset_reason": why, "checkpoint": str(result.checkpoint), "step": result.step,
                "train_seconds": round(result.seconds, 2), "box_source": result.box_source,
                "eval": result.eval["mean"] if result.eval else None,
                "heldout_points": result.eval.get("heldout_points") if result.eval else None}
     print(json.dumps(summary, indent=2))
 
 
-def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny",
+def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None = None,
                executor: Literal["local", "ray"] = "local", ray_address: str | None = None,
                max_parallel: int | None = None, max_retries: int = 2, steps: int | None = None,
                rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
@@ -432,7 +446,8 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
     Args:
         tile: the tile folder holding plan.json.
         data: the survey's transforms.json the tile was planned on.
-        preset: training config preset (tiny, block, city-100km2; shipped in citygen/configs/) or a YAML file.
+        preset: training config preset (tiny, drone, block, city-100km2; shipped in citygen/configs/) or a
+            YAML file (default: tiny when every image has a depth map, else drone).
         executor: local (worker processes on this machine) or ray (a Ray cluster).
         ray_address: Ray cluster to join (default: start a local Ray instance).
         max_parallel: local executor: blocks at once (default: one per GPU, 1 on CPU).
@@ -456,11 +471,12 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str = "tiny
     overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
                                        downscale=downscale).items() if v is not None}
     overrides.update(_parse_overrides(override))
+    preset, why = _chosen_preset(preset, data)
     _check_train_memory(load_config(preset, overrides, TRAIN_FLAGS), memory_budget_gb)
     check_out_dir(tile, "TILE")
     result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,
                             ray_address=ray_address, max_retries=max_retries, blocks=blocks)
-    summary = {"tile": str(tile), "ok": result.ok, "failed": result.failed,
+    summary = {"tile": str(tile), "preset": preset, "preset_reason": why, "ok": result.ok, "failed": result.failed,
                "blocks": {b: {"state": o.state, "attempts": o.attempts, "skipped": o.skipped, "error": o.error,
                               "step": (o.result or {}).get("step"),
                               "train_seconds": (o.result or {}).get("train_seconds")}
@@ -604,7 +620,7 @@ def export(tile: tyro.conf.Positional[Path], out: Path, what: str = "ortho,dsm,s
     manifest = export_tile(tile, out, options, bounds_crs=bounds, device=device, memory_budget_bytes=budget.bytes,
                            memory_budget_source=budget.source)
     print(json.dumps({"out": str(out), "files": manifest["files"], "counts": manifest["counts"],
-                      "timings_s": manifest["timings_s"]}, indent=2))
+                      "timings_s": manifest["timings_s"], "survey_check": manifest.get("survey_check")}, indent=2))
 
 
 def edit(tile: tyro.conf.Positional[Path],

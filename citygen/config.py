@@ -94,6 +94,16 @@ class OptimConfig:
     semantic_weight: float = 0.04
     #: weight of depth supervision (off by default: real surveys have no depth).
     depth_weight: float = 0.0
+    #: weight of the sparse depth loss on rays through SfM keypoints (surveys with an SfM model in
+    #: ``sparse/0``, e.g. from ``citygen ingest``; DS-NeRF-style; citygen.train.losses.sparse_depth_loss).
+    sparse_depth_weight: float = 0.0
+    #: learning rate of a per-training-image affine colour transform (3x3 + offset, identity at the
+    #: start) applied to the rendered colour before the loss: exposure and white balance that vary
+    #: from image to image.  Held-out views render without it (identity).  0 = off.
+    lr_exposure: float = 0.0
+    #: weight of the mean transparency (1 - opacity) of the rays (aerial surveys: every ray ends on
+    #: the ground, none on the background; citygen.train.losses.ground_opacity_loss).
+    ground_opacity_weight: float = 0.0
     #: weight of the opacity entropy regulariser on the accumulation (pushes rays to 0 or 1).
     entropy_weight: float = 1e-3
     #: weight of the mip-NeRF 360 distortion loss (distances in units of the block's height):
@@ -134,6 +144,9 @@ class TrainConfig:
     #: fraction of each batch drawn in proportion to a per-image error map (instant-ngp;
     #: citygen.train.error_map), the rest uniformly over all pixels; 0 = uniform only.
     error_sampling: float = 0.0
+    #: fraction of each batch drawn from pixels holding an SfM keypoint (sparse depth targets), when
+    #: ``optim.sparse_depth_weight`` > 0 and the survey has an SfM model.
+    sparse_depth_fraction: float = 0.0
     #: error-map cell size in pixels.
     error_map_cell: int = 8
     #: AABB margin added around the derived scene bounds, as a fraction of their size.
@@ -174,6 +187,9 @@ RULES: dict[str, Range] = {
     "optim.final_lr_fraction": Range(0, 1, lo_open=True),
     "optim.semantic_weight": NON_NEGATIVE,
     "optim.depth_weight": NON_NEGATIVE,
+    "optim.sparse_depth_weight": NON_NEGATIVE,
+    "optim.lr_exposure": NON_NEGATIVE,
+    "optim.ground_opacity_weight": NON_NEGATIVE,
     "optim.entropy_weight": NON_NEGATIVE,
     "optim.distortion_weight": NON_NEGATIVE,
     "steps": AT_LEAST_ONE,
@@ -185,6 +201,7 @@ RULES: dict[str, Range] = {
     "max_seconds": NON_NEGATIVE,
     "downscale": AT_LEAST_ONE,
     "error_sampling": UNIT,
+    "sparse_depth_fraction": UNIT,
     "error_map_cell": AT_LEAST_ONE,
     "aabb_margin": NON_NEGATIVE,
 }
@@ -276,6 +293,22 @@ def from_dict(d: dict[str, Any], where: str = "config") -> TrainConfig:
 def preset_names() -> list[str]:
     """Names of the shipped presets."""
     return sorted(p.name[:-len(".yaml")] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+
+#: the preset a survey with depth maps (the synthetic city) trains with when none is given ...
+DEPTH_PRESET = "tiny"
+#: ... and the one for real drone and aerial surveys (no depth maps: SfM points, exposure, sharp surfaces).
+DRONE_PRESET = "drone"
+
+
+def choose_preset(preset: str | Path | None, has_depth_maps: bool) -> tuple[str | Path, str]:
+    """The preset to train with, and why: a given ``preset`` always wins; otherwise ``tiny`` for a
+    survey whose images all have depth maps and ``drone`` for one without (real imagery)."""
+    if preset is not None:
+        return preset, "given with --preset"
+    if has_depth_maps:
+        return DEPTH_PRESET, "the default for a survey with depth maps"
+    return DRONE_PRESET, "the default for a survey without depth maps (real imagery)"
 
 
 def _read_preset(preset: str | Path) -> tuple[str, str, str]:

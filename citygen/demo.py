@@ -139,6 +139,7 @@ def _train(tile: Path, data: Path, block_steps: int, seed: int, n_blocks: int, c
     # the learning-rate schedule always runs to its end and the result does not depend on speed
     overrides = {"steps": block_steps, "max_seconds": 0, "seed": seed, "checkpoint_every": 500}
     with _TrainProgress(tile, block_steps, n_blocks, console):
+        # "tiny": what citygen.config.choose_preset picks for the synthetic survey (it has depth maps)
         result = tile_training.train_tile(tile, data, "tiny", executor="local", overrides=overrides)
     result.raise_for_failures()
     return {block_id: {"state": o.state, "attempts": o.attempts,

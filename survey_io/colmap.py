@@ -334,7 +334,26 @@ def read_colmap_point_table(model_dir: str | Path) -> dict[str, np.ndarray]:
     ``xyz`` float64 (N, 3) in the model frame, ``rgb`` uint8 (N, 3), ``error_px`` float64 (N,)
     (mean reprojection error; -1 where the model has none) and ``track_length`` int64 (N,)
     (views that observe the point; 0 for points written without a track)."""
+    return _point_table(_load_reconstruction(Path(model_dir)))
+
+
+def read_colmap_observations(model_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """:func:`read_colmap_point_table`'s table, and each registered image's observations of those
+    points: image name -> (point ids int64 (K,), keypoint positions xy float64 (K, 2), COLMAP's
+    pixel convention: the image's top-left corner is (0, 0)).  Keypoints without a 3D point are
+    left out."""
     rec = _load_reconstruction(Path(model_dir))
+    obs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for image_id in rec.reg_image_ids():
+        image = rec.images[image_id]
+        pairs = [(p.point3D_id, p.xy) for p in image.points2D if p.has_point3D()]
+        ids = np.array([i for i, _ in pairs], dtype=np.int64)
+        xy = np.array([xy for _, xy in pairs], dtype=np.float64).reshape(-1, 2)
+        obs[image.name] = (ids, xy)
+    return _point_table(rec), obs
+
+
+def _point_table(rec) -> dict[str, np.ndarray]:
     ids = sorted(rec.points3D)
     pts = [rec.points3D[i] for i in ids]
     return {

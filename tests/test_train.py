@@ -141,9 +141,9 @@ def _tiny_cfg(steps: int, **extra) -> TrainConfig:
                                 "eval_at_end": False, "threads": 1})
 
 
-@pytest.mark.parametrize("error_sampling", [0.0, 0.5])
-def test_resume_continues_exactly(box_survey, tmp_path, error_sampling):
-    cfg = lambda steps: _tiny_cfg(steps, error_sampling=error_sampling)  # noqa: E731
+@pytest.mark.parametrize("error_sampling, exposure", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.01)])
+def test_resume_continues_exactly(box_survey, tmp_path, error_sampling, exposure):
+    cfg = lambda steps: _tiny_cfg(steps, error_sampling=error_sampling, **{"optim.lr_exposure": exposure})  # noqa: E731
     straight = train_block(cfg(12), box_survey, tmp_path / "straight", progress=False)
     train_block(cfg(6), box_survey, tmp_path / "split", progress=False)
     resumed = train_block(cfg(12), box_survey, tmp_path / "split", resume=True, progress=False)
@@ -152,6 +152,9 @@ def test_resume_continues_exactly(box_survey, tmp_path, error_sampling):
     b, _ = load_checkpoint(resumed.checkpoint)
     assert a.keys() == b.keys()
     assert ("error_map.error" in a) == (error_sampling > 0)
+    assert ("exposure.affine" in a) == (exposure > 0)
+    if exposure:  # the per-image colour transforms moved off the identity they start at
+        assert not torch.allclose(a["exposure.affine"], torch.eye(3, 4).expand_as(a["exposure.affine"]))
     for name in a:
         if name.startswith("rng."):
             continue
@@ -255,7 +258,7 @@ def test_psnr_and_semantic_scores():
 
 
 # -- config and CLI ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["tiny", "block", "city-100km2"])
+@pytest.mark.parametrize("preset", ["tiny", "drone", "block", "city-100km2"])
 def test_presets_load_and_round_trip(preset):
     cfg = load_config(preset)
     assert cfg.preset == preset
@@ -270,12 +273,12 @@ def test_presets_are_package_data():
     import citygen
     from citygen.config import preset_names
 
-    assert preset_names() == ["block", "city-100km2", "gpu", "tiny"]
+    assert preset_names() == ["block", "city-100km2", "drone", "gpu", "tiny"]
     folder = Path(citygen.__file__).parent / "configs"
-    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["block", "city-100km2", "gpu", "tiny"]
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == ["block", "city-100km2", "drone", "gpu", "tiny"]
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
     assert re.search(r'"citygen":\s*\["configs/\*\.yaml"\]', setup)
-    with pytest.raises(CitygenError, match="no such preset.*block, city-100km2, gpu, tiny"):
+    with pytest.raises(CitygenError, match="no such preset.*block, city-100km2, drone, gpu, tiny"):
         load_config("configs/tiny")  # the old top-level folder is no preset
 
 
@@ -306,6 +309,8 @@ def test_cli_train_and_bad_input(box_survey, tmp_path, capsys):
                        "--rays-per-batch", "64", "--no-eval", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 2 and Path(summary["checkpoint"]).exists()
+    # no --preset: the box survey has depth maps, so the default rule picks tiny and says why
+    assert summary["preset"] == "tiny" and "with depth maps" in summary["preset_reason"]
     assert entrypoint(["train", "--data", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     assert "missing.json" in capsys.readouterr().err
 

@@ -31,8 +31,10 @@ from survey_io.geotiff import COG_CACHE_MB, STAGE_BLOCK
 from ..checks import format_bytes, largest_fitting, memory_budget, nice_up
 from ..errors import CitygenError
 from ..extras import require_open3d
-from ..store.layout import read_plan, read_tile_config
+from ..store.checkpoint import read_sidecar
+from ..store.layout import block_checkpoint, discover, read_plan, read_tile_config, trained_survey
 from ..tile import open_tile
+from ..train.data import load_survey
 from .cameras import export_cameras
 from .mesh import TSDF_MAX_BLOCKS, heightfield_mesh, tsdf_mesh, write_mesh
 from .ply import ply_vertex_writer
@@ -59,6 +61,7 @@ from .raster import (
     tile_rect,
 )
 from .source import DEFAULT_CHUNK, RaySource, check_source
+from .survey_check import dsm_survey_check
 from .views import aerial_views
 
 #: Everything ``citygen export --what`` knows, in the order it is produced.
@@ -490,5 +493,23 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
                             memory_budget_bytes=memory_budget_bytes, memory_budget_source=memory_budget_source)
     if renderer.missing_blocks:
         manifest["missing_blocks"] = list(renderer.missing_blocks)
+    data = survey or trained_survey(tile_dir) or _checkpoint_survey(tile_dir)
+    if "dsm" in options.what and data is not None:
+        # real surveys have no ground-truth DSM: check it against the survey's held-out SfM points
+        # and the ground its cameras see (citygen.export.survey_check)
+        manifest["survey_check"] = dsm_survey_check(Path(out) / "dsm.tif", load_survey(data))
+    if renderer.missing_blocks or "survey_check" in manifest:
         atomic_write_json(Path(out) / "export.json", manifest)
     return manifest
+
+
+def _checkpoint_survey(tile_dir: Path) -> Path | None:
+    """The survey a single run (``citygen train OUT``) was trained on, from its checkpoint sidecar."""
+    for run_dir in discover(tile_dir).trained.values():
+        try:
+            root = read_sidecar(block_checkpoint(run_dir)).get("survey_root")
+        except CitygenError:
+            continue
+        if root and (Path(root) / "transforms.json").is_file():
+            return Path(root) / "transforms.json"
+    return None

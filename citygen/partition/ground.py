@@ -292,11 +292,19 @@ def load_box_points(survey_root: str | Path) -> np.ndarray | None:
     if not folder.is_dir():
         return None
     table = read_colmap_point_table(folder)
+    return table["xyz"][trusted_point_mask(table)]
+
+
+def trusted_point_mask(table: dict[str, np.ndarray]) -> np.ndarray:
+    """The points of a COLMAP point table (:func:`survey_io.colmap.read_colmap_point_table`) that
+    training may use: not in the evaluation tenth, finite, reprojection error at most
+    ``BOX_POINT_MAX_ERROR_PX`` and seen by at least ``BOX_POINT_MIN_TRACK`` views (where recorded).
+    Field boxes (:func:`load_box_points`) and sparse depth supervision both use this rule."""
     err, track = table["error_px"], table["track_length"]
     keep = ~heldout_point_mask(table["id"]) & np.all(np.isfinite(table["xyz"]), axis=1)
     keep &= ~(err > BOX_POINT_MAX_ERROR_PX)  # -1: no error recorded
     keep &= ~((track > 0) & (track < BOX_POINT_MIN_TRACK))
-    return table["xyz"][keep]
+    return keep
 
 
 def load_depth(path: Path) -> np.ndarray:

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from survey_io import IGNORE_LABEL, Survey, SurveyImage, read_transforms
+from survey_io.colmap import read_colmap_observations
 
 from ..cameras import CameraSet, pixel_directions, unproject
 from ..errors import CitygenError
 from ..images import load_depth, load_labels, load_rgb
-from ..partition.ground import load_box_points
+from ..partition.ground import SPARSE_MODEL, load_box_points, trusted_point_mask
 
 #: the field's top stays this far below the lowest camera training the block (metres).
 CAMERA_CLEARANCE_M = 2.0
@@ -60,6 +61,70 @@ class RayBatch:
     image_index: Tensor  # (R,) long
     semantics: Tensor | None = None  # (R,) long, 255 = ignore
     depth: Tensor | None = None      # (R,) metres, 0 = unknown
+
+
+@dataclass
+class SparseDepth:
+    """SfM keypoints of the training images as sparse depth targets (DS-NeRF's supervision).
+
+    ``pixel`` indexes the dataset's flat pixel buffer (the pixel holding the keypoint), ``depth`` is
+    the point's z-depth in that camera (metres) and ``weight`` DS-NeRF's confidence from the
+    point's mean reprojection error ``e``: ``2 exp(-(e / mean e)^2)``.
+    """
+
+    pixel: Tensor   # (K,) long
+    depth: Tensor   # (K,) float32 metres
+    weight: Tensor  # (K,) float32
+
+    def __len__(self) -> int:
+        return int(self.pixel.numel())
+
+
+def load_sparse_depth(survey: Survey, images: list[SurveyImage], cameras: list, offsets: Tensor,
+                      downscale: int = 1) -> SparseDepth | None:
+    """The :class:`SparseDepth` of ``images`` from the survey's SfM model (``sparse/0`` beside
+    ``transforms.json``, written by ``citygen ingest``), or None without one.
+
+    Each image's keypoints with a trusted 3D point (:func:`citygen.partition.ground.trusted_point_mask`:
+    the evaluation tenth, weak and short-track points left out) become targets: the pixel under the
+    keypoint at the training downscale (``cameras`` are the downscaled cameras, ``offsets`` the
+    dataset's flat-buffer offsets per image) and the point's z-depth along the image's optical axis.
+    Points behind the camera or outside the image are dropped.
+    """
+    folder = Path(survey.root) / SPARSE_MODEL
+    if not folder.is_dir():
+        return None
+    table, observations = read_colmap_observations(folder)
+    keep = trusted_point_mask(table)
+    row_of = {int(i): k for k, i in enumerate(table["id"])}
+    used_err = table["error_px"][keep]
+    used_err = used_err[used_err >= 0]
+    mean_err = float(used_err.mean()) if len(used_err) else 0.0
+    pixels, depths, weights = [], [], []
+    for k, (im, cam) in enumerate(zip(images, cameras)):
+        ids, xy = observations.get(Path(im.name).name, observations.get(im.name, (np.zeros(0, np.int64), None)))
+        if len(ids) == 0:
+            continue
+        rows = np.array([row_of.get(int(i), -1) for i in ids])
+        ok = rows >= 0
+        ok[ok] = keep[rows[ok]]
+        rows, xy = rows[ok], xy[ok]
+        c2w = np.asarray(im.c2w, dtype=np.float64)
+        z = (table["xyz"][rows] - c2w[:3, 3]) @ c2w[:3, 2]
+        col = np.floor(xy[:, 0] / downscale).astype(np.int64)
+        row = np.floor(xy[:, 1] / downscale).astype(np.int64)
+        ok = (z > 0) & (col >= 0) & (col < cam.width) & (row >= 0) & (row < cam.height)
+        err = table["error_px"][rows[ok]]
+        w = np.where((err >= 0) & (mean_err > 0), 2.0 * np.exp(-np.square(err / max(mean_err, 1e-12))), 1.0)
+        pixels.append(int(offsets[k]) + row[ok] * cam.width + col[ok])
+        depths.append(z[ok])
+        weights.append(w)
+    if not pixels or sum(len(p) for p in pixels) == 0:
+        return None
+    device = offsets.device
+    return SparseDepth(pixel=torch.from_numpy(np.concatenate(pixels)).to(device),
+                       depth=torch.from_numpy(np.concatenate(depths)).float().to(device),
+                       weight=torch.from_numpy(np.concatenate(weights)).float().to(device))
 
 
 class RayDataset:
@@ -105,6 +170,8 @@ class RayDataset:
             self.camera_set = CameraSet(self.cameras, self.c2w.cpu().numpy(), device=self.device)
         except CitygenError as err:
             raise CitygenError(survey.root, err.reason) from None
+        # SfM keypoints as sparse depth targets (surveys ingested with an SfM model)
+        self.sparse_depth = load_sparse_depth(survey, images, self.cameras, self.offsets, downscale)
 
     @property
     def camera_positions(self) -> Tensor:
@@ -113,6 +180,10 @@ class RayDataset:
     def uniform_pixels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` flat pixel indices drawn uniformly over all training pixels (for :meth:`batch`)."""
         return torch.randint(0, self.n_pixels, (n,), generator=generator, device=self.device)
+
+    def sparse_depth_draw(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` indices into :attr:`sparse_depth` drawn uniformly (with replacement)."""
+        return torch.randint(0, len(self.sparse_depth), (n,), generator=generator, device=self.device)
 
     def batch(self, idx: Tensor) -> RayBatch:
         """The rays and targets of flat pixel indices ``idx``."""
@@ -238,5 +309,5 @@ def _pad(lo: np.ndarray, hi: np.ndarray, margin: float) -> np.ndarray:
     return np.stack([lo - margin * size, hi + margin * size]).astype(np.float64)
 
 
-__all__ = ["IGNORE_LABEL", "RayBatch", "RayDataset", "load_depth", "load_labels", "load_rgb", "load_survey",
+__all__ = ["IGNORE_LABEL", "RayBatch", "RayDataset", "SparseDepth", "load_sparse_depth", "load_depth", "load_labels", "load_rgb", "load_survey",
            "scene_aabb", "scene_box", "select_images"]

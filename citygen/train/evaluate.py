@@ -70,7 +70,7 @@ def summarize_point_errors(err: np.ndarray, gsd: np.ndarray) -> dict[str, Any] |
             "rmse_m": float(np.sqrt(np.mean(a**2))), "share_within_2gsd": float(np.mean(a <= 2 * gsd))}
 
 
-def _load_heldout_points(survey: Survey) -> dict[str, Any] | None:
+def load_heldout_points(survey: Survey) -> dict[str, Any] | None:
     path = Path(survey.root) / HELDOUT_POINTS_FILE
     if not path.is_file():
         return None
@@ -107,7 +107,7 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
     survey.check_image_files(views)  # ground truth of the wrong size would be resized, not refused
     n_classes = len(meta["classes"])
     conf_total = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    points = _load_heldout_points(survey)
+    points = load_heldout_points(survey)
     point_err, point_gsd = [], []
     rows = []
     for im in views:

@@ -52,7 +52,7 @@ from ..store.field import build_field
 from .data import RayDataset, load_survey, scene_box, select_images
 from .error_map import ErrorMap
 from .evaluate import evaluate
-from .losses import opacity_entropy
+from .losses import ground_opacity_loss, opacity_entropy, sparse_depth_loss
 from .optim import make_optimizer
 from .schedule import lr_factor, refresh_occupancy
 
@@ -113,6 +113,14 @@ class BlockTrainer:
         # in one buffer (cuda_ext; other backends ignore the flag)
         self.field.encoding.accumulate_grad_in_place = True
         self.optimizer = make_optimizer(self.field, cfg, self.device)
+        self.exposure = None
+        if cfg.optim.lr_exposure > 0:
+            # per-image colour = A rgb + b, starting at the identity; its own Adam group (no decay)
+            eye = torch.eye(3, 4, device=self.device)
+            self.exposure = torch.nn.Parameter(eye.repeat(len(images), 1, 1))
+            self.optimizer.add_param_group({"params": [self.exposure], "lr": cfg.optim.lr_exposure,
+                                            "initial_lr": cfg.optim.lr_exposure, "weight_decay": 0.0,
+                                            "name": "exposure", "sparse": False})
         if not 0 <= cfg.error_sampling <= 1 or cfg.error_map_cell < 1:
             raise CitygenError(None, f"error_sampling must be in [0, 1] and error_map_cell >= 1, got "
                                      f"{cfg.error_sampling} and {cfg.error_map_cell}")
@@ -156,6 +164,8 @@ class BlockTrainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if self.error_map is not None:
             tensors["error_map.error"] = self.error_map.error
+        if self.exposure is not None:
+            tensors["exposure.affine"] = self.exposure.detach()
         return save_checkpoint(self.checkpoint_dir, self.step, tensors, self.meta())
 
     def restore(self, path: Path) -> None:
@@ -178,6 +188,12 @@ class BlockTrainer:
                 self.error_map.load_state_dict({"error": tensors["error_map.error"]})
             except ValueError as err:
                 raise CitygenError(source, str(err)) from None
+        if self.exposure is not None:
+            if "exposure.affine" not in tensors or tensors["exposure.affine"].shape != self.exposure.shape:
+                raise CitygenError(source, "checkpoint has no per-image exposure of this shape: resume with the "
+                                           "run's own config")
+            with torch.no_grad():
+                self.exposure.copy_(tensors["exposure.affine"])
         _set_numpy_state(meta.get("numpy_rng"))
         self.step = int(meta["step"])
         self.seconds = float(meta.get("seconds", 0.0))
@@ -196,10 +212,17 @@ class BlockTrainer:
         factor = lr_factor(self.step, cfg.optim, cfg.steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
+        sparse = self.data.sparse_depth if cfg.optim.sparse_depth_weight > 0 else None
+        n_sparse = min(int(round(cfg.sparse_depth_fraction * cfg.rays_per_batch)), cfg.rays_per_batch) \
+            if sparse is not None else 0
+        n_rest = cfg.rays_per_batch - n_sparse
         if self.error_map is None:
-            pixels = self.data.uniform_pixels(cfg.rays_per_batch, self.generator)
+            pixels = self.data.uniform_pixels(n_rest, self.generator)
         else:
-            pixels = self.error_map.sample(cfg.rays_per_batch, cfg.error_sampling, self.generator)
+            pixels = self.error_map.sample(n_rest, cfg.error_sampling, self.generator)
+        if n_sparse:  # the keypoint rays go last: their depth targets line up with the batch's tail
+            keypoints = self.data.sparse_depth_draw(n_sparse, self.generator)
+            pixels = torch.cat([pixels, sparse.pixel[keypoints]])
         batch = self.data.batch(pixels)
         jitter = torch.rand(cfg.rays_per_batch, generator=self.generator, device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -209,11 +232,15 @@ class BlockTrainer:
                               min_transmittance=cfg.render.min_transmittance,
                               with_semantics=batch.semantics is not None,
                               distortion_scale=1.0 / self.height if cfg.optim.distortion_weight > 0 else None)
-        ray_se = (out["rgb"] - batch.rgb).square().mean(dim=-1)
+        rgb = out["rgb"]
+        if self.exposure is not None:
+            a = self.exposure[batch.image_index]
+            rgb = torch.einsum("rij,rj->ri", a[:, :, :3], rgb.float()) + a[:, :, 3]
+        ray_se = (rgb - batch.rgb).square().mean(dim=-1)
         mse = ray_se.mean()
         if self.error_map is not None:
             self.error_map.update(pixels, ray_se)
-        loss_rgb = mse if cfg.optim.rgb_loss == "mse" else F.huber_loss(out["rgb"], batch.rgb, delta=0.1)
+        loss_rgb = mse if cfg.optim.rgb_loss == "mse" else F.huber_loss(rgb, batch.rgb, delta=0.1)
         loss = loss_rgb
         stats = {"loss_rgb": float(loss_rgb.detach())}
         if batch.semantics is not None and cfg.optim.semantic_weight > 0 and bool((batch.semantics != IGNORE_LABEL).any()):
@@ -226,6 +253,14 @@ class BlockTrainer:
                 d = F.l1_loss(out["depth"][known], batch.depth[known]) / float(self.aabb[1, 2] - self.aabb[0, 2])
                 loss = loss + cfg.optim.depth_weight * d
                 stats["loss_depth"] = float(d.detach())
+        if n_sparse:
+            d = sparse_depth_loss(out["depth"][n_rest:], sparse.depth[keypoints], sparse.weight[keypoints], self.height)
+            loss = loss + cfg.optim.sparse_depth_weight * d
+            stats["loss_sparse_depth"] = float(d.detach())
+        if cfg.optim.ground_opacity_weight > 0:
+            clear = ground_opacity_loss(out["acc"])
+            loss = loss + cfg.optim.ground_opacity_weight * clear
+            stats["loss_ground_opacity"] = float(clear.detach())
         if cfg.optim.entropy_weight > 0:
             loss = loss + cfg.optim.entropy_weight * opacity_entropy(out["acc"])
         if cfg.optim.distortion_weight > 0:
