@@ -123,6 +123,8 @@ class BlockTrainer:
         if cfg.error_sampling > 0:
             self.error_map = ErrorMap([(c.width, c.height) for c in self.data.cameras], cfg.error_map_cell,
                                       device=self.device, pixels=self.data.allowed)
+            if self.error_map.pixels is not None:  # one list for both samplers (same members, cell order)
+                self.data.allowed = self.error_map.pixels
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
         self.seconds = 0.0          # training wall time (not loading, checkpoints, evaluation)
