@@ -169,3 +169,26 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
         rec = record["blocks"][task.block_id]
         assert rec["attribution"] == "plan ground"
         assert rec["pixel_share"] == pytest.approx(want[..., k].mean(), abs=1e-4)
+
+
+@pytest.mark.parametrize("error_sampling", [0.0, 0.5])
+def test_block_trainer_batches_only_attributed_pixels(tmp_path, error_sampling):
+    from citygen.tile import resolve_config
+    from citygen.train.trainer import BlockTrainer
+
+    survey = _tiny_survey(tmp_path)
+    m0 = np.zeros((12, 16), bool)
+    m0[:, :5] = True
+    m1 = np.zeros((12, 16), bool)
+    m1[7:, 9:] = True
+    allowed = set(np.flatnonzero(np.concatenate([m0.reshape(-1), m1.reshape(-1)])).tolist())
+    cfg = resolve_config("tiny", {"steps": 3, "rays_per_batch": 256, "threads": 1, "error_sampling": error_sampling,
+                                  "field.log2_hashmap_size": 12})
+    trainer = BlockTrainer(cfg, survey, tmp_path / "run", aabb=[[-20, -20, -5], [25, 20, 30]], pixel_masks=[m0, m1])
+    drawn = []
+    batch = trainer.data.batch
+    trainer.data.batch = lambda idx: drawn.append(idx.clone()) or batch(idx)
+    for _ in range(3):
+        trainer.train_step()
+    got = set(torch.cat(drawn).tolist())
+    assert got <= allowed and len(got) > len(allowed) // 2
