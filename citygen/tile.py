@@ -20,7 +20,11 @@ height range), tightened vertically:
   see :func:`citygen.partition.ground.load_box_points`), the floor kept a margin below the
   plan's ground where the plan's ground came from data -- on a real survey the camera-derived
   guess sat 5 m off and a 270 m tall box wasted most of its cells on air;
-* neither (or fewer than 16 points in the block): the plan's range;
+* neither (or fewer than 16 points in the block): the plan's range cut to the one-block
+  trainer's guess, ``[g - 0.1 h, g + 0.6 h]`` over the plan's ground ``g`` with ``h`` the
+  lowest camera's height above it (:func:`citygen.train.data.flight_heights`): the plan's
+  range alone ran up to just under the lenses (a 168 m tall box under a 150 m flight), where
+  each block grew floaters in front of every camera;
 * always, below the lowest camera that trains the block.  Surveys fly above everything they
   photograph, so nothing is lost, and a box that contained the cameras would spend its hash
   cells and samples on the air around them (and invite floaters in front of the lenses).
@@ -89,6 +93,7 @@ from .train.data import (
     CAMERA_CLEARANCE_M,
     MIN_HEIGHT_POINTS,
     depth_points,
+    flight_heights,
     load_survey,
     padded_heights,
     point_heights,
@@ -270,9 +275,12 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
             seen, source = point_heights(sfm, b.extended), "sfm-points"
             if ground_is_known(plan.ground):  # the plan's z range starts z_below under its ground estimate
                 floor = b.z_range[0] + z_below - GROUND_MARGIN_M
-        if seen is None:
-            source = "plan"
         box = field_box(b, [im.c2w[2, 3] for im in images], seen, ground_floor=floor)
+        if seen is None:  # the one-block trainer's rule (scene_box), inside the plan's range
+            source = "plan"
+            z0, z1 = flight_heights(b.z_range[0] + z_below, min(im.c2w[2, 3] for im in images))
+            if z1 > z0:
+                box[0, 2], box[1, 2] = max(box[0, 2], z0), min(box[1, 2], z1)
         active.append((b, names, box, source))
     shares = _attribute(survey, plan, cfg, active, [b.id for b in chosen], tile_dir)
     for b, names, box, source in active:

@@ -225,6 +225,14 @@ def padded_heights(heights: tuple[float, float]) -> tuple[float, float]:
     return z0 - pad, z1 + pad
 
 
+def flight_heights(ground_z: float, lowest_camera_z: float) -> tuple[float, float]:
+    """Heights to bound a field by when nothing was observed: ``[g - 0.1 h, g + 0.6 h]`` with
+    ``h`` the lowest camera's height above the ground ``g`` (surveys fly well above what they
+    photograph; a box up to the lenses fills with floaters in front of them)."""
+    h = lowest_camera_z - ground_z
+    return ground_z - 0.1 * h, ground_z + 0.6 * h
+
+
 def point_heights(points: np.ndarray, rect: tuple[float, float, float, float]) -> tuple[float, float] | None:
     """:func:`robust_heights` of the ``points`` (N, 3) inside the horizontal rectangle ``rect``."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
@@ -294,8 +302,9 @@ def scene_box(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
         raise CitygenError(survey.root, "cannot derive the scene bounds: a camera is below the ground plane z = "
                                         f"{ground_z}; pass an explicit AABB")
     pts = np.concatenate(points)
-    lo = np.array([pts[:, 0].min(), pts[:, 1].min(), ground_z - 0.1 * h])
-    hi = np.array([pts[:, 0].max(), pts[:, 1].max(), ground_z + 0.6 * h])
+    z0, z1 = flight_heights(ground_z, float(cam_z.min()))
+    lo = np.array([pts[:, 0].min(), pts[:, 1].min(), z0])
+    hi = np.array([pts[:, 0].max(), pts[:, 1].max(), z1])
     return _pad(lo, hi, margin), "plan"
 
 
