@@ -20,10 +20,33 @@ height range), tightened vertically:
   see :func:`citygen.partition.ground.load_box_points`), the floor kept a margin below the
   plan's ground where the plan's ground came from data -- on a real survey the camera-derived
   guess sat 5 m off and a 270 m tall box wasted most of its cells on air;
-* neither (or fewer than 16 points in the block): the plan's range;
+* neither (or fewer than 16 points in the block): the plan's range cut to the one-block
+  trainer's guess, ``[g - 0.1 h, g + 0.6 h]`` over the plan's ground ``g`` with ``h`` the
+  lowest camera's height above it (:func:`citygen.train.data.flight_heights`): the plan's
+  range alone ran up to just under the lenses (a 168 m tall box under a 150 m flight), where
+  each block grew floaters in front of every camera;
 * always, below the lowest camera that trains the block.  Surveys fly above everything they
   photograph, so nothing is lost, and a box that contained the cameras would spend its hash
   cells and samples on the air around them (and invite floaters in front of the lenses).
+
+**Rays are attributed, not clipped.**  Oblique views see far beyond a block's box; trained on
+every pixel of its images, a block would have to explain its neighbours' roofs and the horizon
+with haze inside its own box (a 2x2 tile of a survey whose blocks are mostly fields fell from
+24 dB to 15 dB held-out that way).  So each pixel trains only the blocks that own what it
+shows (:func:`attribute_image`): its ray's surface point -- from the image's depth map, else
+a heightfield of the survey's SfM points (``sparse/0``), else the plan's ground (its GeoTIFF,
+or its plane) -- decides, and the pixel trains every block whose *extended* rectangle holds
+that point (both blocks in an overlap, which the compositor blends).  A pixel no block holds
+(sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
+learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
+the block whose core is nearest to where the ray leaves the tile's box, or that the camera
+sits over), so the renderer needs no change.  The masks go to each block's run folder
+(``pixels.npz``, one bit per pixel at the training resolution) and the block's
+:class:`~citygen.train.data.RayDataset` draws only from them (uniform and error-map sampling
+alike); images with less than ``MIN_IMAGE_SHARE`` of their pixels in a block leave its
+training set.  ``tile_config.json`` records per block the share of its images' pixels it
+trains on (``pixel_share``) and the surface source (``attribution``).  ``citygen train`` (one
+block) is unchanged: every pixel.
 
 Training is resumable: calling :func:`train_tile` again skips finished blocks and resumes
 the others from their last checkpoints (see :func:`citygen.distributed.run_tile`).
@@ -36,9 +59,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from survey_io.atomic import atomic_write_json
 
+from .cameras import world_rays
 from .config import TrainConfig, apply_overrides, from_dict, load_config, to_dict
 from .distributed import (
     BlockTask,
@@ -50,15 +75,39 @@ from .distributed import (
 )
 from .edit.tile import tile_field_wrapper
 from .errors import CitygenError
+from .images import load_depth
 from .partition import Block, PartitionConfig, TilePlan
-from .partition.ground import ground_is_known, load_box_points
-from .render.tile import TileRenderer
-from .store.layout import PLAN_FILE, TILE_CONFIG_FILE, block_dir, read_tile_config, stack_path, upgraded_tile_config
+from .partition.ground import GroundModel, ground_is_known, load_box_points
+from .render.tile import TileRenderer, background_owner
+from .store.layout import (
+    PIXELS_FILE,
+    PLAN_FILE,
+    TILE_CONFIG_FILE,
+    block_dir,
+    read_tile_config,
+    stack_path,
+    upgraded_tile_config,
+)
 from .train.block_job import JOB
-from .train.data import CAMERA_CLEARANCE_M, depth_points, load_survey, padded_heights, point_heights, robust_heights
+from .train.data import (
+    CAMERA_CLEARANCE_M,
+    MIN_HEIGHT_POINTS,
+    depth_points,
+    flight_heights,
+    load_survey,
+    padded_heights,
+    point_heights,
+    robust_heights,
+    write_pixel_masks,
+)
 
 #: an SfM-derived floor stays at least this far below the plan's ground (when the plan's ground is known).
 GROUND_MARGIN_M = 2.0
+#: an image trains a block only when at least this share of its pixels is attributed to the block
+#: (a sliver trains little, and its appearance code could serve a test view by the nearest-camera rule).
+MIN_IMAGE_SHARE = 0.01
+#: cell of the heightfield built from SfM points for attribution (metres).
+ATTRIBUTION_CELL_M = 10.0
 
 
 def open_tile(tile_dir: str | Path, *, edited: bool = True, device: str | Any = "cpu",
@@ -121,6 +170,56 @@ def field_box(block: Block, camera_heights: Sequence[float],
     return np.stack([lo, hi])
 
 
+def attribution_ground(survey, plan: TilePlan) -> tuple[GroundModel, str]:
+    """The surface that attributes the pixels of a survey without depth maps, and its name: a
+    heightfield of its SfM points (``sparse/0``, see :func:`load_box_points`), else the plan's
+    ground (:meth:`GroundModel.from_record`)."""
+    points = load_box_points(survey.root)
+    if points is not None and len(points) >= MIN_HEIGHT_POINTS:
+        return GroundModel.from_points(points, ATTRIBUTION_CELL_M, source="sfm points"), "sfm-points"
+    return GroundModel.from_record(plan.ground, plan.georef), "plan ground"
+
+
+def attribute_image(camera, c2w: np.ndarray, depth: np.ndarray | None, ground: GroundModel | None,
+                    extended: np.ndarray, cores: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Which blocks each pixel of one image trains (see the module docstring).
+
+    Args:
+        camera: the image's camera at the training resolution.
+        c2w: its (4, 4) camera-to-world.
+        depth: (H, W) z-depth at that resolution (0: nothing there), or None to use ``ground``.
+        ground: the surface for images without depth.
+        extended, cores: (B, 4) the blocks' extended and core rectangles (x0, y0, x1, y1).
+        bounds: (2, 3) the tile's box (the union of the blocks' field boxes).
+
+    Returns:
+        (H, W, B) bool: pixel (row, col) trains block b.
+    """
+    h, w = camera.height, camera.width
+    v, u = np.mgrid[0:h, 0:w]
+    o, d, z_scale = world_rays(camera, c2w, u.reshape(-1) + 0.5, v.reshape(-1) + 0.5)
+    if depth is not None:
+        z = np.asarray(depth, dtype=np.float64).reshape(-1)
+        hit = z > 0
+        pts = o + d * (z / z_scale)[:, None]
+    else:
+        x0, y0 = bounds[0, :2]
+        x1, y1 = bounds[1, :2]
+        cx, cy = c2w[0, 3], c2w[1, 3]
+        # beyond the farthest tile corner a clipped ray's end lies outside every block anyway
+        reach = float(np.hypot(max(abs(cx - x0), abs(cx - x1)), max(abs(cy - y0), abs(cy - y1)))) + 1.0
+        pts, hit = ground.intersect(o, d, reach)
+    ext = np.asarray(extended, dtype=np.float64)
+    inside = hit[:, None] & (pts[:, None, 0] >= ext[None, :, 0]) & (pts[:, None, 0] <= ext[None, :, 2]) \
+        & (pts[:, None, 1] >= ext[None, :, 1]) & (pts[:, None, 1] <= ext[None, :, 3])
+    lost = np.flatnonzero(~inside.any(axis=1))
+    if lost.size:
+        owner = background_owner(torch.from_numpy(o[lost]).float(), torch.from_numpy(d[lost]).float(), bounds,
+                                 torch.as_tensor(np.asarray(cores), dtype=torch.float32)).numpy()
+        inside[lost, owner] = True
+    return inside.reshape(h, w, len(ext))
+
+
 def make_executor(executor: str | Executor = "local", *, max_parallel: int | None = None,
                   ray_address: str | None = None, max_retries: int = 2) -> Executor:
     """``"local"`` -> :class:`LocalExecutor`, ``"ray"`` -> :class:`RayExecutor`, or the given executor."""
@@ -152,16 +251,23 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
             raise CitygenError(tile_dir / PLAN_FILE, f"no blocks {unknown} in the plan")
     tasks, record_blocks, skipped = [], {}, []
     # SfM points only where depth maps are missing: depth stays the first source
-    sfm = None if all(im.depth is not None for im in survey.images) else load_box_points(survey.root)
+    has_depth = all(im.depth is not None for im in survey.images)
+    sfm = None if has_depth else load_box_points(survey.root)
     z_below = float(plan.config.get("z_below_ground_m", PartitionConfig.z_below_ground_m))
-    for b in chosen:
+    test = set(survey.test_names)
+    chosen_ids = {b.id for b in chosen}
+    # every block with training images is rendered, so the tile's box (where a ray's background
+    # block is decided) spans all of them, also when training only some
+    active = []
+    for b in plan.blocks:
         missing = [n for n in b.images if n not in by_name]
         if missing:
             raise CitygenError(data, f"block {b.id}: the plan's images {missing[:3]} are not in this survey "
                                      "(was the tile planned on another survey?)")
-        names = [n for n in b.images if n not in set(survey.test_names)]
+        names = [n for n in b.images if n not in test]
         if not names:
-            skipped.append(b.id)
+            if b.id in chosen_ids:
+                skipped.append(b.id)
             continue
         images = [by_name[n] for n in names]
         seen, source, floor = observed_heights(survey, images, b.extended), "depth", None
@@ -169,16 +275,72 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
             seen, source = point_heights(sfm, b.extended), "sfm-points"
             if ground_is_known(plan.ground):  # the plan's z range starts z_below under its ground estimate
                 floor = b.z_range[0] + z_below - GROUND_MARGIN_M
-        if seen is None:
-            source = "plan"
         box = field_box(b, [im.c2w[2, 3] for im in images], seen, ground_floor=floor)
-        kwargs = {"config": to_dict(cfg), "data": str(data), "image_names": names, "aabb": box.tolist()}
+        if seen is None:  # the one-block trainer's rule (scene_box), inside the plan's range
+            source = "plan"
+            z0, z1 = flight_heights(b.z_range[0] + z_below, min(im.c2w[2, 3] for im in images))
+            if z1 > z0:
+                box[0, 2], box[1, 2] = max(box[0, 2], z0), min(box[1, 2], z1)
+        active.append((b, names, box, source))
+    shares = _attribute(survey, plan, cfg, active, [b.id for b in chosen], tile_dir)
+    for b, names, box, source in active:
+        if b.id not in chosen_ids:
+            continue
+        kept, share, attribution = shares[b.id]
+        kwargs = {"config": to_dict(cfg), "data": str(data), "image_names": kept, "aabb": box.tolist(),
+                  "pixels": str(block_dir(tile_dir, b.id) / PIXELS_FILE)}
         tasks.append(BlockTask(b.id, str(block_dir(tile_dir, b.id)), JOB, kwargs))
-        record_blocks[b.id] = {"dir": block_dir(tile_dir, b.id).name, "aabb": box.tolist(), "n_images": len(names),
-                               "box_source": source}
+        record_blocks[b.id] = {"dir": block_dir(tile_dir, b.id).name, "aabb": box.tolist(), "n_images": len(kept),
+                               "box_source": source, "pixel_share": round(share, 4), "attribution": attribution,
+                               "images_left_out": len(names) - len(kept)}
     record = {"kind": "citygen.tile_config", "version": 1, "data": str(data), "train": to_dict(cfg),
               "blocks": record_blocks, "skipped": skipped}
     return tasks, record
+
+
+def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: list[str],
+               tile_dir: Path) -> dict[str, tuple[list[str], float, str]]:
+    """Attribute the pixels of the chosen blocks' images (:func:`attribute_image`) and write each
+    chosen block's masks (``PIXELS_FILE``); per block: the images kept, the share of their pixels
+    it trains on, and the surface source."""
+    if not active:
+        return {}
+    by_name = {im.name: im for im in survey.images}
+    extended = np.array([b.extended for b, *_ in active], dtype=np.float64)
+    cores = np.array([b.core for b, *_ in active], dtype=np.float64)
+    boxes = np.stack([box for *_, box, _ in active])
+    bounds = np.stack([boxes[:, 0].min(0), boxes[:, 1].max(0)])
+    has_depth = all(im.depth is not None for im in survey.images)
+    ground, attribution = (None, "depth") if has_depth else attribution_ground(survey, plan)
+    column = {b.id: k for k, (b, *_) in enumerate(active)}
+    wanted: dict[str, list[str]] = {}
+    for b, names, *_ in active:
+        if b.id in chosen:
+            for n in names:
+                wanted.setdefault(n, []).append(b.id)
+    masks: dict[str, dict[str, tuple[np.ndarray, tuple[int, int]]]] = {bid: {} for bid in chosen}  # packed bits
+    for name, bids in wanted.items():
+        im = by_name[name]
+        cam = survey.camera_of(im)
+        if cfg.downscale > 1:
+            cam = cam.scaled(1.0 / cfg.downscale)
+        depth = load_depth(im.depth, (cam.width, cam.height)) if has_depth else None
+        owned = attribute_image(cam, im.c2w, depth, ground, extended, cores, bounds)
+        for bid in bids:
+            masks[bid][name] = np.packbits(owned[..., column[bid]].reshape(-1)), owned.shape[:2]
+    shares = {}
+    for b, names, *_ in active:
+        if b.id not in chosen:
+            continue
+        per = {n: np.unpackbits(bits, count=hw[0] * hw[1]).astype(bool).reshape(hw) for n, (bits, hw) in masks[b.id].items()}
+        kept = [n for n in names if per[n].mean() >= MIN_IMAGE_SHARE]
+        if not kept:  # keep the image that sees the most of the block rather than none
+            kept = [max(names, key=lambda n: per[n].mean())]
+        total = sum(per[n].size for n in kept)
+        share = sum(int(per[n].sum()) for n in kept) / max(total, 1)
+        write_pixel_masks(block_dir(tile_dir, b.id) / PIXELS_FILE, kept, [per[n] for n in kept])
+        shares[b.id] = (kept, share, attribution)
+    return shares
 
 
 def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dict | str | Path = "tiny",
@@ -218,5 +380,6 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
                                          max_retries=max_retries), tile_dir)
 
 
-__all__ = ["CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
+__all__ = ["ATTRIBUTION_CELL_M", "CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "MIN_IMAGE_SHARE", "attribute_image",
+           "attribution_ground", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
            "open_tile", "read_tile_config", "resolve_config", "tile_tasks", "train_tile"]

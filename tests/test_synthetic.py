@@ -253,3 +253,38 @@ def test_presets_plan_the_advertised_surveys():
     assert 150 <= len(small.images) <= 250 and small.cameras[0].width == 640
     assert not PRESETS["city"].render_images and len(city.images) > 1000
     assert len(tiny.test_names) == len(tiny.images) // 8
+
+
+def test_failure_preset_is_a_built_patch_in_a_larger_oblique_flight():
+    """The outside tester's survey: ~100 images at 400x300, about half nadir and half 45 deg
+    oblique, no depth maps; the city is built only inside the patch (the same objects there as
+    without the knob), fields crossed by roads elsewhere."""
+    cfg = PRESETS["failure"]
+    survey = plan_flight(cfg, root="x")
+    pitch = np.degrees(np.arcsin(np.array([im.c2w[2, 2] for im in survey.images])))  # optical axis z
+    assert 90 <= len(survey.images) <= 110 and (survey.cameras[0].width, survey.cameras[0].height) == (400, 300)
+    assert np.sum(np.isclose(pitch, -90.0)) == 54 and np.sum(np.isclose(pitch, -45.0)) == 48
+    assert all(im.depth is None for im in survey.images) and cfg.area_m >= 2 * cfg.built_area_m
+    patch = build_city(cfg, seed=0)
+    full = build_city(replace(cfg, built_area_m=None), seed=0)
+    half = cfg.built_area_m / 2
+    rot = patch.plan_rotation
+
+    def centres_enu(boxes):
+        return ((boxes.lo + boxes.hi) / 2) @ rot.T
+
+    c = centres_enu(patch.boxes)
+    in_patch = (np.abs(c[:, 0]) <= half) & (np.abs(c[:, 1]) <= half)
+    assert np.all(in_patch | (patch.boxes.material == 4))  # outside: bridges only (MAT_BRIDGE)
+    cf = centres_enu(full.boxes)
+    full_in = (np.abs(cf[:, 0]) <= half) & (np.abs(cf[:, 1]) <= half)
+    assert int(in_patch.sum()) == int(full_in.sum()) > 100 and len(full.boxes) > len(patch.boxes) + 100
+    np.testing.assert_array_equal(patch.boxes.lo[in_patch], full.boxes.lo[full_in])
+    # the ground outside the patch: fields, and roads (zone ids 0 and 1); a yard/lawn/parking inside
+    rng = np.random.default_rng(0)
+    enu = np.column_stack([rng.uniform(-300, 300, 4000), rng.uniform(-300, 300, 4000), np.zeros(4000)])
+    plan = enu @ rot  # ENU -> plan
+    zone = patch.ground_zone(plan[:, 0], plan[:, 1])
+    outside = (np.abs(enu[:, 0]) > half + 1) | (np.abs(enu[:, 1]) > half + 1)
+    assert set(np.unique(zone[outside]).tolist()) <= {0, 1}
+    assert set(np.unique(zone[~outside]).tolist()) - {0, 1}

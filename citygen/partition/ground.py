@@ -77,6 +77,37 @@ class GroundModel:
                    source=source)
 
     @classmethod
+    def from_points(cls, points: np.ndarray, cell_m: float = 10.0, source: str = "sparse points") -> GroundModel:
+        """A heightfield of the median height of ``points`` (N, 3) in each ``cell_m`` cell over
+        their extent (the visible surface, roofs included); empty cells get the median of the others."""
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        pts = pts[np.all(np.isfinite(pts), axis=1)]
+        if not len(pts):
+            raise CitygenError(source, "no points to build a heightfield from")
+        x0, y1 = float(pts[:, 0].min()), float(pts[:, 1].max())
+        cols = int(np.floor((pts[:, 0].max() - x0) / cell_m)) + 1
+        rows = int(np.floor((y1 - pts[:, 1].min()) / cell_m)) + 1
+        c = np.minimum(((pts[:, 0] - x0) / cell_m).astype(np.int64), cols - 1)
+        r = np.minimum(((y1 - pts[:, 1]) / cell_m).astype(np.int64), rows - 1)
+        cell = r * cols + c
+        order = np.lexsort((pts[:, 2], cell))
+        cells, start, count = np.unique(cell[order], return_index=True, return_counts=True)
+        h = np.full(rows * cols, np.nan)
+        h[cells] = pts[order, 2][start + (count - 1) // 2]
+        return cls.from_array(h.reshape(rows, cols), x0, y1, cell_m, cell_m, source=source)
+
+    @classmethod
+    def from_record(cls, record: dict, georef: Georef) -> GroundModel:
+        """The model a plan's ground record (:meth:`describe`) stands for: the plane, the GeoTIFF
+        it was read from when that file is still there, else the heightfield's fill height."""
+        if record.get("kind") == "heightfield":
+            path = Path(str(record.get("source", "")))
+            if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
+                return cls.from_geotiff(path, georef)
+            return cls.plane(float(record.get("fill_height", 0.0)), source=f"fill height of {path}")
+        return cls.plane(float(record.get("height", 0.0)), source=str(record.get("source", "plane")))
+
+    @classmethod
     def from_geotiff(cls, path: str | Path, georef: Georef) -> GroundModel:
         """A DSM/DTM GeoTIFF (north-up, same CRS as ``georef``; heights in the CRS's vertical units)."""
         path = Path(path)

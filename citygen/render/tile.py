@@ -436,13 +436,7 @@ class TileRenderer:
         return {k: v.float().cpu() for k, v in out.items()}
 
     def _background_owner(self, o: Tensor, d: Tensor) -> Tensor:
-        """Per ray, the index of the block whose core is nearest to where it leaves the tile's box."""
-        box = torch.as_tensor(self.bounds, dtype=torch.float32, device=self.device)
-        _, t_far, hit = intersect_aabb(o, d, box)
-        p = torch.where(hit[:, None], o + t_far.clamp_min(0)[:, None] * d, o)[:, :2]
-        lo, hi = self._cores[None, :, :2], self._cores[None, :, 2:]
-        gap = (torch.maximum(lo - p[:, None], torch.zeros_like(lo)) + torch.maximum(p[:, None] - hi, torch.zeros_like(hi)))
-        return gap.norm(dim=-1).argmin(-1)
+        return background_owner(o, d, self.bounds, self._cores)
 
     def _backgrounds(self, owner: Tensor, d: Tensor, fields: dict[int, tuple[Any, Any]]) -> tuple[Tensor, Tensor]:
         R, C = d.shape[0], len(self.classes)
@@ -487,6 +481,20 @@ class TileRenderer:
                 "weights": r["weights"].reshape(H, W, -1)}
 
 
+def background_owner(origins: Tensor, dirs: Tensor, bounds: Any, cores: Tensor) -> Tensor:
+    """Per ray, the index of the block whose core (``cores`` (B, 4)) is nearest (horizontally)
+    to where the ray leaves the tile's box ``bounds`` (2, 3) -- the camera's position for a ray
+    that misses the box.  The compositor shows that block's learned background; tile training
+    (:mod:`citygen.tile`) hands the same block the pixels that no block's box explains."""
+    box = torch.as_tensor(bounds, dtype=torch.float32, device=origins.device)
+    _, t_far, hit = intersect_aabb(origins, dirs, box)
+    p = torch.where(hit[:, None], origins + t_far.clamp_min(0)[:, None] * dirs, origins)[:, :2]
+    cores = cores.to(origins.device)
+    lo, hi = cores[None, :, :2], cores[None, :, 2:]
+    gap = (torch.maximum(lo - p[:, None], torch.zeros_like(lo)) + torch.maximum(p[:, None] - hi, torch.zeros_like(hi)))
+    return gap.norm(dim=-1).argmin(-1)
+
+
 def nearest_camera_codes(field: Any, origins: Tensor) -> Tensor:
     """The test-view rule per ray: the code of the field's training camera nearest to each origin."""
     uniq, inverse = torch.unique(origins, dim=0, return_inverse=True)
@@ -518,4 +526,4 @@ def _checkpoint_loader(sidecar: Path, device: str | torch.device) -> Callable[[]
     return load
 
 
-__all__ = ["SINGLE_BLOCK", "BlockSource", "EditOpener", "TileRenderer", "register_edit_opener", "blend_weights", "nearest_camera_codes", "smoothstep"]
+__all__ = ["SINGLE_BLOCK", "BlockSource", "EditOpener", "TileRenderer", "background_owner", "register_edit_opener", "blend_weights", "nearest_camera_codes", "smoothstep"]

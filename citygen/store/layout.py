@@ -13,6 +13,7 @@ the demo) asks here instead of joining paths itself.  Layout version 1::
       edits/               files the stack refers to (restyle weights: <edit id>_<block id>.safetensors)
       block_<id>/          one block's run folder:
         config.json, metrics.jsonl, worker.log            (the trainer, the local executor)
+        pixels.npz                                        the pixels attributed to the block (citygen.tile)
         checkpoints/step_XXXXXXX.{safetensors,json}      (citygen.store.checkpoint)
         state.json, result.json                           } named by citygen.distributed.state
         .block.lock, lease.json                           } named by citygen.distributed.lease
@@ -62,6 +63,8 @@ STACK_FILE = "edits.json"
 #: files an edit refers to (restyle weights), relative to the tile folder.
 EDIT_FILES_DIR = "edits"
 RUN_CONFIG_FILE = "config.json"
+#: a tile block's attributed pixels (per image bit masks at the training resolution; citygen.tile).
+PIXELS_FILE = "pixels.npz"
 #: the block id of a single training run opened as a tile.
 SINGLE_BLOCK = "block"
 
@@ -222,7 +225,7 @@ def trained_survey(tile_dir: str | Path) -> Path | None:
     return None
 
 
-__all__ = ["BLOCK_DIR_PREFIX", "BLOCK_LOCK_FILE", "CHECKPOINTS_DIR", "EDIT_FILES_DIR", "LAYOUT_VERSION", "LEASE_FILE", "PLAN_FILE",
+__all__ = ["BLOCK_DIR_PREFIX", "BLOCK_LOCK_FILE", "CHECKPOINTS_DIR", "EDIT_FILES_DIR", "LAYOUT_VERSION", "LEASE_FILE", "PIXELS_FILE", "PLAN_FILE",
            "RESULT_FILE", "RUN_CONFIG_FILE", "SINGLE_BLOCK", "STACK_FILE", "STATE_FILE", "TILE_CONFIG_FILE",
            "TILE_LOCK_FILE", "TILE_RUN_FILE", "TileBlocks", "block_checkpoint", "block_dir", "block_id_of", "block_run_dirs", "discover",
            "edit_file", "has_checkpoint", "is_single_run", "layout_version", "open_block_field", "read_plan", "read_tile_config",

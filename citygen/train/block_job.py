@@ -28,6 +28,7 @@ from ..config import from_dict
 from ..distributed.lease import hold_block
 from ..distributed.state import report_progress
 from ..store.checkpoint import CHECKPOINTS_DIR, list_checkpoints
+from .data import load_survey, read_pixel_masks, select_images
 from .trainer import BlockTrainer
 
 JOB = "citygen.train.block_job:train_block_job"
@@ -44,7 +45,7 @@ class _ReportingTrainer(BlockTrainer):
 
 def train_block_job(block_id: str, out_dir: str, resume: bool, *, config: dict[str, Any], data: str,
                     image_names: list[str] | None = None, aabb: Any = None, progress: bool = False,
-                    **_: Any) -> dict[str, Any]:
+                    pixels: str | None = None, **_: Any) -> dict[str, Any]:
     """Train one block (see the module docstring for the contract).
 
     Args:
@@ -56,6 +57,8 @@ def train_block_job(block_id: str, out_dir: str, resume: bool, *, config: dict[s
         image_names: the block's training images (the plan's ``images``).
         aabb: the block field's box ``[[x0, y0, z0], [x1, y1, z1]]`` in the local frame.
         progress: show the trainer's progress bar (off in workers: their output is a log file).
+        pixels: the block's attributed pixels (:func:`citygen.train.data.write_pixel_masks`,
+            one mask per image of ``image_names``); None trains on every pixel of its images.
 
     Returns:
         ``{"block_id", "step", "checkpoint", "train_seconds", "n_images", "aabb", "psnr_train", "resumed_from"}``.
@@ -63,7 +66,11 @@ def train_block_job(block_id: str, out_dir: str, resume: bool, *, config: dict[s
     cfg = from_dict(config, f"block {block_id} config")
     _share_cores(cfg)
     out = Path(out_dir)
-    trainer = _ReportingTrainer(cfg, data, out, image_names, aabb)
+    masks = None
+    if pixels is not None:
+        names = image_names if image_names is not None else [im.name for im in select_images(load_survey(data), None)]
+        masks = read_pixel_masks(pixels, names)
+    trainer = _ReportingTrainer(cfg, data, out, image_names, aabb, pixel_masks=masks)
     # An executor's attempt holds the block already (this is reentrant); a direct call holds it here.
     with hold_block(out, role=f"block {block_id} job"):
         steps = list_checkpoints(out / CHECKPOINTS_DIR)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from survey_io import IGNORE_LABEL, Survey, SurveyImage, read_transforms
+from survey_io.atomic import atomic_path
 from survey_io.colmap import read_colmap_observations
 
 from ..cameras import CameraSet, pixel_directions, unproject
@@ -135,10 +136,13 @@ class RayDataset:
         images: the images to load (their order defines the appearance-code indices).
         downscale: integer image downscale factor.
         device: where the pixel buffers live.
+        masks: per image, an (H, W) bool array at the training resolution: the pixels this
+            dataset may draw (a tile block's attributed pixels, :mod:`citygen.tile`); None: all.
+            Kept as one int32 list of flat indices (4 bytes per allowed pixel).
     """
 
     def __init__(self, survey: Survey, images: list[SurveyImage], downscale: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", masks: list[np.ndarray] | None = None):
         if not images:
             raise CitygenError(survey.root, "no training images")
         survey.check_image_files(images)  # headers only: a bad file fails before any pixel is loaded
@@ -166,19 +170,51 @@ class RayDataset:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts_t.cumsum(0)]).to(self.device)
         self.n_pixels = int(counts_t.sum())
         self.c2w = torch.tensor(np.stack([im.c2w for im in images]), dtype=torch.float64, device=self.device)
+        self.allowed = None if masks is None else self._allowed(masks)
         try:  # every ray of a batch comes from the camera model (lens included)
             self.camera_set = CameraSet(self.cameras, self.c2w.cpu().numpy(), device=self.device)
         except CitygenError as err:
             raise CitygenError(survey.root, err.reason) from None
         # SfM keypoints as sparse depth targets (surveys ingested with an SfM model)
         self.sparse_depth = load_sparse_depth(survey, images, self.cameras, self.offsets, downscale)
+        if self.sparse_depth is not None and self.allowed is not None:
+            # a tile block supervises only the keypoints on its own attributed pixels
+            keep = torch.isin(self.sparse_depth.pixel, self.allowed.long())
+            sd = self.sparse_depth
+            self.sparse_depth = (SparseDepth(pixel=sd.pixel[keep], depth=sd.depth[keep], weight=sd.weight[keep])
+                                 if bool(keep.any()) else None)
 
     @property
     def camera_positions(self) -> Tensor:
         return self.c2w[:, :3, 3].float()
 
+    def _allowed(self, masks: list[np.ndarray]) -> Tensor:
+        """The flat indices of the pixels ``masks`` allow, int32 (see the class docstring)."""
+        if len(masks) != len(self.images):
+            raise CitygenError(self.survey.root, f"{len(masks)} pixel masks for {len(self.images)} images")
+        parts = []
+        for im, cam, mask, start in zip(self.images, self.cameras, masks, self.offsets[:-1].tolist()):
+            if mask.shape != (cam.height, cam.width):
+                raise CitygenError(self.survey.image_path(im), f"pixel mask is {mask.shape}, the training image "
+                                                               f"{(cam.height, cam.width)}")
+            parts.append(np.flatnonzero(mask.reshape(-1)) + start)
+        allowed = np.concatenate(parts)
+        if not len(allowed):
+            raise CitygenError(self.survey.root, "no training pixel is attributed to this block")
+        dtype = torch.int32 if self.n_pixels < 2**31 else torch.long
+        return torch.from_numpy(allowed).to(self.device, dtype)
+
+    @property
+    def n_allowed(self) -> int:
+        """How many pixels batches are drawn from (all, or those the masks allow)."""
+        return self.n_pixels if self.allowed is None else int(self.allowed.numel())
+
     def uniform_pixels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` flat pixel indices drawn uniformly over all training pixels (for :meth:`batch`)."""
+        """``n`` flat pixel indices drawn uniformly over all training pixels, or over the pixels
+        the masks allow (for :meth:`batch`)."""
+        if self.allowed is not None:
+            pick = torch.randint(0, self.allowed.numel(), (n,), generator=generator, device=self.device)
+            return self.allowed[pick].long()
         return torch.randint(0, self.n_pixels, (n,), generator=generator, device=self.device)
 
     def sparse_depth_draw(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -198,6 +234,42 @@ class RayDataset:
             semantics=self.semantics[idx].long() if self.semantics is not None else None,
             depth=self.depth[idx] if self.depth is not None else None,
         )
+
+
+def write_pixel_masks(path: Path, names: list[str], masks: list[np.ndarray]) -> None:
+    """Write per-image (H, W) bool masks (a tile block's attributed pixels) to ``path`` (.npz,
+    atomically): bit-packed, one bit per pixel, with the image names and sizes to check them by."""
+    bits = [np.packbits(np.asarray(m, dtype=bool).reshape(-1)) for m in masks]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in bits])]).astype(np.int64)
+    with atomic_path(Path(path), suffix=".npz") as tmp:
+        np.savez_compressed(tmp, names=np.array(names, dtype=str), shapes=np.array([m.shape for m in masks],
+                            dtype=np.int64).reshape(-1, 2), offsets=offsets,
+                            bits=np.concatenate(bits) if bits else np.zeros(0, np.uint8))
+
+
+def read_pixel_masks(path: Path | str, names: list[str]) -> list[np.ndarray]:
+    """The masks :func:`write_pixel_masks` wrote, for ``names`` in that order (each must be there)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored, shapes, offsets, bits = [str(n) for n in z["names"]], z["shapes"], z["offsets"], z["bits"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CitygenError(path, f"unreadable pixel masks ({err})") from None
+    index = {n: i for i, n in enumerate(stored)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise CitygenError(path, f"no pixel masks for images {missing[:3]}")
+    if shapes.shape != (len(stored), 2) or offsets.shape != (len(stored) + 1,) or offsets[-1] != len(bits):
+        raise CitygenError(path, "pixel masks: inconsistent names, shapes and offsets")
+    masks = []
+    for n in names:
+        i = index[n]
+        h, w = (int(v) for v in shapes[i])
+        packed = bits[offsets[i]:offsets[i + 1]]
+        if h < 0 or w < 0 or len(packed) != (h * w + 7) // 8:
+            raise CitygenError(path, f"pixel mask of {n}: {len(packed)} bytes for {h}x{w} pixels")
+        masks.append(np.unpackbits(packed, count=h * w).astype(bool).reshape(h, w))
+    return masks
 
 
 def depth_points(survey: Survey, image: SurveyImage, stride: int = 8) -> np.ndarray:
@@ -228,6 +300,14 @@ def padded_heights(heights: tuple[float, float]) -> tuple[float, float]:
     z0, z1 = heights
     pad = 0.1 * max(z1 - z0, 0.0) + 2.0
     return z0 - pad, z1 + pad
+
+
+def flight_heights(ground_z: float, lowest_camera_z: float) -> tuple[float, float]:
+    """Heights to bound a field by when nothing was observed: ``[g - 0.1 h, g + 0.6 h]`` with
+    ``h`` the lowest camera's height above the ground ``g`` (surveys fly well above what they
+    photograph; a box up to the lenses fills with floaters in front of them)."""
+    h = lowest_camera_z - ground_z
+    return ground_z - 0.1 * h, ground_z + 0.6 * h
 
 
 def point_heights(points: np.ndarray, rect: tuple[float, float, float, float]) -> tuple[float, float] | None:
@@ -299,8 +379,9 @@ def scene_box(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
         raise CitygenError(survey.root, "cannot derive the scene bounds: a camera is below the ground plane z = "
                                         f"{ground_z}; pass an explicit AABB")
     pts = np.concatenate(points)
-    lo = np.array([pts[:, 0].min(), pts[:, 1].min(), ground_z - 0.1 * h])
-    hi = np.array([pts[:, 0].max(), pts[:, 1].max(), ground_z + 0.6 * h])
+    z0, z1 = flight_heights(ground_z, float(cam_z.min()))
+    lo = np.array([pts[:, 0].min(), pts[:, 1].min(), z0])
+    hi = np.array([pts[:, 0].max(), pts[:, 1].max(), z1])
     return _pad(lo, hi, margin), "plan"
 
 
@@ -309,5 +390,6 @@ def _pad(lo: np.ndarray, hi: np.ndarray, margin: float) -> np.ndarray:
     return np.stack([lo - margin * size, hi + margin * size]).astype(np.float64)
 
 
-__all__ = ["IGNORE_LABEL", "RayBatch", "RayDataset", "SparseDepth", "load_sparse_depth", "load_depth", "load_labels", "load_rgb", "load_survey",
-           "scene_aabb", "scene_box", "select_images"]
+__all__ = ["IGNORE_LABEL", "RayBatch", "RayDataset", "SparseDepth", "load_depth", "load_labels", "load_rgb",
+           "load_sparse_depth", "load_survey", "read_pixel_masks", "scene_aabb", "scene_box", "select_images",
+           "write_pixel_masks"]

@@ -9,6 +9,12 @@ the aim is to spend the step budget where the image is still wrong, not an unbia
 of the uniform loss (instant-ngp does the same).
 
 Cells start at the largest error so that every cell is visited before its estimate is trusted.
+
+Restricted to a subset of the pixels (``pixels``: a tile block trains only the pixels attributed
+to it, :mod:`citygen.tile`), both parts draw only from that subset: the uniform part a random
+member, the error part a cell holding members (in proportion to its error) and then a random
+member of that cell.  The subset is kept once, sorted by cell, as int32 flat indices (4 bytes
+per attributed pixel, plus two int64 per cell for where each cell's run starts and its length).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ class ErrorMap:
     """
 
     def __init__(self, sizes: list[tuple[int, int]], cell: int = 8, decay: float = 0.9,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", pixels: Tensor | None = None):
         if cell < 1:
             raise ValueError(f"error map cell must be >= 1 pixel, got {cell}")
         self.cell = int(cell)
@@ -50,6 +56,14 @@ class ErrorMap:
         local = torch.arange(int(n_cells.sum()), device=dev) - self.cell_offsets[self.cell_image]
         self.cell_row = local // self.cols[self.cell_image]
         self.cell_col = local % self.cols[self.cell_image]
+        self.pixels = None  # the allowed flat pixel indices, sorted by cell (None: every pixel)
+        if pixels is not None:
+            pixels = pixels.to(dev, torch.long)
+            cells = self.cells_of(pixels)
+            order = torch.argsort(cells, stable=True)
+            self.pixels = pixels[order].to(torch.int32 if self.n_pixels < 2**31 else torch.long)
+            self.cell_count = torch.bincount(cells, minlength=int(n_cells.sum()))
+            self.cell_start = torch.cumsum(self.cell_count, 0) - self.cell_count
 
     @property
     def n_pixels(self) -> int:
@@ -67,6 +81,8 @@ class ErrorMap:
         """``n`` flat pixel indices: ``round(n * fraction)`` by error, the rest uniform."""
         dev = self.error.device
         n_err = int(round(n * fraction))
+        if self.pixels is not None:
+            return self._sample_allowed(n - n_err, n_err, generator)
         uniform = torch.randint(0, self.n_pixels, (n - n_err,), generator=generator, device=dev)
         if n_err == 0:
             return uniform
@@ -79,6 +95,19 @@ class ErrorMap:
         rows = r0 + (u[:, 0] * (torch.clamp(h - r0, max=self.cell)).float()).long()
         cols = c0 + (u[:, 1] * (torch.clamp(w - c0, max=self.cell)).float()).long()
         return torch.cat([uniform, self.pixel_offsets[image] + rows * w + cols])
+
+    def _sample_allowed(self, n_uniform: int, n_err: int, generator: torch.Generator | None) -> Tensor:
+        """:meth:`sample` restricted to ``self.pixels`` (cells without allowed pixels are never drawn)."""
+        dev = self.error.device
+        pixels = self.pixels
+        picks = [torch.randint(0, pixels.numel(), (n_uniform,), generator=generator, device=dev)]
+        if n_err:
+            weight = torch.where(self.cell_count > 0, self.error, torch.zeros_like(self.error))
+            cells = torch.multinomial(weight, n_err, replacement=True, generator=generator)
+            u = torch.rand(n_err, generator=generator, device=dev)
+            count = self.cell_count[cells]
+            picks.append(self.cell_start[cells] + torch.minimum((u * count).long(), count - 1))
+        return pixels[torch.cat(picks)].long()
 
     def update(self, idx: Tensor, error: Tensor) -> None:
         """Blend the per-ray errors of a batch into the estimates of their cells (the mean of

@@ -89,10 +89,13 @@ class BlockTrainer:
         out: run folder.
         image_names: the block's images (None: all training images of the survey).
         aabb: the block's (2, 3) box in the local frame (None: derived, see :func:`scene_box`).
+        pixel_masks: per image, the (H, W) bool mask at the training resolution of the pixels
+            attributed to this block (tile blocks, :mod:`citygen.tile`); None: every pixel.
     """
 
     def __init__(self, cfg: TrainConfig, survey: Survey | Path | str, out: Path,
-                 image_names: list[str] | None = None, aabb: Any = None):
+                 image_names: list[str] | None = None, aabb: Any = None,
+                 pixel_masks: list[np.ndarray] | None = None):
         self.cfg = cfg
         self.out = Path(out)
         self.survey = load_survey(survey)
@@ -100,7 +103,7 @@ class BlockTrainer:
         if cfg.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(cfg.threads)
         images = select_images(self.survey, image_names, "train")
-        self.data = RayDataset(self.survey, images, cfg.downscale, self.device)
+        self.data = RayDataset(self.survey, images, cfg.downscale, self.device, masks=pixel_masks)
         self.box_source = "given"
         if aabb is None:
             aabb, self.box_source = scene_box(self.survey, images, cfg.aabb_margin)
@@ -127,7 +130,9 @@ class BlockTrainer:
         self.error_map = None
         if cfg.error_sampling > 0:
             self.error_map = ErrorMap([(c.width, c.height) for c in self.data.cameras], cfg.error_map_cell,
-                                      device=self.device)
+                                      device=self.device, pixels=self.data.allowed)
+            if self.error_map.pixels is not None:  # one list for both samplers (same members, cell order)
+                self.data.allowed = self.error_map.pixels
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
         self.seconds = 0.0          # training wall time (not loading, checkpoints, evaluation)

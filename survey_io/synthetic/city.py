@@ -107,6 +107,17 @@ class City:
     ellipsoids: Ellipsoids
     buildings: list[dict] = field(default_factory=list)
     sun_dir: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))  # ENU, unit, towards the sun
+    #: built patch: buildings, trees, vehicles and lots only where |x|, |y| <= built_half (local ENU);
+    #: fields crossed by roads elsewhere.  None: built everywhere.
+    built_half: float | None = None
+
+    def in_built(self, x, y) -> np.ndarray:
+        """Whether plan positions (x, y) lie in the built patch (a square in ENU, see ``built_half``)."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if self.built_half is None:
+            return np.ones(np.broadcast(x, y).shape, dtype=bool)
+        c, s = np.cos(self.plan_angle), np.sin(self.plan_angle)
+        return (np.abs(c * x - s * y) <= self.built_half) & (np.abs(s * x + c * y) <= self.built_half)
 
     # -- frames -------------------------------------------------------------------------------
     @property
@@ -202,6 +213,8 @@ class City:
         zone = np.where(inside & sidewalk, ZONE_SIDEWALK, zone)
         road = (dx < wx) | (dy < wy)
         zone = np.where(inside & road, ZONE_ROAD, zone)
+        if self.built_half is not None:  # farmland crossed by the roads outside the built patch
+            zone = np.where(self.in_built(x, y) | (zone == ZONE_ROAD), zone, ZONE_FIELD)
         return zone
 
 
@@ -237,11 +250,15 @@ class _BoxList:
 
 
 def generate_city(seed: int, half_extent: float, georef: Georef, *, sun_azimuth_deg: float = 135.0,
-                  sun_elevation_deg: float = 55.0, max_height: float = 80.0) -> City:
+                  sun_elevation_deg: float = 55.0, max_height: float = 80.0,
+                  built_half: float | None = None) -> City:
     """Generate a city covering the square survey area ``[-half_extent, half_extent]^2`` (ENU).
 
     ``sun_azimuth_deg`` is clockwise from grid north (the local +Y axis), ``sun_elevation_deg``
     above the horizon.  ``max_height`` caps building heights (downtown is near the origin).
+    ``built_half``: only the square ``[-built_half, built_half]^2`` (ENU) is built up (objects
+    whose centre lies outside are dropped after generation, so the built part is the same city
+    as without the knob); the rest is fields crossed by the roads (bridges kept).
     """
     rng = np.random.default_rng(seed)
     angle = np.deg2rad(rng.uniform(12.0, 28.0) * rng.choice([-1, 1]))
@@ -493,7 +510,25 @@ def generate_city(seed: int, half_extent: float, georef: Georef, *, sun_azimuth_
     else:
         city.ellipsoids = Ellipsoids(np.zeros((0, 3)), np.ones((0, 3)), np.zeros((0, 3), np.float32))
     city.buildings = buildings
+    if built_half is not None:
+        _keep_built(city, float(built_half))
     return city
+
+
+def _keep_built(city: City, built_half: float) -> None:
+    """Drop the objects whose centre lies outside the built patch (bridges stay: they carry the
+    roads), after generation, so the random draws -- and the city inside the patch -- are those
+    of the unrestricted city."""
+    city.built_half = built_half
+    bx = city.boxes
+    centre = (bx.lo + bx.hi) / 2
+    keep = city.in_built(centre[:, 0], centre[:, 1]) | (bx.material == MAT_BRIDGE)
+    city.boxes = Boxes(**{name: getattr(bx, name)[keep] for name in bx.__dataclass_fields__})
+    e = city.ellipsoids
+    keep_e = city.in_built(e.center[:, 0], e.center[:, 1])
+    city.ellipsoids = Ellipsoids(e.center[keep_e], e.radii[keep_e], e.color[keep_e])
+    kept = set(city.boxes.building[city.boxes.building >= 0].tolist())
+    city.buildings = [b for b in city.buildings if b["id"] in kept]
 
 
 def _parking_cars(rng, boxes: _BoxList, ter, x0, x1, y0, y1):

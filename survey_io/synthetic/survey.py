@@ -4,6 +4,7 @@
 
     images/00000.jpg ...      RGB, JPEG (quality config.jpeg_quality, 4:4:4), EXIF GPS + DJI XMP (see .exif)
     depth/00000.npy ...       float32 (H, W), metres along the optical axis (z), 0 where nothing was hit
+                              (not with ``write_depth=False``: real surveys have no depth maps)
     semantics/00000.png ...   uint8 (H, W) class ids (survey_io.semantics.CLASSES), 255 where nothing was hit
     transforms.json           nerfstudio, exact poses, georef, depth/semantics paths, test_filenames
     dsm.tif                   float32, highest surface height per cell (max over the cell's centre and its
@@ -68,6 +69,9 @@ class SyntheticConfig:
         lon, lat, ground_height_m: where the origin is (ground_height_m is WGS84 ellipsoidal).
         sun_azimuth_deg, sun_elevation_deg: sun direction (azimuth clockwise from grid north).
         jpeg_quality: JPEG quality of the images.
+        built_area_m: side of the built patch (a square centred on the origin): buildings, trees
+            and vehicles only there, fields crossed by roads elsewhere; None: built everywhere.
+        write_depth: write depth maps (and list them in transforms.json).
     """
 
     area_m: float = 300.0
@@ -94,6 +98,8 @@ class SyntheticConfig:
     sun_elevation_deg: float = 58.0
     jpeg_quality: int = 95
     max_images: int | None = None  # keep only the first n planned images (tests)
+    built_area_m: float | None = None
+    write_depth: bool = True
 
 
 PRESETS: dict[str, SyntheticConfig] = {
@@ -109,6 +115,12 @@ PRESETS: dict[str, SyntheticConfig] = {
     # 1 km^2 and 9 km^2 flight plans (cameras only; render with render_images=True if you have hours)
     "district": SyntheticConfig(area_m=1000.0, altitude_m=150.0, width=1600, height=1200, front_overlap=0.75,
                                 side_overlap=0.65, render_images=False, ortho_gsd_m=1.0, max_building_height_m=90.0),
+    # the failure an outside tester reported (2x2 tile far worse than one block): a 300 m built patch
+    # in a 600 m flight, 54 nadir + 48 oblique (45 deg off nadir) images at 400x300, no depth maps;
+    # planned as a 2x2 tile, each block is mostly fields and its oblique views see far beyond it
+    "failure": SyntheticConfig(area_m=600.0, altitude_m=150.0, width=400, height=300, front_overlap=0.5,
+                               side_overlap=0.4, oblique_off_nadir_deg=45.0, oblique_spacing_factor=2.0,
+                               built_area_m=300.0, write_depth=False, antialias=False, ortho_gsd_m=1.0),
     "city": SyntheticConfig(area_m=3000.0, altitude_m=150.0, width=4000, height=3000, front_overlap=0.75,
                             side_overlap=0.65, render_images=False, render_rasters=False,
                             max_building_height_m=120.0),
@@ -131,7 +143,7 @@ def plan_flight(config: SyntheticConfig, seed: int = 0, root: str | Path = "synt
         stem = f"{i:05d}"
         images.append(SurveyImage(name=f"images/{stem}.jpg", camera=0, c2w=p.c2w,
                                   semantics=root / "semantics" / f"{stem}.png" if config.render_images else None,
-                                  depth=root / "depth" / f"{stem}.npy" if config.render_images else None))
+                                  depth=root / "depth" / f"{stem}.npy" if config.render_images and config.write_depth else None))
     georef = survey_georef(config.lon, config.lat, config.ground_height_m)
     return Survey(root=root, cameras=[cam], images=images, georef=georef,
                   test_names=test_split([im.name for im in images], config.test_every))
@@ -141,7 +153,8 @@ def build_city(config: SyntheticConfig, seed: int = 0) -> City:
     """The procedural city of ``make_survey(out, config, seed)``."""
     georef = survey_georef(config.lon, config.lat, config.ground_height_m)
     return generate_city(seed, config.area_m / 2.0, georef, sun_azimuth_deg=config.sun_azimuth_deg,
-                         sun_elevation_deg=config.sun_elevation_deg, max_height=config.max_building_height_m)
+                         sun_elevation_deg=config.sun_elevation_deg, max_height=config.max_building_height_m,
+                         built_half=None if config.built_area_m is None else config.built_area_m / 2.0)
 
 
 def make_survey(out: str | Path, config: SyntheticConfig | None = None, seed: int = 0,
@@ -214,8 +227,9 @@ def _render_image(out: Path, config: SyntheticConfig, seed: int, i: int) -> None
     im, cam = survey.images[i], survey.cameras[0]
     view = render_view(geo, im.c2w, cam.K, cam.width, cam.height, antialias=config.antialias, shadows=config.shadows)
     _write_image(out / im.name, view.rgb, im.c2w, cam, survey.georef, i, config.jpeg_quality)
-    with atomic_path(out / Path(im.depth).relative_to(survey.root), suffix=".npy") as tmp:
-        np.save(tmp, view.depth)
+    if im.depth is not None:
+        with atomic_path(out / Path(im.depth).relative_to(survey.root), suffix=".npy") as tmp:
+            np.save(tmp, view.depth)
     _write_png(out / Path(im.semantics).relative_to(survey.root), view.semantics)
 
 

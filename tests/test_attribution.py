@@ -1,0 +1,194 @@
+"""Tile blocks train only the pixels attributed to them (citygen.tile): a pixel whose surface
+point lies in a block's extended rectangle trains that block; sky and content beyond the tile
+train the block whose background the compositor shows for that ray.  The expectations are
+worked out by hand from the geometry (pinhole rays onto a flat ground), not by the code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from citygen.partition import Block, Grid, TilePlan
+from citygen.partition.ground import GroundModel
+from citygen.tile import attribute_image, tile_tasks
+from citygen.train.data import RayDataset, read_pixel_masks
+from citygen.train.error_map import ErrorMap
+from survey_io import Camera, Georef, Survey, SurveyImage, write_transforms
+
+W, H, F = 40, 30, 20.0
+CAM = Camera(W, H, F, F, W / 2, H / 2, "PINHOLE")
+CAM_Z = 100.0
+# two blocks side by side along x, margin 10 m
+CORES = np.array([[-50.0, -50.0, 0.0, 50.0], [0.0, -50.0, 50.0, 50.0]])
+EXTENDED = CORES + np.array([-10.0, -10.0, 10.0, 10.0])
+BOUNDS = np.array([[-60.0, -60.0, -5.0], [60.0, 60.0, 50.0]])
+GEOREF = Georef("EPSG:32633", (500000.0, 4500000.0, 0.0))
+
+
+def nadir(x: float, y: float) -> np.ndarray:
+    """OpenCV camera-to-world looking straight down, image x = east, image y = south."""
+    c2w = np.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2] = (1, 0, 0), (0, -1, 0), (0, 0, -1)
+    c2w[:3, 3] = (x, y, CAM_Z)
+    return c2w
+
+
+def ground_xy() -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel's ray meets z = 0 for a nadir camera at (0, 0, CAM_Z): similar triangles."""
+    v, u = np.mgrid[0:H, 0:W] + 0.5
+    return CAM_Z * (u - W / 2) / F, -CAM_Z * (v - H / 2) / F
+
+
+def expected_nadir() -> np.ndarray:
+    x, y = ground_xy()
+    inside = np.stack([(x >= e[0]) & (x <= e[2]) & (y >= e[1]) & (y <= e[3]) for e in EXTENDED], -1)
+    lost = ~inside.any(-1)
+    # a ray from above the box that lands beyond it leaves the box on the side of its landing
+    # point; the core nearest that exit is the western block for x < 0, the eastern for x > 0
+    inside[..., 0] |= lost & (x < 0)
+    inside[..., 1] |= lost & (x > 0)
+    return inside
+
+
+def test_nadir_over_flat_ground_matches_hand_geometry():
+    got = attribute_image(CAM, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS)
+    want = expected_nadir()
+    x, y = ground_xy()
+    # the hand expectation covers every case: only A, only B, both (overlap), beyond the tile
+    assert want[..., 0].any() and want[..., 1].any() and (want[..., 0] & want[..., 1]).any()
+    assert ((np.abs(x) > 60) | (np.abs(y) > 60)).any()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_depth_map_decides_and_sky_goes_to_the_background_block():
+    """With a depth map the surface point comes from it: a 'roof' 60 m up shifts nothing for a
+    nadir ray but moves an off-centre pixel's point towards the nadir; zero depth is sky."""
+    x, y = ground_xy()
+    depth = np.full((H, W), CAM_Z)          # ground at z = 0 everywhere ...
+    depth[:, 24:28] = CAM_Z - 60.0          # ... except a tall strip (z = 60 m) in columns 24..27
+    depth[0:3, :] = 0.0                     # ... and the top rows see nothing (sky)
+    got = attribute_image(CAM, nadir(0, 0), depth, None, EXTENDED, CORES, BOUNDS)
+    # the strip's points sit at 40 % of the ground distance from the nadir
+    xs = np.where(depth == CAM_Z - 60.0, 0.4 * x, x)
+    ys = np.where(depth == CAM_Z - 60.0, 0.4 * y, y)
+    inside = np.stack([(xs >= e[0]) & (xs <= e[2]) & (ys >= e[1]) & (ys <= e[3]) for e in EXTENDED], -1)
+    inside[depth == 0] = False
+    lost = ~inside.any(-1)
+    inside[..., 0] |= lost & (x < 0)
+    inside[..., 1] |= lost & (x > 0)
+    assert (got[:, 24:28] != expected_nadir()[:, 24:28]).any()  # the strip matters
+    np.testing.assert_array_equal(got, inside)
+
+
+def test_above_the_horizon_goes_to_the_block_under_the_camera():
+    """A camera over the western block, above the tile's box (top 50 m), looking east, level.
+    Its pixels see nothing inside the tile (the ground they reach lies > 130 m east, beyond
+    it), so each trains the block the compositor takes its background from: rays that never
+    enter the box (sky, and ground rays still above 50 m when they pass x = 60: slope below
+    the horizon < 50 / 80, rows v < 27.5) the block under the camera; steeper rays enter
+    through the top and leave through the eastern side (x = 60, |y| <= 58 for these columns)."""
+    c2w = np.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2] = (0, -1, 0), (0, 0, -1), (1, 0, 0)  # looking east, level
+    c2w[:3, 3] = (-20.0, 0.0, CAM_Z)
+    got = attribute_image(CAM, c2w, None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS)
+    missing_box, through_east = got[:27], got[28:, 5:35]
+    assert missing_box[..., 0].all() and not missing_box[..., 1].any()
+    assert through_east[..., 1].all() and not through_east[..., 0].any()
+
+
+# -- sampling ------------------------------------------------------------------------------
+def _tiny_survey(root, n: int = 2, w: int = 16, h: int = 12) -> Survey:
+    (root / "img").mkdir(parents=True)
+    cam = Camera(w, h, 10.0, 10.0, w / 2, h / 2, "PINHOLE")
+    images = []
+    for i in range(n):
+        Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(root / "img" / f"{i}.png")
+        images.append(SurveyImage(f"img/{i}.png", 0, nadir(5.0 * i, 0.0)))
+    survey = Survey(root, [cam], images, GEOREF)
+    write_transforms(survey, root / "transforms.json")
+    return survey
+
+
+def test_sampling_draws_only_attributed_pixels(tmp_path):
+    survey = _tiny_survey(tmp_path)
+    m0 = np.zeros((12, 16), bool)
+    m0[2:5, 3:7] = True                      # a 3x4 patch of image 0 (spans two 8x8 cells)
+    m1 = np.zeros((12, 16), bool)
+    m1[11, 15] = True                        # one pixel of image 1
+    data = RayDataset(survey, survey.images, masks=[m0, m1])
+    allowed = set(np.flatnonzero(m0.reshape(-1)).tolist()) | {16 * 12 + 11 * 16 + 15}
+    g = torch.Generator().manual_seed(0)
+    drawn = data.uniform_pixels(4000, g)
+    assert set(drawn.tolist()) == allowed    # only these, and (4000 draws of 13) every one of them
+    # error-guided: cells without attributed pixels are never chosen, however large their error
+    emap = ErrorMap([(16, 12), (16, 12)], cell=8, pixels=data.allowed)
+    emap.error[:] = 100.0
+    emap.error[emap.cells_of(torch.tensor([16 * 12 + 11 * 16 + 15]))] = 1e-3
+    drawn = emap.sample(4000, 0.75, g)
+    assert set(drawn.tolist()) <= allowed
+    # the patch's two cells carry nearly all the error weight: the lone pixel comes from the uniform quarter
+    lone = int((drawn == 16 * 12 + 11 * 16 + 15).sum())
+    assert 0 < lone < 1000 * 2 / 13 * 1.5
+    batch = data.batch(drawn[:50])
+    assert torch.all(batch.image_index[drawn[:50] >= 192] == 1)
+
+
+def test_masks_must_fit_the_training_images(tmp_path):
+    from citygen.errors import CitygenError
+
+    survey = _tiny_survey(tmp_path)
+    with pytest.raises(CitygenError, match="pixel mask"):
+        RayDataset(survey, survey.images, masks=[np.ones((12, 16), bool), np.ones((6, 8), bool)])
+    with pytest.raises(CitygenError, match="no training pixel"):
+        RayDataset(survey, survey.images, masks=[np.zeros((12, 16), bool)] * 2)
+
+
+def test_tile_tasks_write_masks_and_shares(tmp_path):
+    """End to end through the plan: one nadir image over two blocks, no depth, the plan's
+    ground plane: each block's mask file holds the hand-computed mask and its share."""
+    root = tmp_path / "survey"
+    (root / "img").mkdir(parents=True)
+    im = SurveyImage("img/0.jpg", 0, nadir(0.0, 0.0))
+    survey = Survey(root, [CAM], [im], GEOREF)
+    write_transforms(survey, root / "transforms.json")
+    grid = Grid(origin=(-50.0, -50.0), block_size=(50.0, 100.0), rows=1, cols=2)
+    blocks = [Block(id=f"b_r0_c{k}", row=0, col=k, core=tuple(CORES[k]), extended=tuple(EXTENDED[k]),
+                    z_range=(-5.0, 50.0), images=[im.name]) for k in range(2)]
+    (tmp_path / "tile").mkdir()
+    TilePlan(georef=GEOREF, grid=grid, margin_m=10.0, blocks=blocks,
+             ground={"kind": "plane", "height": 0.0, "source": "--ground-height"}).save(tmp_path / "tile" / "plan.json")
+    from citygen.tile import resolve_config
+
+    tasks, record = tile_tasks(tmp_path / "tile", root / "transforms.json", resolve_config("tiny"))
+    want = expected_nadir()
+    for k, task in enumerate(tasks):
+        (mask,) = read_pixel_masks(task.kwargs["pixels"], [im.name])
+        np.testing.assert_array_equal(mask, want[..., k])
+        rec = record["blocks"][task.block_id]
+        assert rec["attribution"] == "plan ground"
+        assert rec["pixel_share"] == pytest.approx(want[..., k].mean(), abs=1e-4)
+
+
+@pytest.mark.parametrize("error_sampling", [0.0, 0.5])
+def test_block_trainer_batches_only_attributed_pixels(tmp_path, error_sampling):
+    from citygen.tile import resolve_config
+    from citygen.train.trainer import BlockTrainer
+
+    survey = _tiny_survey(tmp_path)
+    m0 = np.zeros((12, 16), bool)
+    m0[:, :5] = True
+    m1 = np.zeros((12, 16), bool)
+    m1[7:, 9:] = True
+    allowed = set(np.flatnonzero(np.concatenate([m0.reshape(-1), m1.reshape(-1)])).tolist())
+    cfg = resolve_config("tiny", {"steps": 3, "rays_per_batch": 256, "threads": 1, "error_sampling": error_sampling,
+                                  "field.log2_hashmap_size": 12})
+    trainer = BlockTrainer(cfg, survey, tmp_path / "run", aabb=[[-20, -20, -5], [25, 20, 30]], pixel_masks=[m0, m1])
+    drawn = []
+    batch = trainer.data.batch
+    trainer.data.batch = lambda idx: drawn.append(idx.clone()) or batch(idx)
+    for _ in range(3):
+        trainer.train_step()
+    got = set(torch.cat(drawn).tolist())
+    assert got <= allowed and len(got) > len(allowed) // 2
