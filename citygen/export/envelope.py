@@ -1,0 +1,145 @@
+"""A tile's baked envelopes (:mod:`citygen.render.envelope`): bake or load every trained block's,
+and write each as a glTF binary mesh (``citygen bake-envelope TILE``).
+
+**Where.**  A block's envelope lives in its run folder (:func:`citygen.store.layout.envelope_file`);
+it is baked again when the block's newest checkpoint is newer than it (the block was trained on).
+
+**glTF.**  One ``<block id>.glb`` per block: the outer shell (what the viewer flies over: it
+wraps everything the field renders, so nothing visible is missing from it) with its per-vertex
+colours (``COLOR_0``).  glTF is y-up, right-handed, metres; the tile's local frame is z-up
+(x east, y north), so positions are stored as (x, z, -y) -- small float32 numbers around the
+tile's origin -- and the scene's ``extras`` carry what georeferences them: the CRS (as given
+and as WKT), the local origin (E, N, H) in it, and ``gltf_to_crs``, the 4x4 row-major matrix
+taking a glTF position to CRS coordinates (the axis swap plus the origin).  Written by trimesh,
+atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from survey_io import Georef
+from survey_io.atomic import atomic_path
+
+from ..errors import CitygenError
+from ..render.envelope import Envelope, Shell, bake_field_envelope, load_envelope, save_envelope
+from ..render.realtime import RealtimeSampling, pack_field
+from ..store.layout import block_checkpoint, discover, envelope_file, open_block_field, tile_georef
+
+#: local z-up (x east, y north, z up) -> glTF y-up: (x, y, z) -> (x, z, -y)
+Z_UP_TO_Y_UP = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
+
+
+def gltf_to_crs(georef: Georef | None) -> np.ndarray:
+    """4x4 matrix (row-major, column vectors) from a glTF position to CRS coordinates (or to the
+    local frame without a georef)."""
+    m = np.eye(4)
+    m[:3, :3] = Z_UP_TO_Y_UP.T
+    if georef is not None:
+        m[:3, 3] = georef.origin
+    return m
+
+
+def write_glb(path: str | Path, shell: Shell, georef: Georef | None, name: str = "envelope",
+              extras: dict[str, Any] | None = None) -> Path:
+    """Write ``shell`` (local-frame vertices, per-vertex colours) as a glTF binary (module docstring)."""
+    try:
+        import trimesh
+    except ImportError:
+        raise CitygenError(path, "writing glTF needs trimesh: pip install 'citygen[mesh]'") from None
+    path = Path(path)
+    vertices = np.asarray(shell.vertices, np.float64) @ Z_UP_TO_Y_UP.T
+    colors = np.concatenate([np.asarray(shell.colors, np.uint8), np.full((len(vertices), 1), 255, np.uint8)], 1)
+    mesh = trimesh.Trimesh(vertices, np.asarray(shell.triangles, np.int64), vertex_colors=colors, process=False)
+    scene = trimesh.Scene()
+    scene.add_geometry(mesh, geom_name=name, node_name=name)
+    meta: dict[str, Any] = {"generator": "citygen", "up_axis": "Y (glTF); local frame z-up: glTF (x, y, z) = (x, z, -y)",
+                            "gltf_to_crs": gltf_to_crs(georef).tolist()}
+    if georef is not None:
+        meta.update(crs=georef.crs, crs_wkt=georef.pyproj_crs.to_wkt(), origin=list(georef.origin))
+    meta.update(extras or {})
+    scene.metadata.update(meta)
+    data = scene.export(file_type="glb")
+    with atomic_path(path, suffix=".glb") as tmp:
+        Path(tmp).write_bytes(data)
+    return path
+
+
+def read_glb(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """A glb written by :func:`write_glb`, back in the local frame: vertices (V, 3), triangles
+    (F, 3), colours (V, 3) uint8 and the scene's extras."""
+    import json
+    import struct
+
+    import trimesh
+
+    raw = Path(path).read_bytes()
+    mesh = trimesh.load(io.BytesIO(raw), file_type="glb", force="mesh", process=False)
+    # the JSON chunk (after the 12-byte header: chunk length, chunk type, JSON) holds the extras
+    n = struct.unpack_from("<I", raw, 12)[0]
+    extras = json.loads(raw[20:20 + n])["scenes"][0].get("extras", {})
+    local = np.asarray(mesh.vertices) @ Z_UP_TO_Y_UP
+    return local, np.asarray(mesh.faces), np.asarray(mesh.visual.vertex_colors)[:, :3], extras
+
+
+def block_envelope(run_dir: Path, *, bake: bool = True, force: bool = False, device: str = "cpu",
+                   log: Callable[[str], None] | None = None) -> Envelope | None:
+    """The envelope of the block trained in ``run_dir``: loaded when it is newer than the block's
+    newest checkpoint, else baked and saved (None when it is missing and ``bake`` is False)."""
+    path = envelope_file(run_dir)
+    sidecar = block_checkpoint(run_dir)
+    if path.is_file() and not force and path.stat().st_mtime >= sidecar.stat().st_mtime:
+        return load_envelope(path)
+    if not bake:
+        return None
+    field, meta = open_block_field(run_dir, device)
+    render = meta["train_config"].render
+    # the budget is a share of the packed block's bytes: its hash tables and MLPs; the fine
+    # occupancy bits (a small share) are left out rather than baked only to be counted
+    packed = pack_field(field, render, sampling=RealtimeSampling(occupancy_factor=1))
+    if log:
+        log(f"baking the envelope of {run_dir.name} (packed block {packed.nbytes / 1e6:.1f} MB)")
+    env = bake_field_envelope(field, render.step_size, packed.nbytes, min_transmittance=render.min_transmittance)
+    save_envelope(path, env)
+    return env
+
+
+def tile_envelopes(tile_dir: str | Path, *, bake: bool = True, force: bool = False, device: str = "cpu",
+                   log: Callable[[str], None] | None = None) -> dict[str, Envelope]:
+    """Every trained block's envelope (block id -> envelope), baking the missing or stale ones
+    when ``bake``; without ``bake`` only the blocks that have a current one."""
+    out = {}
+    for block_id, run in discover(tile_dir).trained.items():
+        env = block_envelope(run, bake=bake, force=force, device=device, log=log)
+        if env is not None:
+            out[block_id] = env
+    return out
+
+
+def bake_tile_envelopes(tile_dir: str | Path, glb_dir: str | Path | None = None, *, force: bool = False,
+                        device: str = "cpu", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``citygen bake-envelope``: bake (or reuse) every block's envelope; with ``glb_dir`` also
+    write ``<block id>.glb`` there.  Returns a JSON-able report."""
+    tile_dir = Path(tile_dir)
+    envelopes = tile_envelopes(tile_dir, force=force, device=device, log=log)
+    if not envelopes:
+        raise CitygenError(tile_dir, "no trained block to bake an envelope of")
+    georef = tile_georef(tile_dir)
+    report: dict[str, Any] = {"tile": str(tile_dir), "crs": georef.crs if georef else None, "blocks": {}}
+    for block_id, env in envelopes.items():
+        row = {"envelope": str(envelope_file(discover(tile_dir).trained[block_id])),
+               "outer_triangles": len(env.outer.triangles), "inner_triangles": len(env.inner.triangles),
+               "bytes": env.nbytes, "bake_s": round(env.bake_seconds, 1)}
+        if glb_dir is not None:
+            row["glb"] = str(write_glb(Path(glb_dir) / f"{block_id}.glb", env.outer, georef, name=block_id,
+                                       extras={"block": block_id, "shell": "outer"}))
+        report["blocks"][block_id] = row
+    return report
+
+
+__all__ = ["bake_tile_envelopes", "block_envelope", "gltf_to_crs", "read_glb", "tile_envelopes", "write_glb"]
