@@ -807,16 +807,15 @@ QUADS = {"west": ((-10.0, -5.0, 0.0), (0.0, 5.0), (200, 30, 40)),
 
 
 def quad_envelopes():
-    """Two blocks' envelopes, each outer shell a flat coloured rectangle at z = 0."""
-    from citygen.render.envelope import Envelope, Shell
+    """Two blocks' display shells, each a flat coloured rectangle at z = 0 facing up (counter-
+    clockwise seen from above, as the envelope orients its shells: the drawer culls back faces)."""
+    from citygen.render.envelope import Shell
 
     out = {}
     for name, ((x0, y0, z), (x1, y1), rgb) in QUADS.items():
         v = np.array([[x0, y0, z], [x1, y0, z], [x1, y1, z], [x0, y1, z]], np.float32)
         f = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
-        shell = Shell(v, f, np.tile(np.array(rgb, np.uint8), (4, 1)))
-        empty = Shell(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8))
-        out[name] = Envelope(shell, empty, 1.0, 2.0, 3.0, 0.5)
+        out[name] = Shell(v, f, np.tile(np.array(rgb, np.uint8), (4, 1)))
     return out
 
 

@@ -137,7 +137,7 @@ class ViewerApp:
         """Create the GL resources on ``ctx`` (call once the context exists)."""
         self.drawer = Drawer(ctx)
         if self.baked is not None:
-            self.drawer.set_mesh(self.baked)
+            self.drawer.set_mesh(self.baked, cull_back=self.baked_label == "envelope")
 
     @property
     def window_camera(self) -> Camera:

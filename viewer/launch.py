@@ -5,6 +5,7 @@ The command line lives in ``citygen/cli.py``; these are plain typed functions.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from citygen.errors import CitygenError
-from citygen.export.envelope import tile_envelopes
+from citygen.export.envelope import tile_view_shells
 from citygen.store.layout import trained_survey
 from citygen.tile import open_tile
 from survey_io import read_transforms
@@ -38,13 +39,13 @@ def survey_views_from(transforms: str | Path) -> list[SurveyView]:
 ENVELOPE_MIN_NEURAL_SCALE = 4
 
 
-def envelope_model(envelopes: dict) -> PlyModel:
-    """The blocks' outer shells (:mod:`citygen.render.envelope`, tile-local metres) as one
-    coloured triangle mesh for the GL drawer.  The outer shell, not the inner: it wraps all
-    that the field renders, and its colours (the field seen inward) are the surface's."""
+def envelope_model(shells: dict) -> PlyModel:
+    """The blocks' display shells (:func:`citygen.export.envelope.view_shell`: the outer shell of
+    :mod:`citygen.render.envelope` decimated, tile-local metres) as one coloured triangle mesh for
+    the GL drawer.  The outer shell, not the inner: it wraps all that the field renders, and its
+    colours (the field seen inward) are the surface's."""
     positions, colors, faces, offset = [], [], [], 0
-    for env in envelopes.values():
-        shell = env.outer
+    for shell in shells.values():
         positions.append(np.asarray(shell.vertices, np.float64))
         colors.append(np.asarray(shell.colors, np.uint8))
         faces.append(np.asarray(shell.triangles, np.int64) + offset)
@@ -80,7 +81,7 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
         survey = survey or trained_survey(target)
         use_envelope = layer == "envelope" or (layer == "auto" and not str(device).startswith("cuda"))
         if ply is None and use_envelope:
-            envelopes = tile_envelopes(target, bake=layer == "envelope", device=device,
+            envelopes = tile_view_shells(target, bake=layer == "envelope", device=device,
                                        log=lambda line: print(line, file=sys.stderr))
             if envelopes:
                 baked = envelope_model(envelopes)
@@ -136,7 +137,8 @@ def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None 
     size, timed from the draw call to ``glFinish`` (the pixels a window would swap; reading them
     back is reported apart).  With ``rest_jobs`` the camera then rests at the path's end and the
     neural render refines that many jobs (seconds until it replaces the envelope reported).
-    ``screenshot`` saves the last flying frame as PNG (and ``*_rest.png`` after the rest)."""
+    ``screenshot`` saves the frame at the middle of the path as PNG (and ``*_rest.png``, the
+    path's end after the rest)."""
     from citygen.bench_render import fly_path
 
     if app.baked is None:
@@ -147,7 +149,7 @@ def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None 
         altitude = 0.25 * float(max(hi[0] - lo[0], hi[1] - lo[1]))
         path = fly_path(np.stack([lo, hi]), frames, altitude)
         app.external_motion = True
-        times, reads = [], []
+        times, reads, cpu = [], [], time.process_time()
         for i, c2w in enumerate([path[0]] * 3 + path):   # 3 warm-up frames (shader and buffer set-up)
             app.camera.set_c2w(c2w)
             app.update()
@@ -156,9 +158,12 @@ def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None 
             hv.ctx.finish()
             t1 = time.perf_counter()
             img = hv.target.read_rgb()
+            if i == 3 + len(path) // 2:
+                shot = img                                # the middle of the path: the tile ahead
             if i >= 3:
                 times.append(t1 - t0)
                 reads.append(time.perf_counter() - t1)
+        cpu = time.process_time() - cpu    # every thread of the process: llvmpipe's too
         ms = np.asarray(times) * 1e3
         result: dict[str, Any] = {
             "layer": app.layer(), "size": list(app.size), "frames": len(times), "gl_renderer": hv.ctx.info.get("GL_RENDERER"),
@@ -166,9 +171,11 @@ def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None 
             "frame_ms_median": float(np.median(ms)), "frame_ms_p95": float(np.percentile(ms, 95)),
             "fps_median": 1e3 / float(np.median(ms)), "fps_p95": 1e3 / float(np.percentile(ms, 95)),
             "readback_ms_median": 1e3 * statistics.median(reads), "hud": hud,
+            "cpu_ms_per_frame": 1e3 * cpu / (len(path) + 3),
+            "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count(),
             "altitude_above_top_m": altitude}
         if screenshot is not None:
-            _save_png(img, Path(screenshot))
+            _save_png(shot, Path(screenshot))
             result["screenshot"] = str(screenshot)
         if rest_jobs and app.source is not None:
             app.external_motion = False
