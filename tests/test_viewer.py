@@ -883,3 +883,19 @@ def test_scheduler_progress_closed_form():
     job = s.next_job(1.0, "a", 64, 48)
     assert (job.scale, job.row0, job.row1) == (2, 0, 2)
     assert s.progress == pytest.approx((192 + 2 * 32) / 4032)
+
+
+def test_bench_view_flies_envelope_then_refines(gl_ctx, tmp_path):
+    from viewer.launch import bench_view, envelope_model
+
+    app = ViewerApp(TileSource(FakeTileRenderer()), baked=envelope_model(quad_envelopes()), size=(64, 48),
+                    baked_label="envelope", min_neural_scale=4)
+    renderer = app.source.renderer
+    result = bench_view(app, frames=4, screenshot=tmp_path / "fly.png", rest_jobs=50)
+    assert result["frames"] == 4 and result["layer"] == "envelope" and result["triangles"] == 4
+    assert 0 < result["frame_ms_median"] <= result["frame_ms_p95"]
+    rest = result["rest"]
+    # flying rendered nothing neural; at rest the passes 1/32 .. 1/1 of 64x48 finish within 50 jobs
+    assert rest["layer"] == "neural" and rest["scale"] == 1 and rest["neural_shown_after_s"] is not None
+    assert renderer.calls["rays"] + renderer.calls["view"] == rest["jobs"]
+    assert (tmp_path / "fly.png").is_file() and (tmp_path / "fly_rest.png").is_file()

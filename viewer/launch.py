@@ -135,10 +135,10 @@ def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None 
     over the tile (:func:`citygen.bench_render.fly_path`, 40 degrees down) and each frame is
     drawn headless (EGL; Mesa llvmpipe on a CPU) into an offscreen framebuffer of the window
     size, timed from the draw call to ``glFinish`` (the pixels a window would swap; reading them
-    back is reported apart).  With ``rest_jobs`` the camera then rests at the path's end and the
+    back is reported apart).  With ``rest_jobs`` the camera then rests mid-path and the
     neural render refines that many jobs (seconds until it replaces the envelope reported).
-    ``screenshot`` saves the frame at the middle of the path as PNG (and ``*_rest.png``, the
-    path's end after the rest)."""
+    ``screenshot`` saves the frame at the middle of the path as PNG (and ``*_rest.png``, the same
+    view after the rest)."""
     from citygen.bench_render import fly_path
 
     if app.baked is None:
@@ -178,6 +178,7 @@ def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None 
             _save_png(shot, Path(screenshot))
             result["screenshot"] = str(screenshot)
         if rest_jobs and app.source is not None:
+            app.camera.set_c2w(path[len(path) // 2])         # rest where the screenshot was taken
             app.external_motion = False
             t0, jobs, shown = time.perf_counter(), 0, None
             app.scheduler.refine_now()
