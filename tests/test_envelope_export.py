@@ -83,3 +83,27 @@ def test_bake_envelope_cli_bad_tile(tmp_path, capsys):
     assert entrypoint(["bench", "view"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tile" in err[0]
+
+
+def test_view_shell_decimates_keeps_colour_and_caches(tmp_path):
+    o3d = pytest.importorskip("open3d")
+    from citygen.export.envelope import view_shell
+    from citygen.render.envelope import Envelope, save_envelope
+    from citygen.store.layout import envelope_file, envelope_view_file
+
+    sphere = o3d.geometry.TriangleMesh.create_sphere(radius=10.0, resolution=40)   # 3120 triangles
+    v = np.asarray(sphere.vertices, np.float32) + np.float32([5.0, -3.0, 12.0])
+    f = np.asarray(sphere.triangles, np.int32)
+    shell = Shell(v, f, np.tile(np.uint8([90, 140, 200]), (len(v), 1)))
+    empty = Shell(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8))
+    env = Envelope(shell, empty, 1.0, 2.0, 3.0, 0.5)
+    save_envelope(envelope_file(tmp_path), env)
+    view = view_shell(tmp_path, env, max_triangles=300)
+    assert 100 <= len(view.triangles) <= 300
+    # a decimated sphere: vertices stay near the radius (chords cut inside), colours uniform as given
+    r = np.linalg.norm(view.vertices - np.float32([5.0, -3.0, 12.0]), axis=1)
+    assert r.max() < 10.2 and r.min() > 8.5
+    assert np.all(view.colors == (90, 140, 200))
+    assert envelope_view_file(tmp_path).is_file()
+    again = view_shell(tmp_path, Envelope(empty, empty, 1.0, 2.0, 3.0, 0.5))   # cached: the argument is unused
+    np.testing.assert_array_equal(again.triangles, view.triangles)

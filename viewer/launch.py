@@ -16,7 +16,7 @@ import numpy as np
 
 from citygen.errors import CitygenError
 from citygen.export.envelope import tile_view_shells
-from citygen.store.layout import trained_survey
+from citygen.store.layout import discover, trained_survey
 from citygen.tile import open_tile
 from survey_io import read_transforms
 
@@ -85,6 +85,10 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
                                        log=lambda line: print(line, file=sys.stderr))
             if envelopes:
                 baked = envelope_model(envelopes)
+                missing = sorted(set(discover(target).trained) - set(envelopes))
+                if missing:
+                    print(f"citygen: blocks without a current envelope (not drawn while flying): "
+                          f"{', '.join(missing)}; `citygen bake-envelope {target}` bakes them", file=sys.stderr)
             elif layer == "auto":
                 print(f"citygen: no baked envelope in {target}: each frame is rendered neurally; "
                       f"`citygen bake-envelope {target}` bakes one to fly over", file=sys.stderr)
