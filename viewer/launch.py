@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
+from citygen.bench_render import fly_path
 from citygen.errors import CitygenError
 from citygen.export.envelope import tile_view_shells
 from citygen.store.layout import discover, trained_survey
 from citygen.tile import open_tile
 from survey_io import read_transforms
+from survey_io.atomic import atomic_path
 
 from .app import HeadlessViewer, SurveyView, ViewerApp
 from .display import DisplayMode
@@ -143,8 +146,6 @@ def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None 
     neural render refines that many jobs (seconds until it replaces the envelope reported).
     ``screenshot`` saves the frame at the middle of the path as PNG (and ``*_rest.png``, the same
     view after the rest)."""
-    from citygen.bench_render import fly_path
-
     if app.baked is None:
         raise CitygenError(None, "bench view: nothing baked to fly over (bake the envelope first)")
     hv = HeadlessViewer(app)
@@ -210,10 +211,6 @@ def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None 
 
 
 def _save_png(img: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    from survey_io.atomic import atomic_path
-
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
 

@@ -25,6 +25,8 @@ atomically.
 from __future__ import annotations
 
 import io
+import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,7 @@ def write_glb(path: str | Path, shell: Shell, georef: Georef | None, name: str =
               extras: dict[str, Any] | None = None) -> Path:
     """Write ``shell`` (local-frame vertices, per-vertex colours) as a glTF binary (module docstring)."""
     try:
-        import trimesh
+        import trimesh  # deferred: the mesh extra
     except ImportError:
         raise CitygenError(path, "writing glTF needs trimesh: pip install 'citygen[mesh]'") from None
     path = Path(path)
@@ -91,10 +93,7 @@ def write_glb(path: str | Path, shell: Shell, georef: Georef | None, name: str =
 def read_glb(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """A glb written by :func:`write_glb`, back in the local frame: vertices (V, 3), triangles
     (F, 3), colours (V, 3) uint8 and the scene's extras."""
-    import json
-    import struct
-
-    import trimesh
+    import trimesh  # deferred: the mesh extra
 
     raw = Path(path).read_bytes()
     mesh = trimesh.load(io.BytesIO(raw), file_type="glb", force="mesh", process=False)
