@@ -634,18 +634,21 @@ def export(tile: tyro.conf.Positional[Path], out: Path, what: str = "ortho,dsm,s
 
 
 def bake_envelope(tile: tyro.conf.Positional[Path], glb: Path | None = None, force: bool = False,
-                  device: str = "cpu") -> None:
+                  device: str = "cpu", shell: Literal["inner", "outer"] = "inner") -> None:
     """Bake every trained block's envelope (outer and inner shell meshes with the field's colours,
     citygen.render.envelope) into its run folder, for the viewer to fly over and the narrow-band
-    renderer; blocks whose envelope is newer than their checkpoint are reused.  With --glb, also
-    write each block's coloured outer shell as OUT/<block id>.glb (glTF binary, y-up, the CRS,
-    its WKT and the local origin in the scene's extras).
+    renderer, and the viewer's display mesh (the inner shell, decimated); blocks whose envelope is
+    newer than their checkpoint are reused.  With --glb, also write each block's coloured shell as
+    OUT/<block id>.glb (glTF binary, y-up, the CRS, its WKT and the local origin in the scene's
+    extras).
 
     Args:
         tile: the tile folder (plan.json + block checkpoints) or a training run folder.
         glb: folder for the glTF binary files.
         force: bake again even where a current envelope exists.
         device: cpu or cuda.
+        shell: the shell written as glTF: inner (where the field turns opaque: the surface the
+            viewer shows) or outer (bounds everything the field renders).
     """
     import json
 
@@ -653,7 +656,7 @@ def bake_envelope(tile: tyro.conf.Positional[Path], glb: Path | None = None, for
 
     if glb is not None:
         check_out_dir(glb, "--glb")
-    report = bake_tile_envelopes(tile, glb, force=force, device=device,
+    report = bake_tile_envelopes(tile, glb, force=force, device=device, shell=shell,
                                  log=lambda line: print(line, file=sys.stderr))
     print(json.dumps(report, indent=2))
 

@@ -96,7 +96,7 @@ def test_view_shell_decimates_keeps_colour_and_caches(tmp_path):
     f = np.asarray(sphere.triangles, np.int32)
     shell = Shell(v, f, np.tile(np.uint8([90, 140, 200]), (len(v), 1)))
     empty = Shell(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8))
-    env = Envelope(shell, empty, 1.0, 2.0, 3.0, 0.5)
+    env = Envelope(empty, shell, 1.0, 2.0, 3.0, 0.5)          # the viewer shows the inner shell
     save_envelope(envelope_file(tmp_path), env)
     view = view_shell(tmp_path, env, max_triangles=300)
     assert 100 <= len(view.triangles) <= 300

@@ -43,10 +43,9 @@ ENVELOPE_MIN_NEURAL_SCALE = 4
 
 
 def envelope_model(shells: dict) -> PlyModel:
-    """The blocks' display shells (:func:`citygen.export.envelope.view_shell`: the outer shell of
-    :mod:`citygen.render.envelope` decimated, tile-local metres) as one coloured triangle mesh for
-    the GL drawer.  The outer shell, not the inner: it wraps all that the field renders, and its
-    colours (the field seen inward) are the surface's."""
+    """The blocks' display shells (:func:`citygen.export.envelope.view_shell`: the inner shell of
+    :mod:`citygen.render.envelope` decimated, tile-local metres; why the inner: that module's
+    docstring) as one coloured triangle mesh for the GL drawer."""
     positions, colors, faces, offset = [], [], [], 0
     for shell in shells.values():
         positions.append(np.asarray(shell.vertices, np.float64))
@@ -54,7 +53,7 @@ def envelope_model(shells: dict) -> PlyModel:
         faces.append(np.asarray(shell.triangles, np.int64) + offset)
         offset += len(shell.vertices)
     if not offset:
-        raise CitygenError(None, "the tile's envelopes are empty (nothing above the outer level)")
+        raise CitygenError(None, "the tile's envelopes are empty (the fields are nowhere opaque)")
     return PlyModel(np.concatenate(positions), np.concatenate(colors), None,
                     np.concatenate(faces).astype(np.int32), ("coordinates are local",))
 

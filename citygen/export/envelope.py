@@ -4,17 +4,23 @@ and write each as a glTF binary mesh (``citygen bake-envelope TILE``).
 **Where.**  A block's envelope lives in its run folder (:func:`citygen.store.layout.envelope_file`);
 it is baked again when the block's newest checkpoint is newer than it (the block was trained on).
 
-**Display level of detail.**  The viewer flies over every block's outer shell, rasterised on the
-CPU by Mesa's llvmpipe when there is no GPU, where the cost is mostly per vertex: a block's shell
-(about 150k triangles for a ``tiny`` block within its 10 % byte budget) is decimated once more to
-``VIEW_TRIANGLES`` (open3d's quadric decimation, colours carried along) and kept beside it
-(:func:`citygen.store.layout.envelope_view_file`), stale when older than the envelope.  Measured
-on a 2x2 tile (``citygen bench view``, 1280x720): 600k triangles 340 ms per frame, 100k 125 ms
-(wall clock, the 2-core box shared at load 5-8; CPU time 41 ms per frame).
+**What is shown: the inner shell.**  The viewer flies over every block's *inner* shell (opacity
+0.5 per step: where the field turns opaque), not the outer one: on a young field the outer shell
+(1e-2 per step) wraps the semi-transparent layer metres above the surface, and its colours, the
+field seen inward from there, are that fog's -- on the 200-step smoke tile it was one pale blob
+over the whole tile, while the inner shell shows the streets, trees, water and roofs of the
+neural render (where the field is nowhere opaque, e.g. thin ground, it has holes).
 
-**glTF.**  One ``<block id>.glb`` per block: the outer shell (what the viewer flies over: it
-wraps everything the field renders, so nothing visible is missing from it) with its per-vertex
-colours (``COLOR_0``).  glTF is y-up, right-handed, metres; the tile's local frame is z-up
+**Display level of detail.**  Rasterised on the CPU by Mesa's llvmpipe when there is no GPU, the
+cost is mostly per vertex: a block's inner shell is decimated once more to ``VIEW_TRIANGLES``
+(open3d's quadric decimation, colours carried along) and kept beside the envelope
+(:func:`citygen.store.layout.envelope_view_file`), stale when older than it.  Measured on a 2x2
+tile (``citygen bench view``, 1280x720): 600k triangles 340 ms per frame, 100k 125 ms (wall
+clock, the 2-core box shared at load 5-9; CPU time 42 ms per frame).
+
+**glTF.**  One ``<block id>.glb`` per block: a shell (the inner by default, what the viewer shows;
+the outer bounds everything the field renders) at full resolution with its per-vertex colours
+(``COLOR_0``).  glTF is y-up, right-handed, metres; the tile's local frame is z-up
 (x east, y north), so positions are stored as (x, z, -y) -- small float32 numbers around the
 tile's origin -- and the scene's ``extras`` carry what georeferences them: the CRS (as given
 and as WKT), the local origin (E, N, H) in it, and ``gltf_to_crs``, the 4x4 row-major matrix
@@ -127,11 +133,11 @@ def block_envelope(run_dir: Path, *, bake: bool = True, force: bool = False, dev
 
 
 def view_shell(run_dir: Path, envelope: Envelope, max_triangles: int = VIEW_TRIANGLES) -> Shell:
-    """The block's outer shell decimated for display (module docstring), cached in its run folder."""
+    """The block's inner shell decimated for display (module docstring), cached in its run folder."""
     path, source = envelope_view_file(run_dir), envelope_file(run_dir)
     if path.is_file() and source.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
         return load_envelope(path).outer
-    outer = envelope.outer
+    outer = envelope.inner     # stored as the cached file's outer shell (below)
     if len(outer.triangles) > max_triangles:
         o3d = require_open3d("the viewer's envelope layer: decimating the envelope for display")
         mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(outer.vertices.astype(np.float64)),
@@ -173,9 +179,13 @@ def tile_envelopes(tile_dir: str | Path, *, bake: bool = True, force: bool = Fal
 
 
 def bake_tile_envelopes(tile_dir: str | Path, glb_dir: str | Path | None = None, *, force: bool = False,
-                        device: str = "cpu", log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """``citygen bake-envelope``: bake (or reuse) every block's envelope; with ``glb_dir`` also
-    write ``<block id>.glb`` there.  Returns a JSON-able report."""
+                        device: str = "cpu", shell: str = "inner",
+                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``citygen bake-envelope``: bake (or reuse) every block's envelope and display mesh; with
+    ``glb_dir`` also write ``<block id>.glb`` there, of the ``shell`` ("inner" or "outer").
+    Returns a JSON-able report."""
+    if shell not in ("inner", "outer"):
+        raise CitygenError(None, f"--shell must be inner or outer, got {shell!r}")
     tile_dir = Path(tile_dir)
     envelopes = tile_envelopes(tile_dir, force=force, device=device, log=log)
     if not envelopes:
@@ -189,8 +199,8 @@ def bake_tile_envelopes(tile_dir: str | Path, glb_dir: str | Path | None = None,
         view = view_shell(discover(tile_dir).trained[block_id], env)
         row["view_triangles"] = len(view.triangles)
         if glb_dir is not None:
-            row["glb"] = str(write_glb(Path(glb_dir) / f"{block_id}.glb", env.outer, georef, name=block_id,
-                                       extras={"block": block_id, "shell": "outer"}))
+            row["glb"] = str(write_glb(Path(glb_dir) / f"{block_id}.glb", getattr(env, shell), georef,
+                                       name=block_id, extras={"block": block_id, "shell": shell}))
         report["blocks"][block_id] = row
     return report
 
