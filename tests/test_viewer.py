@@ -822,7 +822,7 @@ def quad_envelopes():
 def test_envelope_layer_draws_blocks_at_projected_pixels(gl_ctx):
     from viewer.launch import envelope_model
 
-    app = ViewerApp(baked=envelope_model(quad_envelopes()), size=(100, 80), baked_label="envelope")
+    app = ViewerApp(baked=envelope_model(quad_envelopes()), size=(100, 80), baked_label="envelope", cull_baked=True)
     app.camera.set_c2w(nadir(40.0))
     app.show_hud = False
     hv = HeadlessViewer(app, ctx=gl_ctx)
@@ -848,7 +848,7 @@ def test_hud_layer_switches_from_envelope_to_neural_at_rest(gl_ctx):
 
     now = [0.0]
     app = ViewerApp(TileSource(FakeTileRenderer()), baked=envelope_model(quad_envelopes()), size=(64, 48),
-                    clock=lambda: now[0], baked_label="envelope", min_neural_scale=4)
+                    clock=lambda: now[0], baked_label="envelope", min_neural_scale=4, cull_baked=True)
     app.camera.set_c2w(nadir(40.0))
     hv = HeadlessViewer(app, ctx=gl_ctx)
     renderer = app.source.renderer
@@ -857,6 +857,7 @@ def test_hud_layer_switches_from_envelope_to_neural_at_rest(gl_ctx):
     hv.frame()
     assert app.layer() == "envelope" and "layer envelope" in hud_lines(app.hud_info())[0]
     assert renderer.calls == {"rays": 0, "view": 0}      # flying: no neural rendering at all
+    assert abs(app.pick_at(32.0, 24.0).local[2]) < 0.05  # picking reads the envelope's depth while flying
     app.key_up("w")
     now[0] += 0.05
     app.show_hud = False
@@ -889,7 +890,7 @@ def test_bench_view_flies_envelope_then_refines(gl_ctx, tmp_path):
     from viewer.launch import bench_view, envelope_model
 
     app = ViewerApp(TileSource(FakeTileRenderer()), baked=envelope_model(quad_envelopes()), size=(64, 48),
-                    baked_label="envelope", min_neural_scale=4)
+                    baked_label="envelope", min_neural_scale=4, cull_baked=True)
     renderer = app.source.renderer
     result = bench_view(app, frames=4, screenshot=tmp_path / "fly.png", rest_jobs=50)
     assert result["frames"] == 4 and result["layer"] == "envelope" and result["triangles"] == 4

@@ -2,8 +2,10 @@
 
 :class:`ViewerApp` knows nothing of windows: a window (``viewer.window``) or the headless
 driver (:class:`HeadlessViewer`) feeds it input events and the time, and it draws into
-whatever framebuffer it is given.  It shows either a neural tile (through a
-:class:`~viewer.source.TileSource`) or a baked PLY preview drawn natively by GL.
+whatever framebuffer it is given.  It shows a neural tile (through a
+:class:`~viewer.source.TileSource`), a baked model drawn natively by GL (a PLY preview, or the
+tile's envelope: ``viewer.launch``), or both: the baked model while the camera moves, the neural
+render refining the view at rest (the HUD names the layer on screen).
 
 Keys (besides the camera's W/A/S/D/Q/E, Shift, drag and scroll):
 
@@ -68,6 +70,7 @@ class ViewerApp:
         min_neural_scale: with both layers, the baked one stays on screen at rest until a
             neural pass at this scale or finer is complete (a 1/32 neural frame looks worse
             than the envelope); None: the first neural pass replaces it.
+        cull_baked: the baked mesh is closed and oriented (the envelope): skip back faces.
         size: window size (width, height) in pixels.
         georef: the tile's georeferencing (default: the source's).
         survey_views: training cameras for jumping (``n`` / ``p``).
@@ -82,12 +85,14 @@ class ViewerApp:
                  georef: Georef | None = None, survey_views: list[SurveyView] | None = None,
                  edit_state: str | Callable[[], str] = "", out_dir: str | Path = ".",
                  clock: Callable[[], float] = time.perf_counter, scheduler: RenderScheduler | None = None,
-                 live_edits=None, baked_label: str = "baked PLY", min_neural_scale: int | None = None):
+                 live_edits=None, baked_label: str = "baked PLY", min_neural_scale: int | None = None,
+                 cull_baked: bool = False):
         if source is None and baked is None:
             raise CitygenError(None, "the viewer needs a tile or a baked PLY to show")
         self.source, self.baked = source, baked
         self.baked_label = baked_label
         self.min_neural_scale = min_neural_scale
+        self.cull_baked = cull_baked
         #: a driver moves the camera (benchmarks, scripted fly-throughs): the baked layer draws
         self.external_motion = False
         self._neural_view: tuple | None = None   # view whose neural pass reached min_neural_scale
@@ -137,7 +142,7 @@ class ViewerApp:
         """Create the GL resources on ``ctx`` (call once the context exists)."""
         self.drawer = Drawer(ctx)
         if self.baked is not None:
-            self.drawer.set_mesh(self.baked, cull_back=self.baked_label == "envelope")
+            self.drawer.set_mesh(self.baked, cull_back=self.cull_baked)
 
     @property
     def window_camera(self) -> Camera:
@@ -238,8 +243,9 @@ class ViewerApp:
         return pick(frame, self.window_camera, self.camera.c2w(), x, y, self.georef, self.classes)
 
     def depth_frame(self) -> Frame | None:
-        """Depth of the current view: the neural frame, or the baked model's depth buffer."""
-        if self.source is not None:
+        """Depth of the current view: the neural frame, or the baked model's depth buffer when
+        that is what is on screen (flying over the envelope)."""
+        if self.source is not None and not self._uses_baked():
             return self.frame
         if self.drawer is None:
             return None

@@ -107,7 +107,7 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
     envelope = baked is not None and ply is None
     return ViewerApp(source, baked, size=size, georef=georef, survey_views=views, out_dir=out, live_edits=live,
                      baked_label="envelope" if envelope else "baked PLY",
-                     min_neural_scale=ENVELOPE_MIN_NEURAL_SCALE if envelope else None)
+                     min_neural_scale=ENVELOPE_MIN_NEURAL_SCALE if envelope else None, cull_baked=envelope)
 
 
 def run_window(app: ViewerApp, title: str = "citygen viewer") -> None:
