@@ -15,8 +15,10 @@ neural render (where the field is nowhere opaque, e.g. thin ground, it has holes
 cost is mostly per vertex: a block's inner shell is decimated once more to ``VIEW_TRIANGLES``
 (open3d's quadric decimation, colours carried along) and kept beside the envelope
 (:func:`citygen.store.layout.envelope_view_file`), stale when older than it.  Measured on a 2x2
-tile (``citygen bench view``, 1280x720): 600k triangles 340 ms per frame, 100k 125 ms (wall
-clock, the 2-core box shared at load 5-9; CPU time 42 ms per frame).
+tile (``citygen bench view``, 1280x720, the 2-core box shared with other jobs): the full outer
+shells, 600k triangles, 340 ms per frame; outer shells decimated to 100k, 125 ms (CPU time 42 ms);
+inner shells decimated to 100k (fewer pixels covered), median 46.7 ms = 21.4 FPS, p95 92.8 ms,
+CPU time 25.7 ms per frame, at load average 5.4.
 
 **glTF.**  One ``<block id>.glb`` per block: a shell (the inner by default, what the viewer shows;
 the outer bounds everything the field renders) at full resolution with its per-vertex colours
