@@ -634,7 +634,7 @@ def export(tile: tyro.conf.Positional[Path], out: Path, what: str = "ortho,dsm,s
 
 
 def bake_envelope(tile: tyro.conf.Positional[Path], glb: Path | None = None, force: bool = False,
-                  device: str = "cpu", shell: Literal["inner", "outer"] = "inner") -> None:
+                  device: Literal["cpu", "cuda"] = "cpu", shell: Literal["inner", "outer"] = "inner") -> None:
     """Bake every trained block's envelope (outer and inner shell meshes with the field's colours,
     citygen.render.envelope) into its run folder, for the viewer to fly over and the narrow-band
     renderer, and the viewer's display mesh (the inner shell, decimated); blocks whose envelope is
