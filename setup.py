@@ -41,7 +41,7 @@ setup(
                 "import-linter>=2.17",
                 # its validator checks the COG layout of exported rasters (tests/test_export_windows.py)
                 "rio-cogeo>=5"],
-        "mesh": ["open3d-cpu>=0.18; platform_machine=='x86_64'"],
+        "mesh": ["open3d-cpu>=0.18; platform_machine=='x86_64'", "trimesh>=4"],  # trimesh: glTF export
         "ray": ["ray>=2.9"],
         "nerfstudio": ["nerfstudio>=1.1"],
         # tiny-cuda-nn is not on PyPI: build it from source on a CUDA machine (see README).

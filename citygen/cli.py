@@ -175,7 +175,7 @@ def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 
     print(json.dumps(summary))
 
 
-def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scale", "export"]],
+def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scale", "export", "view"]],
           out: Path | None = None, n_points: int = 2**16, repeats: int = 5, device: str = "auto",
           tile: Path | None = None, res: tuple[str, ...] = (), frames: int = 5, reference_frames: int = 1,
           no_stream: bool = False, stream_budget_gb: float | None = None, stream_frames: int | None = None,
@@ -184,7 +184,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
           stream_prefetch_m: float = 1500.0, stream_read_gbps: float = 1.0, stream_dir: Path | None = None,
           picture: Path | None = None, scale_dir: Path = Path("outputs/bench_scale"),
           scale_areas: tuple[float, ...] = (0.1, 0.25), scale_steps: int = 60,
-          size_m: float = 1000.0, gsd: float = 0.1, las_points: int = 50_000_000, work: Path | None = None) -> None:
+          size_m: float = 1000.0, gsd: float = 0.1, las_points: int = 50_000_000, work: Path | None = None,
+          view_frames: int = 120, view_rest_jobs: int = 0) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
@@ -192,13 +193,16 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
             side by side, torch reference = 1.0x), render (the real-time renderer), stream (a
             simulated fly-through of a 100 km2 tile of block-preset-sized packed blocks, prefetch
             on and off), scale (the chain, stage by stage, on synthetic surveys of growing area),
-            export (peak memory of windowed COG rasters and chunked LAZ, analytic scene).
+            export (peak memory of windowed COG rasters and chunked LAZ, analytic scene), view
+            (the viewer's envelope layer: frame times along a fly path, headless EGL; needs --tile,
+            bakes the envelope where missing).
         out: also write the JSON here.
         n_points: points per step.
         repeats: timed steps per backend (the median is reported).
         device: cpu, cuda or auto (cuda when available).
-        tile: render: a trained run, checkpoint or tile folder (default: a synthetic field).
-        res: render: resolutions such as 1920x1080 (default 1920x1080 3840x2160 on a GPU, 160x90 on a CPU).
+        tile: render: a trained run, checkpoint or tile folder (default: a synthetic field); view: the tile.
+        res: render: resolutions such as 1920x1080 (default 1920x1080 3840x2160 on a GPU, 160x90 on a CPU);
+            view: the window size (default 1280x720).
         frames: render: fly-through frames per resolution.
         reference_frames: render: frames of the torch reference renderer (the 1.0x baseline).
         no_stream: render: skip the 100 km2 streaming fly-through.
@@ -223,11 +227,14 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
         stream_dir: stream: keep the blocks' files here and reuse them on the next run (default: a
             temporary folder, removed; 100 blocks of the block preset take about 19 GB).
         picture: stream: write the picture of the path over the plan here (PNG); scale: the
-            log-log plot of stage time against area.
+            log-log plot of stage time against area; view: the last flying frame (PNG; the frame
+            after the rest beside it, *_rest.png).
         scale_dir: scale: where each area's survey, tile and outputs go (area_<A>km2/).
         scale_areas: scale: areas in km2 to run (0.1 0.25 1 4 is the whole study; the default
             runs the two smallest and extrapolates the others).
         scale_steps: scale: training steps per block (fixed, short).
+        view_frames: view: frames along the fly path.
+        view_rest_jobs: view: then rest and run this many neural refinement jobs (0: none).
     """
     import json
 
@@ -240,7 +247,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
                   ("--stream-budget-gb", stream_budget_gb, POSITIVE), ("--stream-frames", stream_frames, AT_LEAST_ONE),
                   ("--stream-area-km2", stream_area_km2, POSITIVE), ("--stream-block-size", stream_block_size, POSITIVE),
                   ("--stream-path-km", stream_path_km, POSITIVE), ("--stream-prefetch-m", stream_prefetch_m, NON_NEGATIVE),
-                  ("--stream-read-gbps", stream_read_gbps, POSITIVE), ("--scale-steps", scale_steps, AT_LEAST_ONE)]
+                  ("--stream-read-gbps", stream_read_gbps, POSITIVE), ("--scale-steps", scale_steps, AT_LEAST_ONE),
+                  ("--view-frames", view_frames, AT_LEAST_ONE), ("--view-rest-jobs", view_rest_jobs, NON_NEGATIVE)]
                  + [(f"--scale-areas {a}", a, POSITIVE) for a in scale_areas])
     if out is not None:
         check_out_file(out, "--out")
@@ -285,6 +293,19 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
         if work is not None:
             check_out_dir(work, "--work")
         result = bench_export(size_m=size_m, gsd=gsd, n_points=las_points, work=work)
+    elif what == "view":
+        from viewer.launch import bench_view, open_app
+
+        from .bench_render import parse_resolution
+
+        if tile is None:
+            raise CitygenError(None, "bench view: --tile is required (a trained tile folder)")
+        if len(res) > 1:
+            raise CitygenError(None, f"bench view: one --res (the window size), got {len(res)}")
+        size = parse_resolution(res[0]) if res else (1280, 720)
+        check_values((f"--res {res[0] if res else ''}", side, IMAGE_SIDE) for side in size)
+        app = open_app(tile, size=size, device="cpu" if device == "auto" else device, layer="envelope")
+        result = bench_view(app, frames=view_frames, screenshot=picture, rest_jobs=view_rest_jobs)
     print(json.dumps(result, indent=2))
     if out is not None:
         atomic_write_json(out, result)
@@ -537,7 +558,8 @@ def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] =
 def view(tile: tyro.conf.Positional[Path], ply: Path | None = None, survey: Path | None = None,
          width: int = 1280, height: int = 720, device: str = "cpu",
          screenshot: Path | None = None, screenshot_size: tuple[int, int] | None = None,
-         camera: int | None = None, mode: Literal["rgb", "depth", "semantics"] = "rgb", no_hud: bool = False) -> None:
+         camera: int | None = None, mode: Literal["rgb", "depth", "semantics"] = "rgb", no_hud: bool = False,
+         layer: Literal["auto", "envelope", "neural"] = "auto") -> None:
     """Open the desktop viewer on a trained tile (neural rendering) or on a baked PLY preview
     (mesh or point cloud from `citygen export`).  Fly with W/A/S/D/Q/E and the mouse; keys
     1/2/3 switch RGB/depth/classes, b block boundaries, m measure, k/l/j camera-path
@@ -557,6 +579,10 @@ def view(tile: tyro.conf.Positional[Path], ply: Path | None = None, survey: Path
         camera: with --screenshot: view from this training camera (index) instead of the survey view.
         mode: with --screenshot: display mode.
         no_hud: with --screenshot: leave the HUD out.
+        layer: what draws while the camera moves over a tile: envelope (the blocks' baked
+            envelopes, baked first where missing; the neural render refines the view at rest),
+            neural (every frame: for CUDA), auto (neural on CUDA, else the envelopes already
+            baked by `citygen bake-envelope`, else neural).
     """
     from viewer.launch import headless_screenshot, open_app, run_window
 
@@ -564,7 +590,7 @@ def view(tile: tyro.conf.Positional[Path], ply: Path | None = None, survey: Path
                  + [("--screenshot-size", v, IMAGE_SIDE) for v in screenshot_size or ()])
     if screenshot is not None:
         check_out_file(screenshot, "--screenshot")
-    app = open_app(tile, ply=ply, survey=survey, size=(width, height), device=device)
+    app = open_app(tile, ply=ply, survey=survey, size=(width, height), device=device, layer=layer)
     if screenshot is not None:
         path = headless_screenshot(app, screenshot, size=screenshot_size, view=camera, mode=mode, hud=not no_hud)
         print(f"screenshot: {path}")
@@ -621,6 +647,34 @@ def export(tile: tyro.conf.Positional[Path], out: Path, what: str = "ortho,dsm,s
                            memory_budget_source=budget.source)
     print(json.dumps({"out": str(out), "files": manifest["files"], "counts": manifest["counts"],
                       "timings_s": manifest["timings_s"], "survey_check": manifest.get("survey_check")}, indent=2))
+
+
+def bake_envelope(tile: tyro.conf.Positional[Path], glb: Path | None = None, force: bool = False,
+                  device: Literal["cpu", "cuda"] = "cpu", shell: Literal["inner", "outer"] = "inner") -> None:
+    """Bake every trained block's envelope (outer and inner shell meshes with the field's colours,
+    citygen.render.envelope) into its run folder, for the viewer to fly over and the narrow-band
+    renderer, and the viewer's display mesh (the inner shell, decimated); blocks whose envelope is
+    newer than their checkpoint are reused.  With --glb, also write each block's coloured shell as
+    OUT/<block id>.glb (glTF binary, y-up, the CRS, its WKT and the local origin in the scene's
+    extras).
+
+    Args:
+        tile: the tile folder (plan.json + block checkpoints) or a training run folder.
+        glb: folder for the glTF binary files.
+        force: bake again even where a current envelope exists.
+        device: cpu or cuda.
+        shell: the shell written as glTF: inner (where the field turns opaque: the surface the
+            viewer shows) or outer (bounds everything the field renders).
+    """
+    import json
+
+    from .export.envelope import bake_tile_envelopes
+
+    if glb is not None:
+        check_out_dir(glb, "--glb")
+    report = bake_tile_envelopes(tile, glb, force=force, device=device, shell=shell,
+                                 log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(report, indent=2))
 
 
 def edit(tile: tyro.conf.Positional[Path],
@@ -728,6 +782,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "render": render,
     "view": view,
     "export": export,
+    "bake-envelope": bake_envelope,
     "edit": edit,
     "style": style,
 }

@@ -799,3 +799,104 @@ def test_toggles_without_a_tile_say_so():
     app = make_app()
     assert app.toggle_edits() is None and "no edit stack" in app.message
     assert app.next_style() is None and "no styles" in app.message
+
+
+# -- the envelope layer (issue 16) ------------------------------------------------------------------
+QUADS = {"west": ((-10.0, -5.0, 0.0), (0.0, 5.0), (200, 30, 40)),
+         "east": ((0.0, -5.0, 0.0), (10.0, 5.0), (30, 160, 90))}
+
+
+def quad_envelopes():
+    """Two blocks' display shells, each a flat coloured rectangle at z = 0 facing up (counter-
+    clockwise seen from above, as the envelope orients its shells: the drawer culls back faces)."""
+    from citygen.render.envelope import Shell
+
+    out = {}
+    for name, ((x0, y0, z), (x1, y1), rgb) in QUADS.items():
+        v = np.array([[x0, y0, z], [x1, y0, z], [x1, y1, z], [x0, y1, z]], np.float32)
+        f = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
+        out[name] = Shell(v, f, np.tile(np.array(rgb, np.uint8), (4, 1)))
+    return out
+
+
+def test_envelope_layer_draws_blocks_at_projected_pixels(gl_ctx):
+    from viewer.launch import envelope_model
+
+    app = ViewerApp(baked=envelope_model(quad_envelopes()), size=(100, 80), baked_label="envelope", cull_baked=True)
+    app.camera.set_c2w(nadir(40.0))
+    app.show_hud = False
+    hv = HeadlessViewer(app, ctx=gl_ctx)
+    img = hv.frame()
+    hv.release()
+    k, c2w = app.window_camera, app.camera.c2w()
+    jj, ii = np.mgrid[0:80, 0:100] + 0.5
+    covered = np.zeros((80, 100), bool)
+    for (x0, y0, z), (x1, y1), rgb in QUADS.values():
+        # a nadir view maps the rectangle to an axis-aligned pixel rectangle (pinhole projection)
+        uv, _ = project(k, c2w, np.array([[x0, y0, z], [x1, y1, z]]))
+        u0, u1 = sorted(uv[:, 0])
+        v0, v1 = sorted(uv[:, 1])
+        inner = (ii > u0 + 0.75) & (ii < u1 - 0.75) & (jj > v0 + 0.75) & (jj < v1 - 0.75)
+        assert inner.sum() > 300 and np.all(img[inner] == rgb)
+        covered |= (ii > u0 - 0.75) & (ii < u1 + 0.75) & (jj > v0 - 0.75) & (jj < v1 + 0.75)
+    assert np.all(img[~covered] == 0)                     # the clear colour around the blocks
+    assert app.layer() == "envelope"
+
+
+def test_hud_layer_switches_from_envelope_to_neural_at_rest(gl_ctx):
+    from viewer.launch import envelope_model
+
+    now = [0.0]
+    app = ViewerApp(TileSource(FakeTileRenderer()), baked=envelope_model(quad_envelopes()), size=(64, 48),
+                    clock=lambda: now[0], baked_label="envelope", min_neural_scale=4, cull_baked=True)
+    app.camera.set_c2w(nadir(40.0))
+    hv = HeadlessViewer(app, ctx=gl_ctx)
+    renderer = app.source.renderer
+    app.key_down("w")
+    now[0] += 0.05
+    hv.frame()
+    assert app.layer() == "envelope" and "layer envelope" in hud_lines(app.hud_info())[0]
+    assert renderer.calls == {"rays": 0, "view": 0}      # flying: no neural rendering at all
+    assert abs(app.pick_at(32.0, 24.0).local[2]) < 0.05  # picking reads the envelope's depth while flying
+    app.key_up("w")
+    now[0] += 0.05
+    app.show_hud = False
+    img = hv.frame()                                     # at rest: the first (coarsest) neural pass
+    assert renderer.calls["rays"] + renderer.calls["view"] == 1
+    # 64x48 at 1/32 is 2x2 of the 4096 rays of the passes 1/32 .. 1/1: 0 %
+    assert app.layer() == "neural (refining 0%)"
+    assert "layer neural (refining 0%)" in hud_lines(app.hud_info())[0]
+    assert np.all(img == QUADS["west"][2], axis=-1).sum() > 50   # the envelope stays until 1/4
+    resting = hv.settle()
+    assert app.layer() == "neural"
+    ref = renderer.render_view(app.window_camera, app.camera.c2w())
+    assert np.abs(resting.astype(int) - colorize(ref).astype(int)).max() <= 2
+    hv.release()
+
+
+def test_scheduler_progress_closed_form():
+    s = RenderScheduler(scales=(1, 2, 4), max_interactive_scale=4)
+    assert s.progress == 0.0
+    job = s.next_job(0.0, "a", 64, 48)                   # 16x12 in one job (no throughput yet)
+    assert job.scale == 4 and s.progress == pytest.approx(192 / (192 + 768 + 3072))
+    s.report(job, 192 / 960.0)                           # 960 rays/s: 64 rays (2 rows of 32) per 1/15 s
+    s.refine_now()
+    job = s.next_job(1.0, "a", 64, 48)
+    assert (job.scale, job.row0, job.row1) == (2, 0, 2)
+    assert s.progress == pytest.approx((192 + 2 * 32) / 4032)
+
+
+def test_bench_view_flies_envelope_then_refines(gl_ctx, tmp_path):
+    from viewer.launch import bench_view, envelope_model
+
+    app = ViewerApp(TileSource(FakeTileRenderer()), baked=envelope_model(quad_envelopes()), size=(64, 48),
+                    baked_label="envelope", min_neural_scale=4, cull_baked=True)
+    renderer = app.source.renderer
+    result = bench_view(app, frames=4, screenshot=tmp_path / "fly.png", rest_jobs=50)
+    assert result["frames"] == 4 and result["layer"] == "envelope" and result["triangles"] == 4
+    assert 0 < result["frame_ms_median"] <= result["frame_ms_p95"]
+    rest = result["rest"]
+    # flying rendered nothing neural; at rest the passes 1/32 .. 1/1 of 64x48 finish within 50 jobs
+    assert rest["layer"] == "neural" and rest["scale"] == 1 and rest["neural_shown_after_s"] is not None
+    assert renderer.calls["rays"] + renderer.calls["view"] == rest["jobs"]
+    assert (tmp_path / "fly.png").is_file() and (tmp_path / "fly_rest.png").is_file()

@@ -2,8 +2,10 @@
 
 :class:`ViewerApp` knows nothing of windows: a window (``viewer.window``) or the headless
 driver (:class:`HeadlessViewer`) feeds it input events and the time, and it draws into
-whatever framebuffer it is given.  It shows either a neural tile (through a
-:class:`~viewer.source.TileSource`) or a baked PLY preview drawn natively by GL.
+whatever framebuffer it is given.  It shows a neural tile (through a
+:class:`~viewer.source.TileSource`), a baked model drawn natively by GL (a PLY preview, or the
+tile's envelope: ``viewer.launch``), or both: the baked model while the camera moves, the neural
+render refining the view at rest (the HUD names the layer on screen).
 
 Keys (besides the camera's W/A/S/D/Q/E, Shift, drag and scroll):
 
@@ -61,8 +63,14 @@ class ViewerApp:
 
     Args:
         source: a :class:`~viewer.source.TileSource` (neural tile), or None.
-        baked: a baked preview (PLY) drawn natively, or None.  One of the two is needed;
-            with both, ``baked`` draws while the camera moves and the tile when it rests.
+        baked: a baked model drawn natively (a PLY preview, or the tile's envelope), or None.
+            One of the two is needed; with both, ``baked`` draws while the camera moves and the
+            tile's neural render refines the view when it rests.
+        baked_label: what the HUD calls the baked layer ("envelope", "baked PLY").
+        min_neural_scale: with both layers, the baked one stays on screen at rest until a
+            neural pass at this scale or finer is complete (a 1/32 neural frame looks worse
+            than the envelope); None: the first neural pass replaces it.
+        cull_baked: the baked mesh is closed and oriented (the envelope): skip back faces.
         size: window size (width, height) in pixels.
         georef: the tile's georeferencing (default: the source's).
         survey_views: training cameras for jumping (``n`` / ``p``).
@@ -77,10 +85,17 @@ class ViewerApp:
                  georef: Georef | None = None, survey_views: list[SurveyView] | None = None,
                  edit_state: str | Callable[[], str] = "", out_dir: str | Path = ".",
                  clock: Callable[[], float] = time.perf_counter, scheduler: RenderScheduler | None = None,
-                 live_edits=None):
+                 live_edits=None, baked_label: str = "baked PLY", min_neural_scale: int | None = None,
+                 cull_baked: bool = False):
         if source is None and baked is None:
             raise CitygenError(None, "the viewer needs a tile or a baked PLY to show")
         self.source, self.baked = source, baked
+        self.baked_label = baked_label
+        self.min_neural_scale = min_neural_scale
+        self.cull_baked = cull_baked
+        #: a driver moves the camera (benchmarks, scripted fly-throughs): the baked layer draws
+        self.external_motion = False
+        self._neural_view: tuple | None = None   # view whose neural pass reached min_neural_scale
         self.size = (int(size[0]), int(size[1]))
         self.georef = georef or (source.georef if source is not None else None)
         self.classes = source.classes if source is not None and source.classes else ()
@@ -127,7 +142,7 @@ class ViewerApp:
         """Create the GL resources on ``ctx`` (call once the context exists)."""
         self.drawer = Drawer(ctx)
         if self.baked is not None:
-            self.drawer.set_mesh(self.baked)
+            self.drawer.set_mesh(self.baked, cull_back=self.cull_baked)
 
     @property
     def window_camera(self) -> Camera:
@@ -228,8 +243,9 @@ class ViewerApp:
         return pick(frame, self.window_camera, self.camera.c2w(), x, y, self.georef, self.classes)
 
     def depth_frame(self) -> Frame | None:
-        """Depth of the current view: the neural frame, or the baked model's depth buffer."""
-        if self.source is not None:
+        """Depth of the current view: the neural frame, or the baked model's depth buffer when
+        that is what is on screen (flying over the envelope)."""
+        if self.source is not None and not self._uses_baked():
             return self.frame
         if self.drawer is None:
             return None
@@ -318,13 +334,35 @@ class ViewerApp:
             self.click(c.x, c.y, c.button)
         return self._render_step(now)
 
+    @property
+    def in_motion(self) -> bool:
+        """The camera is being moved (input, a playing camera path, or a driver)."""
+        return self.controls.moving or self._playing_since is not None or self.external_motion
+
+    def _view_key(self) -> tuple:
+        return self.camera.pose_key(), self.size
+
     def _uses_baked(self) -> bool:
         """Draw the baked model now: it is all there is, or the camera moves and a neural
-        frame could not keep up (the tile is rendered again once the camera rests)."""
-        return self.baked is not None and (self.source is None or self.controls.moving or self.frame is None)
+        frame could not keep up (the tile is rendered again once the camera rests), or the
+        neural passes of this view are still coarser than ``min_neural_scale``."""
+        if self.baked is None:
+            return False
+        if self.source is None or self.in_motion or self.frame is None:
+            return True
+        return self.min_neural_scale is not None and self._neural_view != self._view_key()
+
+    def layer(self) -> str:
+        """What the HUD says is on screen: the baked layer while flying, then the neural render
+        as it refines ("neural (refining k%)", k the share of the rays rendered) and when done."""
+        if self.source is None or (self.baked is not None and self.in_motion):
+            return self.baked_label
+        if self.scheduler.done:
+            return "neural"
+        return f"neural (refining {int(100 * self.scheduler.progress)}%)"
 
     def _render_step(self, now: float) -> bool:
-        if self.source is not None and self.baked is not None and self.controls.moving:
+        if self.source is not None and self.baked is not None and self.in_motion:
             return True  # fly over the baked model; refine the neural view when resting
         if self.source is None:
             lo, hi = self.bounds
@@ -355,6 +393,8 @@ class ViewerApp:
                 self._pass = Frame.empty(job.width, job.height)
         self._pass.paste_rows(job.row0, band)
         self.frame, self.frame_scale = self._pass, job.scale
+        if job.row1 >= job.height and self.min_neural_scale is not None and job.scale <= self.min_neural_scale:
+            self._neural_view = self._view_key()
         if job.row1 >= job.height:
             self.near_far = depth_range(self.frame.depth, self.frame.acc)
         elif job.new_pass and job.scale == self.scheduler.interactive_scale(*self.size):
@@ -399,8 +439,9 @@ class ViewerApp:
             edit = self.live_edits.describe()
         else:
             edit = self.edit_state() if callable(self.edit_state) else self.edit_state
+        scale = self.frame_scale if self.source is not None and not self._uses_baked() else None
         return HudInfo(self.camera.position, self.camera.heading, self.camera.pitch, self.georef, self._fps,
-                       self.mode.value, self.frame_scale if self.source is not None else None, gsd, edit, lines)
+                       self.mode.value, scale, gsd, edit, self.layer(), lines)
 
     def draw(self, fbo, size: tuple[int, int] | None = None, frame: Frame | None = None, hud: bool | None = None,
              near_far: tuple[float, float] | None = None) -> None:

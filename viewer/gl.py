@@ -192,6 +192,7 @@ class Drawer:
         self._frame_tex: dict[str, object] = {}
         self._frame_size: tuple[int, int] | None = None
         self._mesh: tuple | None = None
+        self._cull_back = False
         self._overlay_cache: list = []
 
     # -- frame ------------------------------------------------------------------------------
@@ -239,8 +240,12 @@ class Drawer:
         self.frame_vao.render(self._moderngl.TRIANGLES)
 
     # -- baked preview ------------------------------------------------------------------------
-    def set_mesh(self, model: PlyModel) -> None:
+    def set_mesh(self, model: PlyModel, cull_back: bool = False) -> None:
+        """Upload a baked model.  ``cull_back``: its triangles are oriented (counter-clockwise
+        seen from outside, the envelope's shells) and closed, so faces turned away are skipped:
+        about half the fragments and all the hidden far sides."""
         ctx = self.ctx
+        self._cull_back = bool(cull_back)
         n = len(model.positions)
         colors = model.colors if model.colors is not None else np.full((n, 3), 200, np.uint8)
         classes = model.classes if model.classes is not None else np.full(n, 255, np.uint8)
@@ -268,8 +273,13 @@ class Drawer:
         self._color_uniforms(p, near_far_colors)
         self.ctx.enable(mgl.DEPTH_TEST | mgl.PROGRAM_POINT_SIZE)
         self.ctx.disable(mgl.BLEND | mgl.CULL_FACE)
+        if self._cull_back and is_mesh:
+            # the view and projection keep handedness: counter-clockwise seen from outside stays
+            # counter-clockwise in the window (GL's default front face)
+            self.ctx.front_face = "ccw"
+            self.ctx.enable(mgl.CULL_FACE)
         vao.render(mgl.TRIANGLES if is_mesh else mgl.POINTS)
-        self.ctx.disable(mgl.DEPTH_TEST)
+        self.ctx.disable(mgl.DEPTH_TEST | mgl.CULL_FACE)
 
     # -- lines and HUD ------------------------------------------------------------------------
     def draw_lines(self, segments: np.ndarray, camera: Camera, c2w: np.ndarray, near: float, far: float,

@@ -32,6 +32,7 @@ class HudInfo:
     render_scale: int | None = None
     gsd_m: float | None = None
     edit_state: str = ""
+    layer: str = ""            # what is on screen: "envelope", "neural (refining k%)", "neural", ...
     lines: list[str] = field(default_factory=list)  # picks, measurements, messages
 
 
@@ -67,7 +68,8 @@ def hud_lines(info: HudInfo) -> list[str]:
     out = []
     head = f"{info.fps:5.1f} FPS  " if info.fps is not None else ""
     scale = f"  1/{info.render_scale}" if info.render_scale and info.render_scale > 1 else ""
-    out.append(f"{head}mode {info.mode}{scale}")
+    layer = f"  layer {info.layer}" if info.layer else ""
+    out.append(f"{head}mode {info.mode}{scale}{layer}")
     p = np.asarray(info.position_local, np.float64)
     if info.georef is not None:
         e, n, h = info.georef.local_to_crs(p)

@@ -5,17 +5,28 @@ The command line lives in ``citygen/cli.py``; these are plain typed functions.
 
 from __future__ import annotations
 
+import os
+import statistics
+import sys
+import time
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
+from PIL import Image
+
+from citygen.bench_render import fly_path
 from citygen.errors import CitygenError
-from citygen.store.layout import trained_survey
+from citygen.export.envelope import tile_view_shells
+from citygen.store.layout import discover, trained_survey
 from citygen.tile import open_tile
 from survey_io import read_transforms
+from survey_io.atomic import atomic_path
 
 from .app import HeadlessViewer, SurveyView, ViewerApp
 from .display import DisplayMode
 from .edits import live_edits_for_tile
-from .ply import read_ply
+from .ply import PlyModel, read_ply
 from .source import TileSource
 from .window import ViewerWindow
 
@@ -27,13 +38,39 @@ def survey_views_from(transforms: str | Path) -> list[SurveyView]:
     return [SurveyView(im.name, survey.camera_of(im), im.c2w) for im in survey.train_images]
 
 
+#: the neural render replaces the envelope at rest once a pass this coarse is complete
+ENVELOPE_MIN_NEURAL_SCALE = 4
+
+
+def envelope_model(shells: dict) -> PlyModel:
+    """The blocks' display shells (:func:`citygen.export.envelope.view_shell`: the inner shell of
+    :mod:`citygen.render.envelope` decimated, tile-local metres; why the inner: that module's
+    docstring) as one coloured triangle mesh for the GL drawer."""
+    positions, colors, faces, offset = [], [], [], 0
+    for shell in shells.values():
+        positions.append(np.asarray(shell.vertices, np.float64))
+        colors.append(np.asarray(shell.colors, np.uint8))
+        faces.append(np.asarray(shell.triangles, np.int64) + offset)
+        offset += len(shell.vertices)
+    if not offset:
+        raise CitygenError(None, "the tile's envelopes are empty (the fields are nowhere opaque)")
+    return PlyModel(np.concatenate(positions), np.concatenate(colors), None,
+                    np.concatenate(faces).astype(np.int32), ("coordinates are local",))
+
+
 def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str | Path | None = None,
              size: tuple[int, int] = (1280, 720), device: str = "cpu", out_dir: str | Path | None = None,
-             max_cached_blocks: int = 8) -> ViewerApp:
+             max_cached_blocks: int = 8, layer: Literal["auto", "envelope", "neural"] = "auto") -> ViewerApp:
     """A :class:`ViewerApp` on a tile folder (neural rendering) or a ``.ply`` file (baked
     preview).  ``ply`` adds a baked model to a tile; ``survey`` a transforms.json whose
     training cameras ``n`` / ``p`` jump to (default: the survey the tile was trained on).
-    A tile opens with its edit stack applied and live toggles for it (``t`` / ``c``)."""
+    A tile opens with its edit stack applied and live toggles for it (``t`` / ``c``).
+
+    ``layer``: what draws while the camera moves over a tile.  ``envelope``: the blocks' baked
+    envelopes (baked first where missing or stale, about a minute per block on a CPU), the
+    neural render refining the view at rest; ``neural``: the neural render every frame (what a
+    CUDA device keeps up with); ``auto``: ``neural`` on CUDA, else the envelopes already baked
+    (``citygen bake-envelope TILE``), or ``neural`` with a hint when there are none."""
     target = Path(target)
     if not target.exists():
         raise CitygenError(target, "no such tile folder or PLY file")
@@ -44,6 +81,19 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
         source = TileSource(renderer)
         georef = source.georef
         survey = survey or trained_survey(target)
+        use_envelope = layer == "envelope" or (layer == "auto" and not str(device).startswith("cuda"))
+        if ply is None and use_envelope:
+            envelopes = tile_view_shells(target, bake=layer == "envelope", device=device,
+                                       log=lambda line: print(line, file=sys.stderr))
+            if envelopes:
+                baked = envelope_model(envelopes)
+                missing = sorted(set(discover(target).trained) - set(envelopes))
+                if missing:
+                    print(f"citygen: blocks without a current envelope (not drawn while flying): "
+                          f"{', '.join(missing)}; `citygen bake-envelope {target}` bakes them", file=sys.stderr)
+            elif layer == "auto":
+                print(f"citygen: no baked envelope in {target}: each frame is rendered neurally; "
+                      f"`citygen bake-envelope {target}` bakes one to fly over", file=sys.stderr)
     elif target.suffix.lower() == ".ply":
         ply = target
     else:
@@ -54,7 +104,10 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
         baked = model.localized(georef)
     views = survey_views_from(survey) if survey else []
     out = Path(out_dir) if out_dir else (target if target.is_dir() else target.parent)
-    return ViewerApp(source, baked, size=size, georef=georef, survey_views=views, out_dir=out, live_edits=live)
+    envelope = baked is not None and ply is None
+    return ViewerApp(source, baked, size=size, georef=georef, survey_views=views, out_dir=out, live_edits=live,
+                     baked_label="envelope" if envelope else "baked PLY",
+                     min_neural_scale=ENVELOPE_MIN_NEURAL_SCALE if envelope else None, cull_baked=envelope)
 
 
 def run_window(app: ViewerApp, title: str = "citygen viewer") -> None:
@@ -82,4 +135,83 @@ def headless_screenshot(app: ViewerApp, path: str | Path, size: tuple[int, int] 
         hv.release()
 
 
-__all__ = ["headless_screenshot", "open_app", "run_window", "survey_views_from"]
+def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None = None, rest_jobs: int = 0,
+               hud: bool = True) -> dict[str, Any]:
+    """Frame times of the baked layer (``citygen bench view``): the camera flies a straight path
+    over the tile (:func:`citygen.bench_render.fly_path`, 40 degrees down) and each frame is
+    drawn headless (EGL; Mesa llvmpipe on a CPU) into an offscreen framebuffer of the window
+    size, timed from the draw call to ``glFinish`` (the pixels a window would swap; reading them
+    back is reported apart).  With ``rest_jobs`` the camera then rests mid-path and the
+    neural render refines that many jobs (seconds until it replaces the envelope reported).
+    ``screenshot`` saves the frame at the middle of the path as PNG (and ``*_rest.png``, the same
+    view after the rest)."""
+    if app.baked is None:
+        raise CitygenError(None, "bench view: nothing baked to fly over (bake the envelope first)")
+    hv = HeadlessViewer(app)
+    try:
+        lo, hi = np.asarray(app.bounds, np.float64)
+        altitude = 0.25 * float(max(hi[0] - lo[0], hi[1] - lo[1]))
+        path = fly_path(np.stack([lo, hi]), frames, altitude)
+        app.external_motion = True
+        times, reads, cpu = [], [], time.process_time()
+        for i, c2w in enumerate([path[0]] * 3 + path):   # 3 warm-up frames (shader and buffer set-up)
+            app.camera.set_c2w(c2w)
+            app.update()
+            t0 = time.perf_counter()
+            app.draw(hv.target.fbo, hud=hud)
+            hv.ctx.finish()
+            t1 = time.perf_counter()
+            img = hv.target.read_rgb()
+            if i == 3 + len(path) // 2:
+                shot = img                                # the middle of the path: the tile ahead
+            if i >= 3:
+                times.append(t1 - t0)
+                reads.append(time.perf_counter() - t1)
+        cpu = time.process_time() - cpu    # every thread of the process: llvmpipe's too
+        ms = np.asarray(times) * 1e3
+        result: dict[str, Any] = {
+            "layer": app.layer(), "size": list(app.size), "frames": len(times), "gl_renderer": hv.ctx.info.get("GL_RENDERER"),
+            "triangles": int(len(app.baked.faces)) if app.baked.faces is not None else 0,
+            "frame_ms_median": float(np.median(ms)), "frame_ms_p95": float(np.percentile(ms, 95)),
+            "fps_median": 1e3 / float(np.median(ms)), "fps_p95": 1e3 / float(np.percentile(ms, 95)),
+            "readback_ms_median": 1e3 * statistics.median(reads), "hud": hud,
+            "cpu_ms_per_frame": 1e3 * cpu / (len(path) + 3),
+            "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+            "altitude_above_top_m": altitude}
+        if screenshot is not None:
+            _save_png(shot, Path(screenshot))
+            result["screenshot"] = str(screenshot)
+        if rest_jobs and app.source is not None:
+            app.camera.set_c2w(path[len(path) // 2])         # rest where the screenshot was taken
+            app.external_motion = False
+            t0, jobs, shown = time.perf_counter(), 0, None
+            app.scheduler.refine_now()
+            while jobs < rest_jobs:
+                job = app.scheduler.next_job(app.clock(), app.camera.pose_key(), *app.size)
+                if job is None:
+                    if app.scheduler.done:
+                        break
+                    app.scheduler.refine_now()
+                    continue
+                app._run_job(job)
+                jobs += 1
+                if shown is None and not app._uses_baked():
+                    shown = time.perf_counter() - t0
+            rest = hv.draw()
+            result["rest"] = {"jobs": jobs, "layer": app.layer(), "neural_shown_after_s": shown,
+                              "seconds": time.perf_counter() - t0, "scale": app.frame_scale}
+            if screenshot is not None:
+                p = Path(screenshot)
+                _save_png(rest, p.with_name(f"{p.stem}_rest{p.suffix}"))
+        return result
+    finally:
+        app.external_motion = False
+        hv.release()
+
+
+def _save_png(img: np.ndarray, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+__all__ = ["bench_view", "envelope_model", "headless_screenshot", "open_app", "run_window", "survey_views_from"]

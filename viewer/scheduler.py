@@ -86,6 +86,21 @@ class RenderScheduler:
     def scale(self) -> int | None:
         return self._scale
 
+    @property
+    def progress(self) -> float:
+        """Share (0..1) of the rays from the interactive pass down to full resolution rendered so
+        far for the current view (the full-resolution pass is 3/4 of them): 1.0 when done."""
+        if self._scale is None:
+            return 0.0
+        if self.done:
+            return 1.0
+        w, h = self._size
+        passes = [s for s in self.scales if s <= max(self._scale, self.interactive_scale(w, h))]
+        rays = {s: scaled_size(w, h, s)[0] * scaled_size(w, h, s)[1] for s in passes}
+        pw, ph = scaled_size(w, h, self._scale)
+        done = sum(n for s, n in rays.items() if s > self._scale) + pw * (ph if self._pass_done else self._next_row)
+        return min(1.0, done / sum(rays.values()))
+
     def invalidate(self) -> None:
         """Force a fresh pass on the next frame (the scene or the edits changed)."""
         self._view = None

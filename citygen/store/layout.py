@@ -16,6 +16,10 @@ the demo) asks here instead of joining paths itself.  Layout version 1::
         pixels.npz                                        the pixels attributed to the block (citygen.tile)
         checkpoints/step_XXXXXXX.{safetensors,json}      (citygen.store.checkpoint)
         state.json, result.json                           } named by citygen.distributed.state
+        envelope.safetensors                              the block's baked envelope (citygen.render.envelope;
+                                                          ``citygen bake-envelope``), stale when older than
+                                                          the newest checkpoint
+        envelope_view.safetensors                         its outer shell decimated for the viewer
         .block.lock, lease.json                           } named by citygen.distributed.lease
 
 A single training run folder (``citygen train OUT``: ``checkpoints/`` directly inside) opens as
@@ -65,6 +69,8 @@ EDIT_FILES_DIR = "edits"
 RUN_CONFIG_FILE = "config.json"
 #: a tile block's attributed pixels (per image bit masks at the training resolution; citygen.tile).
 PIXELS_FILE = "pixels.npz"
+ENVELOPE_FILE = "envelope.safetensors"
+ENVELOPE_VIEW_FILE = "envelope_view.safetensors"
 #: the block id of a single training run opened as a tile.
 SINGLE_BLOCK = "block"
 
@@ -85,6 +91,16 @@ def block_run_dirs(tile_dir: str | Path) -> list[Path]:
 def block_id_of(run_dir: str | Path) -> str:
     """The block id of a block run folder."""
     return Path(run_dir).name[len(BLOCK_DIR_PREFIX):]
+
+
+def envelope_file(run_dir: str | Path) -> Path:
+    """A block's baked envelope (:mod:`citygen.render.envelope`) inside its run folder."""
+    return Path(run_dir) / ENVELOPE_FILE
+
+
+def envelope_view_file(run_dir: str | Path) -> Path:
+    """A block's envelope decimated for display (the viewer's envelope layer) inside its run folder."""
+    return Path(run_dir) / ENVELOPE_VIEW_FILE
 
 
 def stack_path(tile_dir: str | Path) -> Path:
@@ -225,8 +241,8 @@ def trained_survey(tile_dir: str | Path) -> Path | None:
     return None
 
 
-__all__ = ["BLOCK_DIR_PREFIX", "BLOCK_LOCK_FILE", "CHECKPOINTS_DIR", "EDIT_FILES_DIR", "LAYOUT_VERSION", "LEASE_FILE", "PIXELS_FILE", "PLAN_FILE",
+__all__ = ["BLOCK_DIR_PREFIX", "BLOCK_LOCK_FILE", "CHECKPOINTS_DIR", "EDIT_FILES_DIR", "ENVELOPE_FILE", "ENVELOPE_VIEW_FILE", "LAYOUT_VERSION", "LEASE_FILE", "PIXELS_FILE", "PLAN_FILE",
            "RESULT_FILE", "RUN_CONFIG_FILE", "SINGLE_BLOCK", "STACK_FILE", "STATE_FILE", "TILE_CONFIG_FILE",
            "TILE_LOCK_FILE", "TILE_RUN_FILE", "TileBlocks", "block_checkpoint", "block_dir", "block_id_of", "block_run_dirs", "discover",
-           "edit_file", "has_checkpoint", "is_single_run", "layout_version", "open_block_field", "read_plan", "read_tile_config",
+           "edit_file", "envelope_file", "envelope_view_file", "has_checkpoint", "is_single_run", "layout_version", "open_block_field", "read_plan", "read_tile_config",
            "stack_path", "tile_georef", "trained_survey", "upgraded_tile_config"]
