@@ -68,11 +68,23 @@ CHAIN = STAGES[1:]            # the synthetic renderer is the input, reported ap
 BLOCK_SIZE_M = 500.0
 STEPS = 60
 IMAGE_SIZE = (160, 120)
-EXPORT_GSD_M = 1.0
+#: the export's cell: 2 m, a quarter of the cells of 1 m (the export's work is one ray per cell,
+#: so its time follows the cell count; at 1 m it was 73 of the estimated 103 minutes)
+EXPORT_GSD_M = 2.0
+#: held-out views rendered: an evenly spaced subset, this many per block (the survey holds out
+#: about one image in eight, which at 4 km2 is ~230 views: 12 minutes of rendering that measures
+#: the same per-view cost 230 times), at half the survey's resolution
+VIEWS_PER_BLOCK = 2
+RENDER_DOWNSCALE = 2
+#: the settings only one stage reads: they go into that stage's arguments alone, so that changing
+#: one reruns that stage and reuses the others
+STAGE_SETTINGS: dict[str, dict[str, Any]] = {
+    "render": {"views_per_block": VIEWS_PER_BLOCK, "downscale": RENDER_DOWNSCALE},
+    "export": {"export_gsd_m": EXPORT_GSD_M}}
 #: what each stage's work grows with: the estimate for an area not run scales each stage's time
-#: by its driver (fitted power law over the areas run), the driver predicted by `predicted_sizes`
-DRIVERS = {"synth": "images", "ingest": "images", "plan": "images", "train": "blocks", "render": "test_images",
-           "export": "area_km2", "pack": "blocks"}
+#: by its driver (:func:`fit_affine` over the areas run), the driver predicted by `predicted_sizes`
+DRIVERS = {"synth": "images", "ingest": "images", "plan": "images", "train": "blocks", "render": "views",
+           "export": "cells", "pack": "blocks"}
 
 
 def fit_exponent(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> dict[str, float] | None:
@@ -85,6 +97,43 @@ def fit_exponent(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> di
     k, b = np.polyfit(lx, ly, 1)
     rms = float(np.sqrt(np.mean((ly - (k * lx + b)) ** 2)))
     return {"k": float(k), "c": float(10 ** b), "rms_log10": rms, "points": int(len(x))}
+
+
+def fit_affine(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> dict[str, float] | None:
+    """Least squares ``y = a + b * x`` with ``a, b >= 0`` (a fixed cost plus a cost per unit of
+    the driver); with one distinct x, ``a = 0`` and ``b`` the mean of ``y / x`` (proportional:
+    the larger of the two readings when extrapolating upwards).  None without a positive x.
+
+    This, not the power law of :func:`fit_exponent`, extrapolates a stage's time: a stage with a
+    fixed cost fits a power law with ``k < 1`` through two small areas, and that curve bends
+    below the line its per-unit cost draws (measured 0.1/0.25 km2: training's k = 0.47 on blocks
+    put 30 blocks at ~370 s, the affine fit at ~540 s)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) == 0 or np.any(x <= 0) or not np.all(np.isfinite(y)):
+        return None
+    if len(set(x.tolist())) < 2:
+        return {"a": 0.0, "b": float(np.mean(y / x)), "points": int(len(x))}
+    b, a = np.polyfit(x, y, 1)
+    if a < 0:      # through the origin
+        a, b = 0.0, float(np.dot(x, y) / np.dot(x, x))
+    if b < 0:      # no growth measured: the mean
+        a, b = float(np.mean(y)), 0.0
+    return {"a": float(a), "b": float(max(b, 0.0)), "points": int(len(x))}
+
+
+def views_to_render(test_names: list[str], blocks: int, per_block: int = VIEWS_PER_BLOCK) -> list[str]:
+    """An evenly spaced subset of the held-out views (in the survey's order): ``per_block`` per
+    block, all of them when there are no more."""
+    n = min(len(test_names), per_block * blocks)
+    if n >= len(test_names):
+        return list(test_names)
+    return [test_names[i] for i in np.linspace(0, len(test_names) - 1, n).round().astype(int)]
+
+
+def export_cells(area_km2: float, gsd: float = EXPORT_GSD_M) -> int:
+    """Cells of the export of the surveyed square (the export stage's driver; whole cells, as
+    the export's grid covers the square)."""
+    return math.ceil(round(math.sqrt(area_km2) * 1000.0 / gsd, 6)) ** 2
 
 
 # -- the stages (each runs in its own process: python -m citygen.bench_scale STAGE ARGS OUT) --------
@@ -102,7 +151,8 @@ def predicted_sizes(area_km2: float, block_size: float = BLOCK_SIZE_M) -> dict[s
     survey = replace(survey, images=[replace(im, depth=None) for im in survey.images])  # no files to read
     plan = plan_tile(survey, PartitionConfig(block_size_m=block_size, flight_height_m=cfg.altitude_m))
     return {"area_km2": area_km2, "images": len(survey.images), "test_images": len(survey.test_names),
-            "blocks": len(plan.blocks)}
+            "blocks": len(plan.blocks), "views": len(views_to_render(survey.test_names, len(plan.blocks))),
+            "cells": export_cells(area_km2)}
 
 
 def _stage(name: str, a: dict[str, Any]) -> dict[str, Any]:
@@ -130,16 +180,21 @@ def _stage(name: str, a: dict[str, Any]) -> dict[str, Any]:
         result.raise_for_failures()
         return {"blocks": len(result.blocks)}
     if name == "render":
-        report = render_tile_views(open_tile(tile), load_survey(data), ("test",), root / "renders", downscale=2)
+        renderer, survey = open_tile(tile), load_survey(data)
+        names = views_to_render(survey.test_names, len(renderer.plan.blocks), a["views_per_block"])
+        report = render_tile_views(renderer, survey, names, root / "renders", downscale=a["downscale"])
         atomic_write_json(root / "renders" / "metrics.json", report)
-        return {"views": len(report["views"]), "psnr_mean": report["mean"].get("psnr")}
+        return {"views": len(report["views"]), "test_images": len(survey.test_names),
+                "psnr_mean": report["mean"].get("psnr")}
     if name == "export":
         # the surveyed square, not the tile's bounds: the tile is whole blocks, so its area
         # moves in steps of a block while the survey's grows smoothly
-        half = math.sqrt(a["area_km2"]) * 1000.0 / 2
-        manifest = export_tile(tile, root / "export", ExportOptions(what=("ortho", "dsm", "las"), gsd=EXPORT_GSD_M,
-                                                                     rect=(-half, -half, half, half), survey=data))
-        return {"files": len(manifest["files"]), "gsd_m": EXPORT_GSD_M, "cells": round((2 * half / EXPORT_GSD_M) ** 2)}
+        half, gsd = math.sqrt(a["area_km2"]) * 1000.0 / 2, a["export_gsd_m"]
+        manifest = export_tile(tile, root / "export", ExportOptions(what=("ortho", "dsm", "las"), gsd=gsd,
+                                                                     rect=(-half, -half, half, half), survey=data,
+                                                                     progress=False))
+        return {"files": len(manifest["files"]), "gsd_m": gsd, "cells": manifest["counts"]["raster_cells"],
+                "timings_s": manifest["timings_s"]}
     if name == "pack":
         total, n = 0, 0
         for block, run in sorted(discover(tile).trained.items()):
@@ -190,6 +245,40 @@ def run_stage(name: str, args: dict[str, Any], out: Path, timeout_s: float | Non
     return result
 
 
+def fit_and_estimate(runs: list[dict[str, Any]], all_areas: tuple[float, ...] = AREAS_KM2,
+                     block_size: float = BLOCK_SIZE_M) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per stage, the growth exponents and the driver fit over ``runs`` (each with ``area_km2``,
+    ``images``, ``sizes`` and per-stage ``seconds``, ``startup_s``, ``process_s``,
+    ``peak_rss_bytes``); and per area of ``all_areas``, each stage's time: measured where run,
+    else :func:`fit_affine` at :func:`predicted_sizes`' driver plus the median start-up."""
+    fits = {}
+    for name in STAGES:
+        # fitted on the stage's own work: process start-up (imports, ~5-40 s on a shared 2-core
+        # box) does not grow with the survey and is added back as its median
+        t = [r["stages"][name]["seconds"] for r in runs]
+        driver = DRIVERS[name]
+        fits[name] = {"vs_area": fit_exponent([r["area_km2"] for r in runs], t),
+                      "vs_images": fit_exponent([r["images"] for r in runs], t),
+                      "driver": driver, "vs_driver": fit_exponent([r["sizes"][driver] for r in runs], t),
+                      "affine_vs_driver": fit_affine([r["sizes"][driver] for r in runs], t),
+                      "peak_rss_vs_area": fit_exponent([r["area_km2"] for r in runs],
+                                                       [r["stages"][name]["peak_rss_bytes"] for r in runs])}
+    estimate = {}
+    for area in all_areas:
+        done = next((r for r in runs if r["area_km2"] == area), None)
+        sizes = predicted_sizes(area, block_size)
+        per = {}
+        for name in STAGES:
+            f = fits[name]["affine_vs_driver"]
+            startup = float(np.median([r["stages"][name]["startup_s"] for r in runs]))
+            per[name] = (done["stages"][name]["process_s"] if done else
+                         (f["a"] + f["b"] * sizes[DRIVERS[name]] + startup if f else None))
+        estimate[f"{area:g}"] = {"measured": done is not None, "predicted_sizes": sizes, "stages_s": per,
+                                 "chain_s": sum(per[n] for n in CHAIN if per[n] is not None),
+                                 "total_s": sum(v for v in per.values() if v is not None)}
+    return fits, estimate
+
+
 def bench_scale(out_dir: Path, areas: tuple[float, ...] = AREAS_KM2[:2], block_size: float = BLOCK_SIZE_M,
                 steps: int = STEPS, seed: int = 0, picture: Path | None = None,
                 all_areas: tuple[float, ...] = AREAS_KM2) -> dict[str, Any]:
@@ -203,39 +292,22 @@ def bench_scale(out_dir: Path, areas: tuple[float, ...] = AREAS_KM2[:2], block_s
         args = {"root": str(root), "area_km2": area, "seed": seed, "block_size": block_size, "steps": steps}
         stages = {}
         for name in STAGES:
-            stages[name] = run_stage(name, args, root / f"stage_{name}.json")
+            stages[name] = run_stage(name, {**args, **STAGE_SETTINGS.get(name, {})}, root / f"stage_{name}.json")
         sizes = {"area_km2": area, "images": stages["synth"]["images"], "test_images": stages["synth"]["test_images"],
-                 "blocks": stages["plan"]["blocks"]}
+                 "blocks": stages["plan"]["blocks"], "views": stages["render"]["views"],
+                 "cells": stages["export"]["cells"]}
         runs.append({**sizes, "sizes": sizes, "predicted_sizes": predicted_sizes(area, block_size), "stages": stages,
                      "chain_s": sum(stages[s]["process_s"] for s in CHAIN)})
-    fits = {}
-    for name in STAGES:
-        # fitted on the stage's own work: process start-up (imports, ~5-40 s on a shared 2-core
-        # box) does not grow with the survey and is added back as its median
-        t = [r["stages"][name]["seconds"] for r in runs]
-        driver = DRIVERS[name]
-        fits[name] = {"vs_area": fit_exponent([r["area_km2"] for r in runs], t),
-                      "vs_images": fit_exponent([r["images"] for r in runs], t),
-                      "driver": driver, "vs_driver": fit_exponent([r["sizes"][driver] for r in runs], t),
-                      "peak_rss_vs_area": fit_exponent([r["area_km2"] for r in runs],
-                                                       [r["stages"][name]["peak_rss_bytes"] for r in runs])}
-    estimate = {}
-    for area in all_areas:
-        done = next((r for r in runs if r["area_km2"] == area), None)
-        sizes = predicted_sizes(area, block_size)
-        per = {}
-        for name in STAGES:
-            f = fits[name]["vs_driver"]
-            startup = float(np.median([r["stages"][name]["startup_s"] for r in runs]))
-            per[name] = (done["stages"][name]["process_s"] if done else
-                         (f["c"] * sizes[DRIVERS[name]] ** f["k"] + startup if f else None))
-        estimate[f"{area:g}"] = {"measured": done is not None, "predicted_sizes": sizes, "stages_s": per,
-                                 "chain_s": sum(per[n] for n in CHAIN if per[n] is not None),
-                                 "total_s": sum(v for v in per.values() if v is not None)}
+    fits, estimate = fit_and_estimate(runs, all_areas, block_size)
+    largest = max(runs, key=lambda r: r["area_km2"])
     result = {"benchmark": "scale", "areas_run_km2": list(areas), "block_size_m": block_size, "steps_per_block": steps,
               "image_size": list(IMAGE_SIZE), "export_gsd_m": EXPORT_GSD_M, "train_preset": "tiny",
+              "views_per_block": VIEWS_PER_BLOCK, "render_downscale": RENDER_DOWNSCALE,
               "cpu_count": os.cpu_count(), "runs": runs, "fits": fits, "estimate": estimate,
               "estimated_total_s_all_areas": sum(e["total_s"] for e in estimate.values()),
+              "largest_run": {"area_km2": largest["area_km2"],
+                              "peak_rss_bytes": max(st["peak_rss_bytes"] for st in largest["stages"].values()),
+                              "peak_rss_stage": max(largest["stages"], key=lambda n: largest["stages"][n]["peak_rss_bytes"])},
               "note": "times are process wall times (start-up and imports included; `startup_s` apart); "
                       "synth is the synthetic renderer, reported apart from the chain"}
     if picture is not None:
@@ -296,4 +368,5 @@ if __name__ == "__main__":
     sys.exit(_stage_main(sys.argv[1:]))
 
 
-__all__ = ["AREAS_KM2", "STAGES", "bench_scale", "draw_scale", "fit_exponent", "run_stage"]
+__all__ = ["AREAS_KM2", "STAGES", "bench_scale", "draw_scale", "export_cells", "fit_affine", "fit_and_estimate",
+           "fit_exponent", "predicted_sizes", "run_stage", "views_to_render"]
