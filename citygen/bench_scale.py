@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ from .render.streaming import save_packed
 from .render.tile_views import render_tile_views
 from .store.checkpoint import resolve_checkpoint
 from .store.field import load_field
-from .store.layout import discover
+from .store.layout import discover, read_plan, read_tile_config
 from .tile import open_tile, train_tile
 from .train.data import load_survey
 
@@ -163,8 +164,10 @@ def predicted_sizes(area_km2: float, block_size: float = BLOCK_SIZE_M) -> dict[s
     survey = plan_flight(cfg)
     survey = replace(survey, images=[replace(im, depth=None) for im in survey.images])  # no files to read
     plan = plan_tile(survey, PartitionConfig(block_size_m=block_size, flight_height_m=cfg.altitude_m))
+    held_out = set(survey.test_names)
     return {"area_km2": area_km2, "images": len(survey.images), "test_images": len(survey.test_names),
-            "blocks": len(plan.blocks), "views": len(views_to_render(survey.test_names, len(plan.blocks))),
+            "blocks": len(plan.blocks),
+            "pairs": sum(1 for b in plan.blocks for n in b.images if n not in held_out), "views": len(views_to_render(survey.test_names, len(plan.blocks))),
             "cells": export_cells(area_km2)}
 
 
@@ -191,7 +194,7 @@ def _stage(name: str, a: dict[str, Any]) -> dict[str, Any]:
                             overrides={"steps": a["steps"], "max_seconds": 0, "seed": a["seed"],
                                        "checkpoint_every": a["steps"], "log_every": max(1, a["steps"] // 4)})
         result.raise_for_failures()
-        return {"blocks": len(result.blocks)}
+        return {"blocks": len(result.blocks), "per_block": _block_walls(tile)}
     if name == "render":
         renderer, survey = open_tile(tile), load_survey(data)
         names = views_to_render(survey.test_names, len(renderer.plan.blocks), a["views_per_block"])
@@ -203,9 +206,12 @@ def _stage(name: str, a: dict[str, Any]) -> dict[str, Any]:
         # the surveyed square, not the tile's bounds: the tile is whole blocks, so its area
         # moves in steps of a block while the survey's grows smoothly
         half, gsd = math.sqrt(a["area_km2"]) * 1000.0 / 2, a["export_gsd_m"]
+        # export_tile takes its extent from --bounds (CRS), not from options.rect (it exports
+        # the blocks' cores without one: 1 km2 of cores for the 0.1 km2 survey)
+        e0, n0 = (float(v) for v in read_plan(tile).georef.origin[:2])
         manifest = export_tile(tile, root / "export", ExportOptions(what=("ortho", "dsm", "las"), gsd=gsd,
-                                                                     rect=(-half, -half, half, half), survey=data,
-                                                                     progress=False))
+                                                                     survey=data, progress=False),
+                               bounds_crs=f"{e0 - half!r},{n0 - half!r},{e0 + half!r},{n0 + half!r}")
         return {"files": len(manifest["files"]), "gsd_m": gsd, "cells": manifest["counts"]["raster_cells"],
                 "timings_s": manifest["timings_s"]}
     if name == "pack":
@@ -221,15 +227,36 @@ def _stage(name: str, a: dict[str, Any]) -> dict[str, Any]:
     raise CitygenError(None, f"bench scale: unknown stage {name!r}")
 
 
+def _block_walls(tile: Path) -> list[dict[str, Any]]:
+    """Per trained block: its training images and the wall time of its worker (``state.json``:
+    started to the last update, the one that marked it done)."""
+    out = []
+    for block_id, rec in sorted((read_tile_config(tile) or {}).get("blocks", {}).items()):
+        state = json.loads((tile / rec["dir"] / "state.json").read_text())
+        wall = datetime.fromisoformat(state["updated"]) - datetime.fromisoformat(state["started"])
+        out.append({"id": block_id, "images": int(rec["n_images"]), "seconds": wall.total_seconds()})
+    return out
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _stage_main(argv: list[str]) -> int:
     name, args, out = argv[0], json.loads(argv[1]), Path(argv[2])
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     figures = _stage(name, args)
     seconds = time.perf_counter() - started
     # ru_maxrss is KiB on Linux: this process, and the largest child it waited for (training workers)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    atomic_write_json(out, {"stage": name, "seconds": seconds, "peak_rss_bytes": max(own, kids),
+    # CPU seconds of the work (this process and its waited-for children): what the wall time
+    # would be on an idle core, as the stages run one thread each; on a shared box the wall
+    # time is this stretched by the other jobs
+    atomic_write_json(out, {"stage": name, "seconds": seconds, "cpu_s": _cpu_seconds() - cpu_started,
+                            "peak_rss_bytes": max(own, kids),
                             "peak_rss_self_bytes": own, "peak_rss_children_bytes": kids, **figures})
     return 0
 
@@ -246,6 +273,9 @@ def run_stage(name: str, args: dict[str, Any], out: Path, timeout_s: float | Non
             return {**done, "reused": True}
     start = time.perf_counter()
     env = dict(os.environ)
+    # one thread per stage (and per training worker) unless told otherwise: the measurement
+    # does not then depend on OpenMP's behaviour on a busy box, and ``cpu_s`` is the idle wall time
+    env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run([sys.executable, "-m", "citygen.bench_scale", name, json.dumps(args), str(out)],
                           capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     wall = time.perf_counter() - start
@@ -276,6 +306,21 @@ def fit_and_estimate(runs: list[dict[str, Any]], all_areas: tuple[float, ...] = 
                       "affine_vs_driver": fit_affine([r["sizes"][driver] for r in runs], t),
                       "peak_rss_vs_area": fit_exponent([r["area_km2"] for r in runs],
                                                        [r["stages"][name]["peak_rss_bytes"] for r in runs])}
+    # training, block by block: a block's worker costs a fixed part (process, data, checkpoint)
+    # plus a part per training image (decoding, per-image state): fitted over every block of
+    # every run, so that a tile of more images per block (interior blocks: up to ~260 at 4 km2
+    # against 10-126 at 0.1/0.25 km2) is not priced at the small tiles' mean block
+    blocks = [b for r in runs for b in r["stages"]["train"].get("per_block", [])]
+    per_block = fit_affine([b["images"] for b in blocks], [b["seconds"] for b in blocks]) if blocks else None
+    if per_block is not None:
+        per_block["outside_blocks_s"] = float(np.median(
+            [r["stages"]["train"]["seconds"] - sum(b["seconds"] for b in r["stages"]["train"]["per_block"])
+             for r in runs]))
+    fits["train"]["per_block"] = per_block
+    for name in STAGES:
+        cpu = [r["stages"][name].get("cpu_s") for r in runs]
+        wall = sum(r["stages"][name]["seconds"] for r in runs)
+        fits[name]["cpu_share"] = min(1.0, sum(cpu) / wall) if None not in cpu and wall > 0 else 1.0
     estimate = {}
     for area in all_areas:
         done = next((r for r in runs if r["area_km2"] == area), None)
@@ -284,11 +329,20 @@ def fit_and_estimate(runs: list[dict[str, Any]], all_areas: tuple[float, ...] = 
         for name in STAGES:
             f = fits[name]["affine_vs_driver"]
             startup = float(np.median([r["stages"][name]["startup_s"] for r in runs]))
-            per[name] = (done["stages"][name]["process_s"] if done else
-                         (f["a"] + f["b"] * sizes[DRIVERS[name]] + startup if f else None))
+            if done:
+                per[name] = done["stages"][name]["process_s"]
+            elif name == "train" and per_block is not None:
+                per[name] = (per_block["outside_blocks_s"] + per_block["a"] * sizes["blocks"]
+                             + per_block["b"] * sizes["pairs"] + startup)
+            else:
+                per[name] = f["a"] + f["b"] * sizes[DRIVERS[name]] + startup if f else None
+        # the same on an idle box: each stage's wall time scaled by its measured share of CPU
+        # (CPU seconds / wall seconds of its work over the runs; 1 where not recorded)
+        idle = {n: None if v is None else v * fits[n]["cpu_share"] for n, v in per.items()}
         estimate[f"{area:g}"] = {"measured": done is not None, "predicted_sizes": sizes, "stages_s": per,
                                  "chain_s": sum(per[n] for n in CHAIN if per[n] is not None),
-                                 "total_s": sum(v for v in per.values() if v is not None)}
+                                 "total_s": sum(v for v in per.values() if v is not None),
+                                 "idle_stages_s": idle, "idle_total_s": sum(v for v in idle.values() if v is not None)}
     return fits, estimate
 
 
@@ -312,6 +366,9 @@ def bench_scale(out_dir: Path, areas: tuple[float, ...] = AREAS_KM2[:2], block_s
         stages = {}
         for name in STAGES:
             stages[name] = run_stage(name, {**args, **STAGE_SETTINGS.get(name, {})}, root / f"stage_{name}.json")
+        # a train stage reused from an earlier version lacks the per-block walls: the tile's
+        # block states hold them
+        stages["train"].setdefault("per_block", _block_walls(root / "tile"))
         sizes = {"area_km2": area, "images": stages["synth"]["images"], "test_images": stages["synth"]["test_images"],
                  "blocks": stages["plan"]["blocks"], "views": stages["render"]["views"],
                  "cells": stages["export"]["cells"]}
@@ -325,11 +382,15 @@ def bench_scale(out_dir: Path, areas: tuple[float, ...] = AREAS_KM2[:2], block_s
               "cpu_count": os.cpu_count(), "native_build_s": native_build_s,
               "native_build_ok": built.returncode == 0, "runs": runs, "fits": fits, "estimate": estimate,
               "estimated_total_s_all_areas": sum(e["total_s"] for e in estimate.values()),
+              "estimated_idle_total_s_all_areas": sum(e["idle_total_s"] for e in estimate.values()),
+              "load_average_1min": os.getloadavg()[0],
               "largest_run": {"area_km2": largest["area_km2"],
                               "peak_rss_bytes": max(st["peak_rss_bytes"] for st in largest["stages"].values()),
                               "peak_rss_stage": max(largest["stages"], key=lambda n: largest["stages"][n]["peak_rss_bytes"])},
               "note": "times are process wall times (start-up and imports included; `startup_s` apart); "
-                      "synth is the synthetic renderer, reported apart from the chain"}
+                      "synth is the synthetic renderer, reported apart from the chain; idle_*: the same "
+                      "scaled by each stage's CPU seconds per wall second (cpu_s / seconds), the wall time "
+                      "of a box where each stage has a core to itself"}
     if picture is not None:
         result["picture"] = str(draw_scale(Path(picture), result))
     return result
@@ -377,8 +438,10 @@ def draw_scale(path: Path, result: dict[str, Any], size: tuple[int, int] = (900,
     d.text((x0, 8), "citygen bench scale: wall time per stage (process) against area; filled: measured, "
                     "hollow: estimated from each stage's driver", fill=(0, 0, 0))
     d.text((x1 + 12, y0 + 18 * len(STAGES) + 6), "k: exponent of the\nstage's work vs area", fill=(0, 0, 0))
+    idle = result.get("estimated_idle_total_s_all_areas")
     d.text((x0, H - 30), f"estimated total for {', '.join(f'{a:g}' for a in areas)} km2: "
-                         f"{result['estimated_total_s_all_areas'] / 60:.0f} min", fill=(0, 0, 0))
+                         f"{result['estimated_total_s_all_areas'] / 60:.0f} min as measured"
+                         + (f", {idle / 60:.0f} min on an idle box (CPU time)" if idle else ""), fill=(0, 0, 0))
     with atomic_path(path, suffix=".png") as tmp:
         img.save(tmp, format="PNG")
     return path

@@ -134,3 +134,23 @@ def test_estimate_of_an_area_not_run_follows_each_stage_driver():
     for n in STAGES:
         assert estimate["1"]["stages_s"][n] == pytest.approx(5.0 + 0.5 * big[DRIVERS[n]], rel=1e-9), n
         assert fits[n]["affine_vs_driver"]["a"] == pytest.approx(3.0, abs=1e-6)
+
+
+def test_training_estimate_is_per_block_fixed_plus_per_image():
+    from citygen.bench_scale import DRIVERS, STAGES, fit_and_estimate, predicted_sizes
+
+    def run(area, images_per_block):
+        sizes = predicted_sizes(area)
+        stages = {n: {"seconds": 3.0 + 0.5 * sizes[DRIVERS[n]], "startup_s": 2.0,
+                      "process_s": 5.0 + 0.5 * sizes[DRIVERS[n]], "peak_rss_bytes": 1e8} for n in STAGES}
+        # each block: 7 s fixed + 0.1 s per training image; 4 s of the stage outside the blocks
+        walls = [{"id": str(i), "images": n, "seconds": 7.0 + 0.1 * n} for i, n in enumerate(images_per_block)]
+        stages["train"].update(per_block=walls, seconds=4.0 + sum(w["seconds"] for w in walls))
+        return {"area_km2": area, "images": sizes["images"], "sizes": sizes, "stages": stages}
+
+    runs = [run(0.1, [40, 10, 60, 15]), run(0.25, [19, 75, 28, 35, 126, 50])]
+    fits, estimate = fit_and_estimate(runs, (4.0,))
+    assert fits["train"]["per_block"]["a"] == pytest.approx(7.0) and fits["train"]["per_block"]["b"] == pytest.approx(0.1)
+    big = predicted_sizes(4.0)
+    assert big["pairs"] > big["blocks"] * 126      # interior blocks see more images than the small tiles' any
+    assert estimate["4"]["stages_s"]["train"] == pytest.approx(4.0 + 7.0 * big["blocks"] + 0.1 * big["pairs"] + 2.0)
