@@ -134,6 +134,14 @@ def test_estimate_of_an_area_not_run_follows_each_stage_driver():
     for n in STAGES:
         assert estimate["1"]["stages_s"][n] == pytest.approx(5.0 + 0.5 * big[DRIVERS[n]], rel=1e-9), n
         assert fits[n]["affine_vs_driver"]["a"] == pytest.approx(3.0, abs=1e-6)
+        assert estimate["1"]["idle_stages_s"][n] == estimate["1"]["stages_s"][n]     # no CPU time recorded
+    # a stage that got 40 % of a core: its idle time is 40 % of its wall time
+    for r in runs:
+        r["stages"]["export"]["cpu_s"] = 0.4 * r["stages"]["export"]["seconds"]
+    _, estimate = fit_and_estimate(runs, (1.0,))
+    assert estimate["1"]["idle_stages_s"]["export"] == pytest.approx(0.4 * estimate["1"]["stages_s"]["export"])
+    assert estimate["1"]["idle_total_s"] == pytest.approx(
+        estimate["1"]["total_s"] - 0.6 * estimate["1"]["stages_s"]["export"])
 
 
 def test_training_estimate_is_per_block_fixed_plus_per_image():
