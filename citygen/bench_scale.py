@@ -83,11 +83,11 @@ BLOCK_SIZE_M = 500.0
 STEPS = 60
 IMAGE_SIZE = (160, 120)
 #: the export's cell: 2 m, a quarter of the cells of 1 m (the export's work is one ray per cell,
-#: so its time follows the cell count; at 1 m it was 73 of the estimated 103 minutes)
+#: and its time follows the cell count: 0.18 ms a cell on the shared 2-core box)
 EXPORT_GSD_M = 2.0
 #: held-out views rendered: an evenly spaced subset, this many per block (the survey holds out
-#: about one image in eight, which at 4 km2 is ~230 views: 12 minutes of rendering that measures
-#: the same per-view cost 230 times), at half the survey's resolution
+#: about one image in eight, which at 4 km2 is 228 views: minutes of rendering that measure the
+#: same per-view cost 228 times), at half the survey's resolution
 VIEWS_PER_BLOCK = 2
 RENDER_DOWNSCALE = 2
 #: the settings only one stage reads: they go into that stage's arguments alone, so that changing
@@ -120,8 +120,8 @@ def fit_affine(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> dict
 
     This, not the power law of :func:`fit_exponent`, extrapolates a stage's time: a stage with a
     fixed cost fits a power law with ``k < 1`` through two small areas, and that curve bends
-    below the line its per-unit cost draws (measured 0.1/0.25 km2: training's k = 0.47 on blocks
-    put 30 blocks at ~370 s, the affine fit at ~540 s)."""
+    below the line its per-unit cost draws (the first 0.1/0.25 km2 figures: training's k = 0.47 on
+    blocks put 30 blocks at ~370 s, the affine fit at ~540 s)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) == 0 or np.any(x <= 0) or not np.all(np.isfinite(y)):
         return None
@@ -158,17 +158,17 @@ def _survey_config(area_km2: float):
 
 def predicted_sizes(area_km2: float, block_size: float = BLOCK_SIZE_M) -> dict[str, float]:
     """What the chain will see at ``area_km2``, without rendering anything: the synthetic flight's
-    images and held-out views (``plan_flight``) and the plan's blocks (the planner on that flight,
-    the ground at the take-off height, as the survey's DSM has it)."""
+    images and held-out views (``plan_flight``), the plan's blocks and training (image, block)
+    pairs (the planner on that flight, the ground at the take-off height, as the survey's DSM has
+    it), the views the render stage draws and the export's cells."""
     cfg = _survey_config(area_km2)
     survey = plan_flight(cfg)
     survey = replace(survey, images=[replace(im, depth=None) for im in survey.images])  # no files to read
     plan = plan_tile(survey, PartitionConfig(block_size_m=block_size, flight_height_m=cfg.altitude_m))
     held_out = set(survey.test_names)
     return {"area_km2": area_km2, "images": len(survey.images), "test_images": len(survey.test_names),
-            "blocks": len(plan.blocks),
-            "pairs": sum(1 for b in plan.blocks for n in b.images if n not in held_out), "views": len(views_to_render(survey.test_names, len(plan.blocks))),
-            "cells": export_cells(area_km2)}
+            "blocks": len(plan.blocks), "pairs": sum(1 for b in plan.blocks for n in b.images if n not in held_out),
+            "views": len(views_to_render(survey.test_names, len(plan.blocks))), "cells": export_cells(area_km2)}
 
 
 def _stage(name: str, a: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +315,7 @@ def fit_and_estimate(runs: list[dict[str, Any]], all_areas: tuple[float, ...] = 
     if per_block is not None:
         per_block["outside_blocks_s"] = float(np.median(
             [r["stages"]["train"]["seconds"] - sum(b["seconds"] for b in r["stages"]["train"]["per_block"])
-             for r in runs]))
+             for r in runs if r["stages"]["train"].get("per_block")]))
     fits["train"]["per_block"] = per_block
     for name in STAGES:
         cpu = [r["stages"][name].get("cpu_s") for r in runs]
