@@ -462,7 +462,8 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
 
     Args:
         tile_dir: the tile folder (plan.json + block checkpoints).
-        bounds_crs: ``"E0,N0,E1,N1"`` in the tile's CRS (default: the blocks' cores).
+        bounds_crs: ``"E0,N0,E1,N1"`` in the tile's CRS (default: ``options.rect``, local, when set;
+            else the blocks' cores).
         device: cpu or cuda.
         memory_budget_bytes: refuse exports estimated to need more (default: see
             :func:`citygen.checks.memory_budget`).
@@ -477,7 +478,7 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
         # refuse an export that cannot fit before loading any block: the plan's cores (or
         # --bounds) bound the area; export_scene checks again with the exact extent
         cores = np.array([b.core for b in plan.blocks], np.float64)
-        rect = parse_bounds(bounds_crs, plan.georef.origin) if bounds_crs else \
+        rect = parse_bounds(bounds_crs, plan.georef.origin) if bounds_crs else options.rect or \
             (cores[:, 0].min(), cores[:, 1].min(), cores[:, 2].max(), cores[:, 3].max())
         check_export_memory(options, rect, memory_budget_bytes, memory_budget_source)
         check_export_disk(options, rect, out)
@@ -488,7 +489,8 @@ def export_tile(tile_dir: str | Path, out: str | Path, options: ExportOptions, *
             raise CitygenError(tile_dir, "no survey recorded for this tile: pass --data transforms.json for cameras")
         survey = Path(record["data"])
     renderer = open_tile(tile_dir, device=device)
-    rect = parse_bounds(bounds_crs, renderer.georef.origin) if bounds_crs else core_rect(renderer)
+    # --bounds (CRS) first, then a local rect the caller set in the options, else the blocks' cores
+    rect = parse_bounds(bounds_crs, renderer.georef.origin) if bounds_crs else options.rect or core_rect(renderer)
     manifest = export_scene(renderer, out, replace(options, survey=survey, rect=rect),
                             memory_budget_bytes=memory_budget_bytes, memory_budget_source=memory_budget_source)
     if renderer.missing_blocks:
