@@ -17,9 +17,10 @@ from test_train import SMALL
 
 from citygen.cli import entrypoint
 from citygen.config import load_config
+from citygen.errors import CitygenError
 from citygen.render import render_rays
 from citygen.render.realtime import RealtimeRenderer
-from citygen.train import load_field, train_block
+from citygen.train import BlockTrainer, load_field, train_block
 from citygen.train.sharpen import sharpen_block
 from survey_io import read_transforms
 
@@ -116,3 +117,14 @@ def test_cli_sharpen_bad_input(trained, tmp_path, capsys):
     assert entrypoint(["sharpen", str(trained), "--out", str(tmp_path / "o"), "--alpha-entropy-weight", "-1"]) == 2
     assert "alpha_entropy_weight" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diverged_training_step_is_one_error(box_survey, tmp_path):
+    """A non-finite loss stops training with one line naming the run (the trainer's guard) before
+    it reaches the weights or the error map's sampler."""
+    cfg = load_config("tiny", {**SMALL, "steps": 2, "rays_per_batch": 32, "eval_at_end": False})
+    trainer = BlockTrainer(cfg, box_survey, tmp_path / "run")
+    with torch.no_grad():
+        trainer.field.density_mlp[-1].bias.fill_(float("nan"))
+    with pytest.raises(CitygenError, match="diverged at step 1"):
+        trainer.train_step()

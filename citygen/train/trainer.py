@@ -240,6 +240,11 @@ class BlockTrainer:
             alpha_entropy = out["alpha_entropy"].mean()
             loss = loss + cfg.optim.alpha_entropy_weight * alpha_entropy
             stats["loss_alpha_entropy"] = float(alpha_entropy.detach())
+        if not bool(torch.isfinite(loss)):
+            # one line instead of a NaN field (or the error map's sampler failing a step later);
+            # seen with the sharpening fine-tune's entropy at weight 0.03 over 900 steps
+            raise CitygenError(self.out, f"training diverged at step {self.step + 1} (the loss is not finite): "
+                                         "lower the learning rate or the loss weights")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
