@@ -770,6 +770,40 @@ def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named
 
 
 # Subcommand name -> function. Each function's docstring is its help text.
+def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 300, alpha_entropy_weight: float = 0.01,
+            distortion_weight: float | None = None, data: Path | None = None, threads: int | None = None,
+            no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None) -> None:
+    """Fine-tune a trained block so that its surfaces are opaque (fewer field samples per pixel
+    for the real-time renderer): continues from RUN's last checkpoint into the new run folder OUT
+    with a per-sample opacity-entropy loss, then evaluates the held-out views.
+
+    Args:
+        run: the trained run folder (or a checkpoint).
+        out: the new run folder.
+        steps: fine-tune steps.
+        alpha_entropy_weight: weight of the per-sample opacity entropy.
+        distortion_weight: replaces the run's distortion-loss weight when given.
+        data: the survey (default: the one the run trained on).
+        threads: CPU threads (default: the run's).
+        no_eval: skip the held-out evaluation at the end.
+        no_progress: no progress bar.
+        lpips_weights: LPIPS weights for the evaluation (default: $CITYGEN_LPIPS_WEIGHTS).
+    """
+    import json
+
+    from .nets.lpips import resolve_lpips_weights
+    from .train.sharpen import sharpen_block
+
+    check_out_dir(out, "--out")
+    result = sharpen_block(run, out, steps=steps, alpha_entropy_weight=alpha_entropy_weight,
+                           distortion_weight=distortion_weight, data=data, threads=threads,
+                           evaluate_at_end=not no_eval, progress=not no_progress,
+                           lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
+    print(json.dumps({"out": str(result.out), "checkpoint": str(result.checkpoint), "from_step": result.start_step,
+                      "step": result.step, "seconds": round(result.seconds, 2),
+                      "eval": result.eval["mean"] if result.eval else None}, indent=2))
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "synth": synth,
     "demo": demo,
@@ -779,6 +813,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "plan": plan,
     "train": train,
     "train-tile": train_tile,
+    "sharpen": sharpen,
     "render": render,
     "view": view,
     "export": export,

@@ -109,6 +109,10 @@ class OptimConfig:
     #: weight of the mip-NeRF 360 distortion loss (distances in units of the block's height):
     #: concentrates each ray's weight on one surface, clearing the fog that slows marching.
     distortion_weight: float = 0.0
+    #: weight of the per-sample opacity entropy (``render_rays(alpha_entropy=True)``): makes each
+    #: visible sample empty or opaque, so that rays terminate within a step or two of the surface;
+    #: used by the sharpening fine-tune (``citygen sharpen``, :mod:`citygen.train.sharpen`).
+    alpha_entropy_weight: float = 0.0
     #: "mse" or "huber" on RGB.
     rgb_loss: str = "mse"
     #: row-sparse Adam on the hash table (tiny-cuda-nn's rule: entries no sample touched keep
@@ -192,6 +196,7 @@ RULES: dict[str, Range] = {
     "optim.ground_opacity_weight": NON_NEGATIVE,
     "optim.entropy_weight": NON_NEGATIVE,
     "optim.distortion_weight": NON_NEGATIVE,
+    "optim.alpha_entropy_weight": NON_NEGATIVE,
     "steps": AT_LEAST_ONE,
     "rays_per_batch": AT_LEAST_ONE,
     "seed": NON_NEGATIVE,

@@ -29,12 +29,16 @@ from ..config import RenderConfig
 from ..fields.occupancy import OccupancyGrid
 from .sampling import camera_rays, intersect_aabb
 
+#: per-sample opacities are clamped this far inside (0, 1) so the entropy's logarithms stay finite
+ALPHA_CLAMP = 1e-6
+
 
 def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, step_size: float,
                 occupancy: OccupancyGrid | None = None, z_scale: Tensor | None = None,
                 jitter: Tensor | None = None, near: float = 0.0, segment: int = 64,
                 min_transmittance: float = 1e-4, with_semantics: bool = True,
-                distortion_scale: float | None = None, band: Tensor | None = None) -> dict[str, Tensor]:
+                distortion_scale: float | None = None, band: Tensor | None = None,
+                alpha_entropy: bool = False) -> dict[str, Tensor]:
     """Volume-render a batch of rays through ``field`` (a :class:`~citygen.fields.CityField`).
 
     Args:
@@ -52,10 +56,17 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
         band: (R, 2) per-ray interval (t_in, t_out): only the samples with t_in <= t <= t_out are
             evaluated, the others count as empty (the narrow band of :mod:`citygen.render.envelope`;
             the sample positions do not move).
+        alpha_entropy: also return ``alpha_entropy`` (R,): ``sum_k T_k H(alpha_k)`` over the
+            evaluated samples, ``H`` the binary entropy (:data:`ALPHA_CLAMP`).  Zero only when every
+            visible sample is empty or opaque: the sharpening fine-tune (:mod:`citygen.train.sharpen`)
+            uses it to turn a semi-transparent surface layer, which early termination must march
+            through sample by sample, into one opaque step.  Weighted by ``T`` so that samples
+            hidden behind the surface are free.
 
     Returns:
         dict with ``rgb`` (R, 3), ``acc`` (R,), ``depth`` (R,), ``semantics`` (R, C) logits when
-        asked, ``distortion`` (R,) when ``distortion_scale`` is given, and ``n_samples`` (scalar
+        asked, ``distortion`` (R,) when ``distortion_scale`` is given, ``alpha_entropy`` (R,) when
+        asked, and ``n_samples`` (scalar
         tensor: field evaluations).
 
     Distortion (mip-NeRF 360, eq. 15): ``sum_ij w_i w_j |s_i - s_j| + 1/3 sum_i w_i^2 ds`` over the
@@ -82,6 +93,7 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
     dist = origins.new_zeros(R) if distortion_scale is not None else None
     w_run = origins.new_zeros(R) if dist is not None else None      # sum of weights so far
     ws_run = origins.new_zeros(R) if dist is not None else None     # sum of weight * s so far
+    ent = origins.new_zeros(R) if alpha_entropy else None
 
     alive = hit.nonzero().squeeze(-1)
     k0 = 0
@@ -107,6 +119,10 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
             trans = torch.exp(log_t_alive[:, None] - excl)                         # T before each sample
             w_dense = trans * (1.0 - torch.exp(-tau))
             w = w_dense[ri, si]                                                    # packed weights
+            if ent is not None:
+                a = (1.0 - torch.exp(-tau[ri, si])).clamp(ALPHA_CLAMP, 1.0 - ALPHA_CLAMP)
+                h = -(a * torch.log(a) + (1.0 - a) * torch.log1p(-a))
+                ent = ent.index_add(0, rays, trans[ri, si] * h)
             if dist is not None:
                 s_dense = t * distortion_scale
                 ws_dense = w_dense * s_dense
@@ -135,6 +151,8 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
     result = {"rgb": rgb, "acc": acc, "depth": depth, "n_samples": torch.tensor(n_evals)}
     if dist is not None:
         result["distortion"] = dist
+    if ent is not None:
+        result["alpha_entropy"] = ent
     if with_semantics:
         result["semantics"] = sem + (1.0 - acc)[:, None] * field.background_semantics
     return result

@@ -135,6 +135,9 @@ class BlockTrainer:
                 self.data.allowed = self.error_map.pixels
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
+        #: the step the learning-rate schedule ends at (past it: the final rate); the sharpening
+        #: fine-tune (citygen.train.sharpen) sets it to the source run's end
+        self.schedule_steps = cfg.steps
         self.seconds = 0.0          # training wall time (not loading, checkpoints, evaluation)
         self.cpu_seconds = 0.0      # process CPU time of the same (all threads): robust to a shared machine
         self.checkpoint_dir = self.out / CHECKPOINTS_DIR
@@ -214,7 +217,7 @@ class BlockTrainer:
     # -- loop ----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        factor = lr_factor(self.step, cfg.optim, cfg.steps)
+        factor = lr_factor(self.step, cfg.optim, self.schedule_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         sparse = self.data.sparse_depth if cfg.optim.sparse_depth_weight > 0 else None
@@ -236,7 +239,8 @@ class BlockTrainer:
                               z_scale=batch.z_scale, jitter=jitter, segment=cfg.render.segment_samples,
                               min_transmittance=cfg.render.min_transmittance,
                               with_semantics=batch.semantics is not None,
-                              distortion_scale=1.0 / self.height if cfg.optim.distortion_weight > 0 else None)
+                              distortion_scale=1.0 / self.height if cfg.optim.distortion_weight > 0 else None,
+                              alpha_entropy=cfg.optim.alpha_entropy_weight > 0)
         rgb = out["rgb"]
         if self.exposure is not None:
             a = self.exposure[batch.image_index]
@@ -272,6 +276,15 @@ class BlockTrainer:
             distortion = out["distortion"].mean()
             loss = loss + cfg.optim.distortion_weight * distortion
             stats["loss_distortion"] = float(distortion.detach())
+        if cfg.optim.alpha_entropy_weight > 0:
+            alpha_entropy = out["alpha_entropy"].mean()
+            loss = loss + cfg.optim.alpha_entropy_weight * alpha_entropy
+            stats["loss_alpha_entropy"] = float(alpha_entropy.detach())
+        if not bool(torch.isfinite(loss)):
+            # one line instead of a NaN field (or the error map's sampler failing a step later);
+            # seen with the sharpening fine-tune's entropy at weight 0.03 over 900 steps
+            raise CitygenError(self.out, f"training diverged at step {self.step + 1} (the loss is not finite): "
+                                         "lower the learning rate or the loss weights")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
