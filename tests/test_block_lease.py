@@ -340,14 +340,15 @@ def test_a_holder_whose_lease_was_taken_over_exits_before_it_writes_again(tmp_pa
 
     block = tmp_path / "b"
     proc = python(f"""
-        import time
+        import os, time
         from pathlib import Path
         from citygen.distributed import lease
         lease.HEARTBEAT_S = 0.1
         with lease.hold_block({str(block)!r}):
             print("holding", flush=True)
-            for i in range(600):  # a trainer writing a file a step
-                (Path({str(block)!r}) / "written").write_text(str(i))
+            for i in range(600):  # a trainer writing a file a step (whole: the exit may come mid-write)
+                (Path({str(block)!r}) / "written.tmp").write_text(str(i))
+                os.replace(Path({str(block)!r}) / "written.tmp", Path({str(block)!r}) / "written")
                 time.sleep(0.05)
     """, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
