@@ -21,7 +21,8 @@ VPY="$WORK/venv/bin/python"
 "$VPY" -m pip install -q "$WHEEL"
 
 mkdir "$WORK/run" && cd "$WORK/run"   # no checkout on sys.path
-"$VPY" - <<'PY'
+CITYGEN_SRC="$SRC" "$VPY" - <<'PY'
+import os
 import pathlib
 import sysconfig
 
@@ -31,7 +32,9 @@ from citygen.config import preset_names
 site = pathlib.Path(sysconfig.get_paths()["purelib"]).resolve()
 where = pathlib.Path(citygen.__file__).resolve()
 assert site in where.parents, f"citygen was imported from {where}, not from the wheel in {site}"
-assert preset_names() == ["block", "city-100km2", "gpu", "tiny"], f"presets in the wheel: {preset_names()}"
+# every preset of the source tree ships in the wheel
+shipped = sorted(p.stem for p in (pathlib.Path(os.environ["CITYGEN_SRC"]) / "citygen" / "configs").glob("*.yaml"))
+assert shipped and preset_names() == shipped, f"presets in the wheel: {preset_names()}, in the source tree: {shipped}"
 print(f"check-wheel: citygen from {where.parent}, presets {preset_names()}")
 PY
 export TORCH_EXTENSIONS_DIR="$WORK/ext"
