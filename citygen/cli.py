@@ -185,7 +185,7 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
           picture: Path | None = None, scale_dir: Path = Path("outputs/bench_scale"),
           scale_areas: tuple[float, ...] = (0.1, 0.25), scale_steps: int = 60,
           size_m: float = 1000.0, gsd: float = 0.1, las_points: int = 50_000_000, work: Path | None = None,
-          view_frames: int = 120, view_rest_jobs: int = 0) -> None:
+          view_frames: int = 120, view_rest_jobs: int = 0, view_no_lod: bool = False) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
@@ -235,6 +235,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
         scale_steps: scale: training steps per block (fixed, short).
         view_frames: view: frames along the fly path.
         view_rest_jobs: view: then rest and run this many neural refinement jobs (0: none).
+        view_no_lod: view: draw every chunk at the finest level, unculled (the baseline of the
+            levels of detail and frustum culling).
     """
     import json
 
@@ -305,7 +307,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
         size = parse_resolution(res[0]) if res else (1280, 720)
         check_values((f"--res {res[0] if res else ''}", side, IMAGE_SIDE) for side in size)
         app = open_app(tile, size=size, device="cpu" if device == "auto" else device, layer="envelope")
-        result = bench_view(app, frames=view_frames, screenshot=picture, rest_jobs=view_rest_jobs)
+        result = bench_view(app, frames=view_frames, screenshot=picture, rest_jobs=view_rest_jobs,
+                            lod=not view_no_lod)
     print(json.dumps(result, indent=2))
     if out is not None:
         atomic_write_json(out, result)

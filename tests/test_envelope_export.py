@@ -85,25 +85,54 @@ def test_bake_envelope_cli_bad_tile(tmp_path, capsys):
     assert len(err) == 1 and "--tile" in err[0]
 
 
-def test_view_shell_decimates_keeps_colour_and_caches(tmp_path):
+def test_view_levels_within_tolerance_of_the_sphere_keep_colour_and_cache(tmp_path):
     o3d = pytest.importorskip("open3d")
-    from citygen.export.envelope import view_shell
+    from citygen.export.envelope import view_levels
     from citygen.render.envelope import Envelope, save_envelope
     from citygen.store.layout import envelope_file, envelope_view_file
 
-    sphere = o3d.geometry.TriangleMesh.create_sphere(radius=10.0, resolution=40)   # 3120 triangles
-    v = np.asarray(sphere.vertices, np.float32) + np.float32([5.0, -3.0, 12.0])
+    radius, centre = 10.0, np.float32([5.0, -3.0, 12.0])
+    sphere = o3d.geometry.TriangleMesh.create_sphere(radius=radius, resolution=40)   # 3120 triangles
+    v = np.asarray(sphere.vertices, np.float32) + centre
     f = np.asarray(sphere.triangles, np.int32)
     shell = Shell(v, f, np.tile(np.uint8([90, 140, 200]), (len(v), 1)))
     empty = Shell(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8))
     env = Envelope(empty, shell, 1.0, 2.0, 3.0, 0.5)          # the viewer shows the inner shell
     save_envelope(envelope_file(tmp_path), env)
-    view = view_shell(tmp_path, env, max_triangles=300)
-    assert 100 <= len(view.triangles) <= 300
-    # a decimated sphere: vertices stay near the radius (chords cut inside), colours uniform as given
-    r = np.linalg.norm(view.vertices - np.float32([5.0, -3.0, 12.0]), axis=1)
-    assert r.max() < 10.2 and r.min() > 8.5
-    assert np.all(view.colors == (90, 140, 200))
+    levels = view_levels(tmp_path, env, levels=(1200, 300, 80))
+    tris = [len(lv.shell.triangles) for lv in levels]
+    assert 600 <= tris[0] <= 1200 and 150 <= tris[1] <= 300 and 40 <= tris[2] <= 80
+    # the full mesh's own chord error (sagitta of its longest edge) against the exact sphere
+    edges = np.linalg.norm(v[f] - v[np.roll(f, 1, axis=1)], axis=-1).max()
+    sagitta = radius - np.sqrt(radius**2 - (edges / 2) ** 2)
+    for lv in levels:
+        # closed form: a vertex's distance to the sphere is | |v - c| - R |; the measured error
+        # bounds it up to the full mesh's own sagitta
+        off = np.abs(np.linalg.norm(lv.shell.vertices - centre, axis=1) - radius)
+        assert off.max() <= lv.error_m + sagitta + 1e-4
+        assert np.all(lv.shell.colors == (90, 140, 200))
+    # coarser levels are further from the sphere, and all within 10 % of its radius (measured:
+    # 0.04 / 0.22 / 0.69 m, the last 0.7 % of R under the bound)
+    errors = [lv.error_m for lv in levels]
+    assert 0 < errors[0] < errors[1] < errors[2] < 0.1 * radius
     assert envelope_view_file(tmp_path).is_file()
-    again = view_shell(tmp_path, Envelope(empty, empty, 1.0, 2.0, 3.0, 0.5))   # cached: the argument is unused
-    np.testing.assert_array_equal(again.triangles, view.triangles)
+    again = view_levels(tmp_path, Envelope(empty, empty, 1.0, 2.0, 3.0, 0.5), levels=(1200, 300, 80))  # cached
+    np.testing.assert_array_equal(again[1].shell.triangles, levels[1].shell.triangles)
+    assert [lv.error_m for lv in again] == errors
+    # other targets: the cache is stale and made again
+    assert len(view_levels(tmp_path, env, levels=(500,))) == 1
+
+
+def test_vertex_hausdorff_closed_form_planes():
+    pytest.importorskip("open3d")
+    from citygen.export.envelope import vertex_hausdorff
+
+    square = np.array([[0, 0, 0], [4, 0, 0], [4, 4, 0], [0, 4, 0]], np.float32)
+    f = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
+    c = np.zeros((4, 3), np.uint8)
+    lifted = square + np.float32([0, 0, 0.75])
+    assert vertex_hausdorff(Shell(square, f, c), Shell(lifted, f, c)) == pytest.approx(0.75, abs=1e-6)
+    # a smaller square inside the first, lifted: its corners see the big one 0.5 below, while the
+    # big one's corners are sqrt(1 + 1 + 0.25) = 1.5 m from the small one's nearest corner
+    small = np.array([[1, 1, 0.5], [3, 1, 0.5], [3, 3, 0.5], [1, 3, 0.5]], np.float32)
+    assert vertex_hausdorff(Shell(square, f, c), Shell(small, f, c)) == pytest.approx(1.5, abs=1e-6)

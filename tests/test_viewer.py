@@ -874,6 +874,98 @@ def test_hud_layer_switches_from_envelope_to_neural_at_rest(gl_ctx):
     hv.release()
 
 
+def flat_levels(x0, y0, x1, y1, z, n_levels, rgb=(90, 90, 90)):
+    """A flat upward-facing rectangle as ``n_levels`` display levels: level k has 2 * 4^(L-1-k)
+    triangles (a grid), errors 0, 0.1, 1.0, ... (as if measured against the finest)."""
+    from citygen.export.envelope import ViewLevel
+    from citygen.render.envelope import Shell
+
+    out = []
+    for k in range(n_levels):
+        n = 2 ** (n_levels - 1 - k)
+        xs, ys = np.linspace(x0, x1, n + 1), np.linspace(y0, y1, n + 1)
+        v = np.array([[x, y, z] for y in ys for x in xs], np.float32)
+        f = [[j * (n + 1) + i, j * (n + 1) + i + 1, (j + 1) * (n + 1) + i + 1] for j in range(n) for i in range(n)]
+        f += [[j * (n + 1) + i, (j + 1) * (n + 1) + i + 1, (j + 1) * (n + 1) + i] for j in range(n) for i in range(n)]
+        out.append(ViewLevel(Shell(v, np.array(f, np.int32), np.tile(np.uint8(rgb), (len(v), 1))),
+                             0.0 if k == 0 else 0.1 * 10 ** (k - 1)))
+    return out
+
+
+def test_frustum_culls_exactly_the_boxes_outside_closed_form():
+    from viewer.gl import projection_matrix, view_matrix
+    from viewer.lod import boxes_outside, frustum_planes
+
+    # 90 degrees both ways, identity pose (OpenCV: looking along +z): the frustum is
+    # |x| <= z, |y| <= z, 1 <= z <= 100 in world coordinates
+    cam = Camera(100, 100, 50.0, 50.0, 50.0, 50.0)
+    clip = projection_matrix(cam, 1.0, 100.0) @ view_matrix(np.eye(4))
+    rng = np.random.default_rng(7)
+    centre = rng.uniform([-90, -90, -20], [90, 90, 120], (4000, 3))
+    half = rng.uniform(0.5, 10.0, (4000, 3))
+    boxes = np.stack([centre - half, centre + half], axis=1)
+    corners = np.stack([boxes[:, [i, j, k], [0, 1, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)], axis=1)
+    x, y, z = corners[..., 0], corners[..., 1], corners[..., 2]
+    halfspaces = [z - x, z + x, z - y, z + y, z - 1.0, 100.0 - z]            # >= 0 inside
+    expected = np.any([np.all(h < 0, axis=1) for h in halfspaces], axis=0)   # all corners out by one plane
+    got = boxes_outside(boxes, frustum_planes(clip))
+    assert 500 < expected.sum() < 3500 and np.array_equal(got, expected)
+
+
+def test_select_drops_blocks_outside_and_picks_levels_by_pixel_error():
+    from viewer.gl import projection_matrix, view_matrix
+    from viewer.lod import build_lod_mesh, select
+
+    # nadir camera at height h over the origin, 100x100 at f = 50 px: the ground footprint is
+    # |x|, |y| <= h; blocks of 4 x 4 m at z = 0
+    blocks = {"centre": flat_levels(-2, -2, 2, 2, 0.0, 3), "east_in": flat_levels(10, -2, 14, 2, 0.0, 3),
+              "east_out": flat_levels(60, -2, 64, 2, 0.0, 3), "north_out": flat_levels(-2, 70, 2, 74, 0.0, 3),
+              "above": flat_levels(-2, -2, 2, 2, 80.0, 3)}                  # behind the camera at h = 40
+    mesh = build_lod_mesh(blocks, chunks_per_side=1)
+    cam = Camera(100, 100, 50.0, 50.0, 50.0, 50.0)
+
+    def run(h, pixel_error=1.5, max_triangles=None):
+        c2w = nadir(h)
+        clip = projection_matrix(cam, 0.1, 1000.0) @ view_matrix(c2w)
+        return select(mesh, clip, c2w[:3, 3], 50.0, pixel_error, max_triangles)
+
+    d = run(40.0)
+    assert d.blocks_drawn == ("centre", "east_in") and d.chunks_culled == 3
+    # level errors 0 / 0.1 / 1.0 m span e * 50 / 40 px: 1.0 m is 1.25 px <= 1.5: the coarsest
+    assert d.level_chunks == [0, 0, 2] and d.triangles == 2 * 2
+    # at 10 m: 1.0 m = 5 px, 0.1 m = 0.5 px -> level 1 (8 triangles each); "above" is no longer behind
+    d = run(10.0)
+    assert d.blocks_drawn == ("centre", "east_in") and d.level_chunks == [0, 2, 0] and d.triangles == 16
+    # at 2 m only the centre block is in view (east_in starts at x = 10 > 2), 0.1 m = 2.5 px: the finest
+    d = run(2.0)
+    assert d.blocks_drawn == ("centre",) and d.level_chunks == [1, 0, 0] and d.triangles == 32
+    # a budget of 12 triangles coarsens the farthest chunk first: at 10 m both blocks are at level 1
+    # (16 triangles); east_in (farther) drops to level 2 -> 8 + 2 = 10
+    d = run(10.0, max_triangles=12)
+    assert d.level_chunks == [0, 1, 1] and d.triangles == 10
+
+
+def test_envelope_layer_draws_only_selected_ranges(gl_ctx):
+    from viewer.launch import envelope_model
+
+    # the finest level red, the coarser ones green: close up the finest is drawn, far away not
+    blocks = {"b": [lv if k else type(lv)(type(lv.shell)(lv.shell.vertices, lv.shell.triangles,
+                                                           np.tile(np.uint8([250, 0, 0]), (len(lv.shell.vertices), 1))),
+                                          lv.error_m)
+                    for k, lv in enumerate(flat_levels(-5, -5, 5, 5, 0.0, 2, rgb=(0, 250, 0)))]}
+    app = ViewerApp(baked=envelope_model(blocks), size=(64, 64), baked_label="envelope", cull_baked=True)
+    app.show_hud = False
+    hv = HeadlessViewer(app, ctx=gl_ctx)
+    f = app.window_camera.fl_y
+    app.camera.set_c2w(nadir(0.1 * f / 3.0))       # 0.1 m error = 3 px: the finest level
+    img = hv.frame()
+    assert np.all(img[32, 32] == (250, 0, 0)) and app.drawer.last_draw.level_chunks[0] > 0
+    app.camera.set_c2w(nadir(0.1 * f / 0.5))       # 0.5 px: the coarse level
+    img = hv.frame()
+    assert np.all(img[32, 32] == (0, 250, 0)) and app.drawer.last_draw.level_chunks[0] == 0
+    hv.release()
+
+
 def test_scheduler_progress_closed_form():
     s = RenderScheduler(scales=(1, 2, 4), max_interactive_scale=4)
     assert s.progress == 0.0
@@ -894,7 +986,17 @@ def test_bench_view_flies_envelope_then_refines(gl_ctx, tmp_path):
     renderer = app.source.renderer
     result = bench_view(app, frames=4, screenshot=tmp_path / "fly.png", rest_jobs=50)
     assert result["frames"] == 4 and result["layer"] == "envelope" and result["triangles"] == 4
-    assert 0 < result["frame_ms_median"] <= result["frame_ms_p95"]
+    assert 0 < result["frame_ms_median"] <= result["frame_ms_p95"] <= result["frame_ms_max"]
+    assert result["fps_median"] == pytest.approx(1e3 / result["frame_ms_median"])
+    split = result["split_ms_median"]
+    assert set(split) == {"submit", "gl_finish", "lod_select", "hud", "readback"} and min(split.values()) >= 0
+    assert split["lod_select"] + split["hud"] <= split["submit"] + 1e-6   # both inside the draw call
+    # two blocks of 2 triangles, one level, chunks of 1 triangle each (4 chunks of the 4x4 grid per block)
+    assert result["chunks"] == 4 and result["lod_level_triangles"] == [4] and result["lod_level_error_m"] == [0.0]
+    assert 0 <= result["triangles_drawn_median"] <= result["triangles_drawn_max"] <= 4
+    assert sum(result["lod_levels_used"]) + 4 * result["chunks_culled_median"] >= 0
+    assert len(result["load_average_before"]) == len(result["load_average_after"]) == 3 and result["cpu_count"] >= 1
+    assert result["lod"] is True and json.loads(json.dumps(result)) == result      # one JSON
     rest = result["rest"]
     # flying rendered nothing neural; at rest the passes 1/32 .. 1/1 of 64x48 finish within 50 jobs
     assert rest["layer"] == "neural" and rest["scale"] == 1 and rest["neural_shown_after_s"] is not None

@@ -135,6 +135,7 @@ class ViewerApp:
         self._fps: float | None = None
         self.overlays: list[Overlay] = []        # HUD panels of the last draw (window rects)
         self.drawer = None
+        self.hud_seconds = 0.0
         self.reset_view()
 
     # -- GL ----------------------------------------------------------------------------------
@@ -476,10 +477,12 @@ class ViewerApp:
             segs = np.array([[pts[0], pts[-1]]]) if len(pts) == 2 else np.array([[pts[0], pts[0] + [0, 0, 1e-3]]])
             self.drawer.draw_lines(segs, camera, c2w, near, far, MEASURE_LINE_COLOR)
         self.overlays = []
+        t0 = time.perf_counter()
         if self.show_hud if hud is None else hud:
             self.overlays = hud_overlays(self.hud_info(), size, self.classes,
                                          legend=self.mode is DisplayMode.SEMANTICS)
             self.drawer.draw_overlays(self.overlays, size)
+        self.hud_seconds = time.perf_counter() - t0   # text rasterised by Pillow + its upload (bench view)
 
     # -- screenshots -------------------------------------------------------------------------------
     def render_image(self, size: tuple[int, int] | None = None, hud: bool = False) -> np.ndarray:

@@ -9,6 +9,8 @@ round trip is future work for the GPU renderer.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from citygen.cameras import world_to_opengl_view
@@ -18,6 +20,7 @@ from survey_io import Camera
 from .colormap import BACKGROUND, CLASS_LUT, EMPTY_ACC, LUT_SIZE, TURBO_LUT, to_uint8
 from .display import DisplayMode, Frame
 from .hud import Overlay
+from .lod import MAX_TRIANGLES, PIXEL_ERROR, DrawList, LodMesh, select, select_all
 from .ply import PlyModel
 
 MODE_IDS = {DisplayMode.RGB: 0, DisplayMode.DEPTH: 1, DisplayMode.SEMANTICS: 2}
@@ -192,6 +195,13 @@ class Drawer:
         self._frame_tex: dict[str, object] = {}
         self._frame_size: tuple[int, int] | None = None
         self._mesh: tuple | None = None
+        self._lod: LodMesh | None = None
+        #: what the last draw_mesh of a level-of-detail mesh drew and the seconds its selection took
+        self.last_draw: DrawList | None = None
+        self.last_select_s = 0.0
+        #: level-of-detail settings (viewer.lod); lod=False draws the finest level of every chunk
+        #: unculled (the layer before levels of detail: the bench's baseline)
+        self.lod, self.pixel_error, self.max_triangles = True, PIXEL_ERROR, MAX_TRIANGLES
         self._cull_back = False
         self._overlay_cache: list = []
 
@@ -240,19 +250,25 @@ class Drawer:
         self.frame_vao.render(self._moderngl.TRIANGLES)
 
     # -- baked preview ------------------------------------------------------------------------
-    def set_mesh(self, model: PlyModel, cull_back: bool = False) -> None:
-        """Upload a baked model.  ``cull_back``: its triangles are oriented (counter-clockwise
-        seen from outside, the envelope's shells) and closed, so faces turned away are skipped:
-        about half the fragments and all the hidden far sides."""
+    def set_mesh(self, model: PlyModel | LodMesh, cull_back: bool = False) -> None:
+        """Upload a baked model, once (frames only issue draw calls).  ``cull_back``: its
+        triangles are oriented (counter-clockwise seen from outside, the envelope's shells) and
+        closed, so faces turned away are skipped: about half the fragments and all the hidden far
+        sides.  A :class:`~viewer.lod.LodMesh` (the envelope layer) uploads all its levels; each
+        frame then draws the chunks in view at their level (:func:`viewer.lod.select`)."""
         ctx = self.ctx
         self._cull_back = bool(cull_back)
+        self._lod = model if isinstance(model, LodMesh) else None
         n = len(model.positions)
         colors = model.colors if model.colors is not None else np.full((n, 3), 200, np.uint8)
         classes = model.classes if model.classes is not None else np.full(n, 255, np.uint8)
         vbo = ctx.buffer(np.ascontiguousarray(model.positions, np.float32).tobytes())
         cbo = ctx.buffer(np.ascontiguousarray(colors, np.uint8).tobytes())
         kbo = ctx.buffer(np.ascontiguousarray(classes.astype(np.float32)).tobytes())
-        ibo = ctx.buffer(np.ascontiguousarray(model.faces, np.int32).tobytes()) if model.is_mesh else None
+        if self._lod is not None:
+            ibo = ctx.buffer(np.ascontiguousarray(self._lod.indices, np.int32).tobytes())
+        else:
+            ibo = ctx.buffer(np.ascontiguousarray(model.faces, np.int32).tobytes()) if model.is_mesh else None
         vao = ctx.vertex_array(self.mesh_prog, [(vbo, "3f", "in_pos"), (cbo, "3f1", "in_color"),
                                                 (kbo, "1f", "in_class")], index_buffer=ibo, index_element_size=4)
         self._mesh = (vao, model.is_mesh)
@@ -265,8 +281,9 @@ class Drawer:
         mgl = self._moderngl
         vao, is_mesh = self._mesh
         view = view_matrix(c2w)
+        clip = projection_matrix(camera, near, far) @ view
         p = self.mesh_prog
-        p["mvp"].write(_mat(projection_matrix(camera, near, far) @ view))
+        p["mvp"].write(_mat(clip))
         p["view"].write(_mat(view))
         p["point_size"].value = float(point_size)
         p["mode"].value = MODE_IDS[DisplayMode(mode)]
@@ -278,7 +295,18 @@ class Drawer:
             # counter-clockwise in the window (GL's default front face)
             self.ctx.front_face = "ccw"
             self.ctx.enable(mgl.CULL_FACE)
-        vao.render(mgl.TRIANGLES if is_mesh else mgl.POINTS)
+        if self._lod is not None:
+            t0 = time.perf_counter()
+            if self.lod:
+                self.last_draw = select(self._lod, clip, np.asarray(c2w, np.float64)[:3, 3], float(camera.fl_y),
+                                        self.pixel_error, self.max_triangles)
+            else:
+                self.last_draw = select_all(self._lod)
+            self.last_select_s = time.perf_counter() - t0
+            for first, count in self.last_draw.ranges:
+                vao.render(mgl.TRIANGLES, vertices=count, first=first)
+        else:
+            vao.render(mgl.TRIANGLES if is_mesh else mgl.POINTS)
         self.ctx.disable(mgl.DEPTH_TEST | mgl.CULL_FACE)
 
     # -- lines and HUD ------------------------------------------------------------------------

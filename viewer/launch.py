@@ -6,7 +6,6 @@ The command line lives in ``citygen/cli.py``; these are plain typed functions.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 
 from citygen.bench_render import fly_path
 from citygen.errors import CitygenError
-from citygen.export.envelope import tile_view_shells
+from citygen.export.envelope import tile_view_levels
 from citygen.store.layout import discover, trained_survey
 from citygen.tile import open_tile
 from survey_io import read_transforms
@@ -26,7 +25,8 @@ from survey_io.atomic import atomic_path
 from .app import HeadlessViewer, SurveyView, ViewerApp
 from .display import DisplayMode
 from .edits import live_edits_for_tile
-from .ply import PlyModel, read_ply
+from .lod import LodMesh, build_lod_mesh
+from .ply import read_ply
 from .source import TileSource
 from .window import ViewerWindow
 
@@ -42,20 +42,15 @@ def survey_views_from(transforms: str | Path) -> list[SurveyView]:
 ENVELOPE_MIN_NEURAL_SCALE = 4
 
 
-def envelope_model(shells: dict) -> PlyModel:
-    """The blocks' display shells (:func:`citygen.export.envelope.view_shell`: the inner shell of
+def envelope_model(blocks: dict) -> LodMesh:
+    """The blocks' display levels (:func:`citygen.export.envelope.view_levels`: the inner shell of
     :mod:`citygen.render.envelope` decimated, tile-local metres; why the inner: that module's
-    docstring) as one coloured triangle mesh for the GL drawer."""
-    positions, colors, faces, offset = [], [], [], 0
-    for shell in shells.values():
-        positions.append(np.asarray(shell.vertices, np.float64))
-        colors.append(np.asarray(shell.colors, np.uint8))
-        faces.append(np.asarray(shell.triangles, np.int64) + offset)
-        offset += len(shell.vertices)
-    if not offset:
+    docstring), or one shell per block, as one chunked level-of-detail mesh for the GL drawer
+    (:mod:`viewer.lod`)."""
+    blocks = {name: levels if isinstance(levels, (list, tuple)) else [levels] for name, levels in blocks.items()}
+    if not any(len(getattr(lv, "shell", lv).triangles) for levels in blocks.values() for lv in levels):
         raise CitygenError(None, "the tile's envelopes are empty (the fields are nowhere opaque)")
-    return PlyModel(np.concatenate(positions), np.concatenate(colors), None,
-                    np.concatenate(faces).astype(np.int32), ("coordinates are local",))
+    return build_lod_mesh(blocks)
 
 
 def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str | Path | None = None,
@@ -83,7 +78,7 @@ def open_app(target: str | Path, *, ply: str | Path | None = None, survey: str |
         survey = survey or trained_survey(target)
         use_envelope = layer == "envelope" or (layer == "auto" and not str(device).startswith("cuda"))
         if ply is None and use_envelope:
-            envelopes = tile_view_shells(target, bake=layer == "envelope", device=device,
+            envelopes = tile_view_levels(target, bake=layer == "envelope", device=device,
                                        log=lambda line: print(line, file=sys.stderr))
             if envelopes:
                 baked = envelope_model(envelopes)
@@ -136,48 +131,77 @@ def headless_screenshot(app: ViewerApp, path: str | Path, size: tuple[int, int] 
 
 
 def bench_view(app: ViewerApp, frames: int = 120, screenshot: str | Path | None = None, rest_jobs: int = 0,
-               hud: bool = True) -> dict[str, Any]:
+               hud: bool = True, lod: bool = True) -> dict[str, Any]:
     """Frame times of the baked layer (``citygen bench view``): the camera flies a straight path
     over the tile (:func:`citygen.bench_render.fly_path`, 40 degrees down) and each frame is
     drawn headless (EGL; Mesa llvmpipe on a CPU) into an offscreen framebuffer of the window
     size, timed from the draw call to ``glFinish`` (the pixels a window would swap; reading them
-    back is reported apart).  With ``rest_jobs`` the camera then rests mid-path and the
-    neural render refines that many jobs (seconds until it replaces the envelope reported).
-    ``screenshot`` saves the frame at the middle of the path as PNG (and ``*_rest.png``, the same
-    view after the rest)."""
+    back is reported apart).  The frame's time is split into the host side of the draw call
+    (``submit``: Python, the level-of-detail selection, the HUD's Pillow text and its upload, GL
+    command submission; llvmpipe shades vertices and bins triangles here too) and the wait in
+    ``glFinish`` (llvmpipe's rasteriser threads).  ``lod=False`` draws every chunk at the finest
+    level unculled (the baseline).  The load average is sampled before and after: on a shared
+    box the figures are only as good as it is idle.  With ``rest_jobs`` the camera then rests
+    mid-path and the neural render refines that many jobs (seconds until it replaces the
+    envelope reported).  ``screenshot`` saves the frame at the middle of the path as PNG (and
+    ``*_rest.png``, the same view after the rest)."""
     if app.baked is None:
         raise CitygenError(None, "bench view: nothing baked to fly over (bake the envelope first)")
+    load_before = os.getloadavg()
     hv = HeadlessViewer(app)
     try:
+        drawer = app.drawer
+        drawer.lod = lod
         lo, hi = np.asarray(app.bounds, np.float64)
         altitude = 0.25 * float(max(hi[0] - lo[0], hi[1] - lo[1]))
         path = fly_path(np.stack([lo, hi]), frames, altitude)
         app.external_motion = True
-        times, reads, cpu = [], [], time.process_time()
+        rows, cpu = [], time.process_time()
         for i, c2w in enumerate([path[0]] * 3 + path):   # 3 warm-up frames (shader and buffer set-up)
             app.camera.set_c2w(c2w)
             app.update()
             t0 = time.perf_counter()
             app.draw(hv.target.fbo, hud=hud)
-            hv.ctx.finish()
             t1 = time.perf_counter()
+            hv.ctx.finish()
+            t2 = time.perf_counter()
             img = hv.target.read_rgb()
             if i == 3 + len(path) // 2:
                 shot = img                                # the middle of the path: the tile ahead
             if i >= 3:
-                times.append(t1 - t0)
-                reads.append(time.perf_counter() - t1)
+                d = drawer.last_draw
+                rows.append((t2 - t0, t1 - t0, t2 - t1, drawer.last_select_s, app.hud_seconds,
+                             time.perf_counter() - t2, d.triangles if d else len(app.baked.faces),
+                             d.chunks_culled if d else 0, d.level_chunks if d else [1]))
         cpu = time.process_time() - cpu    # every thread of the process: llvmpipe's too
-        ms = np.asarray(times) * 1e3
+        ms = np.asarray([r[:6] for r in rows]) * 1e3
+        frame = ms[:, 0]
+        tris = np.asarray([r[6] for r in rows])
+        levels = np.sum([r[8] for r in rows], axis=0)
+        lod_mesh = app.baked if isinstance(app.baked, LodMesh) else None
         result: dict[str, Any] = {
-            "layer": app.layer(), "size": list(app.size), "frames": len(times), "gl_renderer": hv.ctx.info.get("GL_RENDERER"),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "layer": app.layer(), "size": list(app.size), "frames": len(rows), "hud": hud, "lod": lod,
+            "gl_renderer": hv.ctx.info.get("GL_RENDERER"), "lp_num_threads": os.environ.get("LP_NUM_THREADS"),
+            "frame_ms_median": float(np.median(frame)), "frame_ms_p95": float(np.percentile(frame, 95)),
+            "frame_ms_max": float(frame.max()),
+            "fps_median": 1e3 / float(np.median(frame)), "fps_p95": 1e3 / float(np.percentile(frame, 95)),
+            # where the time goes (medians, ms): submit = select + hud + the rest of the host side
+            "split_ms_median": {"submit": float(np.median(ms[:, 1])), "gl_finish": float(np.median(ms[:, 2])),
+                                "lod_select": float(np.median(ms[:, 3])), "hud": float(np.median(ms[:, 4])),
+                                "readback": float(np.median(ms[:, 5]))},
             "triangles": int(len(app.baked.faces)) if app.baked.faces is not None else 0,
-            "frame_ms_median": float(np.median(ms)), "frame_ms_p95": float(np.percentile(ms, 95)),
-            "fps_median": 1e3 / float(np.median(ms)), "fps_p95": 1e3 / float(np.percentile(ms, 95)),
-            "readback_ms_median": 1e3 * statistics.median(reads), "hud": hud,
+            "triangles_drawn_median": float(np.median(tris)), "triangles_drawn_max": int(tris.max()),
+            "chunks_culled_median": float(np.median([r[7] for r in rows])),
+            "lod_levels_used": [int(v) for v in np.atleast_1d(levels)],   # chunk-frames drawn at each level
             "cpu_ms_per_frame": 1e3 * cpu / (len(path) + 3),
-            "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
             "altitude_above_top_m": altitude}
+        if lod_mesh is not None:
+            result.update(chunks=int(len(lod_mesh.ranges)), lod_level_triangles=lod_mesh.level_triangles(),
+                          lod_level_error_m=[round(float(e), 3) for e in lod_mesh.errors.max(0)],
+                          lod_pixel_error=drawer.pixel_error, lod_max_triangles=drawer.max_triangles)
         if screenshot is not None:
             _save_png(shot, Path(screenshot))
             result["screenshot"] = str(screenshot)

@@ -36,10 +36,14 @@ import io
 import json
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from survey_io import Georef
 from survey_io.atomic import atomic_path
@@ -57,8 +61,9 @@ from ..store.layout import (
     tile_georef,
 )
 
-#: triangles of a block's display mesh (module docstring): 25k per block keep a 2x2 tile at 100k
-VIEW_TRIANGLES = 25_000
+#: triangles of a block's display levels of detail, finest first (module docstring)
+VIEW_LEVELS = (25_000, 6_000, 1_500)
+VIEW_FORMAT = "citygen-envelope-view/2"
 #: local z-up (x east, y north, z up) -> glTF y-up: (x, y, z) -> (x, z, -y)
 Z_UP_TO_Y_UP = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
 
@@ -134,37 +139,113 @@ def block_envelope(run_dir: Path, *, bake: bool = True, force: bool = False, dev
     return env
 
 
-def view_shell(run_dir: Path, envelope: Envelope, max_triangles: int = VIEW_TRIANGLES) -> Shell:
-    """The block's inner shell decimated for display (module docstring), cached in its run folder."""
+def _decimate_coloured(shell: Shell, target: int) -> Shell:
+    """``shell`` decimated to about ``target`` triangles by open3d's quadric decimation, the
+    per-vertex colours carried along."""
+    o3d = require_open3d("the viewer's envelope layer: decimating the envelope for display")
+    mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(shell.vertices.astype(np.float64)),
+                                     o3d.utility.Vector3iVector(shell.triangles.astype(np.int32)))
+    mesh.vertex_colors = o3d.utility.Vector3dVector(shell.colors.astype(np.float64) / 255.0)
+    mesh = mesh.simplify_quadric_decimation(target_number_of_triangles=max(int(target), 4))
+    mesh.remove_unreferenced_vertices()
+    colors = np.clip(np.asarray(mesh.vertex_colors) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Shell(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.triangles, np.int32), colors)
+
+
+def vertex_hausdorff(a: Shell, b: Shell) -> float:
+    """Symmetric Hausdorff-like distance between two meshes, metres: the largest distance from a
+    vertex of either to the other's surface (open3d's point-to-triangle distance on a BVH).
+    Decimation moves surfaces between vertices too, but only within the chords of the triangles
+    it keeps, which the other direction's vertices bound."""
+    if not len(a.triangles) or not len(b.triangles):
+        return 0.0 if len(a.triangles) == len(b.triangles) else float("inf")
+    o3d = require_open3d("the viewer's envelope layer: measuring the display levels' error")
+    worst = 0.0
+    for src, dst in ((a, b), (b, a)):
+        scene = o3d.t.geometry.RaycastingScene()
+        scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(dst.vertices, np.float32)),
+                            o3d.core.Tensor(np.ascontiguousarray(dst.triangles, np.uint32)))
+        used = np.unique(src.triangles)
+        d = scene.compute_distance(o3d.core.Tensor(np.ascontiguousarray(src.vertices[used], np.float32))).numpy()
+        worst = max(worst, float(d.max()) if len(d) else 0.0)
+    return worst
+
+
+@dataclass
+class ViewLevel:
+    """One display level of detail of a block: the inner shell decimated, and its geometric
+    error against the full inner shell (:func:`vertex_hausdorff`, metres)."""
+
+    shell: Shell
+    error_m: float
+
+
+def _save_levels(path: Path, levels: list[ViewLevel], targets: tuple[int, ...]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for k, lv in enumerate(levels):
+        tensors[f"lod{k}_vertices"] = torch.from_numpy(np.ascontiguousarray(lv.shell.vertices, np.float32))
+        tensors[f"lod{k}_triangles"] = torch.from_numpy(np.ascontiguousarray(lv.shell.triangles, np.int32))
+        tensors[f"lod{k}_colors"] = torch.from_numpy(np.ascontiguousarray(lv.shell.colors, np.uint8))
+    tensors["error_m"] = torch.tensor([lv.error_m for lv in levels], dtype=torch.float64)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": VIEW_FORMAT, "targets": json.dumps(list(targets))})
+
+
+def _load_levels(path: Path, targets: tuple[int, ...]) -> list[ViewLevel] | None:
+    """The levels cached at ``path``; None when the file is of another format or other targets
+    (an older bake: made again) or unreadable."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != VIEW_FORMAT or json.loads(meta.get("targets", "null")) != list(targets):
+                return None
+            t = {k: f.get_tensor(k) for k in f.keys()}    # noqa: SIM118 - safe_open has no iterator
+        errors = t["error_m"].tolist()
+        levels = [ViewLevel(Shell(t[f"lod{k}_vertices"].numpy(), t[f"lod{k}_triangles"].numpy(),
+                                  t[f"lod{k}_colors"].numpy()), float(e)) for k, e in enumerate(errors)]
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+    for lv in levels:
+        n = len(lv.shell.vertices)
+        if lv.shell.triangles.ndim != 2 or (len(lv.shell.triangles) and not 0 <= lv.shell.triangles.min() <= lv.shell.triangles.max() < n):
+            return None
+    return levels
+
+
+def view_levels(run_dir: Path, envelope: Envelope, levels: tuple[int, ...] = VIEW_LEVELS) -> list[ViewLevel]:
+    """The block's display levels of detail (module docstring), cached in its run folder: the
+    inner shell decimated to each of ``levels`` triangles (finest first; a level the shell is
+    already below keeps it whole), each with its measured error against the full inner shell."""
     path, source = envelope_view_file(run_dir), envelope_file(run_dir)
     if path.is_file() and source.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
-        return load_envelope(path).outer
-    outer = envelope.inner     # stored as the cached file's outer shell (below)
-    if len(outer.triangles) > max_triangles:
-        o3d = require_open3d("the viewer's envelope layer: decimating the envelope for display")
-        mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(outer.vertices.astype(np.float64)),
-                                         o3d.utility.Vector3iVector(outer.triangles.astype(np.int32)))
-        mesh.vertex_colors = o3d.utility.Vector3dVector(outer.colors.astype(np.float64) / 255.0)
-        mesh = mesh.simplify_quadric_decimation(target_number_of_triangles=int(max_triangles))
-        mesh.remove_unreferenced_vertices()
-        colors = np.clip(np.asarray(mesh.vertex_colors) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        outer = Shell(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.triangles, np.int32), colors)
-    empty = Shell(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8))
-    # stored in the envelope's own format (the inner shell left empty): one reader and writer
-    save_envelope(path, Envelope(outer, empty, envelope.sigma_outer, envelope.sigma_inner, envelope.margin,
-                                 envelope.voxel))
-    return outer
+        cached = _load_levels(path, levels)
+        if cached is not None:
+            return cached
+    full, out = envelope.inner, []
+    shell = full
+    for target in levels:
+        # each level from the previous one: quadric decimation's cost is in the input's size
+        if len(shell.triangles) > target:
+            shell = _decimate_coloured(shell, target)
+        out.append(ViewLevel(shell, vertex_hausdorff(shell, full) if shell is not full else 0.0))
+    _save_levels(path, out, levels)
+    return out
 
 
-def tile_view_shells(tile_dir: str | Path, *, bake: bool = True, device: str = "cpu",
-                     log: Callable[[str], None] | None = None) -> dict[str, Shell]:
-    """Every block's display mesh (:func:`view_shell`) for the viewer, baking the envelopes
+def view_shell(run_dir: Path, envelope: Envelope) -> Shell:
+    """The block's finest display level (:func:`view_levels`)."""
+    return view_levels(run_dir, envelope)[0].shell
+
+
+def tile_view_levels(tile_dir: str | Path, *, bake: bool = True, device: str = "cpu",
+                     log: Callable[[str], None] | None = None) -> dict[str, list[ViewLevel]]:
+    """Every block's display levels (:func:`view_levels`) for the viewer, baking the envelopes
     first where missing or stale when ``bake``; without ``bake`` only the blocks that have one."""
     out = {}
     for block_id, run in discover(tile_dir).trained.items():
         env = block_envelope(run, bake=bake, device=device, log=log)
         if env is not None:
-            out[block_id] = view_shell(run, env)
+            out[block_id] = view_levels(run, env)
     return out
 
 
@@ -198,8 +279,9 @@ def bake_tile_envelopes(tile_dir: str | Path, glb_dir: str | Path | None = None,
         row = {"envelope": str(envelope_file(discover(tile_dir).trained[block_id])),
                "outer_triangles": len(env.outer.triangles), "inner_triangles": len(env.inner.triangles),
                "bytes": env.nbytes, "bake_s": round(env.bake_seconds, 1)}
-        view = view_shell(discover(tile_dir).trained[block_id], env)
-        row["view_triangles"] = len(view.triangles)
+        levels = view_levels(discover(tile_dir).trained[block_id], env)
+        row["view_triangles"] = [len(lv.shell.triangles) for lv in levels]
+        row["view_error_m"] = [round(lv.error_m, 3) for lv in levels]
         if glb_dir is not None:
             row["glb"] = str(write_glb(Path(glb_dir) / f"{block_id}.glb", getattr(env, shell), georef,
                                        name=block_id, extras={"block": block_id, "shell": shell}))
@@ -207,5 +289,5 @@ def bake_tile_envelopes(tile_dir: str | Path, glb_dir: str | Path | None = None,
     return report
 
 
-__all__ = ["VIEW_TRIANGLES", "bake_tile_envelopes", "block_envelope", "gltf_to_crs", "read_glb", "tile_envelopes",
-           "tile_view_shells", "view_shell", "write_glb"]
+__all__ = ["VIEW_LEVELS", "ViewLevel", "bake_tile_envelopes", "block_envelope", "gltf_to_crs", "read_glb",
+           "tile_envelopes", "tile_view_levels", "vertex_hausdorff", "view_levels", "view_shell", "write_glb"]
