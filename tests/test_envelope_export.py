@@ -123,16 +123,17 @@ def test_view_levels_within_tolerance_of_the_sphere_keep_colour_and_cache(tmp_pa
     assert len(view_levels(tmp_path, env, levels=(500,))) == 1
 
 
-def test_vertex_hausdorff_closed_form_planes():
+def test_surface_deviation_closed_form_planes():
     pytest.importorskip("open3d")
-    from citygen.export.envelope import vertex_hausdorff
+    from citygen.export.envelope import surface_deviation
 
     square = np.array([[0, 0, 0], [4, 0, 0], [4, 4, 0], [0, 4, 0]], np.float32)
     f = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
     c = np.zeros((4, 3), np.uint8)
     lifted = square + np.float32([0, 0, 0.75])
-    assert vertex_hausdorff(Shell(square, f, c), Shell(lifted, f, c)) == pytest.approx(0.75, abs=1e-6)
-    # a smaller square inside the first, lifted: its corners see the big one 0.5 below, while the
-    # big one's corners are sqrt(1 + 1 + 0.25) = 1.5 m from the small one's nearest corner
+    assert surface_deviation(Shell(square, f, c), Shell(lifted, f, c)) == pytest.approx(0.75, abs=1e-6)
+    # a smaller square above the first: its corners lie 0.5 above the big one, while the big
+    # one's corners are sqrt(1 + 1 + 0.25) = 1.5 m from the small one's nearest corner
     small = np.array([[1, 1, 0.5], [3, 1, 0.5], [3, 3, 0.5], [1, 3, 0.5]], np.float32)
-    assert vertex_hausdorff(Shell(square, f, c), Shell(small, f, c)) == pytest.approx(1.5, abs=1e-6)
+    assert surface_deviation(Shell(small, f, c), Shell(square, f, c)) == pytest.approx(0.5, abs=1e-6)
+    assert surface_deviation(Shell(square, f, c), Shell(small, f, c)) == pytest.approx(1.5, abs=1e-6)

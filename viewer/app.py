@@ -46,6 +46,9 @@ from .scheduler import RenderJob, RenderScheduler
 
 BLOCK_LINE_COLOR = (1.0, 0.85, 0.1, 1.0)
 MEASURE_LINE_COLOR = (1.0, 0.2, 0.9, 1.0)
+#: while flying the HUD's text is refreshed at most this often (10 Hz: readable, and Pillow's
+#: text and the texture upload are not paid every frame)
+HUD_REFRESH_S = 0.1
 MODE_KEYS = {"1": DisplayMode.RGB, "2": DisplayMode.DEPTH, "3": DisplayMode.SEMANTICS}
 
 
@@ -136,6 +139,8 @@ class ViewerApp:
         self.overlays: list[Overlay] = []        # HUD panels of the last draw (window rects)
         self.drawer = None
         self.hud_seconds = 0.0
+        self._hud_key: tuple | None = None
+        self._hud_time = 0.0
         self.reset_view()
 
     # -- GL ----------------------------------------------------------------------------------
@@ -476,13 +481,21 @@ class ViewerApp:
             pts = self.measurement.points
             segs = np.array([[pts[0], pts[-1]]]) if len(pts) == 2 else np.array([[pts[0], pts[0] + [0, 0, 1e-3]]])
             self.drawer.draw_lines(segs, camera, c2w, near, far, MEASURE_LINE_COLOR)
-        self.overlays = []
         t0 = time.perf_counter()
         if self.show_hud if hud is None else hud:
-            self.overlays = hud_overlays(self.hud_info(), size, self.classes,
-                                         legend=self.mode is DisplayMode.SEMANTICS)
-            self.drawer.draw_overlays(self.overlays, size)
-        self.hud_seconds = time.perf_counter() - t0   # text rasterised by Pillow + its upload (bench view)
+            # while the camera moves the text changes every frame: it is rasterised (Pillow) and
+            # uploaded at most every HUD_REFRESH_S, the panels drawn again in between
+            now, key = self.clock(), (size, self.mode)
+            if key != self._hud_key or not self.in_motion or not now - self._hud_time < HUD_REFRESH_S:
+                self.overlays = hud_overlays(self.hud_info(), size, self.classes,
+                                             legend=self.mode is DisplayMode.SEMANTICS)
+                self._hud_key, self._hud_time = key, now
+                self.drawer.draw_overlays(self.overlays, size)
+            else:
+                self.drawer.draw_overlays(None, size)
+        else:
+            self.overlays, self._hud_key = [], None
+        self.hud_seconds = time.perf_counter() - t0   # the HUD's share of the frame (bench view)
 
     # -- screenshots -------------------------------------------------------------------------------
     def render_image(self, size: tuple[int, int] | None = None, hud: bool = False) -> np.ndarray:

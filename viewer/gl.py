@@ -107,6 +107,27 @@ void main() {
 }
 """
 
+# the envelope layer in RGB mode (what flying shows): one interpolated colour, no depth or class
+# varyings; llvmpipe's cost per fragment grows with what it interpolates
+RGB_MESH_VS = """
+#version 330
+uniform mat4 mvp;
+in vec3 in_pos;
+in vec3 in_color;
+out vec3 v_color;
+void main() {
+    gl_Position = mvp * vec4(in_pos, 1.0);
+    v_color = in_color;
+}
+"""
+
+RGB_MESH_FS = """
+#version 330
+in vec3 v_color;
+out vec4 color;
+void main() { color = vec4(v_color, 1.0); }
+"""
+
 LINES_VS = """
 #version 330
 uniform mat4 mvp;
@@ -181,6 +202,7 @@ class Drawer:
         self._moderngl = moderngl
         self.frame_prog = ctx.program(vertex_shader=FRAME_VS, fragment_shader=FRAME_FS)
         self.mesh_prog = ctx.program(vertex_shader=MESH_VS, fragment_shader=MESH_FS)
+        self.rgb_mesh_prog = ctx.program(vertex_shader=RGB_MESH_VS, fragment_shader=RGB_MESH_FS)
         self.lines_prog = ctx.program(vertex_shader=LINES_VS, fragment_shader=LINES_FS)
         self.overlay_prog = ctx.program(vertex_shader=OVERLAY_VS, fragment_shader=OVERLAY_FS)
         tri = np.array([-1, -1, 3, -1, -1, 3], np.float32)  # one triangle covering the viewport
@@ -271,7 +293,9 @@ class Drawer:
             ibo = ctx.buffer(np.ascontiguousarray(model.faces, np.int32).tobytes()) if model.is_mesh else None
         vao = ctx.vertex_array(self.mesh_prog, [(vbo, "3f", "in_pos"), (cbo, "3f1", "in_color"),
                                                 (kbo, "1f", "in_class")], index_buffer=ibo, index_element_size=4)
-        self._mesh = (vao, model.is_mesh)
+        rgb_vao = ctx.vertex_array(self.rgb_mesh_prog, [(vbo, "3f", "in_pos"), (cbo, "3f1", "in_color")],
+                                   index_buffer=ibo, index_element_size=4)
+        self._mesh = (vao, model.is_mesh, rgb_vao)
 
     def draw_mesh(self, camera: Camera, c2w: np.ndarray, near: float, far: float, mode: DisplayMode,
                   near_far_colors: tuple[float, float], point_size: float = 2.0) -> None:
@@ -279,15 +303,19 @@ class Drawer:
         if self._mesh is None:
             return
         mgl = self._moderngl
-        vao, is_mesh = self._mesh
+        vao, is_mesh, rgb_vao = self._mesh
         view = view_matrix(c2w)
         clip = projection_matrix(camera, near, far) @ view
-        p = self.mesh_prog
-        p["mvp"].write(_mat(clip))
-        p["view"].write(_mat(view))
-        p["point_size"].value = float(point_size)
-        p["mode"].value = MODE_IDS[DisplayMode(mode)]
-        self._color_uniforms(p, near_far_colors)
+        if is_mesh and DisplayMode(mode) is DisplayMode.RGB:
+            vao = rgb_vao
+            self.rgb_mesh_prog["mvp"].write(_mat(clip))
+        else:
+            p = self.mesh_prog
+            p["mvp"].write(_mat(clip))
+            p["view"].write(_mat(view))
+            p["point_size"].value = float(point_size)
+            p["mode"].value = MODE_IDS[DisplayMode(mode)]
+            self._color_uniforms(p, near_far_colors)
         self.ctx.enable(mgl.DEPTH_TEST | mgl.PROGRAM_POINT_SIZE)
         self.ctx.disable(mgl.BLEND | mgl.CULL_FACE)
         if self._cull_back and is_mesh:
@@ -326,26 +354,29 @@ class Drawer:
         vao.release()
         buf.release()
 
-    def draw_overlays(self, overlays: list[Overlay], viewport: tuple[int, int]) -> None:
-        """Alpha-blend RGBA overlays at their window rectangles."""
+    def draw_overlays(self, overlays: list[Overlay] | None, viewport: tuple[int, int]) -> None:
+        """Alpha-blend RGBA overlays at their window rectangles; None draws the ones uploaded by
+        the previous call again (no upload: the HUD between its refreshes while flying)."""
         mgl = self._moderngl
-        for t in self._overlay_cache:
-            t.release()
-        self._overlay_cache = []
+        if overlays is not None:
+            for t, _ in self._overlay_cache:
+                t.release()
+            self._overlay_cache = []
+            for o in overlays:
+                h, w = o.image.shape[:2]
+                tex = self.ctx.texture((w, h), 4, np.ascontiguousarray(o.image).tobytes(), dtype="f1")
+                tex.filter = (mgl.NEAREST, mgl.NEAREST)
+                self._overlay_cache.append((tex, tuple(float(v) for v in o.rect)))
         self.ctx.enable(mgl.BLEND)
         self.ctx.blend_func = mgl.SRC_ALPHA, mgl.ONE_MINUS_SRC_ALPHA
         self.ctx.disable(mgl.DEPTH_TEST)
         p = self.overlay_prog
         p["viewport"].value = tuple(float(v) for v in viewport)
-        for o in overlays:
-            h, w = o.image.shape[:2]
-            tex = self.ctx.texture((w, h), 4, np.ascontiguousarray(o.image).tobytes(), dtype="f1")
-            tex.filter = (mgl.NEAREST, mgl.NEAREST)
+        for tex, rect in self._overlay_cache:
             tex.use(location=5)
             p["overlay_tex"].value = 5
-            p["rect"].value = tuple(float(v) for v in o.rect)
+            p["rect"].value = rect
             self.overlay_vao.render(mgl.TRIANGLE_STRIP)
-            self._overlay_cache.append(tex)
         self.ctx.disable(mgl.BLEND)
 
 

@@ -62,7 +62,7 @@ from ..store.layout import (
 )
 
 #: triangles of a block's display levels of detail, finest first (module docstring)
-VIEW_LEVELS = (25_000, 6_000, 1_500)
+VIEW_LEVELS = (25_000, 6_000)
 VIEW_FORMAT = "citygen-envelope-view/2"
 #: local z-up (x east, y north, z up) -> glTF y-up: (x, y, z) -> (x, z, -y)
 Z_UP_TO_Y_UP = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
@@ -152,29 +152,28 @@ def _decimate_coloured(shell: Shell, target: int) -> Shell:
     return Shell(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.triangles, np.int32), colors)
 
 
-def vertex_hausdorff(a: Shell, b: Shell) -> float:
-    """Symmetric Hausdorff-like distance between two meshes, metres: the largest distance from a
-    vertex of either to the other's surface (open3d's point-to-triangle distance on a BVH).
-    Decimation moves surfaces between vertices too, but only within the chords of the triangles
-    it keeps, which the other direction's vertices bound."""
-    if not len(a.triangles) or not len(b.triangles):
-        return 0.0 if len(a.triangles) == len(b.triangles) else float("inf")
+def surface_deviation(drawn: Shell, reference: Shell) -> float:
+    """How far what ``drawn`` shows lies from ``reference``, metres: the largest distance from a
+    vertex of ``drawn`` to the surface of ``reference`` (open3d's point-to-triangle distance on a
+    BVH), the one-sided Hausdorff distance on vertices.  Between its vertices a triangle of
+    ``drawn`` is a chord, off by at most the reference's own curvature over its length."""
+    if not len(drawn.triangles):
+        return 0.0
+    if not len(reference.triangles):
+        return float("inf")
     o3d = require_open3d("the viewer's envelope layer: measuring the display levels' error")
-    worst = 0.0
-    for src, dst in ((a, b), (b, a)):
-        scene = o3d.t.geometry.RaycastingScene()
-        scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(dst.vertices, np.float32)),
-                            o3d.core.Tensor(np.ascontiguousarray(dst.triangles, np.uint32)))
-        used = np.unique(src.triangles)
-        d = scene.compute_distance(o3d.core.Tensor(np.ascontiguousarray(src.vertices[used], np.float32))).numpy()
-        worst = max(worst, float(d.max()) if len(d) else 0.0)
-    return worst
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(np.ascontiguousarray(reference.vertices, np.float32)),
+                        o3d.core.Tensor(np.ascontiguousarray(reference.triangles, np.uint32)))
+    used = np.unique(drawn.triangles)
+    return float(scene.compute_distance(o3d.core.Tensor(np.ascontiguousarray(drawn.vertices[used],
+                                                                             np.float32))).numpy().max())
 
 
 @dataclass
 class ViewLevel:
     """One display level of detail of a block: the inner shell decimated, and its geometric
-    error against the full inner shell (:func:`vertex_hausdorff`, metres)."""
+    deviation from the full inner shell (:func:`surface_deviation`, metres)."""
 
     shell: Shell
     error_m: float
@@ -224,10 +223,10 @@ def view_levels(run_dir: Path, envelope: Envelope, levels: tuple[int, ...] = VIE
     full, out = envelope.inner, []
     shell = full
     for target in levels:
-        # each level from the previous one: quadric decimation's cost is in the input's size
         if len(shell.triangles) > target:
+            # each level from the previous one: decimation's cost is in the input's size
             shell = _decimate_coloured(shell, target)
-        out.append(ViewLevel(shell, vertex_hausdorff(shell, full) if shell is not full else 0.0))
+        out.append(ViewLevel(shell, surface_deviation(shell, full) if shell is not full else 0.0))
     _save_levels(path, out, levels)
     return out
 
@@ -290,4 +289,4 @@ def bake_tile_envelopes(tile_dir: str | Path, glb_dir: str | Path | None = None,
 
 
 __all__ = ["VIEW_LEVELS", "ViewLevel", "bake_tile_envelopes", "block_envelope", "gltf_to_crs", "read_glb",
-           "tile_envelopes", "tile_view_levels", "vertex_hausdorff", "view_levels", "view_shell", "write_glb"]
+           "surface_deviation", "tile_envelopes", "tile_view_levels", "view_levels", "view_shell", "write_glb"]
