@@ -11,14 +11,17 @@ field seen inward from there, are that fog's -- on the 200-step smoke tile it wa
 over the whole tile, while the inner shell shows the streets, trees, water and roofs of the
 neural render (where the field is nowhere opaque, e.g. thin ground, it has holes).
 
-**Display level of detail.**  Rasterised on the CPU by Mesa's llvmpipe when there is no GPU, the
-cost is mostly per vertex: a block's inner shell is decimated once more to ``VIEW_TRIANGLES``
-(open3d's quadric decimation, colours carried along) and kept beside the envelope
-(:func:`citygen.store.layout.envelope_view_file`), stale when older than it.  Measured on a 2x2
-tile (``citygen bench view``, 1280x720, the 2-core box shared with other jobs): the full outer
-shells, 600k triangles, 340 ms per frame; outer shells decimated to 100k, 125 ms (CPU time 42 ms);
-inner shells decimated to 100k (fewer pixels covered), median 46.7 ms = 21.4 FPS, p95 92.8 ms,
-CPU time 25.7 ms per frame, at load average 5.4.
+**Display levels of detail** (:func:`view_levels`).  Rasterised on the CPU by Mesa's llvmpipe when
+there is no GPU, a frame costs per triangle sent and per pixel covered: a block's inner shell is
+decimated to each of ``VIEW_LEVELS`` triangles (open3d's quadric decimation, colours carried along,
+each level from the previous one) and kept beside the envelope
+(:func:`citygen.store.layout.envelope_view_file`; stale when older than it, or baked for other
+levels), each level with its error: the one-sided Hausdorff distance from its vertices to the full
+inner shell (:func:`surface_deviation`), which the viewer turns into pixels to choose a level per
+chunk (:mod:`viewer.lod`).  Measured on the demo tile (4 blocks x 2100 steps, 82-92k inner
+triangles per block): 1.06-1.22 m at 25k triangles, 3.5-5.6 m at the 6k level; that level stalls
+at 6.0-8.9k triangles, since quadric decimation keeps every separate piece of the young field's
+shell (~300 per block).  Frame times: DESIGN.md's viewer entries.
 
 **glTF.**  One ``<block id>.glb`` per block: a shell (the inner by default, what the viewer shows;
 the outer bounds everything the field renders) at full resolution with its per-vertex colours

@@ -19,7 +19,7 @@ the demo) asks here instead of joining paths itself.  Layout version 1::
         envelope.safetensors                              the block's baked envelope (citygen.render.envelope;
                                                           ``citygen bake-envelope``), stale when older than
                                                           the newest checkpoint
-        envelope_view.safetensors                         its outer shell decimated for the viewer
+        envelope_view.safetensors                         its inner shell's display levels of detail (viewer)
         .block.lock, lease.json                           } named by citygen.distributed.lease
 
 A single training run folder (``citygen train OUT``: ``checkpoints/`` directly inside) opens as
