@@ -966,6 +966,77 @@ def test_envelope_layer_draws_only_selected_ranges(gl_ctx):
     hv.release()
 
 
+def test_cli_bench_view_one_json_on_a_tiny_tile(gl_ctx, tmp_path, capsys):
+    """``citygen bench view`` end to end on a one-block tile: an untrained field (the layer needs
+    only its box and checkpoint) whose envelope is a sphere of 14k triangles written beside it."""
+    o3d = pytest.importorskip("open3d")
+    from citygen.cli import entrypoint
+    from citygen.config import TrainConfig, to_dict
+    from citygen.render.envelope import Envelope, Shell, save_envelope
+    from citygen.store.checkpoint import save_checkpoint
+    from citygen.store.field import build_field
+    from citygen.store.layout import envelope_file, envelope_view_file
+
+    cfg = TrainConfig()
+    cfg.field.n_levels, cfg.field.log2_hashmap_size, cfg.field.base_resolution = 2, 10, 4
+    cfg.field.max_resolution, cfg.field.hidden_dim, cfg.field.appearance_dim = 16, 16, 4
+    cfg.field.semantic_hidden_dim, cfg.field.backend = 16, "torch"
+    cfg.render.grid_resolution = 16
+    aabb = np.array([[-20.0, -20.0, -2.0], [20.0, 20.0, 10.0]])
+    field = build_field(cfg, aabb, 2, len(CLASSES), torch.zeros(2, 3), torch.device("cpu"))
+    run = tmp_path / "tile"
+    meta = {"config": to_dict(cfg), "aabb": aabb.tolist(), "classes": list(CLASSES),
+            "georef": Georef("EPSG:32633", (500000.0, 4500000.0, 0.0)).to_dict(), "image_names": ["a", "b"],
+            "optimizer": {"type": "Adam", "groups": []}}
+    save_checkpoint(run / "checkpoints", 1, {f"model.{k}": v for k, v in field.state_dict().items()}, meta)
+    sphere = o3d.geometry.TriangleMesh.create_sphere(radius=6.0, resolution=60)       # 14160 triangles
+    v = np.asarray(sphere.vertices, np.float32) + np.float32([0, 0, 3])
+    inner = Shell(v, np.asarray(sphere.triangles, np.int32), np.tile(np.uint8([200, 80, 40]), (len(v), 1)))
+    empty = Shell(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8))
+    save_envelope(envelope_file(run), Envelope(empty, inner, 1.0, 2.0, 3.0, 0.5))   # newer than the checkpoint
+    capsys.readouterr()
+    assert entrypoint(["bench", "view", "--tile", str(run), "--res", "96x64", "--view-frames", "4",
+                       "--out", str(tmp_path / "view.json")]) == 0
+    r = json.loads(capsys.readouterr().out)                                           # one JSON on stdout
+    assert r == json.loads((tmp_path / "view.json").read_text())
+    assert r["frames"] == 4 and r["size"] == [96, 64] and r["layer"] == "envelope" and r["lod"] is True
+    assert 0 < r["frame_ms_median"] <= r["frame_ms_p95"] <= r["frame_ms_max"] and r["cpu_ms_per_frame"] > 0
+    assert r["triangles"] == 14160 and r["lod_level_triangles"][0] == 14160            # under 25k: kept whole
+    assert 0 < r["lod_level_triangles"][1] <= 6000 and r["lod_level_error_m"][0] == 0.0
+    assert 0 <= r["lod_level_error_m"][1] < 0.1 * 6.0
+    assert 0 < r["triangles_drawn_median"] <= r["triangles_drawn_max"] <= 14160
+    assert r["chunks"] <= 16 and 0 < sum(r["lod_levels_used"]) <= 4 * r["chunks"]
+    assert len(r["load_average_before"]) == 3 and r["cpu_count"] >= 1 and r["date_utc"].endswith("Z")
+    assert set(r["split_ms_median"]) == {"submit", "gl_finish", "lod_select", "hud", "readback"}
+    assert envelope_view_file(run).is_file()                                          # the levels, baked
+
+
+def test_hud_text_refreshed_at_most_every_tenth_second_while_flying(gl_ctx, monkeypatch):
+    import viewer.app as viewer_app
+    from viewer.launch import envelope_model
+
+    now = [0.0]
+    app = ViewerApp(baked=envelope_model(quad_envelopes()), size=(64, 48), clock=lambda: now[0],
+                    baked_label="envelope", cull_baked=True)
+    app.camera.set_c2w(nadir(40.0))
+    hv = HeadlessViewer(app, ctx=gl_ctx)
+    made = []
+    real = viewer_app.hud_overlays
+    monkeypatch.setattr(viewer_app, "hud_overlays", lambda *a, **k: made.append(now[0]) or real(*a, **k))
+    app.external_motion = True
+    for _ in range(10):                      # 10 frames 30 ms apart: refreshed at 0, 0.12, 0.24
+        first = hv.frame()
+        now[0] += 0.03
+    assert made == pytest.approx([0.0, 0.12, 0.24])
+    # between refreshes the same panels are drawn again (from the uploaded textures)
+    assert np.array_equal(first, hv.draw()) and len(made) == 3
+    app.external_motion = False              # at rest: every frame
+    hv.frame()
+    hv.frame()
+    assert len(made) == 5
+    hv.release()
+
+
 def test_scheduler_progress_closed_form():
     s = RenderScheduler(scales=(1, 2, 4), max_interactive_scale=4)
     assert s.progress == 0.0
