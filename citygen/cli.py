@@ -656,8 +656,8 @@ def bake_envelope(tile: tyro.conf.Positional[Path], glb: Path | None = None, for
                   device: Literal["cpu", "cuda"] = "cpu", shell: Literal["inner", "outer"] = "inner") -> None:
     """Bake every trained block's envelope (outer and inner shell meshes with the field's colours,
     citygen.render.envelope) into its run folder, for the viewer to fly over and the narrow-band
-    renderer, and the viewer's display mesh (the inner shell, decimated); blocks whose envelope is
-    newer than their checkpoint are reused.  With --glb, also write each block's coloured shell as
+    renderer, and the viewer's display levels of detail (the inner shell, decimated); blocks whose
+    envelope is newer than their checkpoint are reused.  With --glb, also write each block's coloured shell as
     OUT/<block id>.glb (glTF binary, y-up, the CRS, its WKT and the local origin in the scene's
     extras).
 

@@ -234,11 +234,6 @@ def view_levels(run_dir: Path, envelope: Envelope, levels: tuple[int, ...] = VIE
     return out
 
 
-def view_shell(run_dir: Path, envelope: Envelope) -> Shell:
-    """The block's finest display level (:func:`view_levels`)."""
-    return view_levels(run_dir, envelope)[0].shell
-
-
 def tile_view_levels(tile_dir: str | Path, *, bake: bool = True, device: str = "cpu",
                      log: Callable[[str], None] | None = None) -> dict[str, list[ViewLevel]]:
     """Every block's display levels (:func:`view_levels`) for the viewer, baking the envelopes
@@ -292,4 +287,4 @@ def bake_tile_envelopes(tile_dir: str | Path, glb_dir: str | Path | None = None,
 
 
 __all__ = ["VIEW_LEVELS", "ViewLevel", "bake_tile_envelopes", "block_envelope", "gltf_to_crs", "read_glb",
-           "surface_deviation", "tile_envelopes", "tile_view_levels", "view_levels", "view_shell", "write_glb"]
+           "surface_deviation", "tile_envelopes", "tile_view_levels", "view_levels", "write_glb"]
