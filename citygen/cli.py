@@ -127,7 +127,7 @@ def triangulate(survey: tyro.conf.Positional[Path], out: Path | None = None, for
     field boxes, sparse depth and the held-out point check use them.
 
     Args:
-        survey: the survey's transforms.json (or its folder).
+        survey: the survey's transforms.json (or its folder), or a BlocksExchange XML (needs --out).
         out: output folder; default the survey's folder.  Another folder gets links to the
             images and its own transforms.json.
         force: replace points the survey already has (OUT/sparse/0).

@@ -12,7 +12,7 @@ every consumer (field boxes, sparse depth, the held-out point check) reads it un
     OUT/points3D_heldout.npz   the fixed evaluation tenth (:func:`survey_io.ingest.heldout_point_mask`)
     OUT/triangulate_report.json  points, errors, matcher, timings
 
-OUT is the survey's folder by default.  Another OUT becomes a survey folder of its own: the
+OUT is the survey's folder by default (a BlocksExchange XML needs an OUT).  Another OUT becomes a survey folder of its own: the
 images (and label/depth maps) hard-linked (copied across file systems) under their names, and
 ``transforms.json`` rewritten with the same cameras, poses and held-out views -- consumers find
 the model beside ``transforms.json``.  The model folder is written whole (temp folder, rename)
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write_json
+from .blocks_exchange import read_blocks_exchange
 from .errors import SurveyError
 from .ingest import HELDOUT_POINTS_FILE, SPARSE_MODEL, link_or_copy, write_heldout_points, write_model
 from .nerfstudio import read_transforms, write_transforms
@@ -74,7 +75,8 @@ def triangulate_survey(survey: str | Path, out: str | Path | None = None, force:
     """Triangulate the points of a posed survey with its poses held fixed; return the report.
 
     Args:
-        survey: the survey's ``transforms.json`` (or its folder).
+        survey: the survey's ``transforms.json`` (or its folder), or a BlocksExchange XML
+            (then ``out`` is required and becomes a ``transforms.json`` survey).
         out: where to write (module doc); the survey's folder when None.
         force: replace an existing ``OUT/sparse/0``.
         options: feature and matching options (:class:`survey_io.sfm.SfmOptions`).
@@ -86,7 +88,12 @@ def triangulate_survey(survey: str | Path, out: str | Path | None = None, force:
     pycolmap = import_pycolmap()
     t_start = time.perf_counter()
     path = survey_transforms(survey)
-    data = read_transforms(path)
+    if path.suffix.lower() == ".xml":  # an aerotriangulation export: OUT becomes its transforms.json survey
+        if out is None:
+            raise SurveyError(path, "a BlocksExchange survey needs --out (a folder for its transforms.json survey)")
+        data = read_blocks_exchange(path)
+    else:
+        data = read_transforms(path)
     data.check_image_files()
     out = Path(out) if out is not None else path.parent
     if has_points(out) and not force:

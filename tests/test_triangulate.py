@@ -156,3 +156,18 @@ def test_refuses_a_survey_with_points_unless_forced(city, tmp_path, capsys):
     assert not [p for p in survey_dir.iterdir() if p.name.startswith(".")], "no scratch left behind"
     assert entrypoint(["triangulate", str(tmp_path / "missing")]) == 2
     assert "missing: file not found" in capsys.readouterr().err
+
+
+def test_blocks_exchange_survey_becomes_a_survey_with_points(city, tmp_path, capsys):
+    from citygen.cli import entrypoint
+    from survey_io import write_blocks_exchange
+
+    xml = write_blocks_exchange(read_transforms(city / "transforms.json"), tmp_path / "at" / "block.xml")
+    assert entrypoint(["triangulate", str(xml)]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    out = tmp_path / "out"
+    _triangulate(xml, out)
+    shutil.copy(city / "dsm.tif", out / "dsm.tif")
+    # the XML's frame may have another origin than the synthetic survey's: compare in the CRS
+    dz = _height_errors(out, read_colmap_point_table(out / "sparse" / "0")["xyz"])
+    assert len(dz) >= 40 and np.median(np.abs(dz)) < 0.6
