@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .colmap import colmap_params
 from .errors import SurveyError
 from .survey import Camera, Survey
 
@@ -389,8 +390,6 @@ def triangulate_known_poses(survey: Survey, work_dir: str | Path,
     Raises:
         SurveyError: a camera model COLMAP cannot hold, an unreadable image, or no point triangulated.
     """
-    from .colmap import colmap_params  # colmap.py owns the nerfstudio -> COLMAP parameter mapping
-
     pycolmap = import_pycolmap()
     options = options or SfmOptions()
     work_dir = Path(work_dir)
