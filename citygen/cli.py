@@ -117,6 +117,45 @@ def status(tile_dir: tyro.conf.Positional[Path],
     Console().print(status_table(summary))
 
 
+def triangulate(survey: tyro.conf.Positional[Path], out: Path | None = None, force: bool = False,
+                max_image_size: int = 1000, num_threads: int = 2, matcher: str = "auto", seed: int = 0,
+                verbose: bool = False) -> None:
+    """Points for a posed survey without them: features, matches, triangulation with the poses fixed.
+
+    Writes what ingest writes beside transforms.json: OUT/sparse/0 (COLMAP model, local frame),
+    OUT/points3D_heldout.npz (the evaluation tenth) and OUT/triangulate_report.json, so that
+    field boxes, sparse depth and the held-out point check use them.
+
+    Args:
+        survey: the survey's transforms.json (or its folder), or a BlocksExchange XML (needs --out).
+        out: output folder; default the survey's folder.  Another folder gets links to the
+            images and its own transforms.json.
+        force: replace points the survey already has (OUT/sparse/0).
+        max_image_size: long side (pixels) features are extracted at.
+        num_threads: CPU threads for COLMAP.
+        matcher: exhaustive, spatial (camera neighbours), or auto (exhaustive up to 60 images).
+        seed: random seed of COLMAP.
+        verbose: show COLMAP's log.
+    """
+    import json
+
+    from survey_io.sfm import SfmOptions
+    from survey_io.triangulate import triangulate_survey
+
+    check_values([("--max-image-size", max_image_size, AT_LEAST_ONE), ("--num-threads", num_threads, AT_LEAST_ONE),
+                  ("--seed", seed, NON_NEGATIVE)])
+    if out is not None:
+        check_out_dir(out, "--out")
+    options = SfmOptions(max_image_size=max_image_size, num_threads=num_threads, matcher=matcher, seed=seed,
+                         verbose=verbose)
+    report = triangulate_survey(survey, out, force=force, options=options)
+    print(json.dumps({"points": report["num_points3D"], "held_out_points": report["held_out_points"]["num_points"],
+                      "median_reprojection_error_px": round(report["median_reprojection_error_px"], 3),
+                      "images_with_points": f"{report['images_with_points']}/{report['images']}",
+                      "matcher": report["matcher"], "seconds": round(report["timings_s"]["total"], 1),
+                      "out": report["out"]}))
+
+
 def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 1000, num_threads: int = 2,
            camera_model: str = "SIMPLE_RADIAL", matcher: str = "auto", vertical_weight: float = 0.1,
            gps_prior: bool = True, keep_gps_outliers: bool = False, seed: int = 0, verbose: bool = False,
@@ -811,6 +850,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "synth": synth,
     "demo": demo,
     "ingest": ingest,
+    "triangulate": triangulate,
     "status": status,
     "bench": bench,
     "plan": plan,

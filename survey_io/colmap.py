@@ -374,7 +374,7 @@ def _invert_rigid(m: np.ndarray) -> np.ndarray:
 
 
 # -- writing ----------------------------------------------------------------------------
-def _colmap_params(cam: Camera, path: Path) -> list[float]:
+def colmap_params(cam: Camera, path: Path) -> list[float]:
     model = cam.camera_model
     if model not in COLMAP_MODELS:
         raise SurveyError(path, f"camera model {model} has no COLMAP equivalent")
@@ -404,7 +404,7 @@ def write_colmap(survey: Survey, model_dir: str | Path, text: bool = True,
     survey.validate()
     rec = pycolmap.Reconstruction()
     for cam_id, cam in enumerate(survey.cameras, start=1):
-        params = _colmap_params(cam, model_dir)  # refuses models COLMAP cannot hold
+        params = colmap_params(cam, model_dir)  # refuses models COLMAP cannot hold
         colmap_cam = pycolmap.Camera.create_from_model_name(cam_id, cam.camera_model, 1.0, cam.width, cam.height)
         colmap_cam.params = params
         rec.add_camera_with_trivial_rig(colmap_cam)

@@ -166,6 +166,12 @@ def holdout_names(names: list[str], every: int = 8) -> list[str]:
     return [n for i, n in enumerate(sorted(names)) if i % every == 0]
 
 
+#: where ingest (and ``citygen triangulate``) put the COLMAP model and the held-out points, relative
+#: to the survey folder: every consumer looks for them there.
+SPARSE_MODEL = "sparse/0"
+HELDOUT_POINTS_FILE = "points3D_heldout.npz"
+
+
 def heldout_point_mask(point_ids: np.ndarray, modulus: int = HELDOUT_POINT_MODULUS) -> np.ndarray:
     """Points held out for evaluation: a multiplicative hash (Knuth's 2654435761) of the id is 0 mod ``modulus``.
 
@@ -250,7 +256,7 @@ def _seconds_per_frame(metas: list[ImageMetadata], order: np.ndarray) -> float |
     return (times[-1] - times[0]).total_seconds() / (len(times) - 1)
 
 
-def _write_heldout_points(rec, path: Path) -> dict[str, Any]:
+def write_heldout_points(rec, path: Path) -> dict[str, Any]:
     """Write the held-out tenth of ``rec``'s points (local frame) with their observations; return a summary."""
     ids = np.array(sorted(int(i) for i in rec.points3D), dtype=np.int64)
     keep = ids[heldout_point_mask(ids)] if len(ids) else ids
@@ -288,7 +294,7 @@ def _write_heldout_points(rec, path: Path) -> dict[str, Any]:
             "median_track_length": float(np.median(arrays["track_length"])) if len(keep) else None}
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists() and src.resolve() == dst.resolve():
         return
     with atomic_path(dst) as tmp:
@@ -299,8 +305,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copy2(src, tmp)
 
 
-def _write_model(reconstruction, folder: Path) -> None:
-    """Write a COLMAP model folder as a whole: into a sibling temp folder, then rename."""
+def write_model(reconstruction, folder: Path, georef: Georef | None = None) -> None:
+    """Write a COLMAP model folder as a whole (with ``georef``'s sidecar, see
+    :func:`survey_io.colmap.write_georef_sidecar`): into a sibling temp folder, then rename."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     umask = os.umask(0)
@@ -308,6 +315,8 @@ def _write_model(reconstruction, folder: Path) -> None:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model is an ordinary output
     try:
         reconstruction.write(tmp)
+        if georef is not None:
+            write_georef_sidecar(tmp, georef)  # read_colmap finds the frame by itself
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -342,7 +351,7 @@ def ingest(folder: str | Path, out: str | Path, options: IngestOptions | None = 
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     for im in prior.images:
-        _link_or_copy(prior.image_path(im), images_dir / im.name)
+        link_or_copy(prior.image_path(im), images_dir / im.name)
     staged = Survey(root=images_dir, cameras=prior.cameras, images=prior.images, georef=prior.georef)
 
     # Focal length: a fixed EXIF prior unless the views make it observable (module doc).
@@ -456,9 +465,8 @@ def ingest(folder: str | Path, out: str | Path, options: IngestOptions | None = 
                               "source": f"sfm refined (from {exif_source})" if refine else exif_source})
 
     write_transforms(survey, out / "transforms.json")
-    heldout_points = _write_heldout_points(rec, out / "points3D_heldout.npz")
-    _write_model(rec, out / "sparse" / "0")
-    write_georef_sidecar(out / "sparse" / "0", survey.georef)  # read_colmap finds the frame by itself
+    heldout_points = write_heldout_points(rec, out / HELDOUT_POINTS_FILE)
+    write_model(rec, out / SPARSE_MODEL, survey.georef)
     shutil.rmtree(out / "colmap" / "models", ignore_errors=True)  # unaligned duplicates of sparse/0
 
     per_image = {}

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .colmap import colmap_params
 from .errors import SurveyError
 from .survey import Camera, Survey
 
@@ -161,6 +162,78 @@ def colmap_to_camera(colmap_camera) -> Camera:
     raise SurveyError(None, f"COLMAP camera model {model} has no nerfstudio equivalent")
 
 
+def extract_and_match(survey: Survey, db_path: Path, options: SfmOptions, timings: dict[str, float],
+                      camera_spec, positions: list[np.ndarray | None]) -> tuple[dict[int, int], bool]:
+    """Extract SIFT features of the survey's images into COLMAP's database and match them.
+
+    The shared front half of :func:`run_sfm` and :func:`triangulate_known_poses`.
+
+    Args:
+        camera_spec: survey camera -> (COLMAP model name, comma-separated parameters) that seeds
+            the one COLMAP camera made per survey camera.
+        positions: per survey image, its position in the local frame (or None): written as
+            Cartesian pose priors, so that spatial matching pairs images by distance in metres.
+
+    Returns:
+        COLMAP camera id -> survey camera index, and whether the spatial matcher ran.
+    """
+    pycolmap = import_pycolmap()
+    # Features: one extraction call per survey camera, so each becomes one COLMAP camera.
+    t0 = time.perf_counter()
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.max_image_size = options.max_image_size
+    extraction.num_threads = options.num_threads
+    extraction.sift.max_num_features = options.max_num_features
+    for k, cam in enumerate(survey.cameras):
+        names = [im.name for im in survey.images if im.camera == k]
+        if not names:
+            continue
+        reader = pycolmap.ImageReaderOptions()
+        reader.camera_model, reader.camera_params = camera_spec(cam)
+        pycolmap.extract_features(db_path, survey.root, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
+                                  reader_options=reader, extraction_options=extraction, device=pycolmap.Device.cpu)
+    timings["extract_s"] = time.perf_counter() - t0
+
+    # Position priors in the local metric frame (COLMAP read WGS84 ones from EXIF; replace them).
+    db = pycolmap.Database.open(db_path)
+    try:
+        by_name = {im.name: im for im in db.read_all_images()}
+        missing = [im.name for im in survey.images if im.name not in by_name]
+        if missing:
+            raise SurveyError(survey.root / missing[0], "COLMAP could not read this image")
+        camera_index = {}
+        for im in survey.images:
+            camera_index[by_name[im.name].camera_id] = im.camera
+        db.clear_pose_priors()
+        for im, position in zip(survey.images, positions):
+            if position is not None:
+                sh, sv = options.gps_sigma_m
+                db.write_pose_prior(pycolmap.PosePrior(
+                    position=np.asarray(position, dtype=np.float64), corr_data_id=by_name[im.name].data_id,
+                    position_covariance=np.diag([sh**2, sh**2, sv**2]),
+                    coordinate_system=pycolmap.PosePriorCoordinateSystem.CARTESIAN))
+    finally:
+        db.close()
+
+    t0 = time.perf_counter()
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = options.num_threads
+    use_spatial = options.matcher == "spatial" or (
+        options.matcher == "auto" and len(survey.images) > options.exhaustive_max_images)
+    if use_spatial:
+        pairing = pycolmap.SpatialPairingOptions()
+        pairing.max_num_neighbors = options.spatial_neighbors
+        pairing.max_distance = options.spatial_max_distance
+        pairing.ignore_z = True
+        pairing.num_threads = options.num_threads
+        pycolmap.match_spatial(db_path, matching_options=matching, pairing_options=pairing,
+                               device=pycolmap.Device.cpu)
+    else:
+        pycolmap.match_exhaustive(db_path, matching_options=matching, device=pycolmap.Device.cpu)
+    timings["match_s"] = time.perf_counter() - t0
+    return camera_index, use_spatial
+
+
 def run_sfm(survey: Survey, work_dir: str | Path, options: SfmOptions | None = None) -> SfmResult:
     """Extract, match and map the survey's images; return the largest reconstruction.
 
@@ -183,60 +256,10 @@ def run_sfm(survey: Survey, work_dir: str | Path, options: SfmOptions | None = N
     pycolmap.set_random_seed(options.seed)
 
     with _colmap_logging(pycolmap, options.verbose):
-        # Features: one extraction call per survey camera, so each becomes one COLMAP camera.
-        t0 = time.perf_counter()
-        extraction = pycolmap.FeatureExtractionOptions()
-        extraction.max_image_size = options.max_image_size
-        extraction.num_threads = options.num_threads
-        extraction.sift.max_num_features = options.max_num_features
-        for k, cam in enumerate(survey.cameras):
-            names = [im.name for im in survey.images if im.camera == k]
-            if not names:
-                continue
-            reader = pycolmap.ImageReaderOptions()
-            reader.camera_model = options.camera_model
-            reader.camera_params = _camera_params(cam, options.camera_model)
-            pycolmap.extract_features(db_path, survey.root, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
-                                      reader_options=reader, extraction_options=extraction, device=pycolmap.Device.cpu)
-        timings["extract_s"] = time.perf_counter() - t0
-
-        # GPS priors in the local metric frame (COLMAP read WGS84 ones from EXIF; replace them).
-        db = pycolmap.Database.open(db_path)
-        try:
-            by_name = {im.name: im for im in db.read_all_images()}
-            missing = [im.name for im in survey.images if im.name not in by_name]
-            if missing:
-                raise SurveyError(survey.root / missing[0], "COLMAP could not read this image")
-            camera_index = {}
-            for im in survey.images:
-                camera_index[by_name[im.name].camera_id] = im.camera
-            db.clear_pose_priors()
-            for im in survey.images:
-                if im.gps is not None:
-                    sh, sv = options.gps_sigma_m
-                    db.write_pose_prior(pycolmap.PosePrior(
-                        position=np.asarray(im.gps, dtype=np.float64), corr_data_id=by_name[im.name].data_id,
-                        position_covariance=np.diag([sh**2, sh**2, sv**2]),
-                        coordinate_system=pycolmap.PosePriorCoordinateSystem.CARTESIAN))
-        finally:
-            db.close()
-
-        t0 = time.perf_counter()
-        matching = pycolmap.FeatureMatchingOptions()
-        matching.num_threads = options.num_threads
-        use_spatial = options.matcher == "spatial" or (
-            options.matcher == "auto" and len(survey.images) > options.exhaustive_max_images)
-        if use_spatial:
-            pairing = pycolmap.SpatialPairingOptions()
-            pairing.max_num_neighbors = options.spatial_neighbors
-            pairing.max_distance = options.spatial_max_distance
-            pairing.ignore_z = True
-            pairing.num_threads = options.num_threads
-            pycolmap.match_spatial(db_path, matching_options=matching, pairing_options=pairing,
-                                   device=pycolmap.Device.cpu)
-        else:
-            pycolmap.match_exhaustive(db_path, matching_options=matching, device=pycolmap.Device.cpu)
-        timings["match_s"] = time.perf_counter() - t0
+        camera_index, use_spatial = extract_and_match(
+            survey, db_path, options, timings,
+            lambda cam: (options.camera_model, _camera_params(cam, options.camera_model)),
+            [im.gps for im in survey.images])
 
         t0 = time.perf_counter()
         mapping = pycolmap.IncrementalPipelineOptions()
@@ -328,3 +351,90 @@ def refine_focal_length(reconstruction, num_threads: int = 2) -> None:
     except AttributeError:  # older layouts of the options: the default thread count then
         pass
     pycolmap.bundle_adjustment(reconstruction, options)
+
+
+@dataclass
+class TriangulationResult:
+    """Points triangulated from known poses (:func:`triangulate_known_poses`).
+
+    Attributes:
+        reconstruction: a ``pycolmap.Reconstruction`` in the survey's local frame: the survey's
+            cameras and poses, unchanged, and the triangulated points with errors and tracks.
+        matcher: "exhaustive" or "spatial".
+        timings: seconds per stage.
+    """
+
+    reconstruction: Any
+    matcher: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def triangulate_known_poses(survey: Survey, work_dir: str | Path,
+                            options: SfmOptions | None = None) -> TriangulationResult:
+    """Extract, match and triangulate the survey's images with its poses and intrinsics held fixed.
+
+    The coarse pass of aerotriangulation for a survey that has poses but no points (COLMAP's
+    ``point_triangulator``): features and matches as :func:`run_sfm` makes them (the camera
+    centres are the spatial matcher's positions), then triangulation and a bundle adjustment that
+    moves only the points.  Each survey camera becomes one COLMAP camera of the same model and
+    parameters (distortion included, :func:`survey_io.colmap.colmap_params`); poses go in as
+    COLMAP's ``cam_from_world`` of the OpenCV-axes camera-to-world (nerfstudio's OpenGL axes are
+    converted when the survey is read), so the points come out in the survey's local frame.
+
+    Args:
+        survey: posed images (under ``survey.root``).
+        work_dir: COLMAP's working folder (``database.db``); it is emptied first.
+        options: feature and matching options (``camera_model``, ``use_gps_prior`` and
+            ``refine_focal_length`` do not apply: the survey's cameras are kept as they are).
+
+    Raises:
+        SurveyError: a camera model COLMAP cannot hold, an unreadable image, or no point triangulated.
+    """
+    pycolmap = import_pycolmap()
+    options = options or SfmOptions()
+    work_dir = Path(work_dir)
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    db_path = work_dir / "database.db"
+    timings: dict[str, float] = {}
+    pycolmap.set_random_seed(options.seed)
+    source = survey.root
+    specs = [(cam.camera_model, ",".join(repr(v) for v in colmap_params(cam, source))) for cam in survey.cameras]
+    spec_of = {cam: spec for cam, spec in zip(survey.cameras, specs)}
+
+    with _colmap_logging(pycolmap, options.verbose):
+        _, use_spatial = extract_and_match(survey, db_path, options, timings, lambda cam: spec_of[cam],
+                                           [im.c2w[:3, 3] for im in survey.images])
+
+        # The known model: the database's cameras (made from the survey's) and images, posed.
+        rec = pycolmap.Reconstruction()
+        db = pycolmap.Database.open(db_path)
+        try:
+            for cam in db.read_all_cameras():
+                rec.add_camera_with_trivial_rig(cam)
+            by_name = {im.name: im for im in db.read_all_images()}
+        finally:
+            db.close()
+        for im in survey.images:
+            w2c = np.linalg.inv(np.asarray(im.c2w, dtype=np.float64))
+            db_image = by_name[im.name]
+            image = pycolmap.Image(name=im.name, camera_id=db_image.camera_id, image_id=db_image.image_id)
+            rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(w2c[:3, :3]),
+                                                                     w2c[:3, 3].copy()))
+
+        t0 = time.perf_counter()
+        mapping = pycolmap.IncrementalPipelineOptions()
+        mapping.num_threads = options.num_threads
+        mapping.random_seed = options.seed
+        mapping.mapper.random_seed = options.seed
+        mapping.triangulation.random_seed = options.seed
+        rec = pycolmap.triangulate_points(rec, db_path, survey.root, work_dir / "model", clear_points=True,
+                                          options=mapping, refine_intrinsics=False)
+        timings["triangulate_s"] = time.perf_counter() - t0
+
+    if rec.num_points3D() == 0:
+        raise SurveyError(survey.root, "triangulation found no points: no image pair could be matched "
+                                       "(too little overlap or texture?)")
+    return TriangulationResult(reconstruction=rec, matcher="spatial" if use_spatial else "exhaustive",
+                               timings=timings)

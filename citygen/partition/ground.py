@@ -19,14 +19,12 @@ from PIL import Image
 from survey_io import Georef, Survey, SurveyError
 from survey_io.colmap import read_colmap_point_table, read_colmap_points
 from survey_io.geotiff import read_geotiff
-from survey_io.ingest import heldout_point_mask
+from survey_io.ingest import SPARSE_MODEL, heldout_point_mask
 
 from ..cameras import unproject
 from ..errors import CitygenError
 from .config import PartitionConfig
 
-#: where ``citygen ingest`` puts the survey's COLMAP model, beside ``transforms.json``.
-SPARSE_MODEL = "sparse/0"
 #: the ground source of the last-resort guess (a flight height below the cameras): no ground is known.
 GUESSED_GROUND_SOURCE = "median camera height - flight_height_m"
 #: SfM points used for field boxes: at most this reprojection error (COLMAP's own default filter) ...

@@ -26,6 +26,7 @@ import torch
 
 from survey_io import Survey, SurveyError
 from survey_io.atomic import atomic_write_json
+from survey_io.ingest import HELDOUT_POINTS_FILE
 
 from ..images import colorize_depth, colorize_labels, load_depth, load_labels, load_rgb, rgb_to_uint8, write_png
 from ..metrics import confusion_matrix, psnr, semantic_scores, ssim
@@ -33,8 +34,6 @@ from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
 from ..render.volume import render_image
 from ..store.field import load_field
 from .data import load_survey, select_images
-
-HELDOUT_POINTS_FILE = "points3D_heldout.npz"
 
 
 def point_depth_errors(depth: np.ndarray, camera, c2w: np.ndarray, xyz: np.ndarray, obs_xy: np.ndarray,
