@@ -169,6 +169,25 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
         rec = record["blocks"][task.block_id]
         assert rec["attribution"] == "plan ground"
         assert rec["pixel_share"] == pytest.approx(want[..., k].mean(), abs=1e-4)
+        # the survey's only training image: the block's share of the survey is the same fraction,
+        # and its field learning rates rise by 1 / sqrt(share) (Adam's square-root batch rule)
+        share = want[..., k].mean()
+        assert 0.5 < share < 0.7 and rec["survey_share"] == pytest.approx(share, abs=1e-4)
+        optim = task.kwargs["config"]["optim"]
+        assert optim["lr_grid"] == pytest.approx(0.03 / np.sqrt(share), rel=1e-6)   # tiny preset: 0.03
+        assert optim["lr_mlp"] == pytest.approx(0.01 / np.sqrt(share), rel=1e-6)    # tiny preset: 0.01
+        assert record["train"]["optim"]["lr_grid"] == pytest.approx(0.03)         # the tile's own config as given
+
+
+@pytest.mark.parametrize("share, scale", [(1.0, 1.0), (0.5, 2 ** 0.5), (0.25, 2.0), (0.36, 1 / 0.6),
+                                          (0.01, 2.0), (0.0, 1.0), (1.3, 1.0)])
+def test_block_lr_scale_is_the_square_root_rule_capped(share, scale):
+    """1 / sqrt(share) worked out by hand; a whole-survey block keeps the preset's rates, a tiny share
+    stops at the measured cap (2), no share (nothing attributed) changes nothing."""
+    from citygen.tile import MAX_LR_SCALE, block_lr_scale
+
+    assert MAX_LR_SCALE == 2.0
+    assert block_lr_scale(share) == pytest.approx(scale, rel=1e-9)
 
 
 @pytest.mark.parametrize("error_sampling", [0.0, 0.5])
