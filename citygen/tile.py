@@ -48,21 +48,24 @@ training set.  ``tile_config.json`` records per block the share of its images' p
 trains on (``pixel_share``) and the surface source (``attribution``).  ``citygen train`` (one
 block) is unchanged: every pixel.
 
-**A block's learning rates grow as its share of the survey shrinks** (:func:`block_lr_scale`).
-Adam moves every parameter by about the learning rate per step whatever the gradient's size, so
-how far a field gets in N steps does not depend on how many rays per square metre it saw: a
-block of a 2x2 tile learned per step as fast as one block over the whole survey (train PSNR
-18.4-19.7 dB vs 18.75 at step 400 on ``citygen synth --preset failure``), so four blocks of 400
-steps ended where one block is after ~500 steps -- 3.5 dB and metres of DSM short of one block
-of 1600 (the streets of the built patch still under a haze at roof height), everywhere in the
-views, not at the seams or in background pixels.  What a block does gain is a less noisy
-gradient: its ``1024`` rays per step fall on ``share`` of the survey's training pixels
-(``survey_share`` in ``tile_config.json``, overlaps counted in both blocks), i.e. a
-``1 / share`` times larger batch per pixel, and Adam's square-root scaling rule for a larger
-batch (Malladi et al., "On the SDEs and scaling rules for adaptive gradient algorithms", 2022)
-raises the rates by ``1 / sqrt(share)``.  Capped at ``MAX_LR_SCALE`` (the largest factor
-measured; a 64-block city would otherwise take 8x rates); a block that trains on the whole
-survey (a 1x1 tile) keeps the preset's rates, and ``citygen train`` (one block) is unchanged.
+**A block spends its rays in more, smaller steps** (:func:`block_batch`).  Training is limited by
+the number of optimizer steps, not by rays: on ``citygen synth --preset failure`` a block of a
+2x2 tile learned per step no faster than one block over the whole survey (train PSNR 18.4-19.7 dB
+vs 18.75 at step 400), although each of its pixels got three times the rays, so four blocks of
+400 steps ended where one block is after ~500 steps -- 3.5 dB and metres of DSM short of one
+block of 1600 (the built patch's streets under a haze at roof height), everywhere in the views,
+not at the seams nor in background pixels (the failure survey's held-out views have none).
+Higher learning rates did not help (x1.73 and x4 on one block: +0.4 / +0.2 dB on its part of
+the views, its DSM no better); the same rays in three times the steps did (+2.8 dB there, its
+DSM median error 24.8 -> 9.0 m).  So a block that trains on ``share`` of the survey's training
+pixels (``survey_share`` in ``tile_config.json``, overlaps counted in both blocks) draws
+``rays_per_batch * share`` rays a step -- per pixel what one block over the survey draws --
+over ``steps / share`` steps: the same rays as ``steps`` steps of the full batch, so the same
+compute (``steps`` keeps meaning the rays a block may spend), and per pixel the one-block
+trainer's batch and step count.  The batch stays at least ``MIN_BATCH_FRACTION`` of the
+preset's (at most 4x the steps: a step has costs beyond its rays, the dense Adam update of the
+hash tables and the occupancy refreshes).  A block over the whole survey (a 1x1 tile) trains
+as configured, and ``citygen train`` (one block) is unchanged.
 
 Training is resumable: calling :func:`train_tile` again skips finished blocks and resumes
 the others from their last checkpoints (see :func:`citygen.distributed.run_tile`).
@@ -125,8 +128,8 @@ GROUND_MARGIN_M = 2.0
 MIN_IMAGE_SHARE = 0.01
 #: cell of the heightfield built from SfM points for attribution (metres).
 ATTRIBUTION_CELL_M = 10.0
-#: the largest factor on a block's learning rates (:func:`block_lr_scale`; the factor measured).
-MAX_LR_SCALE = 2.0
+#: a block's batch is at least this fraction of the configured one (:func:`block_batch`).
+MIN_BATCH_FRACTION = 0.25
 
 
 def open_tile(tile_dir: str | Path, *, edited: bool = True, device: str | Any = "cpu",
@@ -239,22 +242,20 @@ def attribute_image(camera, c2w: np.ndarray, depth: np.ndarray | None, ground: G
     return inside.reshape(h, w, len(ext))
 
 
-def block_lr_scale(survey_share: float) -> float:
-    """The factor on a tile block's field learning rates (``optim.lr_grid`` and ``optim.lr_mlp``)
-    when it trains on ``survey_share`` of the survey's training pixels: ``1 / sqrt(share)``
-    (Adam's square-root rule for the ``1 / share`` larger batch per pixel; see the module
-    docstring), between 1 and ``MAX_LR_SCALE``."""
-    if not survey_share > 0:
-        return 1.0
-    return float(min(MAX_LR_SCALE, max(1.0, survey_share ** -0.5)))
+def block_batch(rays_per_batch: int, steps: int, survey_share: float) -> tuple[int, int]:
+    """(rays per step, steps) of a tile block that trains on ``survey_share`` of the survey's
+    training pixels, given the configured ``rays_per_batch`` and ``steps``: the batch scaled by
+    the share (between ``MIN_BATCH_FRACTION`` and 1), the steps raised to spend the same rays
+    (see the module docstring)."""
+    fraction = min(1.0, max(MIN_BATCH_FRACTION, survey_share)) if survey_share > 0 else 1.0
+    rays = max(1, round(rays_per_batch * fraction))
+    return rays, max(1, round(steps * rays_per_batch / rays))
 
 
 def block_config(cfg: TrainConfig, survey_share: float) -> TrainConfig:
-    """``cfg`` with the field's learning rates scaled by :func:`block_lr_scale` (a copy)."""
-    scale = block_lr_scale(survey_share)
+    """``cfg`` with a tile block's batch and steps (:func:`block_batch`; a copy)."""
     out = from_dict(to_dict(cfg))
-    out.optim.lr_grid = cfg.optim.lr_grid * scale
-    out.optim.lr_mlp = cfg.optim.lr_mlp * scale
+    out.rays_per_batch, out.steps = block_batch(cfg.rays_per_batch, cfg.steps, survey_share)
     return out
 
 
@@ -325,14 +326,15 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
         if b.id not in chosen_ids:
             continue
         kept, share, survey_share, attribution = shares[b.id]
-        kwargs = {"config": to_dict(block_config(cfg, survey_share)), "data": str(data), "image_names": kept,
+        block_cfg = block_config(cfg, survey_share)
+        kwargs = {"config": to_dict(block_cfg), "data": str(data), "image_names": kept,
                   "aabb": box.tolist(),
                   "pixels": str(block_dir(tile_dir, b.id) / PIXELS_FILE)}
         tasks.append(BlockTask(b.id, str(block_dir(tile_dir, b.id)), JOB, kwargs))
         record_blocks[b.id] = {"dir": block_dir(tile_dir, b.id).name, "aabb": box.tolist(), "n_images": len(kept),
                                "box_source": source, "pixel_share": round(share, 4),
-                               "survey_share": round(survey_share, 4),
-                               "lr_scale": round(block_lr_scale(survey_share), 4), "attribution": attribution,
+                               "survey_share": round(survey_share, 4), "rays_per_batch": block_cfg.rays_per_batch,
+                               "steps": block_cfg.steps, "attribution": attribution,
                                "images_left_out": len(names) - len(kept)}
     record = {"kind": "citygen.tile_config", "version": 1, "data": str(data), "train": to_dict(cfg),
               "blocks": record_blocks, "skipped": skipped}
@@ -429,7 +431,7 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
                                          max_retries=max_retries), tile_dir)
 
 
-__all__ = ["ATTRIBUTION_CELL_M", "CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "MAX_LR_SCALE", "MIN_IMAGE_SHARE",
-           "attribute_image", "block_config", "block_lr_scale",
+__all__ = ["ATTRIBUTION_CELL_M", "CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "MIN_BATCH_FRACTION", "MIN_IMAGE_SHARE",
+           "attribute_image", "block_batch", "block_config",
            "attribution_ground", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
            "open_tile", "read_tile_config", "resolve_config", "tile_tasks", "train_tile"]
