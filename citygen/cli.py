@@ -515,8 +515,9 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
         ray_address: Ray cluster to join (default: start a local Ray instance).
         max_parallel: local executor: blocks at once (default: one per GPU, 1 on CPU).
         max_retries: retries per block after a failed attempt.
-        steps: training steps per block (overrides the preset).
-        rays_per_batch: rays per step (overrides the preset).
+        steps: training steps per block (overrides the preset); a block spends these steps' rays
+            in batches scaled by its share of the survey's pixels, over correspondingly more steps.
+        rays_per_batch: rays per step (overrides the preset), scaled per block likewise.
         threads: CPU threads per block (overrides the preset).
         device: cpu, cuda or auto (overrides the preset).
         downscale: image downscale factor (overrides the preset).

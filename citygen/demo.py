@@ -147,6 +147,14 @@ def _train(tile: Path, data: Path, block_steps: int, seed: int, n_blocks: int, c
             for block_id, o in result.blocks.items()}
 
 
+def _own_steps(run: Path, default: int) -> int:
+    """The steps a block's run folder trains to (its ``config.json``), else ``default``."""
+    try:
+        return max(1, int(json.loads((run / "config.json").read_text())["steps"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
 class _TrainProgress:
     """Progress of the tile's training, read from the blocks' ``metrics.jsonl`` (the trainer's log,
     one line every ``log_every`` steps; the blocks train in worker processes whose own output goes
@@ -180,9 +188,12 @@ class _TrainProgress:
                 continue
             if last is None:
                 continue
-            done += min(int(last["step"]), self.block_steps)
-            if int(last["step"]) < self.block_steps:
-                current, line = block_id_of(run), last
+            # a tile block spends its rays in more, smaller steps (citygen.tile.block_batch): its
+            # own step count is in its config; progress counts in the demo's block steps
+            own = _own_steps(run, self.block_steps)
+            done += round(self.block_steps * min(int(last["step"]), own) / own)
+            if int(last["step"]) < own:
+                current, line = block_id_of(run), {**last, "of": own}
         return done, current, line
 
     def status(self) -> tuple[int, str]:
@@ -190,7 +201,7 @@ class _TrainProgress:
         elapsed = time.perf_counter() - self._t0
         rate = (done - self._done0) / elapsed if elapsed > 0 else 0.0
         eta = f"ETA {_clock((self.total - done) / rate)}" if rate > 0 else "ETA --"
-        block = (f"block {current} step {line['step']}/{self.block_steps}, train PSNR {line['psnr_train']:.2f} dB; "
+        block = (f"block {current} step {line['step']}/{line['of']}, train PSNR {line['psnr_train']:.2f} dB; "
                  if line else "")
         return done, f"{block}{rate:.1f} steps/s, {eta}"
 

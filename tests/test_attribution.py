@@ -169,6 +169,29 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
         rec = record["blocks"][task.block_id]
         assert rec["attribution"] == "plan ground"
         assert rec["pixel_share"] == pytest.approx(want[..., k].mean(), abs=1e-4)
+        # the survey's only training image: the block's share of the survey is the same fraction,
+        # and it spends the preset's rays (tiny: 1024 a step x 9300 steps) in batches of that
+        # fraction, per pixel what one block over the whole survey draws
+        share = want[..., k].mean()
+        assert 0.5 < share < 0.7 and rec["survey_share"] == pytest.approx(share, abs=1e-4)
+        cfg = task.kwargs["config"]
+        assert cfg["rays_per_batch"] == rec["rays_per_batch"] == round(1024 * share)
+        assert cfg["steps"] == rec["steps"] > 9300
+        assert abs(cfg["rays_per_batch"] * cfg["steps"] - 1024 * 9300) <= cfg["rays_per_batch"] / 2  # same rays
+        assert record["train"]["steps"] == 9300 and record["train"]["rays_per_batch"] == 1024  # the tile's as given
+
+
+@pytest.mark.parametrize("share, rays, steps", [(1.0, 1024, 400), (0.5, 512, 800), (0.25, 256, 1600),
+                                                (0.3339, 342, 1198), (0.1, 256, 1600), (0.0, 1024, 400),
+                                                (1.3, 1024, 400)])
+def test_block_batch_spends_the_same_rays_in_smaller_steps(share, rays, steps):
+    """Worked by hand for 1024 rays x 400 steps: the batch is 1024 x share rounded (0.3339 -> 341.9),
+    the steps spend the same rays (409600 / 342 = 1197.7); a whole-survey block trains as configured,
+    a small share stops at a quarter of the batch, nothing attributed changes nothing."""
+    from citygen.tile import MIN_BATCH_FRACTION, block_batch
+
+    assert MIN_BATCH_FRACTION == 0.25
+    assert block_batch(1024, 400, share) == (rays, steps)
 
 
 @pytest.mark.parametrize("error_sampling", [0.0, 0.5])
