@@ -10,7 +10,8 @@ Two figures (issue 15):
 - **coverage**: the share of the cells that two or more survey cameras see (each cell centre at
   its DSM height, or at the median DSM height where the DSM has no data, projected into every
   camera: in the image and in front of it) that hold a DSM height.  Occlusion is ignored, which is
-  what a nadir flight over open ground sees.
+  what a nadir flight over open ground sees.  Needs only the cameras: a survey without SfM points
+  (the synthetic one of ``citygen demo``) gets it too, and a sentence instead of the point figures.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from survey_io.geotiff import read_geotiff
 
 from ..cameras import project
 from ..errors import CitygenError
-from ..train.evaluate import load_heldout_points, summarize_point_errors
+from ..metrics import NO_HELDOUT_POINTS, load_heldout_points, summarize_point_errors
 
 #: cameras that must see a cell for it to count as ground the survey covers.
 MIN_VIEWS = 2
@@ -68,7 +69,7 @@ def dsm_survey_check(dsm_path: str | Path, survey: Survey) -> dict[str, Any]:
                      share_within_2_image_gsd=float(np.sum(np.abs(err) <= 2 * image_gsd) / max(n_inside, 1)))
         report["heldout_points"] = stats
     else:
-        report["heldout_points"] = None
+        report["heldout_points"] = NO_HELDOUT_POINTS
 
     # coverage: cell centres in the local frame at their DSM height (median height where empty)
     fill = float(np.median(z[valid])) if valid.any() else 0.0
