@@ -577,7 +577,7 @@ def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] =
     seams = report["seams"] or {}
     print(json.dumps({"out": str(out), "views": len(report["views"]), "mean": report["mean"],
                       "seams": {k: v for k, v in seams.items() if k != "views"} or None,
-                      "render_seconds": report["render_seconds"]}, indent=2))
+                      "heldout_points": report["heldout_points"], "render_seconds": report["render_seconds"]}, indent=2))
 
 
 def view(tile: tyro.conf.Positional[Path], ply: Path | None = None, survey: Path | None = None,

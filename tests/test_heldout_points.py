@@ -107,3 +107,33 @@ def test_tile_views_say_why_there_are_no_point_figures(tmp_path):
     survey, _ = _survey(tmp_path / "b", with_points=True, points_in_view=False)
     rep = render_tile_views(_FlatGroundRenderer(), survey, ["test"], tmp_path / "b" / "v")
     assert rep["heldout_points"] == NO_POINT_IN_VIEWS
+
+
+def test_demo_summary_and_table_carry_points_and_coverage(tmp_path, monkeypatch):
+    """`citygen demo` puts the held-out point figures (or the sentence) beside its ground-truth
+    figures, in summary.json and in the printed table, with the DSM's coverage."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from citygen import demo
+
+    survey, _ = _survey(tmp_path, with_points=True)
+    monkeypatch.setattr(demo.tile_training, "open_tile", lambda tile: _FlatGroundRenderer(offset=0.3))
+    monkeypatch.setattr(demo, "load_survey", lambda data: survey)
+    render = demo._render(tmp_path / "tile", tmp_path / "transforms.json", tmp_path / "renders")
+    assert render["heldout_points"]["median_abs_m"] == pytest.approx(0.3, abs=1e-5)
+    assert json.loads((tmp_path / "renders" / "metrics.json").read_text())["heldout_points"] == render["heldout_points"]
+    summary = {"timings_s": dict.fromkeys(["synthetic survey", "ingest check (EXIF/XMP pose priors)", "partition",
+                                           "train tile", "render held-out views", "export"], 1.0),
+               "ingest": {"images": 2, "position_error_m_max": 0.0, "rotation_error_deg_max": 0.0},
+               "plan": {"blocks": 1}, "train": {"0_0": {"step": 10}}, "render": render,
+               "export": {"vs_ground_truth": {"dsm": {"rmse_m": 1.0}, "ortho": {"psnr_db": 20.0}},
+                          "survey_check": {"coverage": {"share": 0.929}, "heldout_points": NO_HELDOUT_POINTS}}}
+    out = io.StringIO()
+    demo._print(Console(file=out, width=400), summary, tmp_path)
+    text = out.getvalue()
+    assert "depth vs held-out points: median |error| 0.3 m, RMSE" in text
+    assert "DSM covers 92.9 % of the ground 2 cameras see" in text
+    assert "DSM vs held-out points: no held-out points (survey has no SfM points)" in text
