@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import tyro
 
@@ -501,10 +501,12 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
                max_parallel: int | None = None, max_retries: int = 2, steps: int | None = None,
                rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
                downscale: int | None = None, blocks: list[str] | None = None, override: tuple[str, ...] = (),
-               memory_budget_gb: float | None = None) -> None:
+               memory_budget_gb: float | None = None, no_eval: bool = False) -> None:
     """Train every block of a planned tile (TILE/plan.json from `citygen plan`) through an
     executor; block runs go to TILE/block_<id>/.  Re-running resumes: finished blocks are
     skipped, the others continue from their last checkpoints.  Watch it with `citygen status TILE`.
+    Then the survey's held-out views are rendered from all blocks together into TILE/eval/
+    (PNGs, metrics.json) and scored: PSNR/SSIM and the rendered depth against the held-out SfM points.
 
     Args:
         tile: the tile folder holding plan.json.
@@ -525,6 +527,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
         override: further config overrides as dotted KEY=VALUE, e.g. --override steps=200 checkpoint_every=50.
         memory_budget_gb: refuse configs estimated to need more memory per block (default: the
             GPU's memory on a GPU, else 75% of the RAM available when it starts).
+        no_eval: skip the held-out evaluation of the tile at the end.
     """
     import json
 
@@ -536,7 +539,8 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
                                        downscale=downscale).items() if v is not None}
     overrides.update(_parse_overrides(override))
     preset, why = _chosen_preset(preset, data)
-    _check_train_memory(load_config(preset, overrides, TRAIN_FLAGS), memory_budget_gb)
+    cfg = load_config(preset, overrides, TRAIN_FLAGS)
+    _check_train_memory(cfg, memory_budget_gb)
     check_out_dir(tile, "TILE")
     result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,
                             ray_address=ray_address, max_retries=max_retries, blocks=blocks)
@@ -545,8 +549,29 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
                               "step": (o.result or {}).get("step"),
                               "train_seconds": (o.result or {}).get("train_seconds")}
                           for b, o in sorted(result.blocks.items())}}
+    if not no_eval and not result.failed:
+        summary["eval"] = _evaluate_tile(tile, data, cfg.downscale)
     print(json.dumps(summary, indent=2))
     result.raise_for_failures()
+
+
+def _evaluate_tile(tile: Path, data: Path, downscale: int) -> dict[str, Any] | str:
+    """The trained tile's held-out views, composited from all blocks (`citygen render`'s scoring),
+    at the training downscale into TILE/eval/: their mean PSNR/SSIM and the rendered depth against
+    the survey's held-out SfM points; a sentence when the survey holds no view out."""
+    from .render.tile_views import render_tile_views
+    from .tile import open_tile
+    from .train.data import load_survey
+
+    survey = load_survey(data)
+    if not survey.test_images:
+        return "no held-out views in the survey"
+    renderer = open_tile(tile)
+    if renderer.missing_blocks:  # --blocks trained a part: a view would show holes, not the field's error
+        return f"not evaluated: blocks {', '.join(map(str, renderer.missing_blocks))} not trained yet"
+    report = render_tile_views(renderer, survey, ("test",), tile / "eval", downscale=max(int(downscale), 1))
+    return {"views": len(report["views"]), "mean": report["mean"], "heldout_points": report["heldout_points"],
+            "metrics": str(tile / "eval" / "metrics.json")}
 
 
 def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] = ("test",), data: Path | None = None,
@@ -595,7 +620,7 @@ def render(tile: tyro.conf.Positional[Path], out: Path, views: tuple[str, ...] =
     seams = report["seams"] or {}
     print(json.dumps({"out": str(out), "views": len(report["views"]), "mean": report["mean"],
                       "seams": {k: v for k, v in seams.items() if k != "views"} or None,
-                      "render_seconds": report["render_seconds"]}, indent=2))
+                      "heldout_points": report["heldout_points"], "render_seconds": report["render_seconds"]}, indent=2))
 
 
 def view(tile: tyro.conf.Positional[Path], ply: Path | None = None, survey: Path | None = None,

@@ -233,7 +233,7 @@ def _render(tile: Path, data: Path, out: Path, lpips_net=None) -> dict[str, Any]
     seams = report.get("seams") or {}
     return {"mean": report["mean"], "seams": {k: v for k, v in seams.items() if k != "views"},
             "views": [v["name"] for v in report["views"]], "metrics": str(out / "metrics.json"),
-            "lpips": report["lpips"]}
+            "lpips": report["lpips"], "heldout_points": report["heldout_points"]}
 
 
 def _export(tile: Path, data: Path, out: Path) -> dict[str, Any]:
@@ -243,7 +243,11 @@ def _export(tile: Path, data: Path, out: Path) -> dict[str, Any]:
     truth = data.parent
     scores = compare_to_ground_truth(files["dsm"], truth / "dsm.tif", files["ortho"], truth / "ortho.tif",
                                      files["semantics"], truth / "ortho_semantics.tif")
+    # the checks a real survey gets (no ground truth): DSM coverage of the ground two cameras see,
+    # and the DSM against held-out SfM points (the synthetic survey has none: a sentence says so)
+    check = manifest.get("survey_check") or {}
     return {"files": {kind: str(path) for kind, path in files.items()}, "vs_ground_truth": scores,
+            "survey_check": {"coverage": check.get("coverage"), "heldout_points": check.get("heldout_points")},
             "seconds": manifest.get("timings_s")}
 
 
@@ -282,14 +286,31 @@ def _print(console, summary: dict[str, Any], out: Path) -> None:
         ("partition", f"{summary['plan']['blocks']} blocks", t["partition"]),
         ("train tile", ", ".join(f"{b}: {r.get('step')} steps" for b, r in summary["train"].items()), t["train tile"]),
         ("held-out views", _fmt_mean(mean) + (f"; PSNR near block boundaries {seams['psnr_boundary']:.2f} vs "
-                                              f"interior {seams['psnr_interior']:.2f} dB" if seams else ""),
+                                              f"interior {seams['psnr_interior']:.2f} dB" if seams else "")
+         + f"; depth vs held-out points: {_fmt_points(summary['render'].get('heldout_points'))}",
          t["render held-out views"]),
-        ("export", f"DSM RMSE {gt['dsm']['rmse_m']:.2f} m, ortho PSNR {gt['ortho']['psnr_db']:.2f} dB", t["export"]),
+        ("export", f"DSM RMSE {gt['dsm']['rmse_m']:.2f} m, ortho PSNR {gt['ortho']['psnr_db']:.2f} dB"
+                   + _fmt_survey_check(summary["export"].get("survey_check") or {}), t["export"]),
     ]
     for row in rows:
         table.add_row(row[0], row[1], f"{row[2]:.1f}")
     console.print(table)
     console.print(f"summary: {out / 'summary.json'}   picture: {out / 'summary.png'}")
+
+
+def _fmt_points(points: dict[str, Any] | str | None) -> str:
+    """Held-out SfM point figures (citygen.metrics.summarize_point_errors), or the sentence saying
+    why there are none."""
+    if not isinstance(points, dict):
+        return str(points)
+    return (f"median |error| {points['median_abs_m']:.3g} m, RMSE {points['rmse_m']:.3g} m, "
+            f"{100 * points['share_within_2gsd']:.1f} % within 2 GSD")
+
+
+def _fmt_survey_check(check: dict[str, Any]) -> str:
+    cov = check.get("coverage")
+    text = f"; DSM covers {100 * cov['share']:.1f} % of the ground 2 cameras see" if cov else ""
+    return text + (f"; DSM vs held-out points: {_fmt_points(check['heldout_points'])}" if "heldout_points" in check else "")
 
 
 def _fmt_mean(mean: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _paths import CALITERRA
 
-from citygen.export.survey_check import dsm_survey_check
+from citygen.export.survey_check import dsm_point_errors, dsm_survey_check
 from citygen.images import load_rgb
 from citygen.metrics import psnr
 from survey_io import Camera, Georef, Survey, SurveyImage
@@ -97,3 +97,7 @@ def test_survey_check_against_closed_form(tmp_path):
     assert hp["median_abs_m"] == pytest.approx(1.5) and hp["rmse_m"] == pytest.approx(np.sqrt((0.25 + 2.25 + 9) / 3))
     assert hp["share_within_2gsd"] == pytest.approx(0.5)
     assert rep["image_gsd_m"] == pytest.approx((100 - 0.5) / 1000)  # over the median point height
+    # the same errors point by point (the README's map of them): NaN on nodata and off the raster
+    per_point = dsm_point_errors(path, survey)
+    np.testing.assert_allclose(per_point["error"], [-0.5, -1.5, -3.0, np.nan, np.nan])
+    np.testing.assert_array_equal(per_point["xyz"], xyz)

@@ -422,7 +422,7 @@ def test_cli_ingest_bad_input_exits_2_naming_the_file(tmp_path, capsys):
 
 # -- evaluation against held-out SfM points -------------------------------------------------------
 def test_point_depth_errors_by_hand():
-    from citygen.train.evaluate import point_depth_errors, summarize_point_errors
+    from citygen.metrics import point_depth_errors, summarize_point_errors
     from survey_io.survey import Camera
 
     cam = Camera(width=4, height=3, fl_x=2.0, fl_y=2.0, cx=2.0, cy=1.5, camera_model="PINHOLE")

@@ -390,3 +390,56 @@ def test_single_run_folder_renders_like_its_field(tiny_tile):
     np.testing.assert_allclose(view["acc"].numpy(), ref["acc"].numpy(), atol=1e-4)
     hit = ref["acc"].numpy() > 0.5
     np.testing.assert_allclose(view["depth"].numpy()[hit], ref["depth"].numpy()[hit], rtol=1e-3)
+
+
+def test_train_tile_cli_scores_the_composited_tile(tiny_tile, capsys):
+    """`citygen train-tile` ends with the tile's held-out views rendered from all blocks and scored:
+    PSNR/SSIM as `citygen render` gives them, and the rendered depth against held-out points placed
+    on the true surface (back-projected from the survey's depth maps), checked against the error
+    of the same render at those pixels."""
+    from citygen.cli import entrypoint
+    from citygen.images import load_depth
+
+    root, survey, _, _ = tiny_tile
+    tile, data = root / "tile", root / "city" / "transforms.json"
+    names, xyz, obs_img, obs_xy, expected, gsd = [], [], [], [], [], []
+    renderer = TileRenderer.open(tile)
+    rng = np.random.default_rng(0)
+    for k, im in enumerate(survey.test_images):
+        cam = survey.camera_of(im)
+        gt = load_depth(Path(im.depth))
+        rows, cols = np.nonzero(gt > 0)
+        pick = rng.choice(len(rows), 40, replace=False)
+        r, c = rows[pick], cols[pick]
+        z = gt[r, c].astype(np.float64)
+        # the pixel centre's ray, scaled to z-depth z, in the world frame
+        ray = np.stack([(c + 0.5 - cam.cx) / cam.fl_x, (r + 0.5 - cam.cy) / cam.fl_y, np.ones_like(z)], -1) * z[:, None]
+        xyz.append(ray @ im.c2w[:3, :3].T + im.c2w[:3, 3])
+        names.append(Path(im.name).name)
+        obs_img.append(np.full(len(z), k))
+        obs_xy.append(np.stack([c + 0.5, r + 0.5], -1))
+        rendered = renderer.render_view(cam, im.c2w)["depth"].numpy()  # tiny preset: downscale 1
+        expected.append(rendered[r, c] - z)
+        gsd.append(z / cam.fl_x)
+    n = sum(len(e) for e in expected)
+    points = root / "city" / "points3D_heldout.npz"
+    np.savez(points, xyz=np.concatenate(xyz), image_names=np.array(names), obs_point=np.arange(n),
+             obs_image=np.concatenate(obs_img), obs_xy=np.concatenate(obs_xy))
+    try:
+        capsys.readouterr()
+        assert entrypoint(["train-tile", str(tile), "--data", str(data), "--preset", "tiny",
+                           "--override", *[f"{k}={v}" for k, v in TINY_TRAIN.items()]]) == 0
+        summary = json.loads(capsys.readouterr().out)
+    finally:
+        points.unlink()
+    assert all(b["state"] == "done" for b in summary["blocks"].values())
+    ev = summary["eval"]
+    metrics = json.loads((tile / "eval" / "metrics.json").read_text())
+    assert ev["views"] == len(survey.test_images) == len(metrics["views"])
+    assert ev["mean"]["psnr"] == pytest.approx(np.mean([v["psnr"] for v in metrics["views"]]))
+    err, gsd = np.abs(np.concatenate(expected)), np.concatenate(gsd)
+    hp = ev["heldout_points"]
+    assert hp["num_observations"] == n
+    assert hp["median_abs_m"] == pytest.approx(np.median(err), rel=1e-4, abs=1e-4)
+    assert hp["rmse_m"] == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-4, abs=1e-4)
+    assert hp["share_within_2gsd"] == pytest.approx(np.mean(err <= 2 * gsd), abs=1.5 / n)

@@ -10,7 +10,8 @@ Two figures (issue 15):
 - **coverage**: the share of the cells that two or more survey cameras see (each cell centre at
   its DSM height, or at the median DSM height where the DSM has no data, projected into every
   camera: in the image and in front of it) that hold a DSM height.  Occlusion is ignored, which is
-  what a nadir flight over open ground sees.
+  what a nadir flight over open ground sees.  Needs only the cameras: a survey without SfM points
+  (the synthetic one of ``citygen demo``) gets it too, and a sentence instead of the point figures.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from survey_io.geotiff import read_geotiff
 
 from ..cameras import project
 from ..errors import CitygenError
-from ..train.evaluate import load_heldout_points, summarize_point_errors
+from ..metrics import NO_HELDOUT_POINTS, load_heldout_points, summarize_point_errors
 
 #: cameras that must see a cell for it to count as ground the survey covers.
 MIN_VIEWS = 2
@@ -34,28 +35,55 @@ MIN_VIEWS = 2
 CHUNK = 1 << 18
 
 
-def dsm_survey_check(dsm_path: str | Path, survey: Survey) -> dict[str, Any]:
-    """The DSM at ``dsm_path`` (written by export, in the survey's CRS) against ``survey``'s
-    held-out SfM points and camera coverage; see the module docstring."""
+def _local_dsm(dsm_path: str | Path, survey: Survey):
+    """The DSM raster, its heights in the survey's local frame, and where it holds data."""
     dsm = read_geotiff(dsm_path)
     if dsm.array.ndim != 2:
         raise CitygenError(dsm_path, "a DSM must have one band")
     z = dsm.array.astype(np.float64)
     valid = np.isfinite(z) & ((z != dsm.nodata) if dsm.nodata is not None else True)
-    z = z - float(survey.georef.origin[2])  # heights in the CRS -> the local frame of the points and cameras
-    gsd = abs(float(dsm.gsd))
+    return dsm, z - float(survey.georef.origin[2]), valid  # heights in the CRS -> the local frame
+
+
+def _point_errors(dsm, z: np.ndarray, valid: np.ndarray, survey: Survey, xyz: np.ndarray):
+    """DSM minus point height under each point (local frame), and which points fall in the raster
+    / on a cell with data."""
     ox, oy = float(survey.georef.origin[0]), float(survey.georef.origin[1])
     h, w = z.shape
+    row, col = (np.asarray(a, np.int64) for a in rowcol(dsm.transform, xyz[:, 0] + ox, xyz[:, 1] + oy))
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    on_data = np.zeros(len(xyz), bool)
+    on_data[inside] = valid[row[inside], col[inside]]
+    return z[row[on_data], col[on_data]] - xyz[on_data, 2], inside, on_data
+
+
+def dsm_point_errors(dsm_path: str | Path, survey: Survey) -> dict[str, np.ndarray] | None:
+    """Per held-out point: its local ``xyz`` and the DSM's error there (``error``: DSM minus point
+    height, NaN off the raster or on nodata); None when the survey has no held-out points.  The
+    figures of :func:`dsm_survey_check`, point by point (for maps of them)."""
+    points = load_heldout_points(survey)
+    if points is None:
+        return None
+    dsm, z, valid = _local_dsm(dsm_path, survey)
+    xyz = np.asarray(points["xyz"], np.float64)
+    err, _, on_data = _point_errors(dsm, z, valid, survey, xyz)
+    full = np.full(len(xyz), np.nan)
+    full[on_data] = err
+    return {"xyz": xyz, "error": full}
+
+
+def dsm_survey_check(dsm_path: str | Path, survey: Survey) -> dict[str, Any]:
+    """The DSM at ``dsm_path`` (written by export, in the survey's CRS) against ``survey``'s
+    held-out SfM points and camera coverage; see the module docstring."""
+    dsm, z, valid = _local_dsm(dsm_path, survey)
+    gsd = abs(float(dsm.gsd))
+    ox, oy = float(survey.georef.origin[0]), float(survey.georef.origin[1])
     report: dict[str, Any] = {"gsd_m": gsd, "dsm": str(dsm_path), "image_gsd_m": None}
 
     points = load_heldout_points(survey)
     if points is not None and len(points["xyz"]):
         xyz = points["xyz"]
-        row, col = (np.asarray(a, np.int64) for a in rowcol(dsm.transform, xyz[:, 0] + ox, xyz[:, 1] + oy))
-        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        on_data = np.zeros(len(xyz), bool)
-        on_data[inside] = valid[row[inside], col[inside]]
-        err = z[row[on_data], col[on_data]] - xyz[on_data, 2]
+        err, inside, on_data = _point_errors(dsm, z, valid, survey, xyz)
         stats = summarize_point_errors(err, np.full(len(err), gsd)) or {}
         n_inside = int(inside.sum())
         # the images' own GSD: the median nadir pixel footprint (camera height over the points / focal)
@@ -68,7 +96,7 @@ def dsm_survey_check(dsm_path: str | Path, survey: Survey) -> dict[str, Any]:
                      share_within_2_image_gsd=float(np.sum(np.abs(err) <= 2 * image_gsd) / max(n_inside, 1)))
         report["heldout_points"] = stats
     else:
-        report["heldout_points"] = None
+        report["heldout_points"] = NO_HELDOUT_POINTS
 
     # coverage: cell centres in the local frame at their DSM height (median height where empty)
     fill = float(np.median(z[valid])) if valid.any() else 0.0
@@ -90,4 +118,4 @@ def dsm_survey_check(dsm_path: str | Path, survey: Survey) -> dict[str, Any]:
     return report
 
 
-__all__ = ["MIN_VIEWS", "dsm_survey_check"]
+__all__ = ["MIN_VIEWS", "dsm_point_errors", "dsm_survey_check"]

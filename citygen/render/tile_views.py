@@ -5,8 +5,10 @@ Backs ``citygen render TILE``.  Per view: ``<stem>_rgb.png``, ``<stem>_depth.png
 block each pixel comes from, blends mixing the blocks' colours), and, where the survey has the
 ground truth, PSNR / SSIM (of the 8-bit PNG, as :mod:`citygen.train.evaluate` scores single
 blocks), LPIPS when given a weights file (:mod:`citygen.nets.lpips`), semantic pixel accuracy /
-mIoU, depth MAE and the seam metric (:mod:`citygen.render.seams`).  Everything goes to
-``metrics.json`` in the output folder.
+mIoU, depth MAE and the seam metric (:mod:`citygen.render.seams`); over all views, the rendered
+depth against the survey's held-out SfM points (``heldout_points``: median |error|, RMSE, share
+within 2 GSD, scored by :class:`citygen.metrics.HeldoutPointScore` as for single blocks, or
+a sentence when the survey has none).  Everything goes to ``metrics.json`` in the output folder.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from survey_io.atomic import atomic_write_json
 
 from ..errors import CitygenError
 from ..images import colorize_depth, colorize_labels, load_depth, load_labels, load_rgb, rgb_to_uint8, write_png
-from ..metrics import confusion_matrix, psnr, semantic_scores, ssim
+from ..metrics import HeldoutPointScore, confusion_matrix, psnr, semantic_scores, ssim
 from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
 from .seams import SeamMetric
 from .tile import TileRenderer
@@ -68,6 +70,7 @@ def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[st
         seam_band_m or renderer.plan.margin_m > 0) else None
     n_classes = len(renderer.classes)
     conf_total = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    points = HeldoutPointScore(survey)
     rows = []
     t_total = 0.0
     for im in images:
@@ -82,6 +85,7 @@ def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[st
         rgb8 = rgb_to_uint8(r["rgb"])
         labels = r["semantics"].argmax(-1).to(torch.uint8).numpy()
         depth = r["depth"].numpy()
+        points.add(im.name, depth, cam, im.c2w, downscale)
         stem = Path(im.name).stem
         write_png(out / f"{stem}_rgb.png", rgb8)
         write_png(out / f"{stem}_depth.png", colorize_depth(depth, r["acc"].numpy() > 0.5))
@@ -115,7 +119,7 @@ def render_tile_views(renderer: TileRenderer, survey: Survey, views: Sequence[st
     seam_report = seams.report() if seams is not None and seams.views else None
     report = {"kind": "citygen.tile_render", "views": rows, "mean": mean,
               "semantic_total": semantic_scores(conf_total) if int(conf_total.sum()) else None,
-              "seams": seam_report, "blocks": renderer.block_ids, "missing_blocks": renderer.missing_blocks,
+              "seams": seam_report, "heldout_points": points.report(), "blocks": renderer.block_ids, "missing_blocks": renderer.missing_blocks,
               "downscale": downscale, "render_seconds": round(t_total, 3), **lpips_report(lpips_net, mean)}
     atomic_write_json(out / "metrics.json", _json_safe(report))
     return report

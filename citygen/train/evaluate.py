@@ -12,7 +12,8 @@ Held-out SfM points: when ``points3D_heldout.npz`` (written by ``citygen ingest`
 ``transforms.json``, each held-out point observed in a test view is compared with the rendered
 z-depth at its pixel: ``heldout_points`` in the report gives the median absolute error, the RMSE
 and the share within 2 GSD (the pixel footprint at the point's depth, z / fl_x of the rendered
-camera), over all such observations.
+camera), over all such observations; without the file, or without an observation in the
+scored views, it holds a sentence saying so (:class:`citygen.metrics.HeldoutPointScore`).
 """
 
 from __future__ import annotations
@@ -24,61 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from survey_io import Survey, SurveyError
+from survey_io import Survey
 from survey_io.atomic import atomic_write_json
-from survey_io.ingest import HELDOUT_POINTS_FILE
 
 from ..images import colorize_depth, colorize_labels, load_depth, load_labels, load_rgb, rgb_to_uint8, write_png
-from ..metrics import confusion_matrix, psnr, semantic_scores, ssim
+from ..metrics import HeldoutPointScore, confusion_matrix, psnr, semantic_scores, ssim
 from ..nets.lpips import LPIPS, load_lpips, lpips_distance, lpips_report
 from ..render.volume import render_image
 from ..store.field import load_field
 from .data import load_survey, select_images
-
-
-def point_depth_errors(depth: np.ndarray, camera, c2w: np.ndarray, xyz: np.ndarray, obs_xy: np.ndarray,
-                       downscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Rendered minus point z-depth at each observation, and the GSD there (metres).
-
-    Args:
-        depth: (H, W) rendered z-depth of the (downscaled) camera.
-        camera: the rendered camera (its ``fl_x`` gives the GSD).
-        c2w: camera-to-world 4x4 (OpenCV axes).
-        xyz: (N, 3) points in the world frame; obs_xy: (N, 2) their pixel positions at full
-            resolution (COLMAP convention: the first pixel's centre is at 0.5, 0.5).
-        downscale: full resolution / rendered resolution.
-
-    Observations outside the image or behind the camera are dropped.
-    """
-    c2w = np.asarray(c2w, dtype=np.float64)
-    z = (np.asarray(xyz, dtype=np.float64) - c2w[:3, 3]) @ c2w[:3, 2]
-    col = np.floor(np.asarray(obs_xy)[:, 0] / downscale).astype(np.int64)
-    row = np.floor(np.asarray(obs_xy)[:, 1] / downscale).astype(np.int64)
-    h, w = depth.shape
-    ok = (z > 0) & (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    err = depth[row[ok], col[ok]].astype(np.float64) - z[ok]
-    return err, z[ok] / float(camera.fl_x)
-
-
-def summarize_point_errors(err: np.ndarray, gsd: np.ndarray) -> dict[str, Any] | None:
-    """Median |error|, RMSE (metres) and the share within 2 GSD; None without observations."""
-    if len(err) == 0:
-        return None
-    a = np.abs(err)
-    return {"num_observations": int(len(a)), "median_abs_m": float(np.median(a)),
-            "rmse_m": float(np.sqrt(np.mean(a**2))), "share_within_2gsd": float(np.mean(a <= 2 * gsd))}
-
-
-def load_heldout_points(survey: Survey) -> dict[str, Any] | None:
-    path = Path(survey.root) / HELDOUT_POINTS_FILE
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in ("xyz", "image_names", "obs_point", "obs_image", "obs_xy")}
-    except (OSError, ValueError, KeyError) as err:
-        raise SurveyError(path, f"not a held-out points file ({err})") from None
-    return data
 
 
 def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | str,
@@ -106,8 +61,7 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
     survey.check_image_files(views)  # ground truth of the wrong size would be resized, not refused
     n_classes = len(meta["classes"])
     conf_total = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    points = load_heldout_points(survey)
-    point_err, point_gsd = [], []
+    points = HeldoutPointScore(survey)
     rows = []
     for im in views:
         cam = survey.camera_of(im)
@@ -133,14 +87,7 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
             known = gt_depth > 0
             if known.any():
                 row["depth_mae_m"] = float(np.abs(depth[known] - gt_depth[known]).mean())
-        if points is not None:
-            k = np.flatnonzero(points["image_names"] == Path(im.name).name)
-            if len(k):
-                sel = points["obs_image"] == k[0]
-                err, gsd = point_depth_errors(depth, cam, im.c2w, points["xyz"][points["obs_point"][sel]],
-                                              points["obs_xy"][sel], float(cfg.downscale))
-                point_err.append(err)
-                point_gsd.append(gsd)
+        points.add(im.name, depth, cam, im.c2w, float(cfg.downscale))
         stem = Path(im.name).stem
         if write_images:
             write_png(out / f"{stem}_rgb.png", rgb8)
@@ -151,8 +98,7 @@ def evaluate(checkpoint: Path | str, survey: Survey | Path | str, out: Path | st
     mean = {k: float(np.mean([r[k] for r in rows if k in r and math.isfinite(r[k])])) for k in keys}
     report = {"checkpoint": str(checkpoint), "step": meta["step"], "views": rows, "mean": mean,
               "semantic_total": semantic_scores(conf_total) if int(conf_total.sum()) else None,
-              "heldout_points": summarize_point_errors(np.concatenate(point_err), np.concatenate(point_gsd))
-              if point_err else None,
+              "heldout_points": points.report(),
               **lpips_report(lpips_net, mean)}
     atomic_write_json(out / "report.json", report)
     return report
