@@ -229,33 +229,72 @@ class OrthoWindows:
         height = np.full((H, W), np.nan, np.float32)
         semantics = np.full((H, W), CLASS_NODATA, np.uint8)
         acc = np.zeros((H, W), np.float32)
-        rows_per_block = max(1, chunk // (W * S))
-        for r0 in range(0, H, rows_per_block):
-            rows = slice(r0, min(H, r0 + rows_per_block))
-            xs, ys = grid.cell_centers(rows)                                       # (R, W)
-            px = xs[..., None] + offsets[:, 0]                                    # (R, W, S)
-            py = ys[..., None] - offsets[:, 1]
-            origins = np.stack([px.ravel(), py.ravel(), np.full(px.size, z_top)], axis=1)
-            o = torch.as_tensor(origins, dtype=torch.float32, device=device)
-            d = torch.tensor([0.0, 0.0, -1.0], device=device).expand_as(o).contiguous()
-            out = render_in_chunks(source, o, d, chunk=chunk, progress=advance,
-                                   keys=("rgb", "distance", "acc", "semantics") if n_classes else
-                                   ("rgb", "distance", "acc"))
-            shape = px.shape
-            a = out["acc"].reshape(shape)
-            hit = a >= min_acc
-            z = np.where(hit, z_top - out["distance"].reshape(shape), -np.inf).max(axis=-1)
-            cell_acc = a.mean(axis=-1)
-            cell_ok = (cell_acc >= min_acc) & np.isfinite(z)
-            acc[rows] = cell_acc
-            rgb[rows] = _to_u8(out["rgb"].reshape(*shape, 3).mean(axis=-2))
-            height[rows] = np.where(cell_ok, z, np.nan)
-            if "semantics" in out:
-                logits = torch.from_numpy(out["semantics"].reshape(*shape, n_classes))
-                probs = torch.softmax(logits, dim=-1).sum(dim=-2)
-                semantics[rows] = np.where(cell_ok, probs.argmax(dim=-1).numpy(), CLASS_NODATA)
+        for k, (c0, c1) in enumerate(column_strips(grid, getattr(source, "block_rects", None))):
+            rows_per_band = max(1, chunk // ((c1 - c0) * S))
+            bands = list(range(0, H, rows_per_band))
+            # serpentine: every other strip bottom-up, so the blocks where one strip ends are
+            # still cached where the next begins
+            for r0 in (bands if k % 2 == 0 else bands[::-1]):
+                rows, cols = slice(r0, min(H, r0 + rows_per_band)), slice(c0, c1)
+                xs, ys = grid.cell_centers(rows)                                   # (R, W)
+                xs, ys = xs[:, cols], ys[:, cols]
+                px = xs[..., None] + offsets[:, 0]                                # (R, w, S)
+                py = ys[..., None] - offsets[:, 1]
+                origins = np.stack([px.ravel(), py.ravel(), np.full(px.size, z_top)], axis=1)
+                o = torch.as_tensor(origins, dtype=torch.float32, device=device)
+                d = torch.tensor([0.0, 0.0, -1.0], device=device).expand_as(o).contiguous()
+                out = render_in_chunks(source, o, d, chunk=chunk, progress=advance,
+                                       keys=("rgb", "distance", "acc", "semantics") if n_classes else
+                                       ("rgb", "distance", "acc"))
+                shape = px.shape
+                a = out["acc"].reshape(shape)
+                hit = a >= min_acc
+                z = np.where(hit, z_top - out["distance"].reshape(shape), -np.inf).max(axis=-1)
+                cell_acc = a.mean(axis=-1)
+                cell_ok = (cell_acc >= min_acc) & np.isfinite(z)
+                acc[rows, cols] = cell_acc
+                rgb[rows, cols] = _to_u8(out["rgb"].reshape(*shape, 3).mean(axis=-2))
+                height[rows, cols] = np.where(cell_ok, z, np.nan)
+                if "semantics" in out:
+                    logits = torch.from_numpy(out["semantics"].reshape(*shape, n_classes))
+                    probs = torch.softmax(logits, dim=-1).sum(dim=-2)
+                    semantics[rows, cols] = np.where(cell_ok, probs.argmax(dim=-1).numpy(), CLASS_NODATA)
         return OrthoMaps(grid=grid, georef=source.georef, classes=tuple(source.classes), rgb=rgb, height=height,
                          semantics=semantics, acc=acc, valid=np.isfinite(height))
+
+
+def column_strips(grid: OrthoGrid, rects: np.ndarray | None) -> list[tuple[int, int]]:
+    """The window's columns cut wherever a block's rectangle (``rects`` (B, 4) x0, y0, x1, y1,
+    the source's ``block_rects``) begins or ends: (c0, c1) ranges in the window's columns, west
+    to east, so that every cell of a strip has its vertical ray in the same columns of blocks.
+    Rendered strip by strip, a window loads each block's field while the strips over it
+    render, not once per row band of the whole window (whose rays span every block column).
+    One strip, the whole width, without ``rects``."""
+    if rects is None or len(rects) == 0:
+        return [(0, grid.width)]
+    centres = grid.x0 + (np.arange(grid.col_off, grid.col_off + grid.width, dtype=np.float64) + 0.5) * grid.gsd
+    edges = np.asarray(rects, dtype=np.float64)[:, [0, 2]].ravel()
+    # a ray at x is in [x0, x1] (inclusive): a strip starts at the first centre >= x0 and
+    # after the last centre <= x1
+    cuts = np.concatenate([np.searchsorted(centres, edges[0::2], side="left"),
+                           np.searchsorted(centres, edges[1::2], side="right"), [0, grid.width]])
+    cuts = np.unique(np.clip(cuts, 0, grid.width))
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def window_blocks(grid: OrthoGrid, rects: np.ndarray | None, max_cells: int = WINDOW_CELLS) -> list[int]:
+    """Per window of ``grid`` (:meth:`OrthoGrid.windows`), how many blocks' rectangles
+    (``rects`` (B, 4)) meet its cells: the fields its vertical rays can need (supersampled
+    rays stay within their cell)."""
+    if rects is None or len(rects) == 0:
+        return []
+    r = np.asarray(rects, dtype=np.float64)
+    counts = []
+    for w in grid.windows(max_cells):
+        x0, x1 = w.x0 + w.col_off * w.gsd, w.x0 + (w.col_off + w.width) * w.gsd
+        y0, y1 = w.y1 - (w.row_off + w.height) * w.gsd, w.y1 - w.row_off * w.gsd
+        counts.append(int(((r[:, 0] <= x1) & (r[:, 2] >= x0) & (r[:, 1] <= y1) & (r[:, 3] >= y0)).sum()))
+    return counts
 
 
 def render_ortho(source: RaySource, gsd: float, rect: tuple[float, float, float, float] | None = None, *,
