@@ -32,7 +32,9 @@ def six_block_renderer(max_cached_blocks: int = 8) -> TileRenderer:
             ext = (core[0] - MARGIN, core[1] - MARGIN, core[2] + MARGIN, core[3] + MARGIN)
             b = Block(id=f"b_r{r}_c{c}", row=r, col=c, core=core, extended=ext, z_range=(-1.0, 5.0))
             blocks.append(b)
-            aabb = [[ext[0], ext[1], -1.0], [ext[2], ext[3], 5.0]]
+            # boxes of different heights: the samples of a ray must not depend on which boxes
+            # the other rays of its chunk meet (the block order groups rays differently)
+            aabb = [[ext[0], ext[1], -1.0], [ext[2], ext[3], 4.0 + 0.37 * (r * COLS + c)]]
             color = ((r + 1) / ROWS, (c + 1) / COLS, 0.5)
             field = SlabField(aabb, color, label=c % 3, top=1.0 + 0.5 * (r * COLS + c))
             sources.append(BlockSource(b.id, core, ext, np.asarray(aabb), (lambda f=field: f),

@@ -161,10 +161,12 @@ class _BlendedField:
     """
 
     def __init__(self, fields: list[Any], cores: Tensor, extended: Tensor, aabbs: Tensor, code_dims: list[int],
-                 n_classes: int, background_rgb: Tensor, background_semantics: Tensor):
+                 n_classes: int, background_rgb: Tensor, background_semantics: Tensor, box: Tensor | None = None):
         self.fields = fields
         self.cores, self.extended, self.aabbs = cores, extended, aabbs
-        self.aabb = torch.stack([aabbs[:, 0].amin(0), aabbs[:, 1].amax(0)])
+        # the box the renderer marches (its samples start where a ray enters it): the whole
+        # tile's, so a ray's samples do not depend on which blocks the other rays of its chunk meet
+        self.aabb = box if box is not None else torch.stack([aabbs[:, 0].amin(0), aabbs[:, 1].amax(0)])
         self.code_slices = []
         start = 0
         for d in code_dims:
@@ -253,6 +255,7 @@ class TileRenderer:
         self._aabbs = torch.tensor(np.stack([np.asarray(s.aabb, dtype=np.float64) for s in sources]), **f32)
         self.bounds = np.stack([self._aabbs[:, 0].amin(0).cpu().numpy(),
                                 self._aabbs[:, 1].amax(0).cpu().numpy()]).astype(np.float64)
+        self._box = torch.stack([self._aabbs[:, 0].amin(0), self._aabbs[:, 1].amax(0)])
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -449,7 +452,7 @@ class TileRenderer:
             dims.append(code.shape[1])
         render_fields = [fields[k][1] for k in used]
         blended = _BlendedField(render_fields, self._cores[used], self._extended[used], self._aabbs[used], dims,
-                                C, bg_rgb[rays], bg_sem[rays])
+                                C, bg_rgb[rays], bg_sem[rays], box=self._box)
         grids = [getattr(f, "occupancy", None) if hasattr(f, "occupancy") else getattr(raw, "occupancy", None)
                  for (raw, f) in (fields[k] for k in used)]
         rc = self.render_config
