@@ -208,9 +208,10 @@ def field_cache_size(source: RaySource, options: ExportOptions, rect: tuple[floa
     a tile renderer (None for other sources).
 
     The grid is rendered window by window, each window strip by strip over the blocks'
-    columns (:func:`citygen.export.raster.column_strips`); with every field a window's cells
-    can need cached (:func:`citygen.export.raster.window_blocks`), each is loaded once per
-    window instead of once per row band.  ``spare_bytes`` (the budget less the export's other
+    columns (:func:`citygen.export.raster.render_order`); with as many fields cached as that
+    order needs to load each of a window's blocks once (:func:`citygen.export.raster.window_blocks`:
+    about two block rows of the window, not all its blocks), each is loaded once per window
+    instead of once per row band.  ``spare_bytes`` (the budget less the export's other
     parts) caps that, never below :data:`MIN_FIELD_CACHE` (an export that cannot hold those is
     refused by the memory check)."""
     if not (hasattr(source, "set_cache_size") and hasattr(source, "block_rects")):
@@ -219,7 +220,8 @@ def field_cache_size(source: RaySource, options: ExportOptions, rect: tuple[floa
     need = int(source.max_cached_blocks)
     if _needs_grid(options):
         grid = OrthoGrid.covering(rect, options.gsd)
-        need = max(window_blocks(grid, source.block_rects, options.window_cells), default=1)
+        need = max((size for _, size in window_blocks(grid, source.block_rects, options.window_cells,
+                                                      options.chunk // options.supersample**2)), default=1)
     fit = int((spare_bytes - load) // per_field) if per_field > 0 else need
     blocks = max(1, min(need, max(MIN_FIELD_CACHE, fit)))
     return blocks, float(blocks * per_field + load)
