@@ -35,10 +35,12 @@ alone would mislead at small areas: a tile is whole blocks, so the block count m
 No stage's work grows faster than its driver (checked in the code): ``plan`` pairs an image
 only with the blocks its footprint's bounding box meets (``candidate_pairs``), not every
 (image, block) pair; ``train`` loads each block's own images; ``export`` renders one ray per
-cell, each through the blocks whose boxes it meets (at most four at a corner); ``render`` and
-``pack`` are per view and per block.  Per-ray bookkeeping of the tile renderer (which blocks a
-chunk of rays meets, blend weights) is linear in the blocks a chunk spans, which grows with the
-tile's side: a sub-linear factor on a small term.
+cell, each through the blocks whose boxes it meets (at most four at a corner), window by window
+in strips over the blocks' columns, so a chunk of rays spans at most two block columns and each
+block's field is loaded about once per window (``export.json`` ``field_cache.loads``; before,
+row bands spanned the whole window, reloading fields from an 8-field cache and paying every
+spanned block's occupancy and blend per sample); ``render`` and ``pack`` are per view and per
+block.
 """
 
 from __future__ import annotations

@@ -229,11 +229,10 @@ class OrthoWindows:
         height = np.full((H, W), np.nan, np.float32)
         semantics = np.full((H, W), CLASS_NODATA, np.uint8)
         acc = np.zeros((H, W), np.float32)
-        rows_per_block = max(1, chunk // (W * S))
-        for r0 in range(0, H, rows_per_block):
-            rows = slice(r0, min(H, r0 + rows_per_block))
-            xs, ys = grid.cell_centers(rows)                                       # (R, W)
-            px = xs[..., None] + offsets[:, 0]                                    # (R, W, S)
+        for rows, cols in render_order(grid, getattr(source, "block_rects", None), chunk // S):
+            xs, ys = grid.cell_centers(rows)                                   # (R, W)
+            xs, ys = xs[:, cols], ys[:, cols]
+            px = xs[..., None] + offsets[:, 0]                                # (R, w, S)
             py = ys[..., None] - offsets[:, 1]
             origins = np.stack([px.ravel(), py.ravel(), np.full(px.size, z_top)], axis=1)
             o = torch.as_tensor(origins, dtype=torch.float32, device=device)
@@ -247,15 +246,92 @@ class OrthoWindows:
             z = np.where(hit, z_top - out["distance"].reshape(shape), -np.inf).max(axis=-1)
             cell_acc = a.mean(axis=-1)
             cell_ok = (cell_acc >= min_acc) & np.isfinite(z)
-            acc[rows] = cell_acc
-            rgb[rows] = _to_u8(out["rgb"].reshape(*shape, 3).mean(axis=-2))
-            height[rows] = np.where(cell_ok, z, np.nan)
+            acc[rows, cols] = cell_acc
+            rgb[rows, cols] = _to_u8(out["rgb"].reshape(*shape, 3).mean(axis=-2))
+            height[rows, cols] = np.where(cell_ok, z, np.nan)
             if "semantics" in out:
                 logits = torch.from_numpy(out["semantics"].reshape(*shape, n_classes))
                 probs = torch.softmax(logits, dim=-1).sum(dim=-2)
-                semantics[rows] = np.where(cell_ok, probs.argmax(dim=-1).numpy(), CLASS_NODATA)
+                semantics[rows, cols] = np.where(cell_ok, probs.argmax(dim=-1).numpy(), CLASS_NODATA)
         return OrthoMaps(grid=grid, georef=source.georef, classes=tuple(source.classes), rgb=rgb, height=height,
                          semantics=semantics, acc=acc, valid=np.isfinite(height))
+
+
+def column_strips(grid: OrthoGrid, rects: np.ndarray | None) -> list[tuple[int, int]]:
+    """The window's columns cut wherever a block's rectangle (``rects`` (B, 4) x0, y0, x1, y1,
+    the source's ``block_rects``) begins or ends: (c0, c1) ranges in the window's columns, west
+    to east, so that every cell of a strip has its vertical ray in the same columns of blocks.
+    Rendered strip by strip, a window loads each block's field while the strips over it
+    render, not once per row band of the whole window (whose rays span every block column).
+    One strip, the whole width, without ``rects``."""
+    if rects is None or len(rects) == 0:
+        return [(0, grid.width)]
+    centres = grid.x0 + (np.arange(grid.col_off, grid.col_off + grid.width, dtype=np.float64) + 0.5) * grid.gsd
+    edges = np.asarray(rects, dtype=np.float64)[:, [0, 2]].ravel()
+    # a ray at x is in [x0, x1] (inclusive): a strip starts at the first centre >= x0 and
+    # after the last centre <= x1
+    cuts = np.concatenate([np.searchsorted(centres, edges[0::2], side="left"),
+                           np.searchsorted(centres, edges[1::2], side="right"), [0, grid.width]])
+    cuts = np.unique(np.clip(cuts, 0, grid.width))
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def render_order(grid: OrthoGrid, rects: np.ndarray | None, cells: int) -> Iterator[tuple[slice, slice]]:
+    """The (rows, cols) parts of a window in the order they are rendered: :func:`column_strips`
+    west to east, each in row bands of at most ``cells`` cells (at least one row), every other
+    strip bottom-up (serpentine: the blocks where one strip ends are still cached where the next
+    begins)."""
+    for k, (c0, c1) in enumerate(column_strips(grid, rects)):
+        rows_per_band = max(1, cells // (c1 - c0))
+        bands = list(range(0, grid.height, rows_per_band))
+        for r0 in (bands if k % 2 == 0 else bands[::-1]):
+            yield slice(r0, min(grid.height, r0 + rows_per_band)), slice(c0, c1)
+
+
+def _blocks_meeting(grid: OrthoGrid, rows: slice, cols: slice, rects: np.ndarray) -> list[int]:
+    """Indices of the rectangles that meet the cells ``rows`` x ``cols`` of ``grid`` (the open
+    extent of whole cells: supersampled rays stay strictly inside theirs)."""
+    x0, x1 = grid.x0 + (grid.col_off + cols.start) * grid.gsd, grid.x0 + (grid.col_off + cols.stop) * grid.gsd
+    y0, y1 = grid.y1 - (grid.row_off + rows.stop) * grid.gsd, grid.y1 - (grid.row_off + rows.start) * grid.gsd
+    return np.nonzero((rects[:, 0] < x1) & (rects[:, 2] > x0) & (rects[:, 1] < y1) & (rects[:, 3] > y0))[0].tolist()
+
+
+def window_blocks(grid: OrthoGrid, rects: np.ndarray | None, max_cells: int = WINDOW_CELLS,
+                  cells: int = 1 << 16) -> list[tuple[int, int]]:
+    """Per window of ``grid`` (:meth:`OrthoGrid.windows`): (blocks whose rectangles, ``rects``
+    (B, 4), meet its cells; the fewest cached fields with which rendering it in
+    :func:`render_order` (parts of ``cells`` cells) loads each of those once).
+
+    The second is found by replaying the order against an LRU cache of growing size, a part's
+    blocks counted as used together; serpentine strips need about two block rows of the window,
+    not all its blocks."""
+    if rects is None or len(rects) == 0:
+        return []
+    r = np.asarray(rects, dtype=np.float64)
+    result = []
+    for w in grid.windows(max_cells):
+        uses = [_blocks_meeting(w, rows, cols, r) for rows, cols in render_order(w, r, cells)]
+        distinct = len(set().union(*uses))
+        size = max((len(u) for u in uses), default=1)
+        while size < distinct and _lru_loads(uses, size) > distinct:
+            size += 1
+        result.append((distinct, max(size, 1)))
+    return result
+
+
+def _lru_loads(uses: list[list[int]], size: int) -> int:
+    cache: dict[int, None] = {}
+    loads = 0
+    for part in uses:
+        for b in part:
+            if b in cache:
+                cache.pop(b)
+            else:
+                loads += 1
+            cache[b] = None
+            while len(cache) > size:
+                cache.pop(next(iter(cache)))
+    return loads
 
 
 def render_ortho(source: RaySource, gsd: float, rect: tuple[float, float, float, float] | None = None, *,

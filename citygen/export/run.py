@@ -59,6 +59,7 @@ from .raster import (
     all_nodata_error,
     raster_files,
     tile_rect,
+    window_blocks,
 )
 from .source import DEFAULT_CHUNK, RaySource, check_source
 from .survey_check import dsm_survey_check
@@ -151,6 +152,9 @@ HEIGHTFIELD_MESH_BYTES_PER_CELL = 256
 VIEW_POINT_BYTES_PER_RAY = 128
 VIEW_POINT_STRIDE = 4
 TSDF_BYTES_PER_BLOCK = 16**3 * (1 + 1 + 3) * 4
+#: Fewest block fields an export of a tile keeps loaded: a vertical ray meets at most four
+#: blocks' rectangles (where four meet at a corner), so fewer would reload fields within a strip.
+MIN_FIELD_CACHE = 4
 
 
 def _needs_grid(options: ExportOptions) -> bool:
@@ -160,10 +164,12 @@ def _needs_grid(options: ExportOptions) -> bool:
 
 
 def export_memory(options: ExportOptions, rect: tuple[float, float, float, float],
-                  bounds_xy: tuple[float, float, float, float] | None = None) -> dict[str, float]:
+                  bounds_xy: tuple[float, float, float, float] | None = None,
+                  field_cache_bytes: float = 0.0) -> dict[str, float]:
     """Estimated peak bytes of each part of an export of ``rect`` (local), from the GSD and the
     extent alone (see the constants above); ``bounds_xy`` is the source's extent (TSDF volume;
-    default ``rect``).  Nothing is allocated."""
+    default ``rect``); ``field_cache_bytes`` the tile renderer's cached fields and one field's
+    load (:func:`field_cache_size`).  Nothing is allocated."""
     what = set(options.what)
     w, h = rect[2] - rect[0], rect[3] - rect[1]
     cells = math.ceil(round(w / options.gsd, 6)) * math.ceil(round(h / options.gsd, 6))
@@ -191,14 +197,43 @@ def export_memory(options: ExportOptions, rect: tuple[float, float, float, float
         side = 16 * (options.voxel_size or options.gsd)
         ex, ey = (bx[2] - bx[0]) / side + 2, (bx[3] - bx[1]) / side + 2
         parts["mesh"] = TSDF_BYTES_PER_BLOCK * min(max(1000, 8 * ex * ey), TSDF_MAX_BLOCKS)
+    if field_cache_bytes > 0:
+        parts["fields"] = float(field_cache_bytes)
     return parts
 
 
+def field_cache_size(source: RaySource, options: ExportOptions, rect: tuple[float, float, float, float],
+                     spare_bytes: float) -> tuple[int, float] | None:
+    """(blocks to keep loaded, their bytes plus one field's load) for an export of ``rect`` from
+    a tile renderer (None for other sources).
+
+    The grid is rendered window by window, each window strip by strip over the blocks'
+    columns (:func:`citygen.export.raster.render_order`); with as many fields cached as that
+    order needs to load each of a window's blocks once (:func:`citygen.export.raster.window_blocks`:
+    about two block rows of the window, not all its blocks), each is loaded once per window
+    instead of once per row band.  ``spare_bytes`` (the budget less the export's other
+    parts) caps that, never below :data:`MIN_FIELD_CACHE` (an export that cannot hold those is
+    refused by the memory check)."""
+    if not (hasattr(source, "set_cache_size") and hasattr(source, "block_rects")):
+        return None
+    per_field, load = int(getattr(source, "field_bytes", 0)), int(getattr(source, "field_load_bytes", 0))
+    need = int(source.max_cached_blocks)
+    if _needs_grid(options):
+        grid = OrthoGrid.covering(rect, options.gsd)
+        need = max((size for _, size in window_blocks(grid, source.block_rects, options.window_cells,
+                                                      options.chunk // options.supersample**2)), default=1)
+    fit = int((spare_bytes - load) // per_field) if per_field > 0 else need
+    blocks = max(1, min(need, max(MIN_FIELD_CACHE, fit)))
+    return blocks, float(blocks * per_field + load)
+
+
+
 def check_export_memory(options: ExportOptions, rect: tuple[float, float, float, float], budget_bytes: float,
-                        budget_source: str, bounds_xy: tuple[float, float, float, float] | None = None) -> None:
+                        budget_source: str, bounds_xy: tuple[float, float, float, float] | None = None,
+                        field_cache_bytes: float = 0.0) -> None:
     """Refuse an export whose :func:`export_memory` exceeds the budget, naming --gsd (or
     --voxel-size) and the smallest value that fits."""
-    parts = export_memory(options, rect, bounds_xy)
+    parts = export_memory(options, rect, bounds_xy, field_cache_bytes)
     total = sum(parts.values())
     if total <= budget_bytes:
         return
@@ -207,16 +242,20 @@ def check_export_memory(options: ExportOptions, rect: tuple[float, float, float,
         name, value = "--voxel-size", options.voxel_size
 
         def need(inv: float) -> float:
-            return sum(export_memory(replace(options, voxel_size=1.0 / inv), rect, bounds_xy).values())
+            return sum(export_memory(replace(options, voxel_size=1.0 / inv), rect, bounds_xy,
+                                     field_cache_bytes).values())
     else:
         name, value = "--gsd", options.gsd
 
         def need(inv: float) -> float:
-            return sum(export_memory(replace(options, gsd=1.0 / inv), rect, bounds_xy).values())
+            return sum(export_memory(replace(options, gsd=1.0 / inv), rect, bounds_xy, field_cache_bytes).values())
 
     side = max(rect[2] - rect[0], rect[3] - rect[1])
     floor = need(1.0 / side)
-    if floor > budget_bytes:
+    if total - parts.get("fields", 0.0) <= budget_bytes:
+        # the rest fits: a coarser grid would only trade cells for the fields a ray needs
+        hint = f"the fields the tile renderer must hold need {format_bytes(parts['fields'])}: raise --memory-budget-gb"
+    elif floor > budget_bytes:
         # what does not grow with the raster (one window, GDAL's cache) is over the budget
         hint = f"any {name} needs ~{format_bytes(floor)}: raise --memory-budget-gb"
     else:
@@ -272,7 +311,6 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
     out = Path(out)
     bounds = check_source(source)
     rect = options.rect or tile_rect(source)
-    georef = source.georef
     what = set(options.what)
     # missing inputs, optional packages and memory fail before any rendering
     if "cameras" in what and options.survey is None:
@@ -284,9 +322,27 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
     if memory_budget_bytes is None:
         default = memory_budget(None)
         memory_budget_bytes, memory_budget_source = default.bytes, default.source
-    check_export_memory(options, rect, memory_budget_bytes, memory_budget_source,
-                        bounds_xy=(float(bounds[0, 0]), float(bounds[0, 1]), float(bounds[1, 0]), float(bounds[1, 1])))
+    bounds_xy = (float(bounds[0, 0]), float(bounds[0, 1]), float(bounds[1, 0]), float(bounds[1, 1]))
+    cache = field_cache_size(source, options, rect,
+                             memory_budget_bytes - sum(export_memory(options, rect, bounds_xy).values()))
+    check_export_memory(options, rect, memory_budget_bytes, memory_budget_source, bounds_xy=bounds_xy,
+                        field_cache_bytes=cache[1] if cache else 0.0)
     check_export_disk(options, rect, out)
+    if cache is None:
+        return _export_scene(source, out, options, rect, what)
+    before = source.max_cached_blocks
+    source.set_cache_size(cache[0])
+    try:
+        return _export_scene(source, out, options, rect, what, field_cache={
+            "blocks": cache[0], "bytes": cache[1], "field_bytes": int(source.field_bytes),
+            "loads_before": source.field_loads})
+    finally:
+        source.set_cache_size(before)
+
+
+def _export_scene(source: RaySource, out: Path, options: ExportOptions, rect, what: set[str],
+                  field_cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    bounds, georef = check_source(source), source.georef
     files: dict[str, str] = {}
     counts: dict[str, int] = {}
     timings: dict[str, float] = {}
@@ -353,6 +409,11 @@ def export_scene(source: RaySource, out: str | Path, options: ExportOptions, *, 
                       for k, v in files.items()},
             "counts": counts, "timings_s": timings,
         }
+        if field_cache is not None:
+            # fields loaded (cache misses) by this export: the block-ordered grid loads each
+            # field about once per window that needs it
+            loads = source.field_loads - field_cache["loads_before"]
+            manifest["field_cache"] = {k: v for k, v in field_cache.items() if k != "loads_before"} | {"loads": loads}
         if grid is not None:
             manifest["grid"] = {"width": grid.width, "height": grid.height, "transform": list(grid.transform(georef))[:6]}
         atomic_write_json(out / "export.json", manifest)

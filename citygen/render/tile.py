@@ -45,6 +45,9 @@ one-block tile, block id ``"block"``, whose blend is the field itself).
 
 Fields are loaded lazily (``load_field`` of each block's newest checkpoint) into an LRU
 cache of ``max_cached_blocks``; one call may hold more when its rays cross more blocks.
+``field_loads`` counts the loads (cache misses), ``field_bytes`` is the most memory one loaded
+field takes (its model tensors, read from the checkpoint's header), so that a caller that
+sizes the cache (:meth:`TileRenderer.set_cache_size`; the export does) can count it.
 ``field_wrapper(block_id, field) -> field_like`` (editing, styling) is applied as a block is
 loaded; the wrapped object must offer what the volume renderer calls (``aabb``,
 ``n_classes``, ``__call__(x, dirs, appearance, ray_index=..., with_semantics=...)`` ->
@@ -55,6 +58,7 @@ the wrapper adds density where the original field had none).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +67,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from survey_io import Camera, Georef
@@ -100,6 +105,8 @@ class BlockSource:
     aabb: np.ndarray                      # (2, 3) box of the field, local metres
     load: Callable[[], Any]               # -> the field (with ``.occupancy``)
     image_names: tuple[str, ...] = ()     # the images its appearance codes belong to, in order
+    nbytes: int = 0                       # memory of the loaded field (0: not known)
+    load_nbytes: int = 0                  # memory while it loads (the whole tensor file is read)
 
 
 def smoothstep(u: Tensor) -> Tensor:
@@ -154,10 +161,12 @@ class _BlendedField:
     """
 
     def __init__(self, fields: list[Any], cores: Tensor, extended: Tensor, aabbs: Tensor, code_dims: list[int],
-                 n_classes: int, background_rgb: Tensor, background_semantics: Tensor):
+                 n_classes: int, background_rgb: Tensor, background_semantics: Tensor, box: Tensor | None = None):
         self.fields = fields
         self.cores, self.extended, self.aabbs = cores, extended, aabbs
-        self.aabb = torch.stack([aabbs[:, 0].amin(0), aabbs[:, 1].amax(0)])
+        # the box the renderer marches (its samples start where a ray enters it): the whole
+        # tile's, so a ray's samples do not depend on which blocks the other rays of its chunk meet
+        self.aabb = box if box is not None else torch.stack([aabbs[:, 0].amin(0), aabbs[:, 1].amax(0)])
         self.code_slices = []
         start = 0
         for d in code_dims:
@@ -239,12 +248,14 @@ class TileRenderer:
         self.background_color: tuple[float, float, float] | None = None
         self._field_wrapper: FieldWrapper | None = None
         self._cache: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self.field_loads = 0
         f32 = {"dtype": torch.float32, "device": self.device}
         self._cores = torch.tensor([s.core for s in sources], **f32)
         self._extended = torch.tensor([s.extended for s in sources], **f32)
         self._aabbs = torch.tensor(np.stack([np.asarray(s.aabb, dtype=np.float64) for s in sources]), **f32)
         self.bounds = np.stack([self._aabbs[:, 0].amin(0).cpu().numpy(),
                                 self._aabbs[:, 1].amax(0).cpu().numpy()]).astype(np.float64)
+        self._box = torch.stack([self._aabbs[:, 0].amin(0), self._aabbs[:, 1].amax(0)])
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -298,7 +309,7 @@ class TileRenderer:
             elif block_classes != classes:
                 raise CitygenError(sidecar, f"block {b.id} has classes {list(block_classes)}, the tile {list(classes)}")
             sources.append(BlockSource(b.id, b.core, b.extended, aabb, _checkpoint_loader(sidecar, device),
-                                       tuple(meta.get("image_names", ()))))
+                                       tuple(meta.get("image_names", ())), *_field_nbytes(sidecar, meta)))
         if not sources:
             raise CitygenError(tile_dir, "no block of this tile has a checkpoint yet (train it: citygen train-tile)")
         return cls(plan, sources, classes=classes, render_config=render_cfg, device=device,
@@ -316,7 +327,7 @@ class TileRenderer:
                       z_range=(float(aabb[0, 2]), float(aabb[1, 2])), images=list(meta.get("image_names", [])))
         plan = TilePlan(georef=Georef.from_dict(meta["georef"]), grid=grid, margin_m=0.0, blocks=[block])
         source = BlockSource(SINGLE_BLOCK, rect, rect, aabb, _checkpoint_loader(sidecar, device),
-                             tuple(meta.get("image_names", ())))
+                             tuple(meta.get("image_names", ())), *_field_nbytes(sidecar, meta))
         return cls(plan, [source], classes=classes, render_config=cfg.render, device=device,
                    max_cached_blocks=max_cached_blocks)
 
@@ -330,6 +341,30 @@ class TileRenderer:
         self._field_wrapper = fn
         self.clear_cache()  # fields loaded before were not wrapped (or wrapped by the old function)
 
+    @property
+    def field_bytes(self) -> int:
+        """The most memory one block's loaded field takes (0 when not known)."""
+        return max(s.nbytes for s in self.sources.values())
+
+    @property
+    def field_load_bytes(self) -> int:
+        """The most memory one field's load takes on top of the cache (its whole tensor file)."""
+        return max(s.load_nbytes for s in self.sources.values())
+
+    @property
+    def block_rects(self) -> np.ndarray:
+        """(B, 4) float64 (x0, y0, x1, y1) of each renderable block's field box on the ground plane
+        (``block_ids`` order): a vertical ray meets block ``b`` only inside its rectangle."""
+        return self._aabbs[:, :, :2].permute(0, 2, 1).reshape(-1, 4)[:, [0, 2, 1, 3]].cpu().double().numpy()
+
+    def set_cache_size(self, max_cached_blocks: int) -> None:
+        """Keep at most ``max_cached_blocks`` fields loaded (the least recently used go first)."""
+        if max_cached_blocks < 1:
+            raise CitygenError(None, f"max_cached_blocks must be >= 1, got {max_cached_blocks}")
+        self.max_cached_blocks = int(max_cached_blocks)
+        while len(self._cache) > self.max_cached_blocks:
+            self._cache.popitem(last=False)
+
     def clear_cache(self) -> None:
         """Forget every loaded field (they are reloaded, and re-wrapped, on next use)."""
         self._cache.clear()
@@ -340,6 +375,7 @@ class TileRenderer:
             self._cache.move_to_end(block_id)
             return self._cache[block_id]
         raw = self.sources[block_id].load()
+        self.field_loads += 1
         shown = self._field_wrapper(block_id, raw) if self._field_wrapper is not None else raw
         self._cache[block_id] = (raw, shown)
         while len(self._cache) > self.max_cached_blocks:
@@ -416,7 +452,7 @@ class TileRenderer:
             dims.append(code.shape[1])
         render_fields = [fields[k][1] for k in used]
         blended = _BlendedField(render_fields, self._cores[used], self._extended[used], self._aabbs[used], dims,
-                                C, bg_rgb[rays], bg_sem[rays])
+                                C, bg_rgb[rays], bg_sem[rays], box=self._box)
         grids = [getattr(f, "occupancy", None) if hasattr(f, "occupancy") else getattr(raw, "occupancy", None)
                  for (raw, f) in (fields[k] for k in used)]
         rc = self.render_config
@@ -517,6 +553,27 @@ def _read_sidecar(sidecar: Path) -> tuple[dict[str, Any], np.ndarray, tuple[str,
     except (ValueError, KeyError, TypeError) as err:
         raise CitygenError(sidecar, f"not a readable checkpoint sidecar ({err})") from None
     return meta, np.asarray(meta["aabb"], dtype=np.float64), tuple(meta["classes"]), cfg
+
+
+def _field_nbytes(sidecar: Path, meta: dict[str, Any]) -> tuple[int, int]:
+    """(bytes of a checkpoint's field tensors, ``model.*`` with its occupancy grid; bytes of the
+    whole tensor file), from the safetensors header alone: what a loaded field holds (without the
+    optimizer state that makes up most of the file), and what its load reads at once.  Zeros
+    when the header cannot be read (loading the field then reports that file)."""
+    path = sidecar.parent / Path(str(meta.get("tensors_file", ""))).name
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            total = 0
+            for key in f.keys():
+                if key.startswith("model."):
+                    part = f.get_slice(key)
+                    total += math.prod(part.get_shape()) * _DTYPE_BYTES.get(part.get_dtype(), 4)
+        return total, path.stat().st_size
+    except (OSError, SafetensorError, ValueError):
+        return 0, 0
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
 
 
 def _checkpoint_loader(sidecar: Path, device: str | torch.device) -> Callable[[], Any]:
