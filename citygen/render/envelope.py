@@ -35,7 +35,8 @@ level), or earlier, once the ray has spent ``margin`` metres inside the inner sh
 depth over which the inner level alone brings the transmittance down to the termination
 threshold (``2 log(1/T_min) / sigma_inner``); crossings come from ``list_intersections`` and the
 triangles' orientation (entering or leaving), so a ray that grazes a thin opaque part and goes on
-is not cut there; +inf when neither applies (the box's far side then ends it).  A ray that
+is not cut there, and only the depth from an entry to the exit right after it counts (a decimated
+shell can be open: an unpaired crossing must not end the band before the surface); +inf when neither applies (the box's far side then ends it).  A ray that
 misses the outer shell gets the background only (``t_in = +inf``: no samples).  The native march
 takes the intervals through ``march_block_band`` (``realtime_math.h``: the same sample lattice,
 anchored at the box entry, restricted to ``[t_in, t_out]``); the torch reference restricted to the
