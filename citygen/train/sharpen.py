@@ -39,7 +39,8 @@ from .trainer import BlockTrainer
 DEFAULT_ALPHA_ENTROPY_WEIGHT = 0.01
 #: on the demo tile's 2100-step block (DESIGN.md "Towards 1.5 samples per pixel"): 300 steps 3.41 -> 2.62
 #: samples per pixel, 1500 steps 2.09, both at no loss against ground truth (+0.02 dB at 1500); 137 s of
-#: one idle core.  Stronger weights diverged there (0.02 and 0.03 within 800 steps); 0.01 did not.
+#: one idle core.  Stronger weights diverged there (0.02 and 0.03 within 800 steps), and so did 0.01
+#: continued past 1500 (at 1761).
 DEFAULT_STEPS = 1500
 
 
