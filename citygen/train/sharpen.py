@@ -37,11 +37,11 @@ from .trainer import BlockTrainer
 #: samples per pixel at the source's held-out PSNR; 0.03 and 0.1 cut more (3.52, 3.25) but lost
 #: 0.33 and 0.97 dB
 DEFAULT_ALPHA_ENTROPY_WEIGHT = 0.01
-#: on the demo tile's 2100-step block (DESIGN.md "Towards 1.5 samples per pixel"): 300 steps 3.41 -> 2.62
-#: samples per pixel, 1500 steps 2.09, both at no loss against ground truth (+0.02 dB at 1500); 137 s of
-#: one idle core.  Stronger weights diverged there (0.02 and 0.03 within 800 steps), and so did 0.01
-#: continued past 1500 (at 1761).
-DEFAULT_STEPS = 1500
+#: on the demo tile's 2100-step block (DESIGN.md "Towards 1.5 samples per pixel"): 3.41 samples per pixel
+#: -> 2.62 after 300 steps, 2.21 after 1000, 2.09 after 1500, none losing against ground truth; the
+#: 1500-step run continued diverged at 1761 steps (as did weights 0.02 and 0.03 within 800), so
+#: 1000 keeps a margin.
+DEFAULT_STEPS = 1000
 
 
 @dataclass
