@@ -838,7 +838,7 @@ def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named
 
 
 # Subcommand name -> function. Each function's docstring is its help text.
-def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 300, alpha_entropy_weight: float = 0.01,
+def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha_entropy_weight: float = 0.01,
             distortion_weight: float | None = None, data: Path | None = None, threads: int | None = None,
             no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None) -> None:
     """Fine-tune a trained block so that its surfaces are opaque (fewer field samples per pixel
@@ -848,7 +848,7 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 300, alpha_
     Args:
         run: the trained run folder (or a checkpoint).
         out: the new run folder.
-        steps: fine-tune steps.
+        steps: fine-tune steps (1000: DESIGN.md "Towards 1.5 samples per pixel").
         alpha_entropy_weight: weight of the per-sample opacity entropy.
         distortion_weight: replaces the run's distortion-loss weight when given.
         data: the survey (default: the one the run trained on).

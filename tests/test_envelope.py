@@ -15,6 +15,8 @@ from test_realtime import look_at, make_field, psnr
 from citygen.errors import CitygenError
 from citygen.render import render_image
 from citygen.render.envelope import (
+    Envelope,
+    Shell,
     bake_envelope,
     bake_field_envelope,
     envelope_path,
@@ -150,3 +152,46 @@ def test_bench_render_survey_needs_narrow_band():
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert "--survey" in result.stderr and "--narrow-band" in result.stderr and "Traceback" not in result.stderr
+
+
+def _box_shell(lo, hi) -> Shell:
+    """A closed axis-aligned box, triangles counter-clockwise seen from outside (open3d's box)."""
+    import open3d as o3d
+
+    mesh = o3d.geometry.TriangleMesh.create_box(*(np.asarray(hi, float) - np.asarray(lo, float)))
+    v = np.asarray(mesh.vertices) + np.asarray(lo, float)
+    f = np.asarray(mesh.triangles, dtype=np.int32)
+    return Shell(v.astype(np.float32), f, np.zeros((len(v), 3), np.uint8))
+
+
+def _with(shell: Shell, v: np.ndarray, f: np.ndarray) -> Shell:
+    """``shell`` plus the open triangles (v, f)."""
+    n = len(shell.vertices)
+    return Shell(np.concatenate([shell.vertices, v.astype(np.float32)]), np.concatenate([shell.triangles, f + n]),
+                 np.zeros((n + len(v), 3), np.uint8))
+
+
+def test_inner_rule_never_cuts_before_the_opaque_depth():
+    """The band's end from the inner shell: along +x from x = -5 through an outer box x in [0, 10]
+    and an inner box x in [4, 6] (margin 1 m) the band is t in [5, 10] in closed form (outer entry;
+    inner entry 9 + the margin).
+    Open triangles a decimated shell can leave must not end it earlier: a lone triangle facing the
+    ray (an entry with no exit) counts no depth, and a lone triangle facing away in front of the
+    real inner box (an exit with no entry) does not make the ray start inside; in both cases the
+    band then runs to the outer exit (10) or the real box's entry + margin, never earlier."""
+    outer = _box_shell([0, -1, -1], [10, 1, 1])
+    inner = _box_shell([4, -0.5, -0.5], [6, 0.5, 0.5])
+    o, d = torch.tensor([[-5.0, 0.1, 0.05]]), torch.tensor([[1.0, 0.0, 0.0]])   # t = x + 5
+
+    def band(inner_shell: Shell) -> list[float]:
+        env = Envelope(outer, inner_shell, sigma_outer=0.1, sigma_inner=1.0, margin=1.0, voxel=0.1)
+        return env.bands(o, d)[0].tolist()
+
+    # one triangle in the plane x = 2; (0, 1, 2) faces +x (the ray leaves through it), (0, 2, 1) faces the ray
+    tri = np.array([[2.0, -0.5, -0.5], [2.0, 0.5, -0.5], [2.0, 0.0, 0.5]])
+    leaving, entering = np.array([[0, 1, 2]], np.int32), np.array([[0, 2, 1]], np.int32)
+    empty = Shell(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8))
+    assert band(inner) == pytest.approx([5.0, 10.0])                     # inner entry at t = 9, + margin
+    assert band(_with(inner, tri, entering)) == pytest.approx([5.0, 10.0])
+    assert band(_with(inner, tri, leaving)) == pytest.approx([5.0, 10.0])
+    assert band(_with(empty, tri, entering)) == pytest.approx([5.0, 15.0])  # no exit: the outer exit ends it

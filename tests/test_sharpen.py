@@ -128,3 +128,24 @@ def test_a_diverged_training_step_is_one_error(box_survey, tmp_path):
         trainer.field.density_mlp[-1].bias.fill_(float("nan"))
     with pytest.raises(CitygenError, match="diverged at step 1"):
         trainer.train_step()
+
+
+def test_sharpen_keeps_a_tile_blocks_pixel_attribution(trained, box_survey, tmp_path):
+    """A tile block's run carries its attributed pixels (pixels.npz); the sharpened run must carry the
+    same masks, or sharpening it again (or resuming it) trains on every pixel of its images."""
+    import shutil
+
+    from citygen.store.checkpoint import read_sidecar, resolve_checkpoint
+    from citygen.store.layout import PIXELS_FILE
+    from citygen.train.data import read_pixel_masks, write_pixel_masks
+
+    src = tmp_path / "block"
+    shutil.copytree(trained, src)
+    names = list(read_sidecar(resolve_checkpoint(src))["image_names"])
+    h, w = (int(v) for v in np.asarray(Image.open(next(box_survey.parent.glob("images/*.png"))).size)[::-1])
+    rng = np.random.default_rng(0)
+    masks = [rng.random((h, w)) < 0.5 for _ in names]
+    write_pixel_masks(src / PIXELS_FILE, names, masks)
+    sharpen_block(src, tmp_path / "sharp", steps=2, threads=1, evaluate_at_end=False, progress=False)
+    back = read_pixel_masks(tmp_path / "sharp" / PIXELS_FILE, names)
+    assert all(np.array_equal(a, b) for a, b in zip(back, masks))

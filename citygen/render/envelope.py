@@ -35,7 +35,8 @@ level), or earlier, once the ray has spent ``margin`` metres inside the inner sh
 depth over which the inner level alone brings the transmittance down to the termination
 threshold (``2 log(1/T_min) / sigma_inner``); crossings come from ``list_intersections`` and the
 triangles' orientation (entering or leaving), so a ray that grazes a thin opaque part and goes on
-is not cut there; +inf when neither applies (the box's far side then ends it).  A ray that
+is not cut there, and only the depth from an entry to the exit right after it counts (a decimated
+shell can be open: an unpaired crossing must not end the band before the surface); +inf when neither applies (the box's far side then ends it).  A ray that
 misses the outer shell gets the background only (``t_in = +inf``: no samples).  The native march
 takes the intervals through ``march_block_band`` (``realtime_math.h``: the same sample lattice,
 anchored at the box entry, restricted to ``[t_in, t_out]``); the torch reference restricted to the
@@ -132,10 +133,12 @@ class Envelope:
             self._scenes[name] = scene
         return self._scenes[name]
 
-    def _crossings(self, name: str, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _crossings(self, name: str, rays: np.ndarray, start_inside: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every crossing of shell ``name``, sorted by ray then distance: ray ids, distances, and
-        +1 entering (the triangle faces the ray) / -1 leaving; rays that start inside get an
-        entry at t = 0, so that the running sum of the signs is the depth inside the shell."""
+        +1 entering (the triangle faces the ray) / -1 leaving; with ``start_inside``, rays that
+        leave more often than they enter get an entry at t = 0, so that the running sum of the
+        signs is the depth inside the shell."""
         o3d = require_open3d("envelope: baking and ray-casting the envelope")
         shell = getattr(self, name)
         hits = {k: v.numpy() for k, v in self._scene(name).list_intersections(o3d.core.Tensor(rays)).items()}
@@ -149,7 +152,7 @@ class Envelope:
         start = np.zeros(len(rays), np.int64)
         np.minimum.at(start, ray, depth)          # a ray that leaves more often than it enters began inside
         inside = np.nonzero(start < 0)[0]
-        if len(inside):
+        if start_inside and len(inside):
             ray = np.concatenate([inside, ray])
             t = np.concatenate([np.zeros(len(inside)), t])
             sign = np.concatenate([-start[inside], sign])
@@ -174,15 +177,20 @@ class Envelope:
         t_out[ray[last & (sign < 0)]] = t[last & (sign < 0)]
         # Inside the inner shell sigma >= sigma_inner: once the ray has spent `depth_opaque` metres
         # there its transmittance is below the termination threshold, so the band ends.
-        ray, t, sign = self._crossings("inner", rays)
+        # The cut must never come early (what it saves is the transmittance left after an opaque
+        # surface; cutting before the surface costs it whole), so only the depth from an entry to
+        # the exit right after it counts (nested parts count their innermost pair only): a
+        # decimated shell can be open, and an entry without its exit (counted as inside up to the
+        # next crossing or for ever) or an exit without its entry (taken as a ray starting inside,
+        # cut at the margin from t = 0) ended bands before the surface the march saw -- measured on
+        # a sharpened demo block: 30.8 dB against the reference on one survey view.
+        ray, t, sign = self._crossings("inner", rays, start_inside=False)
         if len(ray):
-            level = _segment_cumsum(sign, ray)
             same = np.zeros(len(ray), bool)
             same[:-1] = ray[1:] == ray[:-1]
             t_next = np.where(same, np.roll(t, -1), np.inf)
-            # a ray whose last crossing enters (an open decimated shell) stays inside: a long finite
-            # segment keeps the running sums finite
-            seg = np.where(level > 0, np.minimum(t_next - t, 1e30), 0.0)
+            pair = same & (sign > 0) & (np.roll(sign, -1) < 0)
+            seg = np.where(pair, t_next - t, 0.0)
             cum = _segment_cumsum(seg, ray)
             reached = np.nonzero(cum >= self.margin)[0]
             first = reached[np.unique(ray[reached], return_index=True)[1]]
