@@ -46,10 +46,12 @@ from .render.tile_views import render_tile_views
 from .store.layout import block_id_of, block_run_dirs
 from .train.data import load_survey
 
-#: training steps per block, sized once for the 2-core reference machine (14 steps/s x 150 s with
-#: the tiny preset): fixed, with no time cap, so a slower or busier machine takes longer but trains
-#: the same steps (4 blocks in ~10 minutes on 2 idle cores).
-BLOCK_STEPS = 2100
+#: training steps per block, in full batches (a tile block draws ``steps / share`` smaller batches
+#: of the same rays, citygen.tile.block_batch), sized once for the 2-core reference machine: 1300
+#: keeps the demo near 10 minutes on 2 idle cores (2100 took 15 min once blocks took the smaller,
+#: more numerous steps; 26.4 dB held-out there).  Fixed, with no time cap, so a slower or busier
+#: machine takes longer but trains the same steps.
+BLOCK_STEPS = 1300
 BLOCKS = (2, 2)
 #: seconds between plain progress lines when stderr is not a terminal (a log file, CI).
 PROGRESS_LOG_EVERY_S = 30.0
