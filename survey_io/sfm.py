@@ -234,6 +234,30 @@ def extract_and_match(survey: Survey, db_path: Path, options: SfmOptions, timing
     return camera_index, use_spatial
 
 
+def _start_colmap(work_dir: str | Path, options: SfmOptions | None):
+    """pycolmap, the options (defaults when None), an emptied work folder, its database path and an
+    empty timings dict, with COLMAP's random seed set: the common start of SfM and triangulation."""
+    pycolmap = import_pycolmap()
+    options = options or SfmOptions()
+    work_dir = Path(work_dir)
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    pycolmap.set_random_seed(options.seed)
+    timings: dict[str, float] = {}
+    return pycolmap, options, work_dir, work_dir / "database.db", timings
+
+
+def _mapping_options(pycolmap, options: SfmOptions):
+    """COLMAP's mapping options with the run's threads and every seed set (mapping and triangulation)."""
+    mapping = pycolmap.IncrementalPipelineOptions()
+    mapping.num_threads = options.num_threads
+    mapping.random_seed = options.seed
+    mapping.mapper.random_seed = options.seed
+    mapping.triangulation.random_seed = options.seed
+    return mapping
+
+
 def run_sfm(survey: Survey, work_dir: str | Path, options: SfmOptions | None = None) -> SfmResult:
     """Extract, match and map the survey's images; return the largest reconstruction.
 
@@ -245,15 +269,7 @@ def run_sfm(survey: Survey, work_dir: str | Path, options: SfmOptions | None = N
     Raises:
         SurveyError: when no model can be reconstructed at all.
     """
-    pycolmap = import_pycolmap()
-    options = options or SfmOptions()
-    work_dir = Path(work_dir)
-    if work_dir.exists():
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
-    db_path = work_dir / "database.db"
-    timings: dict[str, float] = {}
-    pycolmap.set_random_seed(options.seed)
+    pycolmap, options, work_dir, db_path, timings = _start_colmap(work_dir, options)
 
     with _colmap_logging(pycolmap, options.verbose):
         camera_index, use_spatial = extract_and_match(
@@ -262,11 +278,7 @@ def run_sfm(survey: Survey, work_dir: str | Path, options: SfmOptions | None = N
             [im.gps for im in survey.images])
 
         t0 = time.perf_counter()
-        mapping = pycolmap.IncrementalPipelineOptions()
-        mapping.num_threads = options.num_threads
-        mapping.random_seed = options.seed
-        mapping.mapper.random_seed = options.seed
-        mapping.triangulation.random_seed = options.seed
+        mapping = _mapping_options(pycolmap, options)
         mapping.min_model_size = 3
         # Fixed focal length: neither the global/local bundle adjustments nor the registration of
         # new images (absolute pose) may move it.
@@ -390,15 +402,7 @@ def triangulate_known_poses(survey: Survey, work_dir: str | Path,
     Raises:
         SurveyError: a camera model COLMAP cannot hold, an unreadable image, or no point triangulated.
     """
-    pycolmap = import_pycolmap()
-    options = options or SfmOptions()
-    work_dir = Path(work_dir)
-    if work_dir.exists():
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
-    db_path = work_dir / "database.db"
-    timings: dict[str, float] = {}
-    pycolmap.set_random_seed(options.seed)
+    pycolmap, options, work_dir, db_path, timings = _start_colmap(work_dir, options)
     source = survey.root
     specs = [(cam.camera_model, ",".join(repr(v) for v in colmap_params(cam, source))) for cam in survey.cameras]
     spec_of = {cam: spec for cam, spec in zip(survey.cameras, specs)}
@@ -424,11 +428,7 @@ def triangulate_known_poses(survey: Survey, work_dir: str | Path,
                                                                      w2c[:3, 3].copy()))
 
         t0 = time.perf_counter()
-        mapping = pycolmap.IncrementalPipelineOptions()
-        mapping.num_threads = options.num_threads
-        mapping.random_seed = options.seed
-        mapping.mapper.random_seed = options.seed
-        mapping.triangulation.random_seed = options.seed
+        mapping = _mapping_options(pycolmap, options)
         rec = pycolmap.triangulate_points(rec, db_path, survey.root, work_dir / "model", clear_points=True,
                                           options=mapping, refine_intrinsics=False)
         timings["triangulate_s"] = time.perf_counter() - t0
