@@ -15,12 +15,18 @@ height range), tightened vertically:
   a generous guess (ground - 20 m to ground + 250 m), and the hash grid's vertical
   resolution and the start-up fog both scale with the box;
 * without depth maps, when the survey has an SfM model (``sparse/0`` beside transforms.json,
-  as ``citygen ingest`` writes it), to the heights of its points inside the extended rectangle
-  (same percentiles and padding; the evaluation tenth and poorly triangulated points left out,
-  see :func:`citygen.partition.ground.load_box_points`), the floor kept a margin below the
-  plan's ground where the plan's ground came from data -- on a real survey the camera-derived
-  guess sat 5 m off and a 270 m tall box wasted most of its cells on air;
-* neither (or fewer than 16 points in the block): the plan's range cut to the one-block
+  as ``citygen ingest`` or ``citygen triangulate`` write it), to the heights of its points
+  inside the extended rectangle (the evaluation tenth and poorly triangulated points left out,
+  see :func:`citygen.partition.ground.load_box_points`): from their 0.5 percentile up to the
+  highest of them, same padding (:func:`citygen.train.data.point_heights`: SfM finds few
+  features on flat roofs, and the 99.5 percentile cut the failure survey's 49 m roofs by
+  12-43 m), the floor kept a margin below the plan's ground where the plan's ground came from
+  data -- on a real survey the camera-derived guess sat 5 m off and a 270 m tall box wasted
+  most of its cells on air.  A survey with neither depth maps nor points gets them from the
+  coarse pass: ``citygen train-tile`` (like ``train`` and ``plan``) runs ``citygen triangulate``
+  on it once, kept in the survey's folder (``--no-coarse-pass`` skips it);
+* neither (``--no-coarse-pass``, a pass that failed, or fewer than 16 points in the block):
+  the plan's range cut to the one-block
   trainer's guess, ``[g - 0.1 h, g + 0.6 h]`` over the plan's ground ``g`` with ``h`` the
   lowest camera's height above it (:func:`citygen.train.data.flight_heights`): the plan's
   range alone ran up to just under the lenses (a 168 m tall box under a 150 m flight), where

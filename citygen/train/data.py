@@ -347,7 +347,7 @@ def scene_box(survey: Survey, images: list[SurveyImage], margin: float = 0.05,
     at 3x the camera's height above ground) for the horizontal extent.  Vertically, when the
     survey has an SfM model (``sparse/0``, see :func:`citygen.partition.ground.load_box_points`)
     with at least ``MIN_HEIGHT_POINTS`` points over that extent (``"sfm-points"``): their
-    robust height range, padded (:func:`padded_heights`) and kept ``CAMERA_CLEARANCE_M`` below
+    height range (:func:`point_heights`: 0.5 percentile to the highest point), padded (:func:`padded_heights`) and kept ``CAMERA_CLEARANCE_M`` below
     the lowest camera -- a guessed ground sits metres off on real surveys (a take-off altitude
     is not the ground), and the points say where the surfaces are.  Otherwise (``"plan"``):
     ``[ground_z - 0.1 h, ground_z + 0.6 h]``, where ``h`` is the lowest camera's height above
