@@ -441,11 +441,13 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
         train_preset=train_preset, downscale=downscale,
         sizing=SizingConfig(gpu=gpu, rays_per_second=rays_per_second), seed=seed,
         memory_budget_bytes=budget.bytes, memory_budget_source=budget.source)
-    if data is not None and not dry_run and ground_height == "auto" and ground_tif is None:
+    if data is not None and not dry_run and ground_height == "auto" and ground_tif is None and not no_coarse_pass:
+        from survey_io.triangulate import needs_coarse_pass
+
         from .partition.run import GROUND_TIF_NAMES
 
-        if not any((data.parent / name).is_file() for name in GROUND_TIF_NAMES):
-            _coarse_pass(data, no_coarse_pass)
+        if not any((data.parent / name).is_file() for name in GROUND_TIF_NAMES) and needs_coarse_pass(data):
+            request.before_ground = lambda: _coarse_pass(data, False)
     report = run_plan(request)
     print(report_json(report))
     print_summary(report)
@@ -586,10 +588,12 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
     from .store.layout import TILE_CONFIG_FILE
 
     # a rerun resumes the blocks with the boxes and attribution they started with: no pass then
-    coarse = _coarse_pass(data, no_coarse_pass or (tile / TILE_CONFIG_FILE).is_file())
+    coarse: dict[str, Any] = {}
+    skip_pass = no_coarse_pass or (tile / TILE_CONFIG_FILE).is_file()
     result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,
-                            ray_address=ray_address, max_retries=max_retries, blocks=blocks)
-    summary = {"tile": str(tile), "preset": preset, "preset_reason": why, "coarse_pass": coarse, "ok": result.ok,
+                            ray_address=ray_address, max_retries=max_retries, blocks=blocks,
+                            coarse_pass=lambda: coarse.update(_coarse_pass(data, skip_pass) or {}))
+    summary = {"tile": str(tile), "preset": preset, "preset_reason": why, "coarse_pass": coarse or None, "ok": result.ok,
                "failed": result.failed,
                "blocks": {b: {"state": o.state, "attempts": o.attempts, "skipped": o.skipped, "error": o.error,
                               "step": (o.result or {}).get("step"),

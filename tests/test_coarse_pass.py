@@ -135,3 +135,30 @@ def test_a_failed_pass_is_said_and_refuses_nothing(city, tmp_path, capsys, monke
     assert "failed" in line and "no point triangulated" in line
     summary = json.loads(captured.out)
     assert summary["box_source"] == "plan" and "no point triangulated" in summary["coarse_pass"]["failed"]
+
+
+def test_train_tile_triangulates_before_boxes_and_attribution(city, tmp_path, capsys, monkeypatch):
+    """`train-tile` up to its block tasks (the executor is stubbed: worker start-up is the slow part
+    and is tested elsewhere); a tile planned on another survey stays one line, with no pass."""
+    import citygen.tile
+    from citygen.distributed import TileResult
+
+    monkeypatch.setattr(citygen.tile, "run_tile", lambda tasks, executor, tile_dir: TileResult(Path(tile_dir)))
+    survey = _copy(city, tmp_path)
+    data = str(survey / "transforms.json")
+    tile = tmp_path / "tile"
+    assert entrypoint(["plan", "--data", data, "--out", str(tile), "--blocks", "1x2", "--no-coarse-pass"]) == 0
+    plan = json.loads((tile / "plan.json").read_text())
+    plan["blocks"][0]["images"].append("images/elsewhere.jpg")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert entrypoint(["train-tile", str(tmp_path / "other"), "--data", data, *TRAIN[:-1]]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "another survey" in lines[0] and not (survey / "sparse").exists()
+
+    assert entrypoint(["train-tile", str(tile), "--data", data, *TRAIN[:-1]]) == 0
+    captured = capsys.readouterr()
+    assert len(_pass_lines(captured.err)) == 1 and json.loads(captured.out)["coarse_pass"]["points"] > 100
+    blocks = json.loads((tile / "tile_config.json").read_text())["blocks"]
+    assert {(b["box_source"], b["attribution"]) for b in blocks.values()} == {("sfm-points", "sfm-points")}
