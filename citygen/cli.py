@@ -162,6 +162,7 @@ def _coarse_pass(data: Path, skip: bool) -> dict[str, Any] | None:
     the field boxes, the attribution surface and the plan's ground instead of camera heights.
     A pass that fails (no point triangulated, a read-only folder) leaves today's behaviour: the
     line says why, nothing is refused.  Returns what the command's JSON summary records."""
+    from survey_io.ingest import SPARSE_MODEL
     from survey_io.triangulate import needs_coarse_pass, survey_transforms, triangulate_survey
 
     if skip or not needs_coarse_pass(data):
@@ -176,7 +177,7 @@ def _coarse_pass(data: Path, skip: bool) -> dict[str, Any] | None:
         print(f"failed ({reason}); heights from the cameras as without it", file=sys.stderr)
         return {"failed": reason}
     seconds = round(report["timings_s"]["total"], 1)
-    print(f"{report['num_points3D']} points in {seconds} s, kept in {folder / 'sparse' / '0'}", file=sys.stderr)
+    print(f"{report['num_points3D']} points in {seconds} s, kept in {folder / SPARSE_MODEL}", file=sys.stderr)
     return {"points": report["num_points3D"], "seconds": seconds, "out": report["out"]}
 
 
