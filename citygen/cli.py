@@ -156,6 +156,31 @@ def triangulate(survey: tyro.conf.Positional[Path], out: Path | None = None, for
                       "out": report["out"]}))
 
 
+def _coarse_pass(data: Path, skip: bool) -> dict[str, Any] | None:
+    """`citygen triangulate` run once on a survey with neither depth maps nor SfM points (see
+    :func:`survey_io.triangulate.needs_coarse_pass`), said in one line on stderr: its points give
+    the field boxes, the attribution surface and the plan's ground instead of camera heights.
+    A pass that fails (no point triangulated, a read-only folder) leaves today's behaviour: the
+    line says why, nothing is refused.  Returns what the command's JSON summary records."""
+    from survey_io.ingest import SPARSE_MODEL
+    from survey_io.triangulate import needs_coarse_pass, survey_transforms, triangulate_survey
+
+    if skip or not needs_coarse_pass(data):
+        return None
+    folder = survey_transforms(data).parent
+    print(f"citygen: coarse pass (no depth maps, no SfM points; --no-coarse-pass skips): triangulating "
+          f"{folder} ...", end=" ", file=sys.stderr, flush=True)
+    try:
+        report = triangulate_survey(data)
+    except (SurveyError, OSError) as err:
+        reason = os_error_line(err) if isinstance(err, OSError) else str(err)
+        print(f"failed ({reason}); heights from the cameras as without it", file=sys.stderr)
+        return {"failed": reason}
+    seconds = round(report["timings_s"]["total"], 1)
+    print(f"{report['num_points3D']} points in {seconds} s, kept in {folder / SPARSE_MODEL}", file=sys.stderr)
+    return {"points": report["num_points3D"], "seconds": seconds, "out": report["out"]}
+
+
 def ingest(folder: tyro.conf.Positional[Path], out: Path, max_image_size: int = 1000, num_threads: int = 2,
            camera_model: str = "SIMPLE_RADIAL", matcher: str = "auto", vertical_weight: float = 0.1,
            gps_prior: bool = True, keep_gps_outliers: bool = False, seed: int = 0, verbose: bool = False,
@@ -358,7 +383,7 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
          max_images_per_block: int = 2000, ground_height: str = "auto", ground_tif: Path | None = None,
          ortho: Path | None = None, train_preset: str = "city-100km2", downscale: int | None = None,
          gpu: str = "h100", rays_per_second: float | None = None, seed: int = 0,
-         memory_budget_gb: float | None = None) -> None:
+         memory_budget_gb: float | None = None, no_coarse_pass: bool = False) -> None:
     """Cut a tile into blocks, assign images by what they see, and size the training job.
 
     Writes OUT/plan.json, OUT/plan.png and OUT/plan_report.json; prints the report as JSON on
@@ -388,6 +413,9 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
         seed: dry run: seed of the flight layout's jitter.
         memory_budget_gb: refuse plans estimated to need more memory (default: 75% of the
             RAM available when it starts).
+        no_coarse_pass: with --ground-height auto and neither a ground GeoTIFF, depth maps nor
+            SfM points beside --data, take the ground from the cameras instead of triangulating
+            the survey's points first (`citygen triangulate`, once; kept in its folder).
     """
     from .partition.config import PartitionConfig
     from .partition.estimate import SizingConfig
@@ -414,6 +442,13 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
         train_preset=train_preset, downscale=downscale,
         sizing=SizingConfig(gpu=gpu, rays_per_second=rays_per_second), seed=seed,
         memory_budget_bytes=budget.bytes, memory_budget_source=budget.source)
+    if data is not None and not dry_run and ground_height == "auto" and ground_tif is None and not no_coarse_pass:
+        from survey_io.triangulate import needs_coarse_pass
+
+        from .partition.run import GROUND_TIF_NAMES
+
+        if not any((data.parent / name).is_file() for name in GROUND_TIF_NAMES) and needs_coarse_pass(data):
+            request.before_ground = lambda: _coarse_pass(data, False)
     report = run_plan(request)
     print(report_json(report))
     print_summary(report)
@@ -446,7 +481,8 @@ def train(data: Path, out: Path, preset: str | None = None, steps: int | None = 
           rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
           downscale: int | None = None, seed: int | None = None, max_seconds: float | None = None,
           override: tuple[str, ...] = (), no_eval: bool = False, no_progress: bool = False,
-          lpips_weights: Path | None = None, memory_budget_gb: float | None = None) -> None:
+          lpips_weights: Path | None = None, memory_budget_gb: float | None = None,
+          no_coarse_pass: bool = False) -> None:
     """Train one block's neural field on a survey (all its training images), then evaluate the
     held-out views.  Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/ and OUT/eval/.
 
@@ -470,6 +506,9 @@ def train(data: Path, out: Path, preset: str | None = None, steps: int | None = 
             evaluation (default: $CITYGEN_LPIPS_WEIGHTS; none: no LPIPS).
         memory_budget_gb: refuse configs estimated to need more memory to train (default: the
             GPU's memory on a GPU, else 75% of the RAM available when it starts).
+        no_coarse_pass: a survey with neither depth maps nor SfM points keeps the box from camera
+            heights instead of getting its points triangulated first (`citygen triangulate`, once;
+            kept in its folder).
     """
     import json
 
@@ -487,10 +526,12 @@ def train(data: Path, out: Path, preset: str | None = None, steps: int | None = 
     cfg = load_config(preset, overrides, TRAIN_FLAGS)
     _check_train_memory(cfg, memory_budget_gb)
     check_out_dir(out, "--out")
+    # a resumed run keeps the box and the losses it started with: no pass in the middle of a run
+    coarse = _coarse_pass(data, no_coarse_pass or resume)
     result = train_block(cfg, data, out, resume=resume, progress=not no_progress,
                          lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
     summary = {"out": str(result.out), "preset": cfg.preset, "preset_reason": why, "checkpoint": str(result.checkpoint), "step": result.step,
-               "train_seconds": round(result.seconds, 2), "box_source": result.box_source,
+               "train_seconds": round(result.seconds, 2), "box_source": result.box_source, "coarse_pass": coarse,
                "eval": result.eval["mean"] if result.eval else None,
                "heldout_points": result.eval.get("heldout_points") if result.eval else None}
     print(json.dumps(summary, indent=2))
@@ -501,7 +542,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
                max_parallel: int | None = None, max_retries: int = 2, steps: int | None = None,
                rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
                downscale: int | None = None, blocks: list[str] | None = None, override: tuple[str, ...] = (),
-               memory_budget_gb: float | None = None, no_eval: bool = False) -> None:
+               memory_budget_gb: float | None = None, no_eval: bool = False, no_coarse_pass: bool = False) -> None:
     """Train every block of a planned tile (TILE/plan.json from `citygen plan`) through an
     executor; block runs go to TILE/block_<id>/.  Re-running resumes: finished blocks are
     skipped, the others continue from their last checkpoints.  Watch it with `citygen status TILE`.
@@ -528,6 +569,9 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
         memory_budget_gb: refuse configs estimated to need more memory per block (default: the
             GPU's memory on a GPU, else 75% of the RAM available when it starts).
         no_eval: skip the held-out evaluation of the tile at the end.
+        no_coarse_pass: a survey with neither depth maps nor SfM points keeps boxes from the
+            plan and camera heights (and attribution on the plan's ground) instead of getting its
+            points triangulated first (`citygen triangulate`, once; kept in its folder).
     """
     import json
 
@@ -542,9 +586,16 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
     cfg = load_config(preset, overrides, TRAIN_FLAGS)
     _check_train_memory(cfg, memory_budget_gb)
     check_out_dir(tile, "TILE")
+    from .store.layout import TILE_CONFIG_FILE
+
+    # a rerun resumes the blocks with the boxes and attribution they started with: no pass then
+    coarse: dict[str, Any] = {}
+    skip_pass = no_coarse_pass or (tile / TILE_CONFIG_FILE).is_file()
     result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,
-                            ray_address=ray_address, max_retries=max_retries, blocks=blocks)
-    summary = {"tile": str(tile), "preset": preset, "preset_reason": why, "ok": result.ok, "failed": result.failed,
+                            ray_address=ray_address, max_retries=max_retries, blocks=blocks,
+                            coarse_pass=lambda: coarse.update(_coarse_pass(data, skip_pass) or {}))
+    summary = {"tile": str(tile), "preset": preset, "preset_reason": why, "coarse_pass": coarse or None, "ok": result.ok,
+               "failed": result.failed,
                "blocks": {b: {"state": o.state, "attempts": o.attempts, "skipped": o.skipped, "error": o.error,
                               "step": (o.result or {}).get("step"),
                               "train_seconds": (o.result or {}).get("train_seconds")}

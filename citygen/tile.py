@@ -15,12 +15,18 @@ height range), tightened vertically:
   a generous guess (ground - 20 m to ground + 250 m), and the hash grid's vertical
   resolution and the start-up fog both scale with the box;
 * without depth maps, when the survey has an SfM model (``sparse/0`` beside transforms.json,
-  as ``citygen ingest`` writes it), to the heights of its points inside the extended rectangle
-  (same percentiles and padding; the evaluation tenth and poorly triangulated points left out,
-  see :func:`citygen.partition.ground.load_box_points`), the floor kept a margin below the
-  plan's ground where the plan's ground came from data -- on a real survey the camera-derived
-  guess sat 5 m off and a 270 m tall box wasted most of its cells on air;
-* neither (or fewer than 16 points in the block): the plan's range cut to the one-block
+  as ``citygen ingest`` or ``citygen triangulate`` write it), to the heights of its points
+  inside the extended rectangle (the evaluation tenth and poorly triangulated points left out,
+  see :func:`citygen.partition.ground.load_box_points`): from their 0.5 percentile up to the
+  highest of them, same padding (:func:`citygen.train.data.point_heights`: SfM finds few
+  features on flat roofs, and the 99.5 percentile cut the failure survey's 49 m roofs by
+  12-43 m), the floor kept a margin below the plan's ground where the plan's ground came from
+  data -- on a real survey the camera-derived guess sat 5 m off and a 270 m tall box wasted
+  most of its cells on air.  A survey with neither depth maps nor points gets them from the
+  coarse pass: ``citygen train-tile`` (like ``train`` and ``plan``) runs ``citygen triangulate``
+  on it once, kept in the survey's folder (``--no-coarse-pass`` skips it);
+* neither (``--no-coarse-pass``, a pass that failed, or fewer than 16 points in the block):
+  the plan's range cut to the one-block
   trainer's guess, ``[g - 0.1 h, g + 0.6 h]`` over the plan's ground ``g`` with ``h`` the
   lowest camera's height above it (:func:`citygen.train.data.flight_heights`): the plan's
   range alone ran up to just under the lenses (a 168 m tall box under a 150 m flight), where
@@ -74,7 +80,7 @@ the others from their last checkpoints (see :func:`citygen.distributed.run_tile`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +279,13 @@ def make_executor(executor: str | Executor = "local", *, max_parallel: int | Non
 
 
 def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
-               blocks: Sequence[str] | None = None) -> tuple[list[BlockTask], dict[str, Any]]:
+               blocks: Sequence[str] | None = None,
+               coarse_pass: Callable[[], object] | None = None) -> tuple[list[BlockTask], dict[str, Any]]:
     """The block tasks of a tile and the tile config record (see the module docstring).
+
+    ``coarse_pass`` (``citygen train-tile``'s, see :func:`citygen.cli.train_tile`) runs once the
+    plan and the survey are known to match, before the survey's points are read: a tile planned
+    on another survey stays a one-line error, not one after a minute of triangulation.
 
     Blocks without training images are left out (listed under ``"skipped"`` in the record):
     there is nothing to train them on, and the renderer treats them as empty.
@@ -289,6 +300,13 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
         unknown = sorted(set(blocks) - {b.id for b in plan.blocks})
         if unknown:
             raise CitygenError(tile_dir / PLAN_FILE, f"no blocks {unknown} in the plan")
+    for b in plan.blocks:
+        missing = [n for n in b.images if n not in by_name]
+        if missing:
+            raise CitygenError(data, f"block {b.id}: the plan's images {missing[:3]} are not in this survey "
+                                     "(was the tile planned on another survey?)")
+    if coarse_pass is not None:
+        coarse_pass()
     tasks, record_blocks, skipped = [], {}, []
     # SfM points only where depth maps are missing: depth stays the first source
     has_depth = all(im.depth is not None for im in survey.images)
@@ -300,10 +318,6 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
     # block is decided) spans all of them, also when training only some
     active = []
     for b in plan.blocks:
-        missing = [n for n in b.images if n not in by_name]
-        if missing:
-            raise CitygenError(data, f"block {b.id}: the plan's images {missing[:3]} are not in this survey "
-                                     "(was the tile planned on another survey?)")
         names = [n for n in b.images if n not in test]
         if not names:
             if b.id in chosen_ids:
@@ -398,7 +412,7 @@ def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: l
 def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dict | str | Path = "tiny",
                executor: str | Executor = "local", *, overrides: dict[str, Any] | None = None,
                max_parallel: int | None = None, ray_address: str | None = None, max_retries: int = 2,
-               blocks: Sequence[str] | None = None) -> TileResult:
+               blocks: Sequence[str] | None = None, coarse_pass: Callable[[], object] | None = None) -> TileResult:
     """Train every block of the tile planned in ``tile_dir/plan.json``.
 
     Args:
@@ -411,6 +425,7 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
         ray_address: Ray executor: the cluster to join (default: a new local instance).
         max_retries: retries per block after a failed attempt.
         blocks: train only these block ids (default: all).
+        coarse_pass: run before the survey's points are read (see :func:`tile_tasks`).
 
     Returns:
         the :class:`~citygen.distributed.TileResult` (call ``raise_for_failures()`` to insist).
@@ -420,7 +435,7 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
     # Per-block evaluation would score a block's field on whole views it covers only part of;
     # the tile is evaluated as a whole by `citygen render` (citygen.render.tile).
     cfg.eval_at_end = False
-    tasks, record = tile_tasks(tile_dir, data, cfg, blocks)
+    tasks, record = tile_tasks(tile_dir, data, cfg, blocks, coarse_pass)
     if not tasks:
         raise CitygenError(tile_dir / PLAN_FILE, "no block of the plan has training images")
     earlier = read_tile_config(tile_dir)

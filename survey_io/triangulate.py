@@ -52,6 +52,19 @@ def has_points(folder: str | Path) -> bool:
     return (Path(folder) / SPARSE_MODEL).is_dir()
 
 
+def needs_coarse_pass(survey: str | Path) -> bool:
+    """Whether a ``transforms.json`` survey (the file or its folder) has neither depth maps (on
+    every image) nor points (``sparse/0``): then ``citygen train``, ``train-tile`` and ``plan``
+    run :func:`triangulate_survey` on it once (the points are kept in the survey's folder, so
+    later runs find them), instead of guessing heights from the cameras.  Raises SurveyError
+    for a bad survey or missing image files, as training would, before any pass starts."""
+    path = survey_transforms(survey)
+    if path.suffix.lower() != ".json" or has_points(path.parent):
+        return False
+    data = read_transforms(path).check_image_files()
+    return bool(data.images) and not all(im.depth is not None for im in data.images)
+
+
 def _relocated(survey: Survey, out: Path) -> Survey:
     """``survey`` with its files linked under ``out`` (same relative names) and ``out`` as root."""
     root = survey.root.resolve()

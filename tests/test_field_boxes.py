@@ -1,6 +1,7 @@
 """Field boxes from the survey's own data: depth maps first, else the SfM points of
 ``sparse/0`` (as ``citygen ingest`` writes it), else the plan's range -- always under the
-cameras.  Expectations are written out here (percentiles + 10 % + 2 m), not taken from the code."""
+cameras.  Expectations are written out here (depth: 0.5 / 99.5 percentiles; SfM points: 0.5
+percentile to the highest point; + 10 % + 2 m), not taken from the code."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _plan(tile, names, ground) -> None:
 
 
 def _padded(z):
-    z0, z1 = np.percentile(z, 0.5), np.percentile(z, 99.5)
+    """SfM points: from the 0.5 percentile to the highest point, padded."""
+    z0, z1 = np.percentile(z, 0.5), np.max(z)
     pad = 0.1 * (z1 - z0) + 2.0
     return z0 - pad, z1 + pad
 
@@ -127,3 +129,15 @@ def test_one_block_box_from_sfm_points_and_fallback(tmp_path):
     h = CAM_Z  # ground plane z = 0: the camera rule, [-0.1 h, 0.6 h] padded by 5 % of its size
     assert source == "plan"
     np.testing.assert_allclose(box[:, 2], [-0.1 * h - 0.05 * 0.7 * h, 0.6 * h + 0.05 * 0.7 * h])
+
+
+def test_sparse_roofs_stay_inside_the_sfm_box(tmp_path):
+    """SfM finds few features on flat roofs: 3 roof points at 30 m among 1000 ground points (under
+    0.5 %, so the 99.5 percentile is ground) still lift the top over the roof, not the ground."""
+    z = np.concatenate([np.random.default_rng(4).uniform(-1.0, 1.0, 1000), np.full(3, 30.0)])
+    box, source, kept = _block_record(tmp_path, z, KNOWN_GROUND)
+    roof = kept.max()
+    assert source == "sfm-points" and roof == 30.0 and np.percentile(kept, 99.5) < 2.0
+    pad = 0.1 * (30.0 - np.percentile(kept, 0.5)) + 2.0
+    np.testing.assert_allclose(box[1, 2], 30.0 + pad, atol=1e-9)
+    assert box[1, 2] < CAM_Z - CAMERA_CLEARANCE_M

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ class PlanRequest:
     memory_budget_bytes: float | None = None
     #: where that budget came from, for messages.
     memory_budget_source: str = ""
+    #: run before the ground is taken (the coarse pass, see :func:`citygen.cli.plan`): only after
+    #: the request's size checks passed with a first ground, so bad options stay a one-line error.
+    before_ground: Callable[[], object] | None = None
 
 
 def plan_bytes(n_images: int, n_blocks: int, n_pairs: int = 0) -> float:
@@ -107,6 +111,13 @@ def run_plan(req: PlanRequest) -> dict[str, Any]:
         if req.data is None:
             raise CitygenError(None, "plan needs --data transforms.json (or --dry-run)")
         survey = read_transforms(req.data).check_image_files()
+        if req.before_ground is not None:
+            if req.train_preset:  # a bad preset is refused before the pass too
+                load_config(req.train_preset)
+            first = compute_footprints(survey, _ground(survey, req, config), config.footprint_grid,
+                                       config.max_ray_distance_m)
+            _check_plan_size(first, survey, config, req)
+            req.before_ground()
         ground = _ground(survey, req, config)
         source = {"dry_run": False, "data": str(req.data)}
 
