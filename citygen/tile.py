@@ -74,6 +74,7 @@ the others from their last checkpoints (see :func:`citygen.distributed.run_tile`
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ from .errors import CitygenError
 from .images import load_depth
 from .partition import Block, PartitionConfig, TilePlan
 from .partition.ground import GroundModel, ground_is_known, load_box_points
-from .render.tile import TileRenderer, background_owner
+from .render.tile import TileRenderer, background_owner, blend_weights
 from .store.layout import (
     PIXELS_FILE,
     PLAN_FILE,
@@ -204,7 +205,8 @@ def attribution_ground(survey, plan: TilePlan) -> tuple[GroundModel, str]:
 
 
 def attribute_image(camera, c2w: np.ndarray, depth: np.ndarray | None, ground: GroundModel | None,
-                    extended: np.ndarray, cores: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+                    extended: np.ndarray, cores: np.ndarray, bounds: np.ndarray,
+                    seed: int | None = None) -> np.ndarray:
     """Which blocks each pixel of one image trains (see the module docstring).
 
     Args:
@@ -214,6 +216,9 @@ def attribute_image(camera, c2w: np.ndarray, depth: np.ndarray | None, ground: G
         ground: the surface for images without depth.
         extended, cores: (B, 4) the blocks' extended and core rectangles (x0, y0, x1, y1).
         bounds: (2, 3) the tile's box (the union of the blocks' field boxes).
+        seed: split each overlap pixel to one of the blocks that hold its point, drawn with
+            this seed by the compositor's blend weights there (:func:`split_overlaps`); None:
+            the pixel trains every block that holds its point.
 
     Returns:
         (H, W, B) bool: pixel (row, col) trains block b.
@@ -235,12 +240,43 @@ def attribute_image(camera, c2w: np.ndarray, depth: np.ndarray | None, ground: G
     ext = np.asarray(extended, dtype=np.float64)
     inside = hit[:, None] & (pts[:, None, 0] >= ext[None, :, 0]) & (pts[:, None, 0] <= ext[None, :, 2]) \
         & (pts[:, None, 1] >= ext[None, :, 1]) & (pts[:, None, 1] <= ext[None, :, 3])
+    if seed is not None:
+        inside = split_overlaps(inside, pts, extended, cores, np.random.default_rng(seed))
     lost = np.flatnonzero(~inside.any(axis=1))
     if lost.size:
         owner = background_owner(torch.from_numpy(o[lost]).float(), torch.from_numpy(d[lost]).float(), bounds,
                                  torch.as_tensor(np.asarray(cores), dtype=torch.float32)).numpy()
         inside[lost, owner] = True
     return inside.reshape(h, w, len(ext))
+
+
+def split_overlaps(held: np.ndarray, points: np.ndarray, extended: np.ndarray, cores: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``held`` (N, B: block b's extended rectangle holds pixel n's surface point) with each
+    pixel held by several blocks given to one of them, block b with probability ``w_b / sum w``
+    over the holders, ``w`` the compositor's blend weights at the point
+    (:func:`citygen.render.tile.blend_weights`, the one ramp): every pixel then trains once
+    (the blocks' survey shares sum to 1), and a block learns the overlap at the density the
+    compositor shows it (see the module docstring).  Holders whose weights all vanish (a point
+    on the outer edges of both margins) share the pixel evenly."""
+    many = np.flatnonzero(held.sum(axis=1) > 1)
+    if not many.size:
+        return held
+    ext = np.asarray(extended, dtype=np.float64)
+    # the attribution is horizontal (rectangles), so the field boxes' height plays no part
+    boxes = np.stack([np.column_stack([ext[:, :2], np.full(len(ext), -np.inf)]),
+                      np.column_stack([ext[:, 2:], np.full(len(ext), np.inf)])], axis=1)
+    w = blend_weights(torch.from_numpy(np.asarray(points, dtype=np.float64)[many]),
+                      torch.from_numpy(np.asarray(cores, dtype=np.float64)), torch.from_numpy(ext),
+                      torch.from_numpy(boxes)).numpy() * held[many]
+    w = np.where(w.sum(axis=1, keepdims=True) > 0, w, held[many].astype(np.float64))
+    cdf = np.cumsum(w / w.sum(axis=1, keepdims=True), axis=1)
+    pick = np.minimum((rng.random(len(many))[:, None] >= cdf).sum(axis=1), len(ext) - 1)
+    pick = np.where(held[many, pick], pick, np.argmax(w, axis=1))  # rounding at the top of the cdf
+    out = held.copy()
+    out[many] = False
+    out[many, pick] = True
+    return out
 
 
 def block_batch(rays_per_batch: int, steps: int, survey_share: float) -> tuple[int, int]:
@@ -369,7 +405,8 @@ def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: l
         if cfg.downscale > 1:
             cam = cam.scaled(1.0 / cfg.downscale)
         depth = load_depth(im.depth, (cam.width, cam.height)) if has_depth else None
-        owned = attribute_image(cam, im.c2w, depth, ground, extended, cores, bounds)
+        # one seed per image (its name): the split is the same in every run and on every machine
+        owned = attribute_image(cam, im.c2w, depth, ground, extended, cores, bounds, seed=zlib.crc32(name.encode()))
         for bid in bids:
             masks[bid][name] = np.packbits(owned[..., column[bid]].reshape(-1)), owned.shape[:2]
     # every training image of the survey at the training resolution: what one block would train on
@@ -435,4 +472,4 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
 __all__ = ["ATTRIBUTION_CELL_M", "CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "MIN_BATCH_FRACTION", "MIN_IMAGE_SHARE",
            "attribute_image", "block_batch", "block_config",
            "attribution_ground", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
-           "open_tile", "read_tile_config", "resolve_config", "tile_tasks", "train_tile"]
+           "open_tile", "read_tile_config", "resolve_config", "split_overlaps", "tile_tasks", "train_tile"]
