@@ -98,6 +98,43 @@ def test_above_the_horizon_goes_to_the_block_under_the_camera():
     assert through_east[..., 1].all() and not through_east[..., 0].any()
 
 
+def _smoothstep(u: np.ndarray) -> np.ndarray:
+    u = np.clip(u, 0.0, 1.0)
+    return u * u * (3.0 - 2.0 * u)
+
+
+def test_overlap_pixels_split_by_the_blend_weights():
+    """A finer nadir camera (0.5 m a pixel) over the same two blocks: with a seed every pixel
+    trains exactly one block; outside the overlap (x in [-10, 10]) as before, inside it the
+    western block with probability w_W / (w_W + w_E), the blend rule worked by hand: w_W = 1
+    up to x = 0, then the smoothstep ramp down to 0 at x = 10; w_E mirrored (the y ramps are
+    the same for both blocks and cancel).  Symmetry makes the mean over the whole overlap 1/2."""
+    cam = Camera(400, 300, 200.0, 200.0, 200.0, 150.0, "PINHOLE")
+    v, u = np.mgrid[0:300, 0:400] + 0.5
+    x = CAM_Z * (u - 200.0) / 200.0
+    held = attribute_image(cam, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS)
+    got = attribute_image(cam, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS, seed=7)
+    overlap = held[..., 0] & held[..., 1]
+    assert overlap.sum() == 40 * 240                       # 20 m x 120 m at 0.5 m
+    assert (got.sum(-1) == 1).all()                        # a partition of the image
+    assert not (got & ~held).any()                         # only to a block that holds the point
+    np.testing.assert_array_equal(got[~overlap], held[~overlap])
+    west = got[..., 0][overlap]
+    # 9600 draws: the binomial sd of the mean is 0.005; 0.02 is 4 sd
+    assert abs(west.mean() - 0.5) < 0.02
+    w_w = np.where(x <= 0, 1.0, _smoothstep((10.0 - x) / 10.0))
+    w_e = np.where(x >= 0, 1.0, _smoothstep((x + 10.0) / 10.0))
+    p_west = w_w / (w_w + w_e)
+    for lo in (-10.0, -5.0, 0.0, 5.0):                     # 5 m bands: 2400 draws, sd <= 0.0102
+        band = overlap & (x >= lo) & (x < lo + 5.0)
+        assert abs(got[..., 0][band].mean() - p_west[band].mean()) < 0.04, lo
+    # the draw is the seed's: the same seed, the same split; another seed, another split
+    np.testing.assert_array_equal(
+        got, attribute_image(cam, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS, seed=7))
+    other = attribute_image(cam, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS, seed=8)
+    assert (other != got).any()
+
+
 # -- sampling ------------------------------------------------------------------------------
 def _tiny_survey(root, n: int = 2, w: int = 16, h: int = 12) -> Survey:
     (root / "img").mkdir(parents=True)
@@ -163,22 +200,30 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
 
     tasks, record = tile_tasks(tmp_path / "tile", root / "transforms.json", resolve_config("tiny"))
     want = expected_nadir()
+    overlap = want[..., 0] & want[..., 1]
+    masks = [read_pixel_masks(task.kwargs["pixels"], [im.name])[0] for task in tasks]
+    # each pixel trains exactly one block: the overlap split between the two, the rest as by hand
+    np.testing.assert_array_equal(masks[0] ^ masks[1], np.ones((H, W), bool))
+    assert masks[0][overlap].any() and masks[1][overlap].any()
+    shares = []
     for k, task in enumerate(tasks):
-        (mask,) = read_pixel_masks(task.kwargs["pixels"], [im.name])
-        np.testing.assert_array_equal(mask, want[..., k])
+        mask = masks[k]
+        np.testing.assert_array_equal(mask[~overlap], want[..., k][~overlap])
         rec = record["blocks"][task.block_id]
         assert rec["attribution"] == "plan ground"
-        assert rec["pixel_share"] == pytest.approx(want[..., k].mean(), abs=1e-4)
+        assert rec["pixel_share"] == pytest.approx(mask.mean(), abs=1e-4)
         # the survey's only training image: the block's share of the survey is the same fraction,
         # and it spends the preset's rays (tiny: 1024 a step x 9300 steps) in batches of that
         # fraction, per pixel what one block over the whole survey draws
-        share = want[..., k].mean()
-        assert 0.5 < share < 0.7 and rec["survey_share"] == pytest.approx(share, abs=1e-4)
+        share = mask.mean()
+        assert 0.4 < share < 0.6 and rec["survey_share"] == pytest.approx(share, abs=1e-4)
+        shares.append(rec["survey_share"])
         cfg = task.kwargs["config"]
         assert cfg["rays_per_batch"] == rec["rays_per_batch"] == round(1024 * share)
         assert cfg["steps"] == rec["steps"] > 9300
         assert abs(cfg["rays_per_batch"] * cfg["steps"] - 1024 * 9300) <= cfg["rays_per_batch"] / 2  # same rays
         assert record["train"]["steps"] == 9300 and record["train"]["rays_per_batch"] == 1024  # the tile's as given
+    assert sum(shares) == pytest.approx(1.0, abs=2e-4)  # the survey's pixels, background included, once each
 
 
 @pytest.mark.parametrize("share, rays, steps", [(1.0, 1024, 400), (0.5, 512, 800), (0.25, 256, 1600),
