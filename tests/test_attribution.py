@@ -224,6 +224,7 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
         assert abs(cfg["rays_per_batch"] * cfg["steps"] - 1024 * 9300) <= cfg["rays_per_batch"] / 2  # same rays
         assert record["train"]["steps"] == 9300 and record["train"]["rays_per_batch"] == 1024  # the tile's as given
     assert sum(shares) == pytest.approx(1.0, abs=2e-4)  # the survey's pixels, background included, once each
+    assert record["overlap"] == "split"
 
 
 @pytest.mark.parametrize("share, rays, steps", [(1.0, 1024, 400), (0.5, 512, 800), (0.25, 256, 1600),
