@@ -318,7 +318,8 @@ def make_executor(executor: str | Executor = "local", *, max_parallel: int | Non
 
 
 def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
-               blocks: Sequence[str] | None = None) -> tuple[list[BlockTask], dict[str, Any]]:
+               blocks: Sequence[str] | None = None,
+               split_overlaps: bool = False) -> tuple[list[BlockTask], dict[str, Any]]:
     """The block tasks of a tile and the tile config record (see the module docstring).
 
     Blocks without training images are left out (listed under ``"skipped"`` in the record):
@@ -367,7 +368,7 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
             if z1 > z0:
                 box[0, 2], box[1, 2] = max(box[0, 2], z0), min(box[1, 2], z1)
         active.append((b, names, box, source))
-    shares = _attribute(survey, plan, cfg, active, [b.id for b in chosen], tile_dir)
+    shares = _attribute(survey, plan, cfg, active, [b.id for b in chosen], tile_dir, split_overlaps)
     for b, names, box, source in active:
         if b.id not in chosen_ids:
             continue
@@ -383,12 +384,13 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
                                "steps": block_cfg.steps, "attribution": attribution,
                                "images_left_out": len(names) - len(kept)}
     record = {"kind": "citygen.tile_config", "version": 1, "data": str(data), "train": to_dict(cfg),
-              "blocks": record_blocks, "skipped": skipped, "overlap": "split"}
+              "blocks": record_blocks, "skipped": skipped,
+              "overlap": "split" if split_overlaps else "both"}
     return tasks, record
 
 
 def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: list[str],
-               tile_dir: Path) -> dict[str, tuple[list[str], float, float, str]]:
+               tile_dir: Path, split: bool = False) -> dict[str, tuple[list[str], float, float, str]]:
     """Attribute the pixels of the chosen blocks' images (:func:`attribute_image`) and write each
     chosen block's masks (``PIXELS_FILE``); per block: the images kept, the share of their pixels
     it trains on, its share of all the survey's training pixels, and the surface source."""
@@ -414,8 +416,9 @@ def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: l
         if cfg.downscale > 1:
             cam = cam.scaled(1.0 / cfg.downscale)
         depth = load_depth(im.depth, (cam.width, cam.height)) if has_depth else None
-        # one seed per image (its name): the split is the same in every run and on every machine
-        owned = attribute_image(cam, im.c2w, depth, ground, extended, cores, bounds, seed=zlib.crc32(name.encode()))
+        # one seed per image (its name): a split is the same in every run and on every machine
+        seed = zlib.crc32(name.encode()) if split else None
+        owned = attribute_image(cam, im.c2w, depth, ground, extended, cores, bounds, seed=seed)
         for bid in bids:
             masks[bid][name] = np.packbits(owned[..., column[bid]].reshape(-1)), owned.shape[:2]
     # every training image of the survey at the training resolution: what one block would train on
@@ -444,7 +447,7 @@ def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: l
 def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dict | str | Path = "tiny",
                executor: str | Executor = "local", *, overrides: dict[str, Any] | None = None,
                max_parallel: int | None = None, ray_address: str | None = None, max_retries: int = 2,
-               blocks: Sequence[str] | None = None) -> TileResult:
+               blocks: Sequence[str] | None = None, split_overlaps: bool = False) -> TileResult:
     """Train every block of the tile planned in ``tile_dir/plan.json``.
 
     Args:
@@ -457,6 +460,9 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
         ray_address: Ray executor: the cluster to join (default: a new local instance).
         max_retries: retries per block after a failed attempt.
         blocks: train only these block ids (default: all).
+        split_overlaps: train each overlap pixel in one block drawn by the blend weights
+            (:func:`split_overlaps`) instead of in every block that holds it (measured, not
+            the default: see the module docstring).
 
     Returns:
         the :class:`~citygen.distributed.TileResult` (call ``raise_for_failures()`` to insist).
@@ -466,7 +472,7 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
     # Per-block evaluation would score a block's field on whole views it covers only part of;
     # the tile is evaluated as a whole by `citygen render` (citygen.render.tile).
     cfg.eval_at_end = False
-    tasks, record = tile_tasks(tile_dir, data, cfg, blocks)
+    tasks, record = tile_tasks(tile_dir, data, cfg, blocks, split_overlaps)
     if not tasks:
         raise CitygenError(tile_dir / PLAN_FILE, "no block of the plan has training images")
     earlier = read_tile_config(tile_dir)

@@ -5,6 +5,8 @@ worked out by hand from the geometry (pinhole rays onto a flat ground), not by t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from PIL import Image
 
 from citygen.partition import Block, Grid, TilePlan
 from citygen.partition.ground import GroundModel
-from citygen.tile import attribute_image, tile_tasks
+from citygen.tile import attribute_image, resolve_config, tile_tasks
 from citygen.train.data import RayDataset, read_pixel_masks
 from citygen.train.error_map import ErrorMap
 from survey_io import Camera, Georef, Survey, SurveyImage, write_transforms
@@ -182,9 +184,8 @@ def test_masks_must_fit_the_training_images(tmp_path):
         RayDataset(survey, survey.images, masks=[np.zeros((12, 16), bool)] * 2)
 
 
-def test_tile_tasks_write_masks_and_shares(tmp_path):
-    """End to end through the plan: one nadir image over two blocks, no depth, the plan's
-    ground plane: each block's mask file holds the hand-computed mask and its share."""
+def _two_block_tile(tmp_path) -> tuple[SurveyImage, Path]:
+    """One nadir image over the two blocks, no depth, the plan's ground plane at 0."""
     root = tmp_path / "survey"
     (root / "img").mkdir(parents=True)
     im = SurveyImage("img/0.jpg", 0, nadir(0.0, 0.0))
@@ -196,9 +197,39 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
     (tmp_path / "tile").mkdir()
     TilePlan(georef=GEOREF, grid=grid, margin_m=10.0, blocks=blocks,
              ground={"kind": "plane", "height": 0.0, "source": "--ground-height"}).save(tmp_path / "tile" / "plan.json")
-    from citygen.tile import resolve_config
+    return im, root / "transforms.json"
 
-    tasks, record = tile_tasks(tmp_path / "tile", root / "transforms.json", resolve_config("tiny"))
+
+def test_tile_tasks_write_masks_and_shares(tmp_path):
+    """End to end through the plan: one nadir image over two blocks, no depth, the plan's
+    ground plane: each block's mask file holds the hand-computed mask and its share."""
+    im, transforms = _two_block_tile(tmp_path)
+    tasks, record = tile_tasks(tmp_path / "tile", transforms, resolve_config("tiny"))
+    want = expected_nadir()
+    for k, task in enumerate(tasks):
+        (mask,) = read_pixel_masks(task.kwargs["pixels"], [im.name])
+        np.testing.assert_array_equal(mask, want[..., k])
+        rec = record["blocks"][task.block_id]
+        assert rec["attribution"] == "plan ground"
+        assert rec["pixel_share"] == pytest.approx(want[..., k].mean(), abs=1e-4)
+        # the survey's only training image: the block's share of the survey is the same fraction,
+        # and it spends the preset's rays (tiny: 1024 a step x 9300 steps) in batches of that
+        # fraction, per pixel what one block over the whole survey draws
+        share = want[..., k].mean()
+        assert 0.5 < share < 0.7 and rec["survey_share"] == pytest.approx(share, abs=1e-4)
+        cfg = task.kwargs["config"]
+        assert cfg["rays_per_batch"] == rec["rays_per_batch"] == round(1024 * share)
+        assert cfg["steps"] == rec["steps"] > 9300
+        assert abs(cfg["rays_per_batch"] * cfg["steps"] - 1024 * 9300) <= cfg["rays_per_batch"] / 2  # same rays
+        assert record["train"]["steps"] == 9300 and record["train"]["rays_per_batch"] == 1024  # the tile's as given
+    assert record["overlap"] == "both"
+
+
+def test_tile_tasks_split_overlap_pixels_between_the_blocks(tmp_path):
+    """As above with ``split_overlaps``: the two masks partition the image (each overlap pixel
+    in one block, the rest as by hand) and the survey shares sum to 1."""
+    im, transforms = _two_block_tile(tmp_path)
+    tasks, record = tile_tasks(tmp_path / "tile", transforms, resolve_config("tiny"), split_overlaps=True)
     want = expected_nadir()
     overlap = want[..., 0] & want[..., 1]
     masks = [read_pixel_masks(task.kwargs["pixels"], [im.name])[0] for task in tasks]
