@@ -35,16 +35,18 @@ with haze inside its own box (a 2x2 tile of a survey whose blocks are mostly fie
 24 dB to 15 dB held-out that way).  So each pixel trains only the blocks that own what it
 shows (:func:`attribute_image`): its ray's surface point -- from the image's depth map, else
 a heightfield of the survey's SfM points (``sparse/0``), else the plan's ground (its GeoTIFF,
-or its plane) -- decides, and the pixel trains a block whose *extended* rectangle holds that
-point.  **An overlap pixel trains one of the blocks that hold it** (:func:`split_overlaps`),
-block ``b`` with probability ``w_b / sum w``, ``w`` the compositor's blend weights at the point
-(:func:`citygen.render.tile.blend_weights`, the one ramp), drawn once at attribution time with a
-seed per image (its name's CRC-32), so the masks, ``pixels.npz`` and the samplers are as before:
-every training pixel trains exactly one block, the blocks' survey shares sum to 1, each block
-learns the overlap at the density the compositor shows it, and with :func:`block_batch` every
-pixel gets per step and in steps what the one-block trainer gives it.  (Trained in both blocks,
-the overlaps made the shares of a 2x2 failure-like tile sum to 1.36, so at equal compute each
-pixel got ~1/1.36 of the one block's rays; see DESIGN.md for the figures.)  A pixel no block holds
+or its plane) -- decides, and the pixel trains every block whose *extended* rectangle holds
+that point (both blocks in an overlap, which the compositor blends).  With ``split_overlaps``
+(:func:`train_tile`; not the default) an overlap pixel instead trains *one* of the blocks that
+hold it (:func:`split_overlaps`): block ``b`` with probability ``w_b / sum w``, ``w`` the
+compositor's blend weights at the point (:func:`citygen.render.tile.blend_weights`, the one
+ramp), drawn once at attribution time with a seed per image (its name's CRC-32), so the masks,
+``pixels.npz`` and the samplers are as before; the blocks' survey shares then sum to 1 instead
+of 1.36 (failure-like 2x2 tile), and with :func:`block_batch` every pixel gets the one-block
+trainer's batch and steps.  Measured on that tile it did not close the gap to one block
+(held-out 23.7 / 25.2 dB over two seeds of the weakest block, 25.0 / 25.4 dB without the split;
+elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; see DESIGN.md), so the
+default stays.  A pixel no block holds
 (sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
 learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
 the block whose core is nearest to where the ray leaves the tile's box, or that the camera
@@ -54,7 +56,7 @@ sits over), so the renderer needs no change.  The masks go to each block's run f
 alike); images with less than ``MIN_IMAGE_SHARE`` of their pixels in a block leave its
 training set.  ``tile_config.json`` records per block the share of its images' pixels it
 trains on (``pixel_share``) and the surface source (``attribution``), and for the tile
-``"overlap": "split"`` (records without it trained overlap pixels in both blocks).  ``citygen train`` (one
+``"overlap"``: ``"both"`` or ``"split"`` (records without it: both).  ``citygen train`` (one
 block) is unchanged: every pixel.
 
 **A block spends its rays in more, smaller steps** (:func:`block_batch`).  Training is limited by
@@ -68,7 +70,7 @@ Higher learning rates did not help (x1.73 and x4 on one block: +0.4 / +0.2 dB on
 the views, its DSM no better); the same rays in three times the steps did (+2.8 dB there, its
 DSM median error 24.8 -> 9.0 m); the whole tile with this rule: 22.6 -> 25.0 dB held-out, DSM
 median error 7.9 -> 1.7 m (one block of 1600 steps: 26.0 dB, 1.4 m; see DESIGN.md).  So a block that trains on ``share`` of the survey's training
-pixels (``survey_share`` in ``tile_config.json``; overlap pixels split, so the shares sum to 1) draws
+pixels (``survey_share`` in ``tile_config.json``, overlaps counted in both blocks unless split) draws
 ``rays_per_batch * share`` rays a step -- per pixel what one block over the survey draws --
 over ``steps / share`` steps: the same rays as ``steps`` steps of the full batch, so the same
 compute (``steps`` keeps meaning the rays a block may spend), and per pixel the one-block
