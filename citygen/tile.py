@@ -45,8 +45,8 @@ ramp), drawn once at attribution time with a seed per image (its name's CRC-32),
 of 1.36 (failure-like 2x2 tile), and with :func:`block_batch` every pixel gets the one-block
 trainer's batch and steps.  Measured on that tile it did not close the gap to one block
 (held-out 23.7 / 25.2 dB over two seeds of the weakest block, 25.0 / 25.4 dB without the split;
-elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; see DESIGN.md), so the
-default stays.  A pixel no block holds
+elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; the tiny city with depth
+maps gained 0.4-0.7 dB; see DESIGN.md), so the default stays.  A pixel no block holds
 (sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
 learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
 the block whose core is nearest to where the ray leaves the tile's box, or that the camera
