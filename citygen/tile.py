@@ -42,7 +42,17 @@ with haze inside its own box (a 2x2 tile of a survey whose blocks are mostly fie
 shows (:func:`attribute_image`): its ray's surface point -- from the image's depth map, else
 a heightfield of the survey's SfM points (``sparse/0``), else the plan's ground (its GeoTIFF,
 or its plane) -- decides, and the pixel trains every block whose *extended* rectangle holds
-that point (both blocks in an overlap, which the compositor blends).  A pixel no block holds
+that point (both blocks in an overlap, which the compositor blends).  With ``split_overlaps``
+(:func:`train_tile`; not the default) an overlap pixel instead trains *one* of the blocks that
+hold it (:func:`split_overlaps`): block ``b`` with probability ``w_b / sum w``, ``w`` the
+compositor's blend weights at the point (:func:`citygen.render.tile.blend_weights`, the one
+ramp), drawn once at attribution time with a seed per image (its name's CRC-32), so the masks,
+``pixels.npz`` and the samplers are as before; the blocks' survey shares then sum to 1 instead
+of 1.36 (failure-like 2x2 tile), and with :func:`block_batch` every pixel gets the one-block
+trainer's batch and steps.  Measured on that tile it did not close the gap to one block
+(held-out 23.7 / 25.2 dB over two seeds of the weakest block, 25.0 / 25.4 dB without the split;
+elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; the tiny city with depth
+maps gained 0.4-0.7 dB; see DESIGN.md), so the default stays.  A pixel no block holds
 (sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
 learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
 the block whose core is nearest to where the ray leaves the tile's box, or that the camera
@@ -51,7 +61,8 @@ sits over), so the renderer needs no change.  The masks go to each block's run f
 :class:`~citygen.train.data.RayDataset` draws only from them (uniform and error-map sampling
 alike); images with less than ``MIN_IMAGE_SHARE`` of their pixels in a block leave its
 training set.  ``tile_config.json`` records per block the share of its images' pixels it
-trains on (``pixel_share``) and the surface source (``attribution``).  ``citygen train`` (one
+trains on (``pixel_share``) and the surface source (``attribution``), and for the tile
+``"overlap"``: ``"both"`` or ``"split"`` (records without it: both).  ``citygen train`` (one
 block) is unchanged: every pixel.
 
 **A block spends its rays in more, smaller steps** (:func:`block_batch`).  Training is limited by
@@ -65,7 +76,7 @@ Higher learning rates did not help (x1.73 and x4 on one block: +0.4 / +0.2 dB on
 the views, its DSM no better); the same rays in three times the steps did (+2.8 dB there, its
 DSM median error 24.8 -> 9.0 m); the whole tile with this rule: 22.6 -> 25.0 dB held-out, DSM
 median error 7.9 -> 1.7 m (one block of 1600 steps: 26.0 dB, 1.4 m; see DESIGN.md).  So a block that trains on ``share`` of the survey's training
-pixels (``survey_share`` in ``tile_config.json``, overlaps counted in both blocks) draws
+pixels (``survey_share`` in ``tile_config.json``, overlaps counted in both blocks unless split) draws
 ``rays_per_batch * share`` rays a step -- per pixel what one block over the survey draws --
 over ``steps / share`` steps: the same rays as ``steps`` steps of the full batch, so the same
 compute (``steps`` keeps meaning the rays a block may spend), and per pixel the one-block
@@ -80,6 +91,7 @@ the others from their last checkpoints (see :func:`citygen.distributed.run_tile`
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,7 +116,7 @@ from .errors import CitygenError
 from .images import load_depth
 from .partition import Block, PartitionConfig, TilePlan
 from .partition.ground import GroundModel, ground_is_known, load_box_points
-from .render.tile import TileRenderer, background_owner
+from .render.tile import TileRenderer, background_owner, blend_weights
 from .store.layout import (
     PIXELS_FILE,
     PLAN_FILE,
@@ -210,7 +222,8 @@ def attribution_ground(survey, plan: TilePlan) -> tuple[GroundModel, str]:
 
 
 def attribute_image(camera, c2w: np.ndarray, depth: np.ndarray | None, ground: GroundModel | None,
-                    extended: np.ndarray, cores: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+                    extended: np.ndarray, cores: np.ndarray, bounds: np.ndarray,
+                    seed: int | None = None) -> np.ndarray:
     """Which blocks each pixel of one image trains (see the module docstring).
 
     Args:
@@ -220,6 +233,9 @@ def attribute_image(camera, c2w: np.ndarray, depth: np.ndarray | None, ground: G
         ground: the surface for images without depth.
         extended, cores: (B, 4) the blocks' extended and core rectangles (x0, y0, x1, y1).
         bounds: (2, 3) the tile's box (the union of the blocks' field boxes).
+        seed: split each overlap pixel to one of the blocks that hold its point, drawn with
+            this seed by the compositor's blend weights there (:func:`split_overlaps`); None:
+            the pixel trains every block that holds its point.
 
     Returns:
         (H, W, B) bool: pixel (row, col) trains block b.
@@ -241,12 +257,43 @@ def attribute_image(camera, c2w: np.ndarray, depth: np.ndarray | None, ground: G
     ext = np.asarray(extended, dtype=np.float64)
     inside = hit[:, None] & (pts[:, None, 0] >= ext[None, :, 0]) & (pts[:, None, 0] <= ext[None, :, 2]) \
         & (pts[:, None, 1] >= ext[None, :, 1]) & (pts[:, None, 1] <= ext[None, :, 3])
+    if seed is not None:
+        inside = split_overlaps(inside, pts, extended, cores, np.random.default_rng(seed))
     lost = np.flatnonzero(~inside.any(axis=1))
     if lost.size:
         owner = background_owner(torch.from_numpy(o[lost]).float(), torch.from_numpy(d[lost]).float(), bounds,
                                  torch.as_tensor(np.asarray(cores), dtype=torch.float32)).numpy()
         inside[lost, owner] = True
     return inside.reshape(h, w, len(ext))
+
+
+def split_overlaps(held: np.ndarray, points: np.ndarray, extended: np.ndarray, cores: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``held`` (N, B: block b's extended rectangle holds pixel n's surface point) with each
+    pixel held by several blocks given to one of them, block b with probability ``w_b / sum w``
+    over the holders, ``w`` the compositor's blend weights at the point
+    (:func:`citygen.render.tile.blend_weights`, the one ramp): every pixel then trains once
+    (the blocks' survey shares sum to 1), and a block learns the overlap at the density the
+    compositor shows it (see the module docstring).  Holders whose weights all vanish (a point
+    on the outer edges of both margins) share the pixel evenly."""
+    many = np.flatnonzero(held.sum(axis=1) > 1)
+    if not many.size:
+        return held
+    ext = np.asarray(extended, dtype=np.float64)
+    # the attribution is horizontal (rectangles), so the field boxes' height plays no part
+    boxes = np.stack([np.column_stack([ext[:, :2], np.full(len(ext), -np.inf)]),
+                      np.column_stack([ext[:, 2:], np.full(len(ext), np.inf)])], axis=1)
+    w = blend_weights(torch.from_numpy(np.asarray(points, dtype=np.float64)[many]),
+                      torch.from_numpy(np.asarray(cores, dtype=np.float64)), torch.from_numpy(ext),
+                      torch.from_numpy(boxes)).numpy() * held[many]
+    w = np.where(w.sum(axis=1, keepdims=True) > 0, w, held[many].astype(np.float64))
+    cdf = np.cumsum(w / w.sum(axis=1, keepdims=True), axis=1)
+    pick = np.minimum((rng.random(len(many))[:, None] >= cdf).sum(axis=1), len(ext) - 1)
+    pick = np.where(held[many, pick], pick, np.argmax(w, axis=1))  # rounding at the top of the cdf
+    out = held.copy()
+    out[many] = False
+    out[many, pick] = True
+    return out
 
 
 def block_batch(rays_per_batch: int, steps: int, survey_share: float) -> tuple[int, int]:
@@ -280,7 +327,8 @@ def make_executor(executor: str | Executor = "local", *, max_parallel: int | Non
 
 def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
                blocks: Sequence[str] | None = None,
-               coarse_pass: Callable[[], object] | None = None) -> tuple[list[BlockTask], dict[str, Any]]:
+               coarse_pass: Callable[[], object] | None = None,
+               split_overlaps: bool = False) -> tuple[list[BlockTask], dict[str, Any]]:
     """The block tasks of a tile and the tile config record (see the module docstring).
 
     ``coarse_pass`` (``citygen train-tile``'s, see :func:`citygen.cli.train_tile`) runs once the
@@ -336,7 +384,7 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
             if z1 > z0:
                 box[0, 2], box[1, 2] = max(box[0, 2], z0), min(box[1, 2], z1)
         active.append((b, names, box, source))
-    shares = _attribute(survey, plan, cfg, active, [b.id for b in chosen], tile_dir)
+    shares = _attribute(survey, plan, cfg, active, [b.id for b in chosen], tile_dir, split_overlaps)
     for b, names, box, source in active:
         if b.id not in chosen_ids:
             continue
@@ -352,12 +400,13 @@ def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
                                "steps": block_cfg.steps, "attribution": attribution,
                                "images_left_out": len(names) - len(kept)}
     record = {"kind": "citygen.tile_config", "version": 1, "data": str(data), "train": to_dict(cfg),
-              "blocks": record_blocks, "skipped": skipped}
+              "blocks": record_blocks, "skipped": skipped,
+              "overlap": "split" if split_overlaps else "both"}
     return tasks, record
 
 
 def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: list[str],
-               tile_dir: Path) -> dict[str, tuple[list[str], float, float, str]]:
+               tile_dir: Path, split: bool = False) -> dict[str, tuple[list[str], float, float, str]]:
     """Attribute the pixels of the chosen blocks' images (:func:`attribute_image`) and write each
     chosen block's masks (``PIXELS_FILE``); per block: the images kept, the share of their pixels
     it trains on, its share of all the survey's training pixels, and the surface source."""
@@ -383,7 +432,9 @@ def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: l
         if cfg.downscale > 1:
             cam = cam.scaled(1.0 / cfg.downscale)
         depth = load_depth(im.depth, (cam.width, cam.height)) if has_depth else None
-        owned = attribute_image(cam, im.c2w, depth, ground, extended, cores, bounds)
+        # one seed per image (its name): a split is the same in every run and on every machine
+        seed = zlib.crc32(name.encode()) if split else None
+        owned = attribute_image(cam, im.c2w, depth, ground, extended, cores, bounds, seed=seed)
         for bid in bids:
             masks[bid][name] = np.packbits(owned[..., column[bid]].reshape(-1)), owned.shape[:2]
     # every training image of the survey at the training resolution: what one block would train on
@@ -412,7 +463,8 @@ def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: l
 def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dict | str | Path = "tiny",
                executor: str | Executor = "local", *, overrides: dict[str, Any] | None = None,
                max_parallel: int | None = None, ray_address: str | None = None, max_retries: int = 2,
-               blocks: Sequence[str] | None = None, coarse_pass: Callable[[], object] | None = None) -> TileResult:
+               blocks: Sequence[str] | None = None, coarse_pass: Callable[[], object] | None = None,
+               split_overlaps: bool = False) -> TileResult:
     """Train every block of the tile planned in ``tile_dir/plan.json``.
 
     Args:
@@ -426,6 +478,9 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
         max_retries: retries per block after a failed attempt.
         blocks: train only these block ids (default: all).
         coarse_pass: run before the survey's points are read (see :func:`tile_tasks`).
+        split_overlaps: train each overlap pixel in one block drawn by the blend weights
+            (:func:`split_overlaps`) instead of in every block that holds it (measured, not
+            the default: see the module docstring).
 
     Returns:
         the :class:`~citygen.distributed.TileResult` (call ``raise_for_failures()`` to insist).
@@ -435,7 +490,7 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
     # Per-block evaluation would score a block's field on whole views it covers only part of;
     # the tile is evaluated as a whole by `citygen render` (citygen.render.tile).
     cfg.eval_at_end = False
-    tasks, record = tile_tasks(tile_dir, data, cfg, blocks, coarse_pass)
+    tasks, record = tile_tasks(tile_dir, data, cfg, blocks, coarse_pass, split_overlaps)
     if not tasks:
         raise CitygenError(tile_dir / PLAN_FILE, "no block of the plan has training images")
     earlier = read_tile_config(tile_dir)
@@ -450,4 +505,4 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
 __all__ = ["ATTRIBUTION_CELL_M", "CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "MIN_BATCH_FRACTION", "MIN_IMAGE_SHARE",
            "attribute_image", "block_batch", "block_config",
            "attribution_ground", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
-           "open_tile", "read_tile_config", "resolve_config", "tile_tasks", "train_tile"]
+           "open_tile", "read_tile_config", "resolve_config", "split_overlaps", "tile_tasks", "train_tile"]

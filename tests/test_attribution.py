@@ -5,6 +5,8 @@ worked out by hand from the geometry (pinhole rays onto a flat ground), not by t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from PIL import Image
 
 from citygen.partition import Block, Grid, TilePlan
 from citygen.partition.ground import GroundModel
-from citygen.tile import attribute_image, tile_tasks
+from citygen.tile import attribute_image, resolve_config, tile_tasks
 from citygen.train.data import RayDataset, read_pixel_masks
 from citygen.train.error_map import ErrorMap
 from survey_io import Camera, Georef, Survey, SurveyImage, write_transforms
@@ -98,6 +100,43 @@ def test_above_the_horizon_goes_to_the_block_under_the_camera():
     assert through_east[..., 1].all() and not through_east[..., 0].any()
 
 
+def _smoothstep(u: np.ndarray) -> np.ndarray:
+    u = np.clip(u, 0.0, 1.0)
+    return u * u * (3.0 - 2.0 * u)
+
+
+def test_overlap_pixels_split_by_the_blend_weights():
+    """A finer nadir camera (0.5 m a pixel) over the same two blocks: with a seed every pixel
+    trains exactly one block; outside the overlap (x in [-10, 10]) as before, inside it the
+    western block with probability w_W / (w_W + w_E), the blend rule worked by hand: w_W = 1
+    up to x = 0, then the smoothstep ramp down to 0 at x = 10; w_E mirrored (the y ramps are
+    the same for both blocks and cancel).  Symmetry makes the mean over the whole overlap 1/2."""
+    cam = Camera(400, 300, 200.0, 200.0, 200.0, 150.0, "PINHOLE")
+    v, u = np.mgrid[0:300, 0:400] + 0.5
+    x = CAM_Z * (u - 200.0) / 200.0
+    held = attribute_image(cam, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS)
+    got = attribute_image(cam, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS, seed=7)
+    overlap = held[..., 0] & held[..., 1]
+    assert overlap.sum() == 40 * 240                       # 20 m x 120 m at 0.5 m
+    assert (got.sum(-1) == 1).all()                        # a partition of the image
+    assert not (got & ~held).any()                         # only to a block that holds the point
+    np.testing.assert_array_equal(got[~overlap], held[~overlap])
+    west = got[..., 0][overlap]
+    # 9600 draws: the binomial sd of the mean is 0.005; 0.02 is 4 sd
+    assert abs(west.mean() - 0.5) < 0.02
+    w_w = np.where(x <= 0, 1.0, _smoothstep((10.0 - x) / 10.0))
+    w_e = np.where(x >= 0, 1.0, _smoothstep((x + 10.0) / 10.0))
+    p_west = w_w / (w_w + w_e)
+    for lo in (-10.0, -5.0, 0.0, 5.0):                     # 5 m bands: 2400 draws, sd <= 0.0102
+        band = overlap & (x >= lo) & (x < lo + 5.0)
+        assert abs(got[..., 0][band].mean() - p_west[band].mean()) < 0.04, lo
+    # the draw is the seed's: the same seed, the same split; another seed, another split
+    np.testing.assert_array_equal(
+        got, attribute_image(cam, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS, seed=7))
+    other = attribute_image(cam, nadir(0, 0), None, GroundModel.plane(0.0), EXTENDED, CORES, BOUNDS, seed=8)
+    assert (other != got).any()
+
+
 # -- sampling ------------------------------------------------------------------------------
 def _tiny_survey(root, n: int = 2, w: int = 16, h: int = 12) -> Survey:
     (root / "img").mkdir(parents=True)
@@ -145,9 +184,8 @@ def test_masks_must_fit_the_training_images(tmp_path):
         RayDataset(survey, survey.images, masks=[np.zeros((12, 16), bool)] * 2)
 
 
-def test_tile_tasks_write_masks_and_shares(tmp_path):
-    """End to end through the plan: one nadir image over two blocks, no depth, the plan's
-    ground plane: each block's mask file holds the hand-computed mask and its share."""
+def _two_block_tile(tmp_path) -> tuple[SurveyImage, Path]:
+    """One nadir image over the two blocks, no depth, the plan's ground plane at 0."""
     root = tmp_path / "survey"
     (root / "img").mkdir(parents=True)
     im = SurveyImage("img/0.jpg", 0, nadir(0.0, 0.0))
@@ -159,9 +197,14 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
     (tmp_path / "tile").mkdir()
     TilePlan(georef=GEOREF, grid=grid, margin_m=10.0, blocks=blocks,
              ground={"kind": "plane", "height": 0.0, "source": "--ground-height"}).save(tmp_path / "tile" / "plan.json")
-    from citygen.tile import resolve_config
+    return im, root / "transforms.json"
 
-    tasks, record = tile_tasks(tmp_path / "tile", root / "transforms.json", resolve_config("tiny"))
+
+def test_tile_tasks_write_masks_and_shares(tmp_path):
+    """End to end through the plan: one nadir image over two blocks, no depth, the plan's
+    ground plane: each block's mask file holds the hand-computed mask and its share."""
+    im, transforms = _two_block_tile(tmp_path)
+    tasks, record = tile_tasks(tmp_path / "tile", transforms, resolve_config("tiny"))
     want = expected_nadir()
     for k, task in enumerate(tasks):
         (mask,) = read_pixel_masks(task.kwargs["pixels"], [im.name])
@@ -179,6 +222,40 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
         assert cfg["steps"] == rec["steps"] > 9300
         assert abs(cfg["rays_per_batch"] * cfg["steps"] - 1024 * 9300) <= cfg["rays_per_batch"] / 2  # same rays
         assert record["train"]["steps"] == 9300 and record["train"]["rays_per_batch"] == 1024  # the tile's as given
+    assert record["overlap"] == "both"
+
+
+def test_tile_tasks_split_overlap_pixels_between_the_blocks(tmp_path):
+    """As above with ``split_overlaps``: the two masks partition the image (each overlap pixel
+    in one block, the rest as by hand) and the survey shares sum to 1."""
+    im, transforms = _two_block_tile(tmp_path)
+    tasks, record = tile_tasks(tmp_path / "tile", transforms, resolve_config("tiny"), split_overlaps=True)
+    want = expected_nadir()
+    overlap = want[..., 0] & want[..., 1]
+    masks = [read_pixel_masks(task.kwargs["pixels"], [im.name])[0] for task in tasks]
+    # each pixel trains exactly one block: the overlap split between the two, the rest as by hand
+    np.testing.assert_array_equal(masks[0] ^ masks[1], np.ones((H, W), bool))
+    assert masks[0][overlap].any() and masks[1][overlap].any()
+    shares = []
+    for k, task in enumerate(tasks):
+        mask = masks[k]
+        np.testing.assert_array_equal(mask[~overlap], want[..., k][~overlap])
+        rec = record["blocks"][task.block_id]
+        assert rec["attribution"] == "plan ground"
+        assert rec["pixel_share"] == pytest.approx(mask.mean(), abs=1e-4)
+        # the survey's only training image: the block's share of the survey is the same fraction,
+        # and it spends the preset's rays (tiny: 1024 a step x 9300 steps) in batches of that
+        # fraction, per pixel what one block over the whole survey draws
+        share = mask.mean()
+        assert 0.4 < share < 0.6 and rec["survey_share"] == pytest.approx(share, abs=1e-4)
+        shares.append(rec["survey_share"])
+        cfg = task.kwargs["config"]
+        assert cfg["rays_per_batch"] == rec["rays_per_batch"] == round(1024 * share)
+        assert cfg["steps"] == rec["steps"] > 9300
+        assert abs(cfg["rays_per_batch"] * cfg["steps"] - 1024 * 9300) <= cfg["rays_per_batch"] / 2  # same rays
+        assert record["train"]["steps"] == 9300 and record["train"]["rays_per_batch"] == 1024  # the tile's as given
+    assert sum(shares) == pytest.approx(1.0, abs=2e-4)  # the survey's pixels, background included, once each
+    assert record["overlap"] == "split"
 
 
 @pytest.mark.parametrize("share, rays, steps", [(1.0, 1024, 400), (0.5, 512, 800), (0.25, 256, 1600),
