@@ -840,7 +840,8 @@ def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named
 # Subcommand name -> function. Each function's docstring is its help text.
 def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha_entropy_weight: float = 0.01,
             distortion_weight: float | None = None, data: Path | None = None, threads: int | None = None,
-            no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None) -> None:
+            no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None,
+            lr_final: float = 0.1) -> None:
     """Fine-tune a trained block so that its surfaces are opaque (fewer field samples per pixel
     for the real-time renderer): continues from RUN's last checkpoint into the new run folder OUT
     with a per-sample opacity-entropy loss, then evaluates the held-out views.
@@ -856,6 +857,8 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha
         no_eval: skip the held-out evaluation at the end.
         no_progress: no progress bar.
         lpips_weights: LPIPS weights for the evaluation (default: $CITYGEN_LPIPS_WEIGHTS).
+        lr_final: the learning rate at the end as a fraction of the run's final one (half a
+            cosine down to it; 1: constant).
     """
     import json
 
@@ -866,7 +869,8 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha
     result = sharpen_block(run, out, steps=steps, alpha_entropy_weight=alpha_entropy_weight,
                            distortion_weight=distortion_weight, data=data, threads=threads,
                            evaluate_at_end=not no_eval, progress=not no_progress,
-                           lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
+                           lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights),
+                           lr_final=lr_final)
     print(json.dumps({"out": str(result.out), "checkpoint": str(result.checkpoint), "from_step": result.start_step,
                       "step": result.step, "seconds": round(result.seconds, 2),
                       "eval": result.eval["mean"] if result.eval else None}, indent=2))

@@ -149,3 +149,33 @@ def test_sharpen_keeps_a_tile_blocks_pixel_attribution(trained, box_survey, tmp_
     sharpen_block(src, tmp_path / "sharp", steps=2, threads=1, evaluate_at_end=False, progress=False)
     back = read_pixel_masks(tmp_path / "sharp" / PIXELS_FILE, names)
     assert all(np.array_equal(a, b) for a, b in zip(back, masks))
+
+
+def test_cosine_decay_closed_form():
+    """Half a cosine from 1 to ``final``: 1 at the start, the mean of the two ends halfway, ``final``
+    at the end and after it; never below ``final``."""
+    from citygen.train.schedule import cosine_decay
+
+    assert cosine_decay(0, 1000, 0.1) == pytest.approx(1.0)
+    assert cosine_decay(500, 1000, 0.1) == pytest.approx(0.55)
+    assert cosine_decay(250, 1000, 0.1) == pytest.approx(0.1 + 0.9 * (2 + math.sqrt(2)) / 4)
+    assert cosine_decay(1000, 1000, 0.1) == pytest.approx(0.1)
+    assert cosine_decay(5000, 1000, 0.1) == pytest.approx(0.1)
+    assert cosine_decay(300, 1000, 1.0) == pytest.approx(1.0)
+
+
+def test_sharpen_decays_the_runs_final_rate(box_survey, tmp_path):
+    """The fine-tune's rate is the source run's final rate (its schedule is over: optim.final_lr_fraction
+    of optim.lr_grid) times half a cosine from 1 to --lr-final over the fine-tune's steps."""
+    cfg = load_config("tiny", {**SMALL, "steps": 3, "rays_per_batch": 32, "eval_at_end": False,
+                               "optim.warmup_steps": 0, "log_every": 1})
+    train_block(cfg, box_survey, tmp_path / "run", progress=False)
+    sharpen_block(tmp_path / "run", tmp_path / "sharp", steps=4, lr_final=0.1, threads=1, evaluate_at_end=False,
+                  progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "sharp" / "metrics.jsonl").read_text().splitlines()]
+    got = {x["step"]: x["lr"] for x in lines if x["step"] > 3}
+    final = cfg.optim.lr_grid * cfg.optim.final_lr_fraction
+    want = {3 + k + 1: final * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4))) for k in range(4)}
+    assert got == pytest.approx(want, abs=1e-6)
+    with pytest.raises(CitygenError, match="--lr-final"):
+        sharpen_block(tmp_path / "run", tmp_path / "bad", steps=1, lr_final=0.0, evaluate_at_end=False)

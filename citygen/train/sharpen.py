@@ -21,6 +21,7 @@ every command that takes a run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..store.checkpoint import read_sidecar, resolve_checkpoint
 from ..store.layout import PIXELS_FILE
 from .data import read_pixel_masks, write_pixel_masks
 from .evaluate import evaluate
+from .schedule import cosine_decay
 from .trainer import BlockTrainer
 
 #: measured on a 1000-step tiny-city block, 300 steps (DESIGN.md "Sharpening fine-tune"): 6.64 -> 4.09
@@ -43,6 +45,9 @@ DEFAULT_ALPHA_ENTROPY_WEIGHT = 0.01
 #: ground truth; the 1500-step run continued diverged at 1633 steps in all (weights 0.02 and 0.03
 #: within 800), so 1000 keeps a margin
 DEFAULT_STEPS = 1000
+#: the fine-tune's rate falls from the run's final rate to this fraction of it (half a cosine over
+#: the fine-tune; 1: constant, as before): DESIGN.md "Towards 1.5 samples per pixel"
+DEFAULT_LR_FINAL = 0.1
 
 
 @dataclass
@@ -59,7 +64,7 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
                   alpha_entropy_weight: float = DEFAULT_ALPHA_ENTROPY_WEIGHT,
                   distortion_weight: float | None = None, data: Path | str | None = None,
                   threads: int | None = None, evaluate_at_end: bool = True, progress: bool = True,
-                  lpips_weights: Path | str | None = None) -> SharpenResult:
+                  lpips_weights: Path | str | None = None, lr_final: float = DEFAULT_LR_FINAL) -> SharpenResult:
     """Fine-tune the block of ``checkpoint`` (a run folder, checkpoints folder or sidecar) for
     ``steps`` more steps with the opacity-entropy loss (module docstring) into the run folder ``out``.
 
@@ -67,9 +72,13 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
         data: the survey (default: the one the run trained on, as recorded in the checkpoint).
         distortion_weight: replaces the run's ``optim.distortion_weight`` when given.
         threads: CPU threads (default: the run's).
+        lr_final: the rate at the end, as a fraction of the run's final rate (half a cosine down
+            to it; 1: constant).
     """
     if steps < 1:
         raise CitygenError(None, f"sharpen: --steps must be at least 1, got {steps}")
+    if not 0 < lr_final <= 1:
+        raise CitygenError(None, f"sharpen: --lr-final must be in (0, 1], got {lr_final}")
     sidecar = resolve_checkpoint(Path(checkpoint))
     meta = read_sidecar(sidecar)
     out = Path(out)
@@ -103,6 +112,9 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
         trainer.restore(sidecar)
         # the source run's learning-rate schedule has ended: continue at its final rate
         trainer.schedule_steps = max(schedule_steps, start)
+        # and decay it over the fine-tune: at a constant rate the entropy diverged past ~1600 steps
+        trainer.lr_extra = partial(cosine_decay, steps=steps, final=lr_final)
+        trainer.lr_extra_from = start
         trainer.seconds = trainer.cpu_seconds = 0.0
         ckpt = trainer.train(progress)
         report = None
@@ -112,4 +124,4 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
                          eval=report)
 
 
-__all__ = ["DEFAULT_ALPHA_ENTROPY_WEIGHT", "DEFAULT_STEPS", "SharpenResult", "sharpen_block"]
+__all__ = ["DEFAULT_ALPHA_ENTROPY_WEIGHT", "DEFAULT_LR_FINAL", "DEFAULT_STEPS", "SharpenResult", "sharpen_block"]
