@@ -265,7 +265,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
         stream_read_gbps: stream: simulated read speed of a block load, GB/s.
         stream_dir: stream: keep the blocks' files here and reuse them on the next run (default: a
             temporary folder, removed; 100 blocks of the block preset take about 19 GB).
-        picture: stream: write the picture of the path over the plan here (PNG); scale: the
+        picture: render --narrow-band: the first view of each set, reference | narrow band | its
+            samples per pixel (PNG); stream: the picture of the path over the plan; scale: the
             log-log plot of stage time against area; view: the last flying frame (PNG; the frame
             after the rest beside it, *_rest.png).
         scale_dir: scale: where each area's survey, tile and outputs go (area_<A>km2/).
@@ -307,13 +308,15 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
 
         if survey is not None and not narrow_band:
             raise CitygenError(None, "bench render: --survey scores the narrow band's views; pass --narrow-band with it")
+        if picture is not None and not narrow_band:
+            raise CitygenError(None, "bench render: --picture draws the narrow band's views; pass --narrow-band with it")
 
         resolutions = [parse_resolution(r) for r in res]
         check_values((f"--res {r}", side, IMAGE_SIDE) for r, wh in zip(res, resolutions) for side in wh)
         result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,
                               reference_frames=reference_frames, device=device, stream=not no_stream,
                               stream_budget_gb=stream_budget_gb, stream_frames=stream_frames,
-                              narrow_band=narrow_band, survey=survey)
+                              narrow_band=narrow_band, survey=survey, picture=picture)
     elif what == "stream":
         from .bench_stream import bench_stream
 
