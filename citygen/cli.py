@@ -844,7 +844,7 @@ def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named
 def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha_entropy_weight: float = 0.01,
             distortion_weight: float | None = None, data: Path | None = None, threads: int | None = None,
             no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None,
-            lr_final: float = 0.1) -> None:
+            lr_final: float = 1.0) -> None:
     """Fine-tune a trained block so that its surfaces are opaque (fewer field samples per pixel
     for the real-time renderer): continues from RUN's last checkpoint into the new run folder OUT
     with a per-sample opacity-entropy loss, then evaluates the held-out views.
@@ -861,7 +861,7 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha
         no_progress: no progress bar.
         lpips_weights: LPIPS weights for the evaluation (default: $CITYGEN_LPIPS_WEIGHTS).
         lr_final: the learning rate at the end as a fraction of the run's final one (half a
-            cosine down to it; 1: constant).
+            cosine down to it; 1: constant, the default: DESIGN.md "Towards 1.5 samples per pixel").
     """
     import json
 
