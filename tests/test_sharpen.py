@@ -19,8 +19,8 @@ from citygen.cli import entrypoint
 from citygen.config import load_config
 from citygen.errors import CitygenError
 from citygen.render import render_rays
-from citygen.render.volume import TAU_CAP
 from citygen.render.realtime import RealtimeRenderer
+from citygen.render.volume import TAU_CAP
 from citygen.train import BlockTrainer, load_field, train_block
 from citygen.train.sharpen import sharpen_block
 from survey_io import read_transforms
