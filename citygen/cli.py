@@ -841,7 +841,7 @@ def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named
 
 
 # Subcommand name -> function. Each function's docstring is its help text.
-def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha_entropy_weight: float = 0.01,
+def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1500, alpha_entropy_weight: float = 0.02,
             distortion_weight: float | None = None, data: Path | None = None, threads: int | None = None,
             no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None,
             lr_final: float = 1.0) -> None:
@@ -852,7 +852,7 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha
     Args:
         run: the trained run folder (or a checkpoint).
         out: the new run folder.
-        steps: fine-tune steps (1000: DESIGN.md "Towards 1.5 samples per pixel").
+        steps: fine-tune steps (1500 at weight 0.02: DESIGN.md "Towards 1.5 samples per pixel, session 7").
         alpha_entropy_weight: weight of the per-sample opacity entropy.
         distortion_weight: replaces the run's distortion-loss weight when given.
         data: the survey (default: the one the run trained on).

@@ -37,15 +37,14 @@ from .evaluate import evaluate
 from .schedule import cosine_decay
 from .trainer import BlockTrainer
 
-#: measured on a 1000-step tiny-city block, 300 steps (DESIGN.md "Sharpening fine-tune"): 6.64 -> 4.09
-#: samples per pixel at the source's held-out PSNR; 0.03 and 0.1 cut more (3.52, 3.25) but lost
-#: 0.33 and 0.97 dB
-DEFAULT_ALPHA_ENTROPY_WEIGHT = 0.01
-#: on the demo tile's 2100-step block (DESIGN.md "Towards 1.5 samples per pixel"): 3.41 samples per pixel
-#: -> 2.62 after 300 steps, 2.21 after 1000 (81 s of one core), 2.09 after 1500, none losing against
-#: ground truth; the 1500-step run continued diverged at 1633 steps in all (weights 0.02 and 0.03
-#: within 800), so 1000 keeps a margin
-DEFAULT_STEPS = 1000
+#: session 7 on the demo tile's 2100-step block (DESIGN.md "Towards 1.5 samples per pixel, session
+#: 7"), with the density ceiling of ``render_rays(alpha_entropy=True)``: weight 0.02 for 1500 steps
+#: 3.41 -> 2.13 samples per pixel, 53.7 dB worst against the reference, +0.59 dB against the survey's
+#: images (114 s of one core); without the ceiling 0.02 diverged within 732 steps and 0.01 for 1000
+#: steps gave 2.21 (the previous default).  On a 1000-step tiny-city block (uncapped, 300 steps)
+#: 0.03 and 0.1 lost 0.33 and 0.97 dB against 0.01 (DESIGN.md "Sharpening fine-tune")
+DEFAULT_ALPHA_ENTROPY_WEIGHT = 0.02
+DEFAULT_STEPS = 1500
 #: the fine-tune's rate falls from the run's final rate to this fraction of it (half a cosine over
 #: the fine-tune; 1: constant).  Measured on the demo block (DESIGN.md "Towards 1.5 samples per
 #: pixel", session 7): a decay to 0.1 over 1000 steps sharpens less than the constant rate (2.37
