@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from cuda_ext import realtime as rt_ext
 from survey_io import Camera
@@ -59,7 +60,7 @@ from .bench import _cpu_name
 from .config import FieldConfig, RenderConfig
 from .errors import CitygenError
 from .fields import CityField
-from .images import load_rgb, rgb_to_uint8
+from .images import colorize_heat, load_rgb, rgb_to_uint8, write_png
 from .render import OccupancyGrid, render_image
 from .render.envelope import bake_field_envelope
 from .render.realtime import RealtimeRenderer, native_module, pack_field
@@ -298,12 +299,13 @@ def survey_views(survey_path: Path, downscale: int, max_views: int) -> list[tupl
 
 def bench_narrow_band(field, render_cfg: RenderConfig, device: torch.device, resolution: tuple[int, int],
                       n_frames: int, altitude: float, sampling: RealtimeSampling, survey: Path | None = None,
-                      downscale: int = 1, max_survey_views: int = 4) -> dict[str, Any]:
+                      downscale: int = 1, max_survey_views: int = 4, picture: Path | None = None) -> dict[str, Any]:
     """The baked envelope and narrow-band rendering (:mod:`citygen.render.envelope`) against the
     plain real-time path and the torch reference: on the fly path and, with ``survey``, on its
     held-out views (also against their ground-truth images): samples per pixel, PSNR, envelope
     bytes against the packed block's, bake and ray-cast seconds, and the H100 roofline ESTIMATE
-    at 1920x1080 and 3840x2160 from the narrow band's samples per pixel."""
+    at 1920x1080 and 3840x2160 from the narrow band's samples per pixel; ``picture``: a PNG of the
+    first view of each set, reference | narrow band | the band's samples per pixel (heat map)."""
     plain = RealtimeRenderer(field, render_cfg, device=device, sampling=sampling)
     if plain.backend != "native":
         return {"available": False, "reason": plain.fallback_reason}
@@ -325,11 +327,14 @@ def bench_narrow_band(field, render_cfg: RenderConfig, device: torch.device, res
                               "sigma_outer": envelope.sigma_outer, "sigma_inner": envelope.sigma_inner,
                               "margin_m": envelope.margin, "view_sets": {}}
     all_band, all_plain = [], []
+    strips = []
     for name, views in sets.items():
         rows = []
         for view, cam, c2w, gt_path in views:
             ref = render_image(field, cam, c2w, render=render_cfg)
             a, b = plain.render(cam, c2w), banded.render(cam, c2w)
+            if picture is not None and not rows:
+                strips.append((view, ref["rgb"], b["rgb"], b["n_samples"]))
             band_s = banded.timings.get("band", 0.0)
             row = {"view": view, "resolution": f"{cam.width}x{cam.height}",
                    "samples_per_pixel": float(a["n_samples"].float().mean()),
@@ -360,7 +365,39 @@ def bench_narrow_band(field, render_cfg: RenderConfig, device: torch.device, res
     result["roofline_h100"] = {f"{w}x{h}": {"narrow_band": estimate_4k(spp_band, cost, (w, h)),
                                             "without_band": estimate_4k(spp_plain, cost, (w, h))}
                                for w, h in ((1920, 1080), (3840, 2160))}
+    if picture is not None:
+        result["picture"] = str(draw_band_picture(Path(picture), strips))
     return result
+
+
+#: the heat map's top (samples per pixel): the colour saturates there
+PICTURE_SPP_TOP = 8.0
+
+
+def draw_band_picture(path: Path, strips: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> Path:
+    """One row per view: reference | narrow band | its field samples per pixel (viridis up to
+    ``PICTURE_SPP_TOP``, black = none), labelled with the view and its mean samples per pixel."""
+    label_h = 14
+    rows = []
+    for view, ref, band, n in strips:
+        heat = colorize_heat(n.detach().cpu().numpy().astype(np.float64), PICTURE_SPP_TOP)
+        row = np.concatenate([rgb_to_uint8(ref), rgb_to_uint8(band), heat], axis=1)
+        img = Image.new("RGB", (row.shape[1], row.shape[0] + label_h), (255, 255, 255))
+        img.paste(Image.fromarray(row), (0, label_h))
+        w = row.shape[1] // 3
+        d = ImageDraw.Draw(img)
+        spp = float(n.float().mean())
+        for i, text in enumerate(("reference", "narrow band",
+                                  f"samples/pixel {spp:.2f} (0..{PICTURE_SPP_TOP:g}) {view}")):
+            d.text((i * w + 3, 1), text, fill=(0, 0, 0))
+        rows.append(img)
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (255, 255, 255))
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height
+    write_png(path, np.asarray(out))
+    return path
 
 
 def stream_field_config(gpu: bool) -> FieldConfig:
@@ -448,9 +485,11 @@ def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | 
                  reference_frames: int = 1, device: str = "auto", stream: bool = True,
                  stream_area_km2: float = 100.0, stream_block_size: float = 500.0,
                  stream_budget_gb: float | None = None, stream_frames: int | None = None,
-                 narrow_band: bool = False, survey: Path | None = None) -> dict[str, Any]:
+                 narrow_band: bool = False, survey: Path | None = None,
+                 picture: Path | None = None) -> dict[str, Any]:
     """Run the render benchmark (module docstring) and return the JSON-ready result; with
-    ``narrow_band`` also :func:`bench_narrow_band` (``survey``: its held-out views too)."""
+    ``narrow_band`` also :func:`bench_narrow_band` (``survey``: its held-out views too;
+    ``picture``: its PNG)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise CitygenError(None, "bench: --device cuda, but torch sees no CUDA device here")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -491,7 +530,7 @@ def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | 
     if narrow_band:
         downscale = meta_downscale if tile is not None else 1
         result["narrow_band"] = bench_narrow_band(field, render_cfg, dev, resolutions[0], n_frames, altitude, sampling,
-                                                  survey=survey, downscale=downscale)
+                                                  survey=survey, downscale=downscale, picture=picture)
     if stream:
         budget = int((stream_budget_gb if stream_budget_gb is not None else (12.0 if gpu else 0.005)) * 1e9)
         result["streaming"] = bench_streaming(dev, resolutions[0], stream_area_km2, stream_block_size, budget,

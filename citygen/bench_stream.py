@@ -57,6 +57,7 @@ from .bench_render import pinhole, synthetic_layout
 from .config import load_config
 from .errors import CitygenError
 from .fields import CityField
+from .images import VIRIDIS_STOPS
 from .partition.plan import block_id
 from .render import OccupancyGrid
 from .render.realtime import PackedField, pack_field
@@ -364,7 +365,7 @@ def fly(manifest: dict[str, Any], folder: Path, budget_bytes: int, path_m: float
 
 # -- the picture -------------------------------------------------------------------------------------
 def _viridis(x: float) -> tuple[int, int, int]:
-    stops = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+    stops = VIRIDIS_STOPS
     x = min(max(x, 0.0), 1.0) * (len(stops) - 1)
     i = min(int(x), len(stops) - 2)
     f = x - i

@@ -290,7 +290,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
         stream_read_gbps: stream: simulated read speed of a block load, GB/s.
         stream_dir: stream: keep the blocks' files here and reuse them on the next run (default: a
             temporary folder, removed; 100 blocks of the block preset take about 19 GB).
-        picture: stream: write the picture of the path over the plan here (PNG); scale: the
+        picture: render --narrow-band: the first view of each set, reference | narrow band | its
+            samples per pixel (PNG); stream: the picture of the path over the plan; scale: the
             log-log plot of stage time against area; view: the last flying frame (PNG; the frame
             after the rest beside it, *_rest.png).
         scale_dir: scale: where each area's survey, tile and outputs go (area_<A>km2/).
@@ -332,13 +333,15 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
 
         if survey is not None and not narrow_band:
             raise CitygenError(None, "bench render: --survey scores the narrow band's views; pass --narrow-band with it")
+        if picture is not None and not narrow_band:
+            raise CitygenError(None, "bench render: --picture draws the narrow band's views; pass --narrow-band with it")
 
         resolutions = [parse_resolution(r) for r in res]
         check_values((f"--res {r}", side, IMAGE_SIDE) for r, wh in zip(res, resolutions) for side in wh)
         result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,
                               reference_frames=reference_frames, device=device, stream=not no_stream,
                               stream_budget_gb=stream_budget_gb, stream_frames=stream_frames,
-                              narrow_band=narrow_band, survey=survey)
+                              narrow_band=narrow_band, survey=survey, picture=picture)
     elif what == "stream":
         from .bench_stream import bench_stream
 
@@ -889,9 +892,10 @@ def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named
 
 
 # Subcommand name -> function. Each function's docstring is its help text.
-def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha_entropy_weight: float = 0.01,
+def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1500, alpha_entropy_weight: float = 0.02,
             distortion_weight: float | None = None, data: Path | None = None, threads: int | None = None,
-            no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None) -> None:
+            no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None,
+            lr_final: float = 1.0) -> None:
     """Fine-tune a trained block so that its surfaces are opaque (fewer field samples per pixel
     for the real-time renderer): continues from RUN's last checkpoint into the new run folder OUT
     with a per-sample opacity-entropy loss, then evaluates the held-out views.
@@ -899,7 +903,7 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha
     Args:
         run: the trained run folder (or a checkpoint).
         out: the new run folder.
-        steps: fine-tune steps (1000: DESIGN.md "Towards 1.5 samples per pixel").
+        steps: fine-tune steps (1500 at weight 0.02: DESIGN.md "Towards 1.5 samples per pixel, session 7").
         alpha_entropy_weight: weight of the per-sample opacity entropy.
         distortion_weight: replaces the run's distortion-loss weight when given.
         data: the survey (default: the one the run trained on).
@@ -907,6 +911,8 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha
         no_eval: skip the held-out evaluation at the end.
         no_progress: no progress bar.
         lpips_weights: LPIPS weights for the evaluation (default: $CITYGEN_LPIPS_WEIGHTS).
+        lr_final: the learning rate at the end as a fraction of the run's final one (half a
+            cosine down to it; 1: constant, the default: DESIGN.md "Towards 1.5 samples per pixel").
     """
     import json
 
@@ -917,7 +923,8 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1000, alpha
     result = sharpen_block(run, out, steps=steps, alpha_entropy_weight=alpha_entropy_weight,
                            distortion_weight=distortion_weight, data=data, threads=threads,
                            evaluate_at_end=not no_eval, progress=not no_progress,
-                           lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
+                           lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights),
+                           lr_final=lr_final)
     print(json.dumps({"out": str(result.out), "checkpoint": str(result.checkpoint), "from_step": result.start_step,
                       "step": result.step, "seconds": round(result.seconds, 2),
                       "eval": result.eval["mean"] if result.eval else None}, indent=2))

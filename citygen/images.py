@@ -78,12 +78,29 @@ def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.nda
     lo, hi = np.percentile(depth[valid], [2, 98])
     t = np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1)
     # piecewise-linear approximation of matplotlib's "magma" (reversed: near is bright)
-    stops = np.array([[252, 253, 191], [252, 137, 97], [183, 55, 121], [81, 18, 124], [0, 0, 4]], np.float64)
-    pos = t * (len(stops) - 1)
+    rgb = _ramp(t, [[252, 253, 191], [252, 137, 97], [183, 55, 121], [81, 18, 124], [0, 0, 4]])
+    rgb[~valid] = 0
+    return rgb.round().astype(np.uint8)
+
+
+#: piecewise-linear approximation of matplotlib's "viridis" (low = dark purple, high = yellow)
+VIRIDIS_STOPS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def _ramp(t: np.ndarray, stops) -> np.ndarray:
+    """t in [0, 1] -> colours interpolated linearly between equally spaced ``stops`` (float64)."""
+    stops = np.asarray(stops, np.float64)
+    pos = np.clip(t, 0, 1) * (len(stops) - 1)
     i = np.clip(pos.astype(int), 0, len(stops) - 2)
     f = (pos - i)[..., None]
-    rgb = stops[i] * (1 - f) + stops[i + 1] * f
-    rgb[~valid] = 0
+    return stops[i] * (1 - f) + stops[i + 1] * f
+
+
+def colorize_heat(values: np.ndarray, top: float) -> np.ndarray:
+    """(H, W) values in [0, ``top``] (clipped) -> (H, W, 3) uint8 viridis; 0 is black (nothing
+    there, e.g. no field sample), so that it stands apart from the ramp's low end."""
+    rgb = _ramp(np.asarray(values, np.float64) / max(top, 1e-12), VIRIDIS_STOPS)
+    rgb[np.asarray(values) <= 0] = 0
     return rgb.round().astype(np.uint8)
 
 
@@ -94,4 +111,4 @@ def colorize_labels(labels: np.ndarray, colors=CLASS_COLORS) -> np.ndarray:
     return palette[labels]
 
 
-__all__ = ["colorize_depth", "colorize_labels", "load_depth", "load_labels", "load_rgb", "rgb_to_uint8", "write_png"]
+__all__ = ["VIRIDIS_STOPS", "colorize_depth", "colorize_heat", "colorize_labels", "load_depth", "load_labels", "load_rgb", "rgb_to_uint8", "write_png"]

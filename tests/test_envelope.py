@@ -128,7 +128,9 @@ def test_bench_narrow_band_reports(realtime_cpu, tmp_path):
 
     field, rc = make_field()
     survey = make_box_survey(tmp_path / "boxes", n_train=2, n_test=1, width=24, height=18)
-    out = bench_narrow_band(field, rc, torch.device("cpu"), (24, 18), 2, 10.0, RealtimeSampling(), survey=survey)
+    picture = tmp_path / "band.png"
+    out = bench_narrow_band(field, rc, torch.device("cpu"), (24, 18), 2, 10.0, RealtimeSampling(), survey=survey,
+                            picture=picture)
     assert out["available"] and 0 < out["envelope_fraction"] <= 0.1 and out["bake_s"] > 0
     fly, views = out["view_sets"]["fly_path"], out["view_sets"]["survey_views"]
     assert len(fly["views"]) == 2 and len(views["views"]) == 1
@@ -142,6 +144,19 @@ def test_bench_narrow_band_reports(realtime_cpu, tmp_path):
     # Four times the pixels, a quarter of the frame rate (same samples per pixel).
     assert out["roofline_h100"]["1920x1080"]["narrow_band"]["fps_tensor_core_mlp"] == pytest.approx(
         4 * out["roofline_h100"]["3840x2160"]["narrow_band"]["fps_tensor_core_mlp"])
+    # The picture: a row per view set (the fly path's first frame on top, 14 px of labels), its
+    # left panel the torch reference render of that frame.
+    from PIL import Image
+
+    from citygen.bench_render import fly_path, pinhole
+    from citygen.images import rgb_to_uint8
+    from citygen.render import render_image
+
+    img = np.asarray(Image.open(picture).convert("RGB"))
+    assert img.shape == (2 * (18 + 14), 3 * 24, 3) and [p.name for p in tmp_path.iterdir() if "band" in p.name] == [
+        "band.png"]
+    ref = render_image(field, pinhole(24, 18), fly_path(field.aabb.detach().numpy(), 2, 10.0)[0], render=rc)
+    assert np.abs(img[14:32, :24].astype(int) - rgb_to_uint8(ref["rgb"]).astype(int)).max() <= 1
 
 
 def test_bench_render_survey_needs_narrow_band():
@@ -152,6 +167,10 @@ def test_bench_render_survey_needs_narrow_band():
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert "--survey" in result.stderr and "--narrow-band" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "citygen.cli", "bench", "render", "--picture", "x.png"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "--picture" in result.stderr and "--narrow-band" in result.stderr and "Traceback" not in result.stderr
 
 
 def _box_shell(lo, hi) -> Shell:

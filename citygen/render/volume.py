@@ -31,6 +31,8 @@ from .sampling import camera_rays, intersect_aabb
 
 #: per-sample opacities are clamped this far inside (0, 1) so the entropy's logarithms stay finite
 ALPHA_CLAMP = 1e-6
+#: the optical depth of one step past which the opacity entropy adds log(tau / TAU_CAP)
+TAU_CAP = 1e4
 
 
 def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, step_size: float,
@@ -57,7 +59,9 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
             evaluated, the others count as empty (the narrow band of :mod:`citygen.render.envelope`;
             the sample positions do not move).
         alpha_entropy: also return ``alpha_entropy`` (R,): ``sum_k T_k H(alpha_k)`` over the
-            evaluated samples, ``H`` the binary entropy (:data:`ALPHA_CLAMP`).  Zero only when every
+            evaluated samples, ``H`` the binary entropy (:data:`ALPHA_CLAMP`), plus ``T_k`` times
+            ``log(tau_k / TAU_CAP)`` where the optical depth ``tau_k`` passes :data:`TAU_CAP`
+            (no runaway density).  Zero only when every
             visible sample is empty or opaque: the sharpening fine-tune (:mod:`citygen.train.sharpen`)
             uses it to turn a semi-transparent surface layer, which early termination must march
             through sample by sample, into one opaque step.  Weighted by ``T`` so that samples
@@ -120,8 +124,16 @@ def render_rays(field, origins: Tensor, dirs: Tensor, appearance: Tensor, *, ste
             w_dense = trans * (1.0 - torch.exp(-tau))
             w = w_dense[ri, si]                                                    # packed weights
             if ent is not None:
-                a = (1.0 - torch.exp(-tau[ri, si])).clamp(ALPHA_CLAMP, 1.0 - ALPHA_CLAMP)
-                h = -(a * torch.log(a) + (1.0 - a) * torch.log1p(-a))
+                tau_p = tau[ri, si]
+                a = (1.0 - torch.exp(-tau_p)).clamp(ALPHA_CLAMP, 1.0 - ALPHA_CLAMP)
+                # plus the optical depth past the clamp: there the entropy's gradient is gone and
+                # the photometric one, exp(-tau), vanishes but keeps its sign, which Adam turns into
+                # full-size steps: log-density then grew linearly (max density 7e4 -> 2e19 in 1500
+                # fine-tune steps) until float32 overflowed (the divergence) and sheets of 1e20
+                # split the renderers (32.6 dB); this keeps tau near TAU_CAP.  In log(tau): its
+                # gradient on the density network's output is then 1, not tau (up to 1e20)
+                h = -(a * torch.log(a) + (1.0 - a) * torch.log1p(-a)) \
+                    + (torch.log(tau_p.clamp_min(TAU_CAP)) - math.log(TAU_CAP))
                 ent = ent.index_add(0, rays, trans[ri, si] * h)
             if dist is not None:
                 s_dense = t * distortion_scale

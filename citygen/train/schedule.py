@@ -3,6 +3,7 @@ method (:mod:`citygen.nerfstudio_plugin`): the learning-rate curve and the occup
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,6 +21,14 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
         return WARMUP_START + (1.0 - WARMUP_START) * step / max(optim.warmup_steps, 1)
     span = max(total_steps - optim.warmup_steps, 1)
     return optim.final_lr_fraction ** min((step - optim.warmup_steps) / span, 1.0)
+
+
+def cosine_decay(done: int, steps: int, final: float) -> float:
+    """Half a cosine from 1 at ``done`` = 0 down to ``final`` at ``done`` = ``steps`` (and after):
+    the sharpening fine-tune's extra factor on the run's final rate (citygen.train.sharpen), flat
+    at both ends so that the entropy's first steps and the last ones both move slowly."""
+    x = min(max(done / max(steps, 1), 0.0), 1.0)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * x))
 
 
 def occupancy_refresh_cells(done: int, render: RenderConfig) -> int | None | bool:
@@ -45,4 +54,4 @@ def refresh_occupancy(field: Any, done: int, render: RenderConfig, step_size: fl
     return True
 
 
-__all__ = ["WARMUP_START", "lr_factor", "occupancy_refresh_cells", "refresh_occupancy"]
+__all__ = ["WARMUP_START", "cosine_decay", "lr_factor", "occupancy_refresh_cells", "refresh_occupancy"]

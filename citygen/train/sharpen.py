@@ -6,7 +6,8 @@ Why: a young field's surfaces are a semi-transparent layer several metres thick 
 per step), and early termination has to march through it sample by sample (6.6 samples per pixel
 on a 1000-step ``tiny`` block, with or without the band).  The fine-tune continues training from
 the run's last checkpoint, on the same images, losses and occupancy schedule, at the run's final
-learning rate (constant: the schedule is over), with one more loss: the per-sample opacity entropy
+learning rate (constant by default: the schedule is over; ``lr_final`` < 1 decays it over the
+fine-tune along half a cosine), with one more loss: the per-sample opacity entropy
 ``sum_k T_k H(alpha_k)`` (``render_rays(alpha_entropy=True)``, weight
 ``optim.alpha_entropy_weight``), which is zero only when every visible sample is empty or opaque;
 the photometric loss keeps what the surface looks like.  Optionally a stronger distortion loss
@@ -21,6 +22,7 @@ every command that takes a run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +34,24 @@ from ..store.checkpoint import read_sidecar, resolve_checkpoint
 from ..store.layout import PIXELS_FILE
 from .data import read_pixel_masks, write_pixel_masks
 from .evaluate import evaluate
+from .schedule import cosine_decay
 from .trainer import BlockTrainer
 
-#: measured on a 1000-step tiny-city block, 300 steps (DESIGN.md "Sharpening fine-tune"): 6.64 -> 4.09
-#: samples per pixel at the source's held-out PSNR; 0.03 and 0.1 cut more (3.52, 3.25) but lost
-#: 0.33 and 0.97 dB
-DEFAULT_ALPHA_ENTROPY_WEIGHT = 0.01
-#: on the demo tile's 2100-step block (DESIGN.md "Towards 1.5 samples per pixel"): 3.41 samples per pixel
-#: -> 2.62 after 300 steps, 2.21 after 1000 (81 s of one core), 2.09 after 1500, none losing against
-#: ground truth; the 1500-step run continued diverged at 1633 steps in all (weights 0.02 and 0.03
-#: within 800), so 1000 keeps a margin
-DEFAULT_STEPS = 1000
+#: session 7 on the demo tile's 2100-step block (DESIGN.md "Towards 1.5 samples per pixel, session
+#: 7"), with the density ceiling of ``render_rays(alpha_entropy=True)``: weight 0.02 for 1500 steps
+#: 3.41 -> 2.13 samples per pixel, 53.7 dB worst against the reference, +0.59 dB against the survey's
+#: images (114 s of one core); without the ceiling 0.02 diverged within 732 steps and 0.01 for 1000
+#: steps gave 2.21 (the previous default).  On a 1000-step tiny-city block (uncapped, 300 steps)
+#: 0.03 and 0.1 lost 0.33 and 0.97 dB against 0.01 (DESIGN.md "Sharpening fine-tune")
+DEFAULT_ALPHA_ENTROPY_WEIGHT = 0.02
+DEFAULT_STEPS = 1500
+#: the fine-tune's rate falls from the run's final rate to this fraction of it (half a cosine over
+#: the fine-tune; 1: constant).  Measured on the demo block (DESIGN.md "Towards 1.5 samples per
+#: pixel", session 7): a decay to 0.1 over 1000 steps sharpens less than the constant rate (2.37
+#: instead of 2.21 samples per pixel); over 2000 steps it reaches 2.06 without diverging but the
+#: real-time render falls to 32.6 dB against the reference and one view loses 0.8 dB against its
+#: image: the constant rate stays the default, the decay is an option
+DEFAULT_LR_FINAL = 1.0
 
 
 @dataclass
@@ -59,7 +68,7 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
                   alpha_entropy_weight: float = DEFAULT_ALPHA_ENTROPY_WEIGHT,
                   distortion_weight: float | None = None, data: Path | str | None = None,
                   threads: int | None = None, evaluate_at_end: bool = True, progress: bool = True,
-                  lpips_weights: Path | str | None = None) -> SharpenResult:
+                  lpips_weights: Path | str | None = None, lr_final: float = DEFAULT_LR_FINAL) -> SharpenResult:
     """Fine-tune the block of ``checkpoint`` (a run folder, checkpoints folder or sidecar) for
     ``steps`` more steps with the opacity-entropy loss (module docstring) into the run folder ``out``.
 
@@ -67,9 +76,13 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
         data: the survey (default: the one the run trained on, as recorded in the checkpoint).
         distortion_weight: replaces the run's ``optim.distortion_weight`` when given.
         threads: CPU threads (default: the run's).
+        lr_final: the rate at the end, as a fraction of the run's final rate (half a cosine down
+            to it; 1: constant).
     """
     if steps < 1:
         raise CitygenError(None, f"sharpen: --steps must be at least 1, got {steps}")
+    if not 0 < lr_final <= 1:
+        raise CitygenError(None, f"sharpen: --lr-final must be in (0, 1], got {lr_final}")
     sidecar = resolve_checkpoint(Path(checkpoint))
     meta = read_sidecar(sidecar)
     out = Path(out)
@@ -103,6 +116,9 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
         trainer.restore(sidecar)
         # the source run's learning-rate schedule has ended: continue at its final rate
         trainer.schedule_steps = max(schedule_steps, start)
+        # and decay it over the fine-tune: at a constant rate the entropy diverged past ~1600 steps
+        trainer.lr_extra = partial(cosine_decay, steps=steps, final=lr_final)
+        trainer.lr_extra_from = start
         trainer.seconds = trainer.cpu_seconds = 0.0
         ckpt = trainer.train(progress)
         report = None
@@ -112,4 +128,4 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
                          eval=report)
 
 
-__all__ = ["DEFAULT_ALPHA_ENTROPY_WEIGHT", "DEFAULT_STEPS", "SharpenResult", "sharpen_block"]
+__all__ = ["DEFAULT_ALPHA_ENTROPY_WEIGHT", "DEFAULT_LR_FINAL", "DEFAULT_STEPS", "SharpenResult", "sharpen_block"]

@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -138,6 +138,10 @@ class BlockTrainer:
         #: the step the learning-rate schedule ends at (past it: the final rate); the sharpening
         #: fine-tune (citygen.train.sharpen) sets it to the source run's end
         self.schedule_steps = cfg.steps
+        #: an extra factor on the rate, of the steps done since ``lr_extra_from`` (None: 1); the
+        #: sharpening fine-tune decays its constant final rate with it
+        self.lr_extra: Callable[[int], float] | None = None
+        self.lr_extra_from = 0
         self.seconds = 0.0          # training wall time (not loading, checkpoints, evaluation)
         self.cpu_seconds = 0.0      # process CPU time of the same (all threads): robust to a shared machine
         self.checkpoint_dir = self.out / CHECKPOINTS_DIR
@@ -218,6 +222,8 @@ class BlockTrainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         factor = lr_factor(self.step, cfg.optim, self.schedule_steps)
+        if self.lr_extra is not None:
+            factor *= self.lr_extra(self.step - self.lr_extra_from)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         sparse = self.data.sparse_depth if cfg.optim.sparse_depth_weight > 0 else None
