@@ -10,21 +10,21 @@ import numpy as np
 from boxscene import make_box_survey
 
 from citygen.config import FieldConfig, load_config
-from citygen.fields.field import gsd_max_resolution
+from citygen.fields.field import gsd_resolutions
 from citygen.train import load_field, train_block
 from citygen.train.data import ground_sample_distance
 from survey_io import Camera, read_transforms
 
 
-def test_gsd_max_resolution_closed_form():
+def test_gsd_resolutions_closed_form():
     cfg = FieldConfig(max_resolution=2048, base_resolution=16, min_cell_gsd=1.0)
-    assert gsd_max_resolution(cfg, 728.0, 0.6) == 1213       # floor(728 / 0.6)
-    assert gsd_max_resolution(cfg, 2000.0, 0.5) == 2048      # 4000 fits: never raised
-    assert gsd_max_resolution(cfg, 10.0, 5.0) == 16          # never below the base
+    assert gsd_resolutions(cfg, 728.0, 0.6) == (9, 1213)      # floor(728 / 0.6); 16 * 1213 / 2048 = 9.5
+    assert gsd_resolutions(cfg, 2000.0, 0.5) == (16, 2048)    # 4000 fits: never raised
+    assert gsd_resolutions(cfg, 10.0, 5.0) == (2, 2)          # the base floors at 2, the finest at the base
     cfg.min_cell_gsd = 2.0
-    assert gsd_max_resolution(cfg, 728.0, 0.6) == 606        # floor(728 / 1.2)
+    assert gsd_resolutions(cfg, 728.0, 0.6) == (5, 606)       # floor(728 / 1.2); 16 * 606 / 2048 = 4.7
     cfg.min_cell_gsd = 0.0
-    assert gsd_max_resolution(cfg, 728.0, 0.6) == 2048       # off
+    assert gsd_resolutions(cfg, 728.0, 0.6) == (16, 2048)     # off
 
 
 def test_ground_sample_distance_is_height_over_focal():
@@ -52,6 +52,7 @@ def test_a_runs_grid_follows_its_images_and_its_checkpoint_rebuilds_it(tmp_path)
     expected = math.floor(float((box[1] - box[0]).max()) / gsd)
     assert 16 <= expected < 512                                       # the cap is what this scene tests
     assert meta["config"]["field"]["max_resolution"] == expected
+    assert meta["config"]["field"]["base_resolution"] == max(2, round(16 * expected / 512))
     assert json.loads((out / "config.json").read_text())["field"]["max_resolution"] == expected
     grid = field.encoding.config
     assert math.isclose(grid.base_resolution * grid.per_level_scale ** (grid.n_levels - 1), expected, rel_tol=1e-6)

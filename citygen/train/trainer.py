@@ -38,7 +38,7 @@ from ..config import TrainConfig, to_dict
 from ..distributed.lease import hold_block
 from ..distributed.state import truncate_metrics
 from ..errors import CitygenError
-from ..fields.field import gsd_max_resolution, norm_extent
+from ..fields.field import gsd_resolutions, norm_extent
 from ..nets.lpips import load_lpips
 from ..render.volume import render_rays
 from ..store.checkpoint import (
@@ -114,10 +114,10 @@ class BlockTrainer:
         # lowered resolution is the run's config, so its checkpoints rebuild the same grid
         self.gsd_m = ground_sample_distance(self.data.cameras, self.data.c2w.cpu().numpy(), float(self.aabb[0, 2]))
         longest = float(norm_extent(torch.as_tensor(self.aabb), cfg.field.normalization).max())
-        resolution = gsd_max_resolution(cfg.field, longest, self.gsd_m)
-        if resolution != cfg.field.max_resolution:
+        base, finest = gsd_resolutions(cfg.field, longest, self.gsd_m)
+        if (base, finest) != (cfg.field.base_resolution, cfg.field.max_resolution):
             self.cfg = cfg = copy.deepcopy(cfg)
-            cfg.field.max_resolution = resolution
+            cfg.field.base_resolution, cfg.field.max_resolution = base, finest
         self.classes = list(self.survey.classes)
         torch.manual_seed(cfg.seed)  # network initialisation
         self.field = build_field(cfg, self.aabb, len(images), len(self.classes), self.data.camera_positions,
