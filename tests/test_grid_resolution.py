@@ -39,7 +39,7 @@ def test_a_runs_grid_follows_its_images_and_its_checkpoint_rebuilds_it(tmp_path)
     survey_path = make_box_survey(tmp_path / "survey")
     survey = read_transforms(survey_path)
     cfg = load_config("tiny", {"field.n_levels": 4, "field.log2_hashmap_size": 10, "field.max_resolution": 512,
-                               "field.hidden_dim": 16, "field.semantic_hidden_dim": 16, "steps": 2,
+                               "field.hidden_dim": 16, "field.semantic_hidden_dim": 16, "field.min_cell_gsd": 1.0, "steps": 2,
                                "rays_per_batch": 64, "threads": 1, "checkpoint_every": 10000})
     out = tmp_path / "run"
     train_block(cfg, survey_path, out, progress=False)
@@ -57,3 +57,9 @@ def test_a_runs_grid_follows_its_images_and_its_checkpoint_rebuilds_it(tmp_path)
     grid = field.encoding.config
     assert math.isclose(grid.base_resolution * grid.per_level_scale ** (grid.n_levels - 1), expected, rel_tol=1e-6)
     assert math.isclose(meta["gsd_m"], gsd, rel_tol=1e-3)
+    # off by default: the preset's resolutions stand
+    default = load_config("tiny", {"field.n_levels": 4, "field.log2_hashmap_size": 10, "field.max_resolution": 512,
+                                   "field.hidden_dim": 16, "field.semantic_hidden_dim": 16, "steps": 2,
+                                   "rays_per_batch": 64, "threads": 1, "checkpoint_every": 10000})
+    train_block(default, survey_path, tmp_path / "default", progress=False)
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["field"]["max_resolution"] == 512

@@ -110,8 +110,8 @@ class BlockTrainer:
         if aabb is None:
             aabb, self.box_source = scene_box(self.survey, images, cfg.aabb_margin)
         self.aabb = np.asarray(aabb, dtype=np.float64).reshape(2, 3)
-        # the finest grid level no finer than the images resolve (FieldConfig.min_cell_gsd); the
-        # lowered resolution is the run's config, so its checkpoints rebuild the same grid
+        # with FieldConfig.min_cell_gsd, the grid no finer than the images resolve; the
+        # lowered resolutions are the run's config, so its checkpoints rebuild the same grid
         self.gsd_m = ground_sample_distance(self.data.cameras, self.data.c2w.cpu().numpy(), float(self.aabb[0, 2]))
         longest = float(norm_extent(torch.as_tensor(self.aabb), cfg.field.normalization).max())
         base, finest = gsd_resolutions(cfg.field, longest, self.gsd_m)
