@@ -30,6 +30,8 @@ but oblique views see the horizon beyond the block.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -83,6 +85,22 @@ def hash_grid_config(cfg: FieldConfig) -> HashGridConfig:
     return HashGridConfig.from_max_resolution(
         cfg.max_resolution, n_levels=cfg.n_levels, base_resolution=cfg.base_resolution,
         n_features_per_level=cfg.n_features_per_level, log2_hashmap_size=cfg.log2_hashmap_size)
+
+
+def gsd_resolutions(cfg: FieldConfig, longest_m: float, gsd_m: float) -> tuple[int, int]:
+    """``(base_resolution, max_resolution)`` of ``cfg``, scaled down together so that the finest
+    cell over ``longest_m`` (the side the grid's unit interval spans) is at least
+    ``cfg.min_cell_gsd`` ground sample distances (``gsd_m``, see
+    :func:`citygen.train.data.ground_sample_distance`); never raised, the base at least 2,
+    unchanged with ``min_cell_gsd`` 0.  Both ends scale (every level's cells grow by the same
+    factor, the levels keep their ratio): lowering the finest level alone measured worse."""
+    if cfg.min_cell_gsd <= 0 or gsd_m <= 0 or longest_m <= 0:
+        return cfg.base_resolution, cfg.max_resolution
+    fit = math.floor(longest_m / (cfg.min_cell_gsd * gsd_m))
+    if fit >= cfg.max_resolution:
+        return cfg.base_resolution, cfg.max_resolution
+    base = max(2, round(cfg.base_resolution * fit / cfg.max_resolution))
+    return base, max(base, fit)
 
 
 class CityField(nn.Module):

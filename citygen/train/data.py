@@ -302,6 +302,17 @@ def padded_heights(heights: tuple[float, float]) -> tuple[float, float]:
     return z0 - pad, z1 + pad
 
 
+def ground_sample_distance(cameras: list, c2w: np.ndarray, floor_z: float) -> float:
+    """The images' nadir ground sample distance at height ``floor_z``, metres per pixel of
+    ``cameras`` (the training resolution): the median over images of the camera's height above
+    ``floor_z`` over its focal length -- a pixel's footprint straight down (oblique pixels see
+    coarser ones, roofs finer).  A block's box floor sits a little under its ground, so at the
+    floor this is the ground's GSD within a few per cent."""
+    heights = np.maximum(np.asarray(c2w, dtype=np.float64)[:, 2, 3] - floor_z, 0.0)
+    focal = np.array([cam.fl_x for cam in cameras], dtype=np.float64)
+    return float(np.median(heights / focal))
+
+
 def flight_heights(ground_z: float, lowest_camera_z: float) -> tuple[float, float]:
     """Heights to bound a field by when nothing was observed: ``[g - 0.1 h, g + 0.6 h]`` with
     ``h`` the lowest camera's height above the ground ``g`` (surveys fly well above what they

@@ -18,6 +18,7 @@ from step k and training to k + m gives the same parameters as training k + m st
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -37,6 +38,7 @@ from ..config import TrainConfig, to_dict
 from ..distributed.lease import hold_block
 from ..distributed.state import truncate_metrics
 from ..errors import CitygenError
+from ..fields.field import gsd_resolutions, norm_extent
 from ..nets.lpips import load_lpips
 from ..render.volume import render_rays
 from ..store.checkpoint import (
@@ -49,7 +51,7 @@ from ..store.checkpoint import (
     save_checkpoint,
 )
 from ..store.field import build_field
-from .data import RayDataset, load_survey, scene_box, select_images
+from .data import RayDataset, ground_sample_distance, load_survey, scene_box, select_images
 from .error_map import ErrorMap
 from .evaluate import evaluate
 from .losses import ground_opacity_loss, opacity_entropy, sparse_depth_loss
@@ -108,6 +110,14 @@ class BlockTrainer:
         if aabb is None:
             aabb, self.box_source = scene_box(self.survey, images, cfg.aabb_margin)
         self.aabb = np.asarray(aabb, dtype=np.float64).reshape(2, 3)
+        # with FieldConfig.min_cell_gsd, the grid no finer than the images resolve; the
+        # lowered resolutions are the run's config, so its checkpoints rebuild the same grid
+        self.gsd_m = ground_sample_distance(self.data.cameras, self.data.c2w.cpu().numpy(), float(self.aabb[0, 2]))
+        longest = float(norm_extent(torch.as_tensor(self.aabb), cfg.field.normalization).max())
+        base, finest = gsd_resolutions(cfg.field, longest, self.gsd_m)
+        if (base, finest) != (cfg.field.base_resolution, cfg.field.max_resolution):
+            self.cfg = cfg = copy.deepcopy(cfg)
+            cfg.field.base_resolution, cfg.field.max_resolution = base, finest
         self.classes = list(self.survey.classes)
         torch.manual_seed(cfg.seed)  # network initialisation
         self.field = build_field(cfg, self.aabb, len(images), len(self.classes), self.data.camera_positions,
@@ -155,6 +165,7 @@ class BlockTrainer:
             "georef": self.survey.georef.to_dict(),
             "aabb": aabb.tolist(),
             "box_source": self.box_source,
+            "gsd_m": round(self.gsd_m, 4),  # the training images' GSD the grid's finest level follows
             # normalised = (local - offset) / scale, per axis; undo with local = offset + scale * u
             "scale": (aabb[1] - aabb[0]).tolist(),
             "offset": aabb[0].tolist(),
