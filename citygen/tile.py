@@ -489,13 +489,19 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
     """
     tile_dir = Path(tile_dir)
     cfg = resolve_config(config, overrides)
+    earlier = read_tile_config(tile_dir)
+    overlap = "split" if split_overlaps else "both"
+    if earlier and earlier.get("overlap", "both") != overlap:
+        # a resumed block must keep the pixels it started on: refused before any mask is rewritten
+        raise CitygenError(tile_dir / TILE_CONFIG_FILE,
+                           f"the tile was trained with overlap pixels {earlier.get('overlap', 'both')!r}, this run asks "
+                           f"for {overlap!r}: resume with the same --split-overlaps setting, or train into a new folder")
     # Per-block evaluation would score a block's field on whole views it covers only part of;
     # the tile is evaluated as a whole by `citygen render` (citygen.render.tile).
     cfg.eval_at_end = False
     tasks, record = tile_tasks(tile_dir, data, cfg, blocks, coarse_pass, split_overlaps)
     if not tasks:
         raise CitygenError(tile_dir / PLAN_FILE, "no block of the plan has training images")
-    earlier = read_tile_config(tile_dir)
     if earlier and blocks is not None:  # training a subset: keep the other blocks' entries
         record["blocks"] = {**earlier.get("blocks", {}), **record["blocks"]}
     # written in the current layout (a tile of an older layout is upgraded here)

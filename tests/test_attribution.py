@@ -292,3 +292,25 @@ def test_block_trainer_batches_only_attributed_pixels(tmp_path, error_sampling):
         trainer.train_step()
     got = set(torch.cat(drawn).tolist())
     assert got <= allowed and len(got) > len(allowed) // 2
+
+
+def test_a_tile_resumes_with_the_overlap_setting_it_started_with(tmp_path):
+    """A resumed block keeps its pixels: asking a tile trained with one overlap rule for the other
+    is refused in one line before anything is read or rewritten (a record without the key, written
+    before the split existed, counts as "both")."""
+    import json
+
+    from citygen.errors import CitygenError
+    from citygen.tile import train_tile
+
+    tile = tmp_path / "tile"
+    tile.mkdir()
+    (tile / "tile_config.json").write_text(json.dumps({"layout": 1, "blocks": {}}))
+    before = {p: p.read_bytes() for p in tile.rglob("*") if p.is_file()}
+    with pytest.raises(CitygenError, match=r"overlap pixels 'both'.*asks for 'split'"):
+        train_tile(tile, tmp_path / "no-survey" / "transforms.json", "tiny", split_overlaps=True)
+    (tile / "tile_config.json").write_text(json.dumps({"layout": 1, "overlap": "split", "blocks": {}}))
+    before = {p: p.read_bytes() for p in tile.rglob("*") if p.is_file()}
+    with pytest.raises(CitygenError, match=r"overlap pixels 'split'.*asks for 'both'"):
+        train_tile(tile, tmp_path / "no-survey" / "transforms.json", "tiny")
+    assert {p: p.read_bytes() for p in tile.rglob("*") if p.is_file()} == before
