@@ -47,13 +47,11 @@ from .store.layout import block_id_of, block_run_dirs
 from .train.data import load_survey
 
 #: training steps per block, in full batches (a tile block draws ``steps / share`` smaller batches
-#: of the same rays, citygen.tile.block_batch), sized once for the 2-core reference machine: 1000
-#: keeps the demo near 12 minutes on 2 idle cores.  Since overlap pixels train one block each
-#: (citygen.tile.split_overlaps) a block's share is ~0.25, not ~0.41, so its rays come in 4x
-#: smaller batches (the floor, MIN_BATCH_FRACTION) and per step overheads weigh more: 1300 took
-#: about 15 minutes that way (it was 10 min 25 s with both blocks training an overlap pixel).
-#: Fixed, with no time cap, so a slower or busier machine takes longer but trains the same steps.
-BLOCK_STEPS = 1000
+#: of the same rays, citygen.tile.block_batch), sized once for the 2-core reference machine: 1300
+#: keeps the demo near 10 minutes on 2 idle cores (2100 took 15 min once blocks took the smaller,
+#: more numerous steps; 26.4 dB held-out there).  Fixed, with no time cap, so a slower or busier
+#: machine takes longer but trains the same steps.
+BLOCK_STEPS = 1300
 BLOCKS = (2, 2)
 #: seconds between plain progress lines when stderr is not a terminal (a log file, CI).
 PROGRESS_LOG_EVERY_S = 30.0

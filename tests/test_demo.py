@@ -39,7 +39,7 @@ def test_demo_trains_fixed_steps_without_a_time_cap(tmp_path, monkeypatch):
     cfg = load_config(seen["config"], seen["overrides"])
     assert (cfg.steps, cfg.max_seconds, cfg.seed) == (2100, 0.0, 7)
     assert load_config("tiny").max_seconds > 0  # the preset itself keeps its cap for `citygen train`
-    assert demo.BLOCK_STEPS == 1000
+    assert demo.BLOCK_STEPS == 1300
 
 
 def test_progress_reads_the_blocks_metrics(tmp_path):
