@@ -546,7 +546,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
                rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
                downscale: int | None = None, blocks: list[str] | None = None, override: tuple[str, ...] = (),
                memory_budget_gb: float | None = None, no_eval: bool = False, no_coarse_pass: bool = False,
-               split_overlaps: bool = True) -> None:
+               split_overlaps: bool = False) -> None:
     """Train every block of a planned tile (TILE/plan.json from `citygen plan`) through an
     executor; block runs go to TILE/block_<id>/.  Re-running resumes: finished blocks are
     skipped, the others continue from their last checkpoints.  Watch it with `citygen status TILE`.
@@ -577,8 +577,8 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
             plan and camera heights (and attribution on the plan's ground) instead of getting its
             points triangulated first (`citygen triangulate`, once; kept in its folder).
         split_overlaps: train each pixel where two blocks overlap in one of them, drawn by the
-            compositor's blend weights (--no-split-overlaps: in both, as tiles trained before
-            December 2026 did); a resumed tile keeps the setting it started with.
+            compositor's blend weights, instead of in both (measured better with SfM points,
+            not yet the default: DESIGN.md); a resumed tile keeps the setting it started with.
     """
     import json
 

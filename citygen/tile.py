@@ -42,19 +42,19 @@ with haze inside its own box (a 2x2 tile of a survey whose blocks are mostly fie
 shows (:func:`attribute_image`): its ray's surface point -- from the image's depth map, else
 a heightfield of the survey's SfM points (``sparse/0``), else the plan's ground (its GeoTIFF,
 or its plane) -- decides, and the pixel trains every block whose *extended* rectangle holds
-that point.  Where two blocks' extended rectangles overlap (the compositor blends them there),
-the pixel trains *one* of them (:func:`split_overlaps`, the default; ``split_overlaps=False``,
-``citygen train-tile --no-split-overlaps``, trains it in both as before): block ``b`` with
-probability ``w_b / sum w``, ``w`` the compositor's blend weights at the point
-(:func:`citygen.render.tile.blend_weights`, the one ramp), drawn once at attribution time with a
-seed per image (its name's CRC-32), so the masks, ``pixels.npz`` and the samplers are as before.
-The blocks' survey shares then sum to 1 instead of 1.36 (failure-like 2x2 tile), and with
-:func:`block_batch` every pixel gets the one-block trainer's batch and steps, where training
-an overlap pixel in both blocks left each pixel about 1/1.36 of them (one block at the tile's
-per-pixel steps scored what the tile did).  With the coarse pass's points the split gained 0.6 /
-0.9 dB held-out over both on two seeds of the failure survey's 2x2 tile, 0.1 dB under one block
-on average, and 0.4-0.7 dB on the tiny city with depth maps; with boxes from camera heights one
-block stayed in fog (see DESIGN.md).  A pixel no block holds
+that point (both blocks in an overlap, which the compositor blends).  With ``split_overlaps``
+(:func:`train_tile`; not the default) an overlap pixel instead trains *one* of the blocks that
+hold it (:func:`split_overlaps`): block ``b`` with probability ``w_b / sum w``, ``w`` the
+compositor's blend weights at the point (:func:`citygen.render.tile.blend_weights`, the one
+ramp), drawn once at attribution time with a seed per image (its name's CRC-32), so the masks,
+``pixels.npz`` and the samplers are as before; the blocks' survey shares then sum to 1 instead
+of 1.36 (failure-like 2x2 tile), and with :func:`block_batch` every pixel gets the one-block
+trainer's batch and steps.  Measured on that tile it did not close the gap to one block
+(held-out 23.7 / 25.2 dB over two seeds of the weakest block, 25.0 / 25.4 dB without the split;
+elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; the tiny city with depth
+maps gained 0.4-0.7 dB); with the coarse pass's points (boxes and attribution from them) it gained
+0.6 / 0.9 dB over both on two seeds, 0.1 dB under one block on average (see DESIGN.md) -- the
+candidate default, kept off until the demo is re-budgeted for a block's ~4x smaller steps.  A pixel no block holds
 (sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
 learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
 the block whose core is nearest to where the ray leaves the tile's box, or that the camera
@@ -330,7 +330,7 @@ def make_executor(executor: str | Executor = "local", *, max_parallel: int | Non
 def tile_tasks(tile_dir: str | Path, data: str | Path, cfg: TrainConfig,
                blocks: Sequence[str] | None = None,
                coarse_pass: Callable[[], object] | None = None,
-               split_overlaps: bool = True) -> tuple[list[BlockTask], dict[str, Any]]:
+               split_overlaps: bool = False) -> tuple[list[BlockTask], dict[str, Any]]:
     """The block tasks of a tile and the tile config record (see the module docstring).
 
     ``coarse_pass`` (``citygen train-tile``'s, see :func:`citygen.cli.train_tile`) runs once the
@@ -466,7 +466,7 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
                executor: str | Executor = "local", *, overrides: dict[str, Any] | None = None,
                max_parallel: int | None = None, ray_address: str | None = None, max_retries: int = 2,
                blocks: Sequence[str] | None = None, coarse_pass: Callable[[], object] | None = None,
-               split_overlaps: bool = True) -> TileResult:
+               split_overlaps: bool = False) -> TileResult:
     """Train every block of the tile planned in ``tile_dir/plan.json``.
 
     Args:
@@ -481,7 +481,8 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
         blocks: train only these block ids (default: all).
         coarse_pass: run before the survey's points are read (see :func:`tile_tasks`).
         split_overlaps: train each overlap pixel in one block drawn by the blend weights
-            (:func:`split_overlaps`; False: in every block that holds it; see the module docstring).
+            (:func:`split_overlaps`) instead of in every block that holds it (measured, not
+            the default: see the module docstring).
 
     Returns:
         the :class:`~citygen.distributed.TileResult` (call ``raise_for_failures()`` to insist).

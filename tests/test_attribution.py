@@ -204,7 +204,7 @@ def test_tile_tasks_write_masks_and_shares(tmp_path):
     """End to end through the plan: one nadir image over two blocks, no depth, the plan's
     ground plane: each block's mask file holds the hand-computed mask and its share."""
     im, transforms = _two_block_tile(tmp_path)
-    tasks, record = tile_tasks(tmp_path / "tile", transforms, resolve_config("tiny"), split_overlaps=False)
+    tasks, record = tile_tasks(tmp_path / "tile", transforms, resolve_config("tiny"))
     want = expected_nadir()
     for k, task in enumerate(tasks):
         (mask,) = read_pixel_masks(task.kwargs["pixels"], [im.name])
@@ -312,5 +312,5 @@ def test_a_tile_resumes_with_the_overlap_setting_it_started_with(tmp_path):
     (tile / "tile_config.json").write_text(json.dumps({"layout": 1, "overlap": "split", "blocks": {}}))
     before = {p: p.read_bytes() for p in tile.rglob("*") if p.is_file()}
     with pytest.raises(CitygenError, match=r"overlap pixels 'split'.*asks for 'both'"):
-        train_tile(tile, tmp_path / "no-survey" / "transforms.json", "tiny", split_overlaps=False)
+        train_tile(tile, tmp_path / "no-survey" / "transforms.json", "tiny")
     assert {p: p.read_bytes() for p in tile.rglob("*") if p.is_file()} == before
