@@ -57,7 +57,7 @@ from .bench_render import pinhole, synthetic_layout
 from .config import load_config
 from .errors import CitygenError
 from .fields import CityField
-from .images import VIRIDIS_STOPS
+from .images import viridis
 from .partition.plan import block_id
 from .render import OccupancyGrid
 from .render.realtime import PackedField, pack_field
@@ -365,11 +365,7 @@ def fly(manifest: dict[str, Any], folder: Path, budget_bytes: int, path_m: float
 
 # -- the picture -------------------------------------------------------------------------------------
 def _viridis(x: float) -> tuple[int, int, int]:
-    stops = VIRIDIS_STOPS
-    x = min(max(x, 0.0), 1.0) * (len(stops) - 1)
-    i = min(int(x), len(stops) - 2)
-    f = x - i
-    return tuple(round(stops[i][c] + f * (stops[i + 1][c] - stops[i][c])) for c in range(3))
+    return tuple(int(round(c)) for c in viridis(x))
 
 
 def draw_flythrough(path: Path, manifest: dict[str, Any], runs: dict[str, dict[str, Any]], size_px: int = 900) -> Path:

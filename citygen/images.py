@@ -96,10 +96,15 @@ def _ramp(t: np.ndarray, stops) -> np.ndarray:
     return stops[i] * (1 - f) + stops[i + 1] * f
 
 
+def viridis(t) -> np.ndarray:
+    """t in [0, 1] (clipped; any shape) -> (..., 3) float64 RGB in 0..255 along :data:`VIRIDIS_STOPS`."""
+    return _ramp(np.asarray(t, np.float64), VIRIDIS_STOPS)
+
+
 def colorize_heat(values: np.ndarray, top: float) -> np.ndarray:
     """(H, W) values in [0, ``top``] (clipped) -> (H, W, 3) uint8 viridis; 0 is black (nothing
     there, e.g. no field sample), so that it stands apart from the ramp's low end."""
-    rgb = _ramp(np.asarray(values, np.float64) / max(top, 1e-12), VIRIDIS_STOPS)
+    rgb = viridis(np.asarray(values, np.float64) / max(top, 1e-12))
     rgb[np.asarray(values) <= 0] = 0
     return rgb.round().astype(np.uint8)
 
@@ -111,4 +116,5 @@ def colorize_labels(labels: np.ndarray, colors=CLASS_COLORS) -> np.ndarray:
     return palette[labels]
 
 
-__all__ = ["VIRIDIS_STOPS", "colorize_depth", "colorize_heat", "colorize_labels", "load_depth", "load_labels", "load_rgb", "rgb_to_uint8", "write_png"]
+__all__ = ["VIRIDIS_STOPS", "colorize_depth", "colorize_heat", "colorize_labels", "load_depth", "load_labels", "load_rgb",
+           "rgb_to_uint8", "viridis", "write_png"]

@@ -53,8 +53,9 @@ trainer's batch and steps.  Measured on that tile it did not close the gap to on
 (held-out 23.7 / 25.2 dB over two seeds of the weakest block, 25.0 / 25.4 dB without the split;
 elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; the tiny city with depth
 maps gained 0.4-0.7 dB); with the coarse pass's points (boxes and attribution from them) it gained
-0.6 / 0.9 dB over both on two seeds, 0.1 dB under one block on average (see DESIGN.md) -- the
-candidate default, kept off until the demo is re-budgeted for a block's ~4x smaller steps.  A pixel no block holds
+0.6 / 0.9 dB over both on two seeds at equal rays, 0.1 dB under one block on average; as the
+default the demo lost at equal CPU time (4x smaller batches cost more per ray on a CPU: 25.3 dB
+in 12 min against 25.8 dB in 10 min; see DESIGN.md), so it stays an option.  A pixel no block holds
 (sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
 learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
 the block whose core is nearest to where the ray leaves the tile's box, or that the camera

@@ -116,7 +116,7 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
         trainer.restore(sidecar)
         # the source run's learning-rate schedule has ended: continue at its final rate
         trainer.schedule_steps = max(schedule_steps, start)
-        # and decay it over the fine-tune: at a constant rate the entropy diverged past ~1600 steps
+        # times the optional decay (lr_final < 1; 1, the default, keeps it constant: DEFAULT_LR_FINAL)
         trainer.lr_extra = partial(cosine_decay, steps=steps, final=lr_final)
         trainer.lr_extra_from = start
         trainer.seconds = trainer.cpu_seconds = 0.0
