@@ -76,22 +76,38 @@ def expected_fine(grid: OccupancyGrid, factors: tuple[int, int, int]) -> np.ndar
     return np.stack(rows)
 
 
-@pytest.mark.parametrize("step,factors", [(0.5, (4, 4, 4)), (0.75, (4, 4, 2))])
-def test_fine_occupancy_bake_closed_form(step, factors):
+@pytest.mark.parametrize("step,rule,factors", [(0.5, (4, 1.0), (4, 4, 4)), (0.75, (4, 1.0), (4, 4, 2)),
+                                               (2.0, (), (8, 8, 4)), (0.75, (), (8, 8, 8))])
+def test_fine_occupancy_bake_closed_form(step, rule, factors):
     """Baked from the scene's density, the fine level marks exactly the fine cells that overlap
-    a solid, inside occupied coarse cells; factors keep a fine cell at least one step long."""
+    a solid, inside occupied coarse cells; factors keep a fine cell at least ``min_steps`` steps
+    long (one step, at most 4 a side: the rule before session 8; the default a quarter step, at
+    most 8 a side; the grid's 4 x 4 x 2 m cells)."""
     grid = coarse_grid()
-    assert fine_factors(grid, step) == factors
+    assert fine_factors(grid, step, *rule) == factors
     fine = bake_fine_occupancy(lambda x: solid(x)[0].float() * 50.0, grid, factors, sigma_threshold(0.01, step))
     expected = expected_fine(grid, factors)
     assert 0.05 < expected.mean() < 0.5, "the scene should be partly solid"
     assert np.array_equal(fine.numpy(), expected)
 
 
-def test_two_level_lookup_closed_form(realtime_cpu):
+def test_fine_factors_keep_the_bit_budget():
+    """Over the budget the largest factor is halved down to, never below, the one-step rule's:
+    the 8^3 grid of 4 x 4 x 2 m cells at a 0.5 m step wants 8 x 8 x 8 at a quarter step, 4 x 4 x 4
+    at one step."""
+    grid = coarse_grid()
+    cells = R ** 3
+    assert fine_factors(grid, 0.5, budget_bits=cells * 512) == (8, 8, 8)
+    assert fine_factors(grid, 0.5, budget_bits=cells * 256) == (4, 8, 8)
+    assert fine_factors(grid, 0.5, budget_bits=cells * 128) == (4, 4, 8)
+    assert fine_factors(grid, 0.5, budget_bits=1) == (4, 4, 4) == fine_factors(grid, 0.5, 4, 1.0)
+
+
+@pytest.mark.parametrize("factors", [(4, 4, 2), (8, 8, 4)])
+def test_two_level_lookup_closed_form(realtime_cpu, factors):
     """The kernel's lookup (coarse bitfield, then the cell's fine brick) at random points equals
-    the closed form: the point's fine cell overlaps a solid and its coarse cell is occupied."""
-    factors = (4, 4, 2)
+    the closed form: the point's fine cell overlaps a solid and its coarse cell is occupied
+    (bricks of 32 and of 256 cells)."""
     grid = coarse_grid(seed=1)
     fine = bake_fine_occupancy(lambda x: solid(x)[0].float() * 50.0, grid, factors, 1.0)
     bits = torch.cat([occupancy_bits(grid.occupied), fine_bits(fine)])
@@ -116,7 +132,8 @@ def test_two_level_lookup_closed_form(realtime_cpu):
     assert np.array_equal(coarse_only, inside & coarse_occ)
 
 
-def test_march_evaluates_exactly_the_fine_occupied_samples(realtime_cpu):
+@pytest.mark.parametrize("factors", [(4, 4, 4), (8, 8, 8)])
+def test_march_evaluates_exactly_the_fine_occupied_samples(realtime_cpu, factors):
     """With termination off, the native march (jumping empty coarse and fine cells) evaluates
     the same samples as the torch reference marching a dense grid of the fine cells, and
     renders the same image; fewer than with the coarse grid alone."""
@@ -125,7 +142,6 @@ def test_march_evaluates_exactly_the_fine_occupied_samples(realtime_cpu):
     aabb = field.aabb
     grid = OccupancyGrid(aabb, 8)          # 2 x 2 x 1 m cells over the test field's box
     grid.occupied.fill_(True)
-    factors = (4, 4, 4)
     # A density with structure inside coarse cells: a ball and a slab.
     density = lambda x: (((x - torch.tensor([2.0, -1.0, 1.5])).norm(dim=-1) < 3.3) | (x[:, 2] < -0.8)).float() * 9.0
     fine = bake_fine_occupancy(density, grid, factors, 1.0)

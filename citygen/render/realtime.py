@@ -246,7 +246,7 @@ def pack_field(field: Any, render: RenderConfig | None = None, appearance: Tenso
     if occ is not None:
         occ_box, occ_res, bits = occ.aabb.detach().float().cpu(), occ.resolution, occupancy_bits(occ.occupied)
         if sampling.occupancy_factor > 1:
-            factors = fine_factors(occ, render.step_size, sampling.occupancy_factor)
+            factors = fine_factors(occ, render.step_size, sampling.occupancy_factor, sampling.fine_cell_steps)
         if factors != (1, 1, 1):
             fine = bake_fine_occupancy(lambda x: field.density(x)[0], occ, factors,
                                        sigma_threshold(sampling.skip_alpha, render.step_size))

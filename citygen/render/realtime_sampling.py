@@ -55,7 +55,11 @@ from torch import Tensor
 
 from ..fields.occupancy import OccupancyGrid
 
-MAX_FACTOR = 4
+MAX_FACTOR = 8
+#: smallest fine cell, in marching steps (module docstring: session 8)
+FINE_CELL_STEPS = 0.25
+#: fine bits of one block above which bricks finer than a step are coarsened (8 MiB)
+FINE_BITS_BUDGET = 2 ** 26
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,14 @@ class RealtimeSampling:
 
     ``occupancy_factor`` caps the fine cells per coarse cell along each axis (1 = no fine level,
     the training grid alone); ``skip_alpha`` is the opacity over one step below which a fine cell
-    counts as empty; ``min_transmittance`` stops a ray (None = the render config's, as in training).
+    counts as empty; ``min_transmittance`` stops a ray (None = the render config's, as in training);
+    ``fine_cell_steps``: the smallest fine cell, in steps (:func:`fine_factors`).
     """
 
-    occupancy_factor: int = 4
+    occupancy_factor: int = MAX_FACTOR
     skip_alpha: float = 3e-2
     min_transmittance: float | None = 5e-2
+    fine_cell_steps: float = FINE_CELL_STEPS
 
     @classmethod
     def reference(cls) -> RealtimeSampling:
@@ -77,11 +83,24 @@ class RealtimeSampling:
         return cls(occupancy_factor=1, skip_alpha=0.0, min_transmittance=None)
 
 
-def fine_factors(grid: OccupancyGrid, step: float, max_factor: int = MAX_FACTOR) -> tuple[int, int, int]:
-    """Fine cells per coarse cell along x, y, z: as many as keep a fine cell at least one step long,
-    between 1 and ``max_factor``."""
+def fine_factors(grid: OccupancyGrid, step: float, max_factor: int = MAX_FACTOR,
+                 min_steps: float = FINE_CELL_STEPS, budget_bits: int = FINE_BITS_BUDGET) -> tuple[int, int, int]:
+    """Fine cells per coarse cell along x, y, z: as many as keep a fine cell at least ``min_steps``
+    steps long, between 1 and ``max_factor``.  While the block's fine bits (R^3 x brick) pass
+    ``budget_bits``, the largest factor is halved, but not below the one-step rule (fine cells at
+    least a step long, at most 4 a side: the rule before session 8), so large grids keep their
+    former bricks."""
     size = ((grid.aabb[1] - grid.aabb[0]) / grid.resolution).tolist()
-    return tuple(int(min(max(math.floor(s / step), 1), max(max_factor, 1))) for s in size)
+
+    def rule(steps: float, cap: int) -> list[int]:
+        return [int(min(max(math.floor(s / (step * steps)), 1), max(cap, 1))) for s in size]
+
+    base = rule(1.0, min(max_factor, 4))
+    f = [max(a, b) for a, b in zip(rule(min_steps, max_factor), base)]
+    while grid.resolution ** 3 * math.prod(f) > budget_bits and f != base:
+        i = max((a for a in range(3) if f[a] > base[a]), key=lambda a: f[a])
+        f[i] = max(f[i] // 2, base[i])
+    return tuple(f)
 
 
 @torch.no_grad()
@@ -152,5 +171,5 @@ def fine_grid_as_occupancy(grid: OccupancyGrid, fine: Tensor, factors: tuple[int
     return out
 
 
-__all__ = ["MAX_FACTOR", "RealtimeSampling", "bake_fine_occupancy", "fine_bits", "fine_factors",
+__all__ = ["FINE_BITS_BUDGET", "FINE_CELL_STEPS", "MAX_FACTOR", "RealtimeSampling", "bake_fine_occupancy", "fine_bits", "fine_factors",
            "fine_grid_as_occupancy", "sigma_threshold"]

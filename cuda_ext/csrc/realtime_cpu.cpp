@@ -44,8 +44,8 @@ Layout checked_layout(const torch::Tensor& layout, const torch::Tensor& weights)
 // The coarse bitfield plus, with fine factors, one brick of fx*fy*fz bits per coarse cell.
 void check_occupancy_bits(const BlockGeom& g, const torch::Tensor& occ_bits) {
     const int64_t brick = (int64_t)g.occ_fine[0] * g.occ_fine[1] * g.occ_fine[2];
-    TORCH_CHECK(g.occ_res >= 1 && g.occ_fine[0] >= 1 && g.occ_fine[1] >= 1 && g.occ_fine[2] >= 1 && brick <= 64,
-                "realtime: occupancy resolution and fine factors must be >= 1, at most 64 fine cells per coarse cell");
+    TORCH_CHECK(g.occ_res >= 1 && g.occ_fine[0] >= 1 && g.occ_fine[1] >= 1 && g.occ_fine[2] >= 1 && brick <= 512,
+                "realtime: occupancy resolution and fine factors must be >= 1, at most 512 fine cells per coarse cell");
     const int64_t cells = (int64_t)g.occ_res * g.occ_res * g.occ_res;
     const int64_t fine_words = brick > 1 ? (cells * brick + 31) / 32 : 0;
     TORCH_CHECK(occ_bits.numel() >= realtime::coarse_words(g) + fine_words, "realtime: occupancy bitfield too small");
