@@ -214,3 +214,26 @@ def test_inner_rule_never_cuts_before_the_opaque_depth():
     assert band(_with(inner, tri, entering)) == pytest.approx([5.0, 10.0])
     assert band(_with(inner, tri, leaving)) == pytest.approx([5.0, 10.0])
     assert band(_with(empty, tri, entering)) == pytest.approx([5.0, 15.0])  # no exit: the outer exit ends it
+
+
+def test_bench_scores_a_distorted_survey_camera_as_its_pinhole_part(realtime_cpu, tmp_path):
+    """A held-out camera with lens distortion (caliterra's OPENCV k1) is scored through its
+    pinhole part: same size and intrinsics, no distortion, so the native kernels render it (the
+    torch fallback would count no samples) and the reference renders the same rays."""
+    import json
+
+    from boxscene import make_box_survey
+
+    from citygen.bench_render import bench_narrow_band, survey_views
+
+    path = make_box_survey(tmp_path / "boxes", n_train=2, n_test=1, width=24, height=18)
+    data = json.loads(path.read_text())
+    data.update(camera_model="OPENCV", k1=-0.02, p1=0.001)
+    path.write_text(json.dumps(data))
+    (name, cam, _, _), = survey_views(path, 1, 1)
+    assert not cam.has_distortion and (cam.width, cam.height, cam.fl_x, cam.fl_y, cam.cx, cam.cy) == (
+        24, 18, data["fl_x"], data["fl_y"], data["cx"], data["cy"])
+    field, rc = make_field()
+    out = bench_narrow_band(field, rc, torch.device("cpu"), (24, 18), 1, 10.0, RealtimeSampling(), survey=path)
+    row = out["view_sets"]["survey_views"]["views"][0]
+    assert row["samples_per_pixel"] > 0 and row["psnr_vs_reference_db"] >= 35.0

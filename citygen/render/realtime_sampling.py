@@ -15,10 +15,19 @@ after the ray is 99% opaque (they carry ~0.3% of its weight).  Hence:
   occupied when the density at any of its 8 corners or its centre gives an opacity of at least
   ``skip_alpha`` over one marching step.  The march jumps empty coarse cells as before and empty
   fine cells inside occupied coarse ones.  Factors are chosen per axis so that a fine cell is no
-  shorter than one step (finer cells could hardly skip more samples): the demo grid's flat cells
-  get bricks of 4 x 4 x 1 (32 KiB coarse + 512 KiB fine bits per block; baking evaluates the
-  density ~66 times per occupied coarse cell, ~5 s per demo block on 2 shared CPU cores, once
-  per pack; 4 x 4 x 4 saved only 0.5 more samples per ray for 4x the bits and 3x the bake time).
+  shorter than ``fine_cell_steps`` = a quarter step, at most 8 a side (:func:`fine_factors`), and
+  while a block's fine bits would pass 8 MiB (dense bricks: R^3 x brick bits) the largest factor
+  is halved down to the one-step rule of before (fine cells at least a step long, at most 4 a
+  side), so 128^3 and 256^3 grids keep their former bricks.  The demo grid's flat 5.7 x 6.0 x
+  1.0 m cells get bricks of 8 x 8 x 4 (8 MiB of fine bits, 17 % of the packed float32 block;
+  baking evaluates the density ~660 times per occupied coarse cell, ~22 s per demo block on the
+  loaded 2-core box, once per pack).  Session 8 measured why finer cells pay on a *sharpened*
+  field (``citygen sharpen``): with the one-step bricks (4 x 4 x 1) 1.6 of a survey view's 2.9
+  samples per pixel were evaluated in empty air (opacity < 3e-2) inside occupied fine cells
+  before the thin surface; 8 x 8 x 2 (half a step) gives 2.13 -> 1.51 spp and 8 x 8 x 4 gives
+  1.42 spp on demo block b_r0_c0, worst 57 dB against the reference (was 53.7), no loss against
+  the survey's images.  On the young, unsharpened fields of session 4 the same change mattered
+  less (4 x 4 x 4 saved 0.5 of 8 samples per ray): their surfaces are metres thick.
 * **Early termination** at ``min_transmittance`` (render time only; training keeps its own).
   The transmittance left at termination goes to the background, as in the reference: handing it
   to the ray's own mean colour instead was measured 1.8 dB worse, so it was dropped.
