@@ -40,7 +40,8 @@ from .trainer import BlockTrainer
 #: session 7 on the demo tile's 2100-step block (DESIGN.md "Towards 1.5 samples per pixel, session
 #: 7"), with the density ceiling of ``render_rays(alpha_entropy=True)``: weight 0.02 for 1500 steps
 #: 3.41 -> 2.13 samples per pixel, 53.7 dB worst against the reference, +0.59 dB against the survey's
-#: images (114 s of one core); without the ceiling 0.02 diverged within 732 steps and 0.01 for 1000
+#: images (114 s of one core; 1.42 with session 8's quarter-step fine occupancy cells, the
+#: real-time sampler's default since); without the ceiling 0.02 diverged within 732 steps and 0.01 for 1000
 #: steps gave 2.21 (the previous default).  On a 1000-step tiny-city block (uncapped, 300 steps)
 #: 0.03 and 0.1 lost 0.33 and 0.97 dB against 0.01 (DESIGN.md "Sharpening fine-tune")
 DEFAULT_ALPHA_ENTROPY_WEIGHT = 0.02
