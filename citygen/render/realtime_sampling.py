@@ -20,8 +20,8 @@ after the ray is 99% opaque (they carry ~0.3% of its weight).  Hence:
   is halved down to the one-step rule of before (fine cells at least a step long, at most 4 a
   side), so 128^3 and 256^3 grids keep their former bricks.  The demo grid's flat 5.7 x 6.0 x
   1.0 m cells get bricks of 8 x 8 x 4 (8 MiB of fine bits, 17 % of the packed float32 block;
-  baking evaluates the density ~660 times per occupied coarse cell, ~22 s per demo block on the
-  loaded 2-core box, once per pack).  Session 8 measured why finer cells pay on a *sharpened*
+  baking evaluates the density ~660 times per occupied coarse cell, ~15 s per demo block on the
+  loaded 2-core box instead of 1.5 s, once per pack).  Session 8 measured why finer cells pay on a *sharpened*
   field (``citygen sharpen``): with the one-step bricks (4 x 4 x 1) 1.6 of a survey view's 2.9
   samples per pixel were evaluated in empty air (opacity < 3e-2) inside occupied fine cells
   before the thin surface; 8 x 8 x 2 (half a step) gives 2.13 -> 1.51 spp and 8 x 8 x 4 gives
