@@ -313,6 +313,12 @@ def block_config(cfg: TrainConfig, survey_share: float) -> TrainConfig:
     """``cfg`` with a tile block's batch and steps (:func:`block_batch`; a copy)."""
     out = from_dict(to_dict(cfg))
     out.rays_per_batch, out.steps = block_batch(cfg.rays_per_batch, cfg.steps, survey_share)
+    # the occupancy grid refreshed as often per ray as with the configured batch (warm-up too):
+    # counted in steps, 4x the steps of a quarter batch refreshed 4x as often, the refresh
+    # costing as much as a 1024-ray step's field evaluation on the tiny preset
+    every = cfg.render.occupancy_update_every
+    out.render.occupancy_update_every = max(1, round(every * cfg.rays_per_batch / out.rays_per_batch))
+    out.render.occupancy_warmup_steps = cfg.render.occupancy_warmup_steps // every * out.render.occupancy_update_every
     return out
 
 
@@ -463,11 +469,29 @@ def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: l
     return shares
 
 
+def overlap_rule(earlier: dict[str, Any] | None, split_overlaps: bool | None, where: Path | None = None) -> str:
+    """``"split"`` or ``"both"``: the overlap rule a (new or resumed) tile trains with.
+
+    ``earlier`` is the tile's ``tile_config.json`` (None or empty: a new tile), ``split_overlaps``
+    what the caller asks (None: a resumed tile keeps its rule -- records written before the split
+    existed, without ``"overlap"``, trained both -- and a new tile splits).  A resumed block must
+    keep the pixels it started on, so asking a resumed tile for the other rule raises
+    :class:`CitygenError` (``where``: the record's path) before any mask is rewritten."""
+    before = earlier.get("overlap", "both") if earlier else None
+    if split_overlaps is None:
+        return before or "split"
+    overlap = "split" if split_overlaps else "both"
+    if before is not None and before != overlap:
+        raise CitygenError(where, f"the tile was trained with overlap pixels {before!r}, this run asks for {overlap!r}: "
+                                  f"resume with --overlap {before} (or without --overlap), or train into a new folder")
+    return overlap
+
+
 def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dict | str | Path = "tiny",
                executor: str | Executor = "local", *, overrides: dict[str, Any] | None = None,
                max_parallel: int | None = None, ray_address: str | None = None, max_retries: int = 2,
                blocks: Sequence[str] | None = None, coarse_pass: Callable[[], object] | None = None,
-               split_overlaps: bool = False) -> TileResult:
+               split_overlaps: bool | None = None) -> TileResult:
     """Train every block of the tile planned in ``tile_dir/plan.json``.
 
     Args:
@@ -482,8 +506,10 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
         blocks: train only these block ids (default: all).
         coarse_pass: run before the survey's points are read (see :func:`tile_tasks`).
         split_overlaps: train each overlap pixel in one block drawn by the blend weights
-            (:func:`split_overlaps`) instead of in every block that holds it (measured, not
-            the default: see the module docstring).
+            (:func:`split_overlaps`; True) or in every block that holds it (False); None: a
+            resumed tile keeps the rule it started with (a record without one: both), a new
+            tile splits (see the module docstring).  Asking a resumed tile for the other rule
+            is refused.
 
     Returns:
         the :class:`~citygen.distributed.TileResult` (call ``raise_for_failures()`` to insist).
@@ -491,16 +517,11 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
     tile_dir = Path(tile_dir)
     cfg = resolve_config(config, overrides)
     earlier = read_tile_config(tile_dir)
-    overlap = "split" if split_overlaps else "both"
-    if earlier and earlier.get("overlap", "both") != overlap:
-        # a resumed block must keep the pixels it started on: refused before any mask is rewritten
-        raise CitygenError(tile_dir / TILE_CONFIG_FILE,
-                           f"the tile was trained with overlap pixels {earlier.get('overlap', 'both')!r}, this run asks "
-                           f"for {overlap!r}: resume with the same --split-overlaps setting, or train into a new folder")
+    overlap = overlap_rule(earlier, split_overlaps, tile_dir / TILE_CONFIG_FILE)
     # Per-block evaluation would score a block's field on whole views it covers only part of;
     # the tile is evaluated as a whole by `citygen render` (citygen.render.tile).
     cfg.eval_at_end = False
-    tasks, record = tile_tasks(tile_dir, data, cfg, blocks, coarse_pass, split_overlaps)
+    tasks, record = tile_tasks(tile_dir, data, cfg, blocks, coarse_pass, overlap == "split")
     if not tasks:
         raise CitygenError(tile_dir / PLAN_FILE, "no block of the plan has training images")
     if earlier and blocks is not None:  # training a subset: keep the other blocks' entries
@@ -514,4 +535,4 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
 __all__ = ["ATTRIBUTION_CELL_M", "CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "MIN_BATCH_FRACTION", "MIN_IMAGE_SHARE",
            "attribute_image", "block_batch", "block_config",
            "attribution_ground", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
-           "open_tile", "read_tile_config", "resolve_config", "split_overlaps", "tile_tasks", "train_tile"]
+           "open_tile", "overlap_rule", "read_tile_config", "resolve_config", "split_overlaps", "tile_tasks", "train_tile"]
