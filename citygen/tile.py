@@ -42,20 +42,24 @@ with haze inside its own box (a 2x2 tile of a survey whose blocks are mostly fie
 shows (:func:`attribute_image`): its ray's surface point -- from the image's depth map, else
 a heightfield of the survey's SfM points (``sparse/0``), else the plan's ground (its GeoTIFF,
 or its plane) -- decides, and the pixel trains every block whose *extended* rectangle holds
-that point (both blocks in an overlap, which the compositor blends).  With ``split_overlaps``
-(:func:`train_tile`; not the default) an overlap pixel instead trains *one* of the blocks that
-hold it (:func:`split_overlaps`): block ``b`` with probability ``w_b / sum w``, ``w`` the
-compositor's blend weights at the point (:func:`citygen.render.tile.blend_weights`, the one
-ramp), drawn once at attribution time with a seed per image (its name's CRC-32), so the masks,
-``pixels.npz`` and the samplers are as before; the blocks' survey shares then sum to 1 instead
-of 1.36 (failure-like 2x2 tile), and with :func:`block_batch` every pixel gets the one-block
-trainer's batch and steps.  Measured on that tile it did not close the gap to one block
+that point.  In an overlap (by default, :func:`train_tile`'s ``split_overlaps``, ``citygen
+train-tile --overlap split``) the pixel trains *one* of the blocks that hold it
+(:func:`split_overlaps`): block ``b`` with probability ``w_b / sum w``, ``w`` the compositor's
+blend weights at the point (:func:`citygen.render.tile.blend_weights`, the one ramp), drawn
+once at attribution time with a seed per image (its name's CRC-32), so the masks, ``pixels.npz``
+and the samplers are as before; the blocks' survey shares then sum to 1 instead of 1.36
+(failure-like 2x2 tile), and with :func:`block_batch` every pixel gets the one-block trainer's
+batch and steps.  Measured on that tile it did not close the gap to one block
 (held-out 23.7 / 25.2 dB over two seeds of the weakest block, 25.0 / 25.4 dB without the split;
 elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; the tiny city with depth
 maps gained 0.4-0.7 dB); with the coarse pass's points (boxes and attribution from them) it gained
-0.6 / 0.9 dB over both on two seeds at equal rays, 0.1 dB under one block on average; as the
-default the demo lost at equal CPU time (4x smaller batches cost more per ray on a CPU: 25.3 dB
-in 12 min against 25.8 dB in 10 min; see DESIGN.md), so it stays an option.  A pixel no block holds
+0.6 / 0.9 dB over both on two seeds at equal rays, 0.1 dB under one block on average.  It became
+the default once a small step's fixed costs were cut (a kept hash-table gradient buffer,
+:meth:`citygen.train.optim.HashGridAdam.keep_grad_buffers`, and the occupancy refreshes counted
+per ray, :func:`block_config`): before, its 4x smaller batches cost more per ray on a CPU and the
+demo lost at equal time (DESIGN.md).  ``--overlap both`` trains an overlap pixel in every block
+that holds it (both blocks, which the compositor blends); a resumed tile keeps the rule it started
+with (:func:`overlap_rule`).  A pixel no block holds
 (sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
 learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
 the block whose core is nearest to where the ray leaves the tile's box, or that the camera
@@ -83,9 +87,10 @@ pixels (``survey_share`` in ``tile_config.json``, overlaps counted in both block
 ``rays_per_batch * share`` rays a step -- per pixel what one block over the survey draws --
 over ``steps / share`` steps: the same rays as ``steps`` steps of the full batch, so the same
 compute (``steps`` keeps meaning the rays a block may spend), and per pixel the one-block
-trainer's batch and step count.  The batch stays at least ``MIN_BATCH_FRACTION`` of the
-preset's (at most 4x the steps: a step has costs beyond its rays, the dense Adam update of the
-hash tables and the occupancy refreshes).  A block over the whole survey (a 1x1 tile) trains
+trainer's batch and step count, and its occupancy grid is refreshed as often per ray as with
+the preset's batch (the refresh period and warm-up scaled by the batch ratio).  The batch stays
+at least ``MIN_BATCH_FRACTION`` of the preset's (at most 4x the steps: a step has costs beyond
+its rays, chiefly the dense Adam update of the hash tables, ~25 % of a 256-ray tiny step).  A block over the whole survey (a 1x1 tile) trains
 as configured, and ``citygen train`` (one block) is unchanged.
 
 Training is resumable: calling :func:`train_tile` again skips finished blocks and resumes
@@ -314,8 +319,8 @@ def block_config(cfg: TrainConfig, survey_share: float) -> TrainConfig:
     out = from_dict(to_dict(cfg))
     out.rays_per_batch, out.steps = block_batch(cfg.rays_per_batch, cfg.steps, survey_share)
     # the occupancy grid refreshed as often per ray as with the configured batch (warm-up too):
-    # counted in steps, 4x the steps of a quarter batch refreshed 4x as often, the refresh
-    # costing as much as a 1024-ray step's field evaluation on the tiny preset
+    # counted in steps, 4x the steps of a quarter batch refreshed 4x as often, and a refresh
+    # evaluates the density at 32768+ cells (tiny preset), about a 1024-ray batch's samples
     every = cfg.render.occupancy_update_every
     out.render.occupancy_update_every = max(1, round(every * cfg.rays_per_batch / out.rays_per_batch))
     out.render.occupancy_warmup_steps = cfg.render.occupancy_warmup_steps // every * out.render.occupancy_update_every
