@@ -42,8 +42,9 @@ with haze inside its own box (a 2x2 tile of a survey whose blocks are mostly fie
 shows (:func:`attribute_image`): its ray's surface point -- from the image's depth map, else
 a heightfield of the survey's SfM points (``sparse/0``), else the plan's ground (its GeoTIFF,
 or its plane) -- decides, and the pixel trains every block whose *extended* rectangle holds
-that point.  In an overlap (by default, :func:`train_tile`'s ``split_overlaps``, ``citygen
-train-tile --overlap split``) the pixel trains *one* of the blocks that hold it
+that point (both blocks in an overlap, which the compositor blends).  With ``split_overlaps``
+(:func:`train_tile`, ``citygen train-tile --overlap split``; not the default) an overlap pixel
+instead trains *one* of the blocks that hold it
 (:func:`split_overlaps`): block ``b`` with probability ``w_b / sum w``, ``w`` the compositor's
 blend weights at the point (:func:`citygen.render.tile.blend_weights`, the one ramp), drawn
 once at attribution time with a seed per image (its name's CRC-32), so the masks, ``pixels.npz``
@@ -53,13 +54,14 @@ batch and steps.  Measured on that tile it did not close the gap to one block
 (held-out 23.7 / 25.2 dB over two seeds of the weakest block, 25.0 / 25.4 dB without the split;
 elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; the tiny city with depth
 maps gained 0.4-0.7 dB); with the coarse pass's points (boxes and attribution from them) it gained
-0.6 / 0.9 dB over both on two seeds at equal rays, 0.1 dB under one block on average.  It became
-the default once a small step's fixed costs were cut (a kept hash-table gradient buffer,
+0.6 / 0.9 dB over both on two seeds at equal rays, 0.1 dB under one block on average.  With a
+small step's fixed costs cut (a kept hash-table gradient buffer,
 :meth:`citygen.train.optim.HashGridAdam.keep_grad_buffers`, and the occupancy refreshes counted
-per ray, :func:`block_config`): before, its 4x smaller batches cost more per ray on a CPU and the
-demo lost at equal time (DESIGN.md).  ``--overlap both`` trains an overlap pixel in every block
-that holds it (both blocks, which the compositor blends); a resumed tile keeps the rule it started
-with (:func:`overlap_rule`).  A pixel no block holds
+per ray, :func:`block_config`) its quarter batches still cost 1.19x per ray what "both"'s
+third batches do, and at equal CPU time it did not win: failure tile 26.54 / 26.37 dB against
+both's 26.12 / 26.95 dB (seeds 0 / 1), the demo 25.5 dB against 25.8 even at equal steps
+(DESIGN.md).  So it stays an option; a resumed tile keeps the rule it started with
+(:func:`overlap_rule`).  A pixel no block holds
 (sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
 learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
 the block whose core is nearest to where the ray leaves the tile's box, or that the camera
@@ -479,12 +481,13 @@ def overlap_rule(earlier: dict[str, Any] | None, split_overlaps: bool | None, wh
 
     ``earlier`` is the tile's ``tile_config.json`` (None or empty: a new tile), ``split_overlaps``
     what the caller asks (None: a resumed tile keeps its rule -- records written before the split
-    existed, without ``"overlap"``, trained both -- and a new tile splits).  A resumed block must
+    existed, without ``"overlap"``, trained both -- and a new tile trains both: the split did not
+    win at equal CPU time, see the module docstring).  A resumed block must
     keep the pixels it started on, so asking a resumed tile for the other rule raises
     :class:`CitygenError` (``where``: the record's path) before any mask is rewritten."""
     before = earlier.get("overlap", "both") if earlier else None
     if split_overlaps is None:
-        return before or "split"
+        return before or "both"
     overlap = "split" if split_overlaps else "both"
     if before is not None and before != overlap:
         raise CitygenError(where, f"the tile was trained with overlap pixels {before!r}, this run asks for {overlap!r}: "
@@ -513,7 +516,7 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
         split_overlaps: train each overlap pixel in one block drawn by the blend weights
             (:func:`split_overlaps`; True) or in every block that holds it (False); None: a
             resumed tile keeps the rule it started with (a record without one: both), a new
-            tile splits (see the module docstring).  Asking a resumed tile for the other rule
+            tile trains both (see the module docstring).  Asking a resumed tile for the other rule
             is refused.
 
     Returns:

@@ -336,18 +336,18 @@ def test_a_tile_resumes_with_the_overlap_setting_it_started_with(tmp_path):
     assert {p: p.read_bytes() for p in tile.rglob("*") if p.is_file()} == before
 
 
-def test_the_overlap_rule_defaults_to_split_and_a_resumed_tile_keeps_its_own():
-    """A new tile splits overlap pixels unless asked for both; a resumed tile keeps the rule its
-    record names (a record without one was trained before the split existed: both), and asking
-    it for the other rule is refused."""
+def test_the_overlap_rule_defaults_to_both_and_a_resumed_tile_keeps_its_own():
+    """A new tile trains overlap pixels in both blocks unless asked to split; a resumed tile keeps
+    the rule its record names (a record without one was trained before the split existed: both),
+    and asking it for the other rule is refused."""
     from citygen.errors import CitygenError
     from citygen.tile import overlap_rule
 
     assert [overlap_rule(None, None), overlap_rule({}, None), overlap_rule(None, False), overlap_rule(None, True)] \
-        == ["split", "split", "both", "split"]
+        == ["both", "both", "both", "split"]
     old = {"layout": 1, "blocks": {}}
     assert overlap_rule(old, None) == overlap_rule(old, False) == "both"
-    assert overlap_rule({**old, "overlap": "split"}, None) == "split"
+    assert overlap_rule({**old, "overlap": "split"}, None) == overlap_rule({**old, "overlap": "split"}, True) == "split"
     assert overlap_rule({**old, "overlap": "both"}, None) == "both"
     with pytest.raises(CitygenError, match=r"trained with overlap pixels 'both', this run asks for 'split'"):
         overlap_rule(old, True)

@@ -316,8 +316,8 @@ def test_train_tile_flag_ranges(tile, survey, capsys):
 
 
 def test_train_tile_refuses_the_other_overlap_rule_on_a_resumed_tile(tile, survey, tmp_path, capsys):
-    """A tile that started with the (default) split rule keeps it: `--overlap both` is refused in
-    one line naming the record and the flag to resume with, nothing rewritten."""
+    """A tile that started with the split rule keeps it: `--overlap both` is refused in one line
+    naming the record and the flag to resume with, nothing rewritten."""
     import json
     import shutil
 
