@@ -546,7 +546,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
                rays_per_batch: int | None = None, threads: int | None = None, device: str | None = None,
                downscale: int | None = None, blocks: list[str] | None = None, override: tuple[str, ...] = (),
                memory_budget_gb: float | None = None, no_eval: bool = False, no_coarse_pass: bool = False,
-               split_overlaps: bool = False) -> None:
+               overlap: Literal["split", "both"] | None = None) -> None:
     """Train every block of a planned tile (TILE/plan.json from `citygen plan`) through an
     executor; block runs go to TILE/block_<id>/.  Re-running resumes: finished blocks are
     skipped, the others continue from their last checkpoints.  Watch it with `citygen status TILE`.
@@ -576,9 +576,10 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
         no_coarse_pass: a survey with neither depth maps nor SfM points keeps boxes from the
             plan and camera heights (and attribution on the plan's ground) instead of getting its
             points triangulated first (`citygen triangulate`, once; kept in its folder).
-        split_overlaps: train each pixel where two blocks overlap in one of them, drawn by the
-            compositor's blend weights, instead of in both (measured better with SfM points,
-            not yet the default: DESIGN.md); a resumed tile keeps the setting it started with.
+        overlap: where two blocks overlap, train each pixel in both (both) or in one of them
+            drawn by the compositor's blend weights (split: as good at equal CPU time on the
+            failure-like survey, 0.3 dB worse on the demo; DESIGN.md).  Default: both for a new
+            tile, a resumed tile keeps the rule it started with.
     """
     import json
 
@@ -601,7 +602,7 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
     result = run_train_tile(tile, data, preset, executor, overrides=overrides, max_parallel=max_parallel,
                             ray_address=ray_address, max_retries=max_retries, blocks=blocks,
                             coarse_pass=lambda: coarse.update(_coarse_pass(data, skip_pass) or {}),
-                            split_overlaps=split_overlaps)
+                            split_overlaps=None if overlap is None else overlap == "split")
     summary = {"tile": str(tile), "preset": preset, "preset_reason": why, "coarse_pass": coarse or None, "ok": result.ok,
                "failed": result.failed,
                "blocks": {b: {"state": o.state, "attempts": o.attempts, "skipped": o.skipped, "error": o.error,

@@ -43,19 +43,25 @@ shows (:func:`attribute_image`): its ray's surface point -- from the image's dep
 a heightfield of the survey's SfM points (``sparse/0``), else the plan's ground (its GeoTIFF,
 or its plane) -- decides, and the pixel trains every block whose *extended* rectangle holds
 that point (both blocks in an overlap, which the compositor blends).  With ``split_overlaps``
-(:func:`train_tile`; not the default) an overlap pixel instead trains *one* of the blocks that
-hold it (:func:`split_overlaps`): block ``b`` with probability ``w_b / sum w``, ``w`` the
-compositor's blend weights at the point (:func:`citygen.render.tile.blend_weights`, the one
-ramp), drawn once at attribution time with a seed per image (its name's CRC-32), so the masks,
-``pixels.npz`` and the samplers are as before; the blocks' survey shares then sum to 1 instead
-of 1.36 (failure-like 2x2 tile), and with :func:`block_batch` every pixel gets the one-block
-trainer's batch and steps.  Measured on that tile it did not close the gap to one block
+(:func:`train_tile`, ``citygen train-tile --overlap split``; not the default) an overlap pixel
+instead trains *one* of the blocks that hold it
+(:func:`split_overlaps`): block ``b`` with probability ``w_b / sum w``, ``w`` the compositor's
+blend weights at the point (:func:`citygen.render.tile.blend_weights`, the one ramp), drawn
+once at attribution time with a seed per image (its name's CRC-32), so the masks, ``pixels.npz``
+and the samplers are as before; the blocks' survey shares then sum to 1 instead of 1.36
+(failure-like 2x2 tile), and with :func:`block_batch` every pixel gets the one-block trainer's
+batch and steps.  Measured on that tile it did not close the gap to one block
 (held-out 23.7 / 25.2 dB over two seeds of the weakest block, 25.0 / 25.4 dB without the split;
 elsewhere in the views within 0.2 dB, at the seams 0.0-0.3 dB lower; the tiny city with depth
 maps gained 0.4-0.7 dB); with the coarse pass's points (boxes and attribution from them) it gained
-0.6 / 0.9 dB over both on two seeds at equal rays, 0.1 dB under one block on average; as the
-default the demo lost at equal CPU time (4x smaller batches cost more per ray on a CPU: 25.3 dB
-in 12 min against 25.8 dB in 10 min; see DESIGN.md), so it stays an option.  A pixel no block holds
+0.6 / 0.9 dB over both on two seeds at equal rays, 0.1 dB under one block on average.  With a
+small step's fixed costs cut (a kept hash-table gradient buffer,
+:meth:`citygen.train.optim.HashGridAdam.keep_grad_buffers`, and the occupancy refreshes counted
+per ray, :func:`block_config`) its quarter batches still cost 1.19x per ray what "both"'s
+third batches do, and at equal CPU time it did not win: failure tile 26.54 / 26.37 dB against
+both's 26.12 / 26.95 dB (seeds 0 / 1), the demo 25.5 dB against 25.8 even at equal steps
+(DESIGN.md).  So it stays an option; a resumed tile keeps the rule it started with
+(:func:`overlap_rule`).  A pixel no block holds
 (sky, above the horizon, or ground beyond the tile) trains exactly one block: the one whose
 learned background the compositor shows for that ray (:func:`citygen.render.tile.background_owner`,
 the block whose core is nearest to where the ray leaves the tile's box, or that the camera
@@ -83,9 +89,10 @@ pixels (``survey_share`` in ``tile_config.json``, overlaps counted in both block
 ``rays_per_batch * share`` rays a step -- per pixel what one block over the survey draws --
 over ``steps / share`` steps: the same rays as ``steps`` steps of the full batch, so the same
 compute (``steps`` keeps meaning the rays a block may spend), and per pixel the one-block
-trainer's batch and step count.  The batch stays at least ``MIN_BATCH_FRACTION`` of the
-preset's (at most 4x the steps: a step has costs beyond its rays, the dense Adam update of the
-hash tables and the occupancy refreshes).  A block over the whole survey (a 1x1 tile) trains
+trainer's batch and step count, and its occupancy grid is refreshed as often per ray as with
+the preset's batch (the refresh period and warm-up scaled by the batch ratio).  The batch stays
+at least ``MIN_BATCH_FRACTION`` of the preset's (at most 4x the steps: a step has costs beyond
+its rays, chiefly the dense Adam update of the hash tables, ~25 % of a 256-ray tiny step).  A block over the whole survey (a 1x1 tile) trains
 as configured, and ``citygen train`` (one block) is unchanged.
 
 Training is resumable: calling :func:`train_tile` again skips finished blocks and resumes
@@ -313,6 +320,12 @@ def block_config(cfg: TrainConfig, survey_share: float) -> TrainConfig:
     """``cfg`` with a tile block's batch and steps (:func:`block_batch`; a copy)."""
     out = from_dict(to_dict(cfg))
     out.rays_per_batch, out.steps = block_batch(cfg.rays_per_batch, cfg.steps, survey_share)
+    # the occupancy grid refreshed as often per ray as with the configured batch (warm-up too):
+    # counted in steps, 4x the steps of a quarter batch refreshed 4x as often, and a refresh
+    # evaluates the density at 32768+ cells (tiny preset), about a 1024-ray batch's samples
+    every = cfg.render.occupancy_update_every
+    out.render.occupancy_update_every = max(1, round(every * cfg.rays_per_batch / out.rays_per_batch))
+    out.render.occupancy_warmup_steps = cfg.render.occupancy_warmup_steps // every * out.render.occupancy_update_every
     return out
 
 
@@ -463,11 +476,30 @@ def _attribute(survey, plan: TilePlan, cfg: TrainConfig, active: list, chosen: l
     return shares
 
 
+def overlap_rule(earlier: dict[str, Any] | None, split_overlaps: bool | None, where: Path | None = None) -> str:
+    """``"split"`` or ``"both"``: the overlap rule a (new or resumed) tile trains with.
+
+    ``earlier`` is the tile's ``tile_config.json`` (None or empty: a new tile), ``split_overlaps``
+    what the caller asks (None: a resumed tile keeps its rule -- records written before the split
+    existed, without ``"overlap"``, trained both -- and a new tile trains both: the split did not
+    win at equal CPU time, see the module docstring).  A resumed block must
+    keep the pixels it started on, so asking a resumed tile for the other rule raises
+    :class:`CitygenError` (``where``: the record's path) before any mask is rewritten."""
+    before = earlier.get("overlap", "both") if earlier else None
+    if split_overlaps is None:
+        return before or "both"
+    overlap = "split" if split_overlaps else "both"
+    if before is not None and before != overlap:
+        raise CitygenError(where, f"the tile was trained with overlap pixels {before!r}, this run asks for {overlap!r}: "
+                                  f"resume with --overlap {before} (or without --overlap), or train into a new folder")
+    return overlap
+
+
 def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dict | str | Path = "tiny",
                executor: str | Executor = "local", *, overrides: dict[str, Any] | None = None,
                max_parallel: int | None = None, ray_address: str | None = None, max_retries: int = 2,
                blocks: Sequence[str] | None = None, coarse_pass: Callable[[], object] | None = None,
-               split_overlaps: bool = False) -> TileResult:
+               split_overlaps: bool | None = None) -> TileResult:
     """Train every block of the tile planned in ``tile_dir/plan.json``.
 
     Args:
@@ -482,8 +514,10 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
         blocks: train only these block ids (default: all).
         coarse_pass: run before the survey's points are read (see :func:`tile_tasks`).
         split_overlaps: train each overlap pixel in one block drawn by the blend weights
-            (:func:`split_overlaps`) instead of in every block that holds it (measured, not
-            the default: see the module docstring).
+            (:func:`split_overlaps`; True) or in every block that holds it (False); None: a
+            resumed tile keeps the rule it started with (a record without one: both), a new
+            tile trains both (see the module docstring).  Asking a resumed tile for the other rule
+            is refused.
 
     Returns:
         the :class:`~citygen.distributed.TileResult` (call ``raise_for_failures()`` to insist).
@@ -491,16 +525,11 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
     tile_dir = Path(tile_dir)
     cfg = resolve_config(config, overrides)
     earlier = read_tile_config(tile_dir)
-    overlap = "split" if split_overlaps else "both"
-    if earlier and earlier.get("overlap", "both") != overlap:
-        # a resumed block must keep the pixels it started on: refused before any mask is rewritten
-        raise CitygenError(tile_dir / TILE_CONFIG_FILE,
-                           f"the tile was trained with overlap pixels {earlier.get('overlap', 'both')!r}, this run asks "
-                           f"for {overlap!r}: resume with the same --split-overlaps setting, or train into a new folder")
+    overlap = overlap_rule(earlier, split_overlaps, tile_dir / TILE_CONFIG_FILE)
     # Per-block evaluation would score a block's field on whole views it covers only part of;
     # the tile is evaluated as a whole by `citygen render` (citygen.render.tile).
     cfg.eval_at_end = False
-    tasks, record = tile_tasks(tile_dir, data, cfg, blocks, coarse_pass, split_overlaps)
+    tasks, record = tile_tasks(tile_dir, data, cfg, blocks, coarse_pass, overlap == "split")
     if not tasks:
         raise CitygenError(tile_dir / PLAN_FILE, "no block of the plan has training images")
     if earlier and blocks is not None:  # training a subset: keep the other blocks' entries
@@ -514,4 +543,4 @@ def train_tile(tile_dir: str | Path, data: str | Path, config: TrainConfig | dic
 __all__ = ["ATTRIBUTION_CELL_M", "CAMERA_CLEARANCE_M", "GROUND_MARGIN_M", "MIN_BATCH_FRACTION", "MIN_IMAGE_SHARE",
            "attribute_image", "block_batch", "block_config",
            "attribution_ground", "PLAN_FILE", "TILE_CONFIG_FILE", "block_dir", "field_box", "make_executor",
-           "open_tile", "read_tile_config", "resolve_config", "split_overlaps", "tile_tasks", "train_tile"]
+           "open_tile", "overlap_rule", "read_tile_config", "resolve_config", "split_overlaps", "tile_tasks", "train_tile"]

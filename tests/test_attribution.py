@@ -271,6 +271,26 @@ def test_block_batch_spends_the_same_rays_in_smaller_steps(share, rays, steps):
     assert block_batch(1024, 400, share) == (rays, steps)
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.3339, 0.25, 0.1])
+def test_a_tile_block_refreshes_its_occupancy_as_often_per_ray_as_the_configured_batch(share):
+    """Counted over the run by the trainer's own schedule (citygen.train.schedule): a block that
+    spends the configured rays in 1/share smaller steps refreshes its occupancy grid as often --
+    the tiny preset's 9300 steps / 16 = 581 refreshes, the first 256 / 16 = 16 of them over
+    every cell -- within the rounding of its period (at most ~1 %)."""
+    from citygen.tile import block_config, resolve_config
+    from citygen.train.schedule import occupancy_refresh_cells
+
+    cfg = resolve_config("tiny")
+    assert (cfg.rays_per_batch, cfg.steps, cfg.render.occupancy_update_every, cfg.render.occupancy_warmup_steps) \
+        == (1024, 9300, 16, 256)
+    block = block_config(cfg, share)
+    cells = [occupancy_refresh_cells(done, block.render) for done in range(1, block.steps + 1)]
+    refreshes = sum(c is not False for c in cells)
+    assert refreshes == pytest.approx(9300 // 16, rel=0.012)
+    assert sum(c is None for c in cells) == 256 // 16
+    assert block.render.occupancy_cells_per_update == cfg.render.occupancy_cells_per_update
+
+
 @pytest.mark.parametrize("error_sampling", [0.0, 0.5])
 def test_block_trainer_batches_only_attributed_pixels(tmp_path, error_sampling):
     from citygen.tile import resolve_config
@@ -312,5 +332,22 @@ def test_a_tile_resumes_with_the_overlap_setting_it_started_with(tmp_path):
     (tile / "tile_config.json").write_text(json.dumps({"layout": 1, "overlap": "split", "blocks": {}}))
     before = {p: p.read_bytes() for p in tile.rglob("*") if p.is_file()}
     with pytest.raises(CitygenError, match=r"overlap pixels 'split'.*asks for 'both'"):
-        train_tile(tile, tmp_path / "no-survey" / "transforms.json", "tiny")
+        train_tile(tile, tmp_path / "no-survey" / "transforms.json", "tiny", split_overlaps=False)
     assert {p: p.read_bytes() for p in tile.rglob("*") if p.is_file()} == before
+
+
+def test_the_overlap_rule_defaults_to_both_and_a_resumed_tile_keeps_its_own():
+    """A new tile trains overlap pixels in both blocks unless asked to split; a resumed tile keeps
+    the rule its record names (a record without one was trained before the split existed: both),
+    and asking it for the other rule is refused."""
+    from citygen.errors import CitygenError
+    from citygen.tile import overlap_rule
+
+    assert [overlap_rule(None, None), overlap_rule({}, None), overlap_rule(None, False), overlap_rule(None, True)] \
+        == ["both", "both", "both", "split"]
+    old = {"layout": 1, "blocks": {}}
+    assert overlap_rule(old, None) == overlap_rule(old, False) == "both"
+    assert overlap_rule({**old, "overlap": "split"}, None) == overlap_rule({**old, "overlap": "split"}, True) == "split"
+    assert overlap_rule({**old, "overlap": "both"}, None) == "both"
+    with pytest.raises(CitygenError, match=r"trained with overlap pixels 'both', this run asks for 'split'"):
+        overlap_rule(old, True)

@@ -315,6 +315,21 @@ def test_train_tile_flag_ranges(tile, survey, capsys):
     assert snapshot(tile) == before
 
 
+def test_train_tile_refuses_the_other_overlap_rule_on_a_resumed_tile(tile, survey, tmp_path, capsys):
+    """A tile that started with the split rule keeps it: `--overlap both` is refused in one line
+    naming the record and the flag to resume with, nothing rewritten."""
+    import json
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tile, resumed)
+    (resumed / "tile_config.json").write_text(json.dumps({"layout": 1, "overlap": "split", "blocks": {}}))
+    before = snapshot(resumed)
+    refused(["train-tile", resumed, "--data", survey, "--overlap", "both"], capsys, "tile_config.json",
+            "overlap pixels 'split'", "--overlap split")
+    assert snapshot(resumed) == before
+
+
 # -- the other commands' numbers ------------------------------------------------------------------
 @pytest.mark.parametrize("argv,flag,problem", [
     (["synth", "{tmp}/c", "--seed", "-1"], "--seed", ">= 0"),

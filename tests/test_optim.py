@@ -95,3 +95,33 @@ def test_state_dict_round_trip_continues_identically():
 def test_sparse_groups_refuse_weight_decay():
     with pytest.raises(ValueError, match="weight decay"):
         HashGridAdam([{"params": [torch.zeros(3, requires_grad=True)], "sparse": True, "weight_decay": 0.1}], **HYPER)
+
+
+def test_kept_gradient_buffers_are_zeroed_in_place_and_train_as_dropped_ones():
+    """A parameter registered with ``keep_grad_buffers`` keeps its gradient tensor across
+    ``zero_grad`` (zeroed, the same storage: no table-sized allocation a step), the others are
+    dropped as before; the steps equal those of an optimizer that drops every gradient."""
+    torch.manual_seed(0)
+    table0, mlp0 = torch.randn(64, 2), torch.randn(3)
+    runs = []
+    for keep in (False, True):
+        table, mlp = torch.nn.Parameter(table0.clone()), torch.nn.Parameter(mlp0.clone())
+        opt = HashGridAdam([{"params": [table]}, {"params": [mlp]}], **HYPER)
+        if keep:
+            opt.keep_grad_buffers([table])
+        buffers = set()
+        for k in range(4):
+            opt.zero_grad(set_to_none=True)
+            rows = torch.arange(k, 64, 5)  # a sparse, moving set of rows, as a hash-grid batch touches
+            (table[rows].square().sum() + (mlp * (k + 1)).sum()).backward()
+            buffers.add(table.grad.data_ptr())
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert mlp.grad is None
+        if keep:
+            assert len(buffers) == 1 and table.grad is not None and not table.grad.any()
+        else:
+            assert table.grad is None
+        runs.append((table.detach(), mlp.detach()))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
