@@ -187,7 +187,7 @@ def test_sharpen_decays_the_runs_final_rate(box_survey, tmp_path):
         sharpen_block(tmp_path / "run", tmp_path / "bad", steps=1, lr_final=0.0, evaluate_at_end=False)
 
 
-def two_block_tile(run, root):
+def two_block_tile(run, root, test_images=((), ())):
     """A tile folder of two blocks (a 1 x 2 plan over the run's box) whose runs are copies of ``run``
     with a tile_config.json naming its survey: what sharpen_tile reads of a train-tile tile."""
     import shutil
@@ -199,8 +199,8 @@ def two_block_tile(run, root):
     (x0, y0, z0), (x1, y1, z1) = meta["aabb"]
     half = (x1 - x0) / 2
     grid = Grid(origin=(x0, y0), block_size=(half, y1 - y0), rows=1, cols=2)
-    blocks = [Block(id=f"b_r0_c{c}", row=0, col=c, core=grid.core(0, c), extended=grid.core(0, c), z_range=(z0, z1))
-              for c in range(2)]
+    blocks = [Block(id=f"b_r0_c{c}", row=0, col=c, core=grid.core(0, c), extended=grid.core(0, c), z_range=(z0, z1),
+                    test_images=list(test_images[c])) for c in range(2)]
     TilePlan(georef=Georef.from_dict(meta["georef"]), grid=grid, margin_m=0.0, blocks=blocks).save(root / "plan.json")
     (root / "tile_config.json").write_text(json.dumps({"kind": "citygen.tile_config", "version": 1, "layout": 1,
                                                        "data": meta["survey_root"]}))
@@ -283,3 +283,25 @@ def test_sharpen_a_tile_bad_input(trained, tmp_path, capsys):
     (other / "plan.json").write_text("{}")
     assert entrypoint(["sharpen", str(src), "--out", str(other), *base]) == 2
     assert "another tile" in capsys.readouterr().err
+
+
+def test_bench_narrow_band_measures_every_block_of_a_tile(realtime_cpu, trained, box_survey, tmp_path):
+    """`bench render --narrow-band --survey` on a tile folder measures each block on its own fly
+    path and its own held-out views (the plan's test_images of the block), and pools the views."""
+    from citygen.bench_render import bench_tile_narrow_band
+    from citygen.render.realtime_sampling import RealtimeSampling
+
+    names = [im.name for im in read_transforms(box_survey).test_images]
+    src = two_block_tile(trained, tmp_path / "tile", test_images=([names[1]], [names[0], names[1]]))
+    out = bench_tile_narrow_band(src, torch.device("cpu"), (24, 18), 1, RealtimeSampling(), survey=box_survey,
+                                 max_survey_views=2, bake=False)
+    assert out["blocks_measured"] == ["b_r0_c0", "b_r0_c1"]
+    blocks = out["blocks"]
+    assert [r["view"] for r in blocks["b_r0_c0"]["view_sets"]["survey_views"]["views"]] == [names[1]]
+    assert [r["view"] for r in blocks["b_r0_c1"]["view_sets"]["survey_views"]["views"]] == names[:2]
+    rows = [r for b in blocks.values() for vs in b["view_sets"].values() for r in vs["views"]]
+    assert len(rows) == 5 and out["view_sets"]["fly_path"]["views"] == 2 and out["view_sets"]["survey_views"]["views"] == 3
+    assert out["samples_per_pixel_mean"] == pytest.approx(np.mean([r["samples_per_pixel"] for r in rows]))
+    assert out["psnr_vs_reference_db_worst"] == min(r["psnr_vs_reference_db"] for r in rows)
+    # without the band its figures are the plain path's
+    assert all(r["samples_per_pixel_narrow_band"] == r["samples_per_pixel"] for r in rows)
