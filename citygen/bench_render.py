@@ -283,8 +283,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return -10 * math.log10(max(float(((a.float() - b.float()) ** 2).mean()), 1e-20))
 
 
-def survey_views(survey_path: Path, downscale: int, max_views: int) -> list[tuple[str, Camera, np.ndarray, Path]]:
-    """(name, camera, c2w, ground-truth image) of the survey's held-out views, at the training downscale.
+def survey_views(survey_path: Path, downscale: int, max_views: int,
+                 names: list[str] | None = None) -> list[tuple[str, Camera, np.ndarray, Path]]:
+    """(name, camera, c2w, ground-truth image) of the survey's held-out views (``names``: only
+    those, e.g. a tile block's), at the training downscale.
 
     A camera with lens distortion is replaced by its pinhole part: the native kernels model no
     distortion (the renderer would fall back to torch and count no samples), and all three renders
@@ -292,7 +294,7 @@ def survey_views(survey_path: Path, downscale: int, max_views: int) -> list[tupl
     losses against the image stay comparable (caliterra's k1 = -0.0057: under a pixel at the
     corners of a 500 x 375 view)."""
     survey = load_survey(survey_path)
-    views = survey.test_images[:max_views]
+    views = [im for im in survey.test_images if names is None or im.name in names][:max_views]
     survey.check_image_files(views)
     out = []
     for im in views:
@@ -307,41 +309,50 @@ def survey_views(survey_path: Path, downscale: int, max_views: int) -> list[tupl
 
 def bench_narrow_band(field, render_cfg: RenderConfig, device: torch.device, resolution: tuple[int, int],
                       n_frames: int, altitude: float, sampling: RealtimeSampling, survey: Path | None = None,
-                      downscale: int = 1, max_survey_views: int = 4, picture: Path | None = None) -> dict[str, Any]:
+                      downscale: int = 1, max_survey_views: int = 4, picture: Path | None = None,
+                      view_names: list[str] | None = None, bake: bool = True,
+                      strips: list | None = None) -> dict[str, Any]:
     """The baked envelope and narrow-band rendering (:mod:`citygen.render.envelope`) against the
     plain real-time path and the torch reference: on the fly path and, with ``survey``, on its
     held-out views (also against their ground-truth images): samples per pixel, PSNR, envelope
     bytes against the packed block's, bake and ray-cast seconds, and the H100 roofline ESTIMATE
     at 1920x1080 and 3840x2160 from the narrow band's samples per pixel; ``picture``: a PNG of the
-    first view of each set, reference | narrow band | the band's samples per pixel (heat map)."""
+    first view of each set, reference | narrow band | the band's samples per pixel (heat map).
+    ``view_names``: only these held-out views; ``bake=False``: no envelope (the "narrow band"
+    figures are then the plain real-time path's: the band costs minutes of bake per block on a CPU
+    and saves nothing on sharpened fields, DESIGN.md "1.5 samples per pixel reached");
+    ``strips``: a list that collects the picture's rows instead of (or as well as) ``picture``."""
     plain = RealtimeRenderer(field, render_cfg, device=device, sampling=sampling)
     if plain.backend != "native":
         return {"available": False, "reason": plain.fallback_reason}
     packed = plain.packed
-    envelope = bake_field_envelope(field, render_cfg.step_size, packed.nbytes,
-                                   min_transmittance=sampling.min_transmittance or render_cfg.min_transmittance)
-    banded = RealtimeRenderer(field, render_cfg, device=device, sampling=sampling, envelope=envelope)
+    envelope = (bake_field_envelope(field, render_cfg.step_size, packed.nbytes,
+                                    min_transmittance=sampling.min_transmittance or render_cfg.min_transmittance)
+                if bake else None)
+    banded = RealtimeRenderer(field, render_cfg, device=device, sampling=sampling, envelope=envelope) if bake else plain
     camera = pinhole(*resolution)
     sets: dict[str, list[tuple[str, Camera, np.ndarray, Path | None]]] = {
         "fly_path": [(f"fly_{i}", camera, c2w, None)
                      for i, c2w in enumerate(fly_path(field.aabb.detach().cpu().numpy(), n_frames, altitude))]}
     if survey is not None:
-        sets["survey_views"] = survey_views(survey, downscale, max_survey_views)
-    result: dict[str, Any] = {"available": True, "envelope_bytes": envelope.nbytes, "packed_bytes": packed.nbytes,
-                              "envelope_fraction": envelope.nbytes / packed.nbytes,
-                              "bake_s": envelope.bake_seconds,
-                              "triangles": {"outer": len(envelope.outer.triangles),
-                                            "inner": len(envelope.inner.triangles)},
-                              "sigma_outer": envelope.sigma_outer, "sigma_inner": envelope.sigma_inner,
-                              "margin_m": envelope.margin, "view_sets": {}}
+        sets["survey_views"] = survey_views(survey, downscale, max_survey_views, view_names)
+    result: dict[str, Any] = {"available": True, "packed_bytes": packed.nbytes, "banded": bake, "view_sets": {}}
+    if envelope is not None:
+        result.update({"envelope_bytes": envelope.nbytes, "envelope_fraction": envelope.nbytes / packed.nbytes,
+                       "bake_s": envelope.bake_seconds,
+                       "triangles": {"outer": len(envelope.outer.triangles),
+                                     "inner": len(envelope.inner.triangles)},
+                       "sigma_outer": envelope.sigma_outer, "sigma_inner": envelope.sigma_inner,
+                       "margin_m": envelope.margin})
     all_band, all_plain = [], []
-    strips = []
+    strips = strips if strips is not None else []
     for name, views in sets.items():
         rows = []
         for view, cam, c2w, gt_path in views:
             ref = render_image(field, cam, c2w, render=render_cfg)
-            a, b = plain.render(cam, c2w), banded.render(cam, c2w)
-            if picture is not None and not rows:
+            a = plain.render(cam, c2w)
+            b = banded.render(cam, c2w) if bake else a
+            if not rows:
                 strips.append((view, ref["rgb"], b["rgb"], b["n_samples"]))
             band_s = banded.timings.get("band", 0.0)
             row = {"view": view, "resolution": f"{cam.width}x{cam.height}",
@@ -374,7 +385,66 @@ def bench_narrow_band(field, render_cfg: RenderConfig, device: torch.device, res
                                             "without_band": estimate_4k(spp_plain, cost, (w, h))}
                                for w, h in ((1920, 1080), (3840, 2160))}
     if picture is not None:
-        result["picture"] = str(draw_band_picture(Path(picture), strips))
+        result["picture"] = str(draw_band_picture(Path(picture), strips, "narrow band" if bake else "real-time"))
+    return result
+
+
+def bench_tile_narrow_band(tile: Path, device: torch.device, resolution: tuple[int, int], n_frames: int,
+                           sampling: RealtimeSampling, survey: Path | None = None, max_survey_views: int = 4,
+                           picture: Path | None = None, bake: bool = True) -> dict[str, Any]:
+    """:func:`bench_narrow_band` on every trained block of a tile: each block's fly path over its
+    box and its own held-out views (the plan's ``test_images`` of the block, up to
+    ``max_survey_views``); the tile's figures pool every block's views (each block has the same
+    number, so the mean over views is the mean over blocks).  Blocks are measured one at a time
+    as the streaming renderer draws them, each over its own box, so the margin cross-fade of the
+    reference tile renderer is not part of any figure.  ``picture``: the first block's first fly
+    frame, then each block's first held-out view (or fly frame without ``survey``)."""
+    found = discover(tile)
+    plan_blocks = {b.id: b for b in found.plan.blocks}
+    blocks: dict[str, Any] = {}
+    rows_by_set: dict[str, list[dict[str, Any]]] = {}
+    picked = []
+    cost = None
+    for i, (block_id, run) in enumerate(found.trained.items()):
+        sidecar = resolve_checkpoint(run)
+        field, meta = load_field(sidecar, device)
+        strips: list = []
+        r = bench_narrow_band(field, meta["train_config"].render, device, resolution, n_frames,
+                              0.5 * float((field.aabb[1] - field.aabb[0])[:2].max()), sampling, survey=survey,
+                              downscale=int(meta["config"].get("downscale", 1)), max_survey_views=max_survey_views,
+                              view_names=list(plan_blocks[block_id].test_images), bake=bake, strips=strips)
+        if not r["available"]:
+            return r
+        blocks[block_id] = {"checkpoint": str(sidecar), **r}
+        for name, vs in r["view_sets"].items():
+            rows_by_set.setdefault(name, []).extend({"block": block_id, **row} for row in vs["views"])
+        picked += strips[:1] if i == 0 and len(strips) > 1 else []
+        picked += strips[-1:]
+        cost = per_sample_cost(field)
+        del field
+    if not blocks:
+        raise CitygenError(tile, "bench render: the tile has no trained block")
+    rows = [row for rs in rows_by_set.values() for row in rs]
+    spp = statistics.mean(r["samples_per_pixel"] for r in rows)
+    spp_band = statistics.mean(r["samples_per_pixel_narrow_band"] for r in rows)
+    result: dict[str, Any] = {
+        "available": True, "tile": str(tile), "blocks_measured": list(blocks), "banded": bake,
+        "view_sets": {name: {"views": len(rs),
+                             "samples_per_pixel_mean": statistics.mean(r["samples_per_pixel"] for r in rs),
+                             "psnr_vs_reference_db_worst": min(r["psnr_vs_reference_db"] for r in rs),
+                             "psnr_vs_reference_db_mean": statistics.mean(r["psnr_vs_reference_db"] for r in rs)}
+                      for name, rs in rows_by_set.items()},
+        "samples_per_pixel_mean": spp, "samples_per_pixel_narrow_band_mean": spp_band,
+        "psnr_vs_reference_db_worst": min(r["psnr_vs_reference_db"] for r in rows),
+        "roofline_h100": {f"{w}x{h}": {"narrow_band": estimate_4k(spp_band, cost, (w, h)),
+                                       "without_band": estimate_4k(spp, cost, (w, h))}
+                          for w, h in ((1920, 1080), (3840, 2160))},
+        "blocks": blocks}
+    gt = [r["psnr_vs_ground_truth_db"] for r in rows if "psnr_vs_ground_truth_db" in r]
+    if gt:
+        result["psnr_vs_ground_truth_db_mean"] = {k: statistics.mean(g[k] for g in gt) for k in gt[0]}
+    if picture is not None:
+        result["picture"] = str(draw_band_picture(Path(picture), picked, "narrow band" if bake else "real-time"))
     return result
 
 
@@ -382,7 +452,8 @@ def bench_narrow_band(field, render_cfg: RenderConfig, device: torch.device, res
 PICTURE_SPP_TOP = 8.0
 
 
-def draw_band_picture(path: Path, strips: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> Path:
+def draw_band_picture(path: Path, strips: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
+                      middle: str = "narrow band") -> Path:
     """One row per view: reference | narrow band | its field samples per pixel (viridis up to
     ``PICTURE_SPP_TOP``, black = none), labelled with the view and its mean samples per pixel."""
     label_h = 14
@@ -395,7 +466,7 @@ def draw_band_picture(path: Path, strips: list[tuple[str, torch.Tensor, torch.Te
         w = row.shape[1] // 3
         d = ImageDraw.Draw(img)
         spp = float(n.float().mean())
-        for i, text in enumerate(("reference", "narrow band",
+        for i, text in enumerate(("reference", middle,
                                   f"samples/pixel {spp:.2f} (0..{PICTURE_SPP_TOP:g}) {view}")):
             d.text((i * w + 3, 1), text, fill=(0, 0, 0))
         rows.append(img)
@@ -494,10 +565,11 @@ def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | 
                  stream_area_km2: float = 100.0, stream_block_size: float = 500.0,
                  stream_budget_gb: float | None = None, stream_frames: int | None = None,
                  narrow_band: bool = False, survey: Path | None = None,
-                 picture: Path | None = None) -> dict[str, Any]:
+                 picture: Path | None = None, bake: bool = True, survey_views: int = 4) -> dict[str, Any]:
     """Run the render benchmark (module docstring) and return the JSON-ready result; with
     ``narrow_band`` also :func:`bench_narrow_band` (``survey``: its held-out views too;
-    ``picture``: its PNG)."""
+    ``picture``: its PNG; on a tile folder of several trained blocks, :func:`bench_tile_narrow_band`
+    over all of them; ``bake=False``: without the envelope; ``survey_views``: held-out views per block)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise CitygenError(None, "bench: --device cuda, but torch sees no CUDA device here")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -535,10 +607,15 @@ def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | 
         cost = per_sample_cost(field)
         result["per_sample_cost"] = cost
         result["estimate_4k_h100"] = estimate_4k(statistics.mean(spr), cost)
-    if narrow_band:
+    if narrow_band and tile is not None and (Path(tile) / PLAN_FILE).is_file() and len(discover(tile).trained) > 1:
+        del field  # one block's field at a time: a tile's blocks need not fit together
+        result["narrow_band"] = bench_tile_narrow_band(Path(tile), dev, resolutions[0], n_frames, sampling, survey=survey,
+                                                       max_survey_views=survey_views, picture=picture, bake=bake)
+    elif narrow_band:
         downscale = meta_downscale if tile is not None else 1
         result["narrow_band"] = bench_narrow_band(field, render_cfg, dev, resolutions[0], n_frames, altitude, sampling,
-                                                  survey=survey, downscale=downscale, picture=picture)
+                                                  survey=survey, downscale=downscale, picture=picture, bake=bake,
+                                                  max_survey_views=survey_views)
     if stream:
         budget = int((stream_budget_gb if stream_budget_gb is not None else (12.0 if gpu else 0.005)) * 1e9)
         result["streaming"] = bench_streaming(dev, resolutions[0], stream_area_km2, stream_block_size, budget,
@@ -547,5 +624,5 @@ def bench_render(tile: Path | None = None, resolutions: list[tuple[int, int]] | 
     return result
 
 
-__all__ = ["bench_render", "bench_streaming", "estimate_4k", "fly_path", "parse_resolution", "per_sample_cost",
+__all__ = ["bench_render", "bench_streaming", "bench_tile_narrow_band", "estimate_4k", "fly_path", "parse_resolution", "per_sample_cost",
            "stream_field_config", "synthetic_field"]

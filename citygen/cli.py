@@ -249,7 +249,8 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
           picture: Path | None = None, scale_dir: Path = Path("outputs/bench_scale"),
           scale_areas: tuple[float, ...] = (0.1, 0.25), scale_steps: int = 60,
           size_m: float = 1000.0, gsd: float = 0.1, las_points: int = 50_000_000, work: Path | None = None,
-          view_frames: int = 120, view_rest_jobs: int = 0, view_no_lod: bool = False) -> None:
+          view_frames: int = 120, view_rest_jobs: int = 0, view_no_lod: bool = False, no_bake: bool = False,
+          survey_views: int = 4) -> None:
     """Measure throughput and print it as JSON (and write it to --out).
 
     Args:
@@ -278,7 +279,11 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
         narrow_band: render: also bake the block's envelope and compare narrow-band rendering
             (samples per pixel, PSNR, envelope bytes, bake time, H100 roofline estimate).
         survey: render --narrow-band: the survey (transforms.json) whose held-out views are also
-            scored, against their ground-truth images too.
+            scored, against their ground-truth images too.  On a tile folder of several blocks
+            every block is measured on its fly path and its own held-out views, and pooled.
+        no_bake: render --narrow-band: no envelope bake (minutes a block on a CPU); the same views
+            and figures for the plain real-time path.
+        survey_views: render --narrow-band: held-out views scored (per block on a tile).
         size_m: export: side of the square exported as ortho + DSM COGs (analytic scene), metres.
         gsd: export: their cell size, metres.
         las_points: export: points of the larger of the two chunked LAZ files (the other: a tenth).
@@ -338,10 +343,12 @@ def bench(what: tyro.conf.Positional[Literal["encode", "render", "stream", "scal
 
         resolutions = [parse_resolution(r) for r in res]
         check_values((f"--res {r}", side, IMAGE_SIDE) for r, wh in zip(res, resolutions) for side in wh)
+        check_values([("--survey-views", survey_views, AT_LEAST_ONE)])
         result = bench_render(tile=tile, resolutions=resolutions or None, n_frames=frames,
                               reference_frames=reference_frames, device=device, stream=not no_stream,
                               stream_budget_gb=stream_budget_gb, stream_frames=stream_frames,
-                              narrow_band=narrow_band, survey=survey, picture=picture)
+                              narrow_band=narrow_band, survey=survey, picture=picture, bake=not no_bake,
+                              survey_views=survey_views)
     elif what == "stream":
         from .bench_stream import bench_stream
 
@@ -901,14 +908,17 @@ def style(tile: tyro.conf.Positional[Path], reference: Path | None = None, named
 def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1500, alpha_entropy_weight: float = 0.02,
             distortion_weight: float | None = None, data: Path | None = None, threads: int | None = None,
             no_eval: bool = False, no_progress: bool = False, lpips_weights: Path | None = None,
-            lr_final: float = 1.0) -> None:
+            lr_final: float = 1.0, blocks: str | None = None) -> None:
     """Fine-tune a trained block so that its surfaces are opaque (fewer field samples per pixel
     for the real-time renderer): continues from RUN's last checkpoint into the new run folder OUT
-    with a per-sample opacity-entropy loss, then evaluates the held-out views.
+    with a per-sample opacity-entropy loss, then evaluates the held-out views.  RUN may be a tile
+    folder (citygen train-tile, citygen demo): every trained block (or --blocks) is sharpened into
+    the tile folder OUT, which opens like the source; blocks already sharpened in OUT are skipped.
 
     Args:
-        run: the trained run folder (or a checkpoint).
-        out: the new run folder.
+        run: the trained run folder (or a checkpoint), or a tile folder.
+        out: the new run folder (a tile: the new tile folder).
+        blocks: a tile's block ids to sharpen, comma-separated (default: all trained blocks).
         steps: fine-tune steps (1500 at weight 0.02: DESIGN.md "Towards 1.5 samples per pixel, session 7").
         alpha_entropy_weight: weight of the per-sample opacity entropy.
         distortion_weight: replaces the run's distortion-loss weight when given.
@@ -923,14 +933,28 @@ def sharpen(run: tyro.conf.Positional[Path], out: Path, steps: int = 1500, alpha
     import json
 
     from .nets.lpips import resolve_lpips_weights
-    from .train.sharpen import sharpen_block
+    from .store.layout import PLAN_FILE
+    from .train.sharpen import sharpen_block, sharpen_tile
 
     check_out_dir(out, "--out")
-    result = sharpen_block(run, out, steps=steps, alpha_entropy_weight=alpha_entropy_weight,
-                           distortion_weight=distortion_weight, data=data, threads=threads,
-                           evaluate_at_end=not no_eval, progress=not no_progress,
-                           lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights),
-                           lr_final=lr_final)
+    options = dict(steps=steps, alpha_entropy_weight=alpha_entropy_weight, distortion_weight=distortion_weight,
+                   data=data, threads=threads, evaluate_at_end=not no_eval, progress=not no_progress,
+                   lr_final=lr_final)
+    if (run / PLAN_FILE).is_file():
+        ids = [b.strip() for b in blocks.split(",") if b.strip()] if blocks is not None else None
+        if ids is not None and not ids:
+            raise CitygenError(None, "sharpen: --blocks names no block")
+        tiled = sharpen_tile(run, out, blocks=ids, **options,
+                             lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
+        print(json.dumps({"out": str(tiled.out), "skipped": tiled.skipped,
+                          "sharpened": {b: {"checkpoint": str(r.checkpoint), "from_step": r.start_step, "step": r.step,
+                                            "seconds": round(r.seconds, 2), "eval": r.eval["mean"] if r.eval else None}
+                                        for b, r in tiled.sharpened.items()}}, indent=2))
+        return
+    if blocks is not None:
+        raise CitygenError(run, "sharpen: --blocks needs a tile folder (with plan.json)")
+    result = sharpen_block(run, out, **options,
+                           lpips_weights=None if no_eval else resolve_lpips_weights(lpips_weights))
     print(json.dumps({"out": str(result.out), "checkpoint": str(result.checkpoint), "from_step": result.start_step,
                       "step": result.step, "seconds": round(result.seconds, 2),
                       "eval": result.eval["mean"] if result.eval else None}, indent=2))

@@ -338,6 +338,7 @@ def test_train_tile_refuses_the_other_overlap_rule_on_a_resumed_tile(tile, surve
     (["bench", "encode", "--n-points", "0"], "--n-points", ">= 1"),
     (["bench", "render", "--res", "100000x10"], "--res 100000x10", "in [1, 16384]"),
     (["bench", "render", "--stream-budget-gb", "-2"], "--stream-budget-gb", "> 0"),
+    (["bench", "render", "--narrow-band", "--survey-views", "0"], "--survey-views", ">= 1"),
     (["render", "{tile}", "--out", "{tmp}/r", "--downscale", "0"], "--downscale", ">= 1"),
     (["render", "{tile}", "--out", "{tmp}/r", "--seam-band", "-1"], "--seam-band", "> 0"),
     (["view", "{tile}", "--width", "0"], "--width", "in [1, 16384]"),

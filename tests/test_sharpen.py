@@ -23,7 +23,7 @@ from citygen.render.realtime import RealtimeRenderer
 from citygen.render.volume import TAU_CAP
 from citygen.train import BlockTrainer, load_field, train_block
 from citygen.train.sharpen import sharpen_block
-from survey_io import read_transforms
+from survey_io import Georef, read_transforms
 
 #: test_sharpen_cuts_samples_per_pixel_and_keeps_the_image, measured on seeds 0-2 (2 threads; seed 0 also
 #: with 1 thread; 2-core EPYC): samples per pixel 4.05-4.24 -> 2.04-2.08 (ratio 0.48-0.50), held-out PSNR
@@ -185,3 +185,123 @@ def test_sharpen_decays_the_runs_final_rate(box_survey, tmp_path):
     assert got == pytest.approx(want, abs=1e-6)
     with pytest.raises(CitygenError, match="--lr-final"):
         sharpen_block(tmp_path / "run", tmp_path / "bad", steps=1, lr_final=0.0, evaluate_at_end=False)
+
+
+def two_block_tile(run, root, test_images=((), ())):
+    """A tile folder of two blocks (a 1 x 2 plan over the run's box) whose runs are copies of ``run``
+    with a tile_config.json naming its survey: what sharpen_tile reads of a train-tile tile."""
+    import shutil
+
+    from citygen.partition import Block, Grid, TilePlan
+    from citygen.store.checkpoint import read_sidecar, resolve_checkpoint
+
+    meta = read_sidecar(resolve_checkpoint(run))
+    (x0, y0, z0), (x1, y1, z1) = meta["aabb"]
+    half = (x1 - x0) / 2
+    grid = Grid(origin=(x0, y0), block_size=(half, y1 - y0), rows=1, cols=2)
+    blocks = [Block(id=f"b_r0_c{c}", row=0, col=c, core=grid.core(0, c), extended=grid.core(0, c), z_range=(z0, z1),
+                    test_images=list(test_images[c])) for c in range(2)]
+    TilePlan(georef=Georef.from_dict(meta["georef"]), grid=grid, margin_m=0.0, blocks=blocks).save(root / "plan.json")
+    (root / "tile_config.json").write_text(json.dumps({"kind": "citygen.tile_config", "version": 1, "layout": 1,
+                                                       "data": meta["survey_root"]}))
+    for b in blocks:
+        shutil.copytree(run, root / f"block_{b.id}")
+    return root
+
+
+def test_sharpen_a_tile_folder(trained, tmp_path, capsys):
+    """Every block of a tile is sharpened (its run continued by --steps) into a new tile that
+    opens and renders like the source; the source is not written; a second call skips the
+    finished blocks and an interrupted block's staging folder is redone."""
+    from citygen.render.tile import TileRenderer
+    from citygen.store.checkpoint import read_sidecar, resolve_checkpoint
+    from citygen.store.layout import discover
+    from citygen.train.sharpen import STAGING_PREFIX
+
+    src = two_block_tile(trained, tmp_path / "tile")
+    before = {p: p.stat().st_mtime_ns for p in src.rglob("*")}
+    start = int(read_sidecar(resolve_checkpoint(trained))["step"])
+    out = tmp_path / "sharp"
+    args = ["sharpen", str(src), "--out", str(out), "--steps", "2", "--threads", "1", "--no-eval", "--no-progress"]
+    assert entrypoint(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sorted(printed["sharpened"]) == ["b_r0_c0", "b_r0_c1"] and printed["skipped"] == []
+    found = discover(out)
+    assert sorted(found.trained) == ["b_r0_c0", "b_r0_c1"] and not found.missing
+    for run in found.trained.values():
+        assert read_sidecar(resolve_checkpoint(run))["step"] == start + 2
+    assert (out / "plan.json").read_bytes() == (src / "plan.json").read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in src.rglob("*")} == before
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))
+    renderer = TileRenderer.open(out)
+    rays = renderer.render_rays(torch.tensor([[0.0, 0.0, 30.0], [2.0, -1.0, 30.0]]), torch.tensor([[0.0, 0.0, -1.0]] * 2))
+    assert renderer.block_ids == ["b_r0_c0", "b_r0_c1"]
+    assert torch.isfinite(rays["rgb"]).all() and rays["rgb"].min() >= 0 and rays["rgb"].max() <= 1
+
+    # a second call: nothing to do
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoints/*")}
+    assert entrypoint(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["sharpened"] == {} and sorted(printed["skipped"]) == ["b_r0_c0", "b_r0_c1"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoints/*")} == stamps
+
+    # an interrupted block (its staging folder left, no block folder): redone, the other skipped
+    import shutil
+
+    shutil.rmtree(out / "block_b_r0_c1")
+    (out / f"{STAGING_PREFIX}b_r0_c1" / "checkpoints").mkdir(parents=True)
+    (out / f"{STAGING_PREFIX}b_r0_c1" / "checkpoints" / "step_0000001.json").write_text("{")
+    assert entrypoint([*args, "--blocks", "b_r0_c1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed["sharpened"]) == ["b_r0_c1"] and printed["skipped"] == []
+    assert read_sidecar(resolve_checkpoint(out / "block_b_r0_c1"))["step"] == start + 2
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_sharpen_a_tile_bad_input(trained, tmp_path, capsys):
+    src = two_block_tile(trained, tmp_path / "tile")
+    base = ["--steps", "1", "--no-eval", "--no-progress"]
+    for argv, words in (
+            (["sharpen", str(src), "--out", str(src / "inner"), *base], "outside the source tile"),
+            (["sharpen", str(src), "--out", str(src), *base], "outside the source tile"),
+            (["sharpen", str(src), "--out", str(tmp_path / "o"), "--blocks", "b_r9_c9", *base], "unknown block 'b_r9_c9'"),
+            (["sharpen", str(src), "--out", str(tmp_path / "o"), "--blocks", " , ", *base], "--blocks names no block"),
+            (["sharpen", str(trained), "--out", str(tmp_path / "o"), "--blocks", "b_r0_c0", *base], "needs a tile folder")):
+        assert entrypoint(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "o").exists() and not (src / "inner").exists()
+    # a block of the plan without a checkpoint, asked for by name
+    import shutil
+
+    shutil.rmtree(src / "block_b_r0_c1")
+    assert entrypoint(["sharpen", str(src), "--out", str(tmp_path / "o"), "--blocks", "b_r0_c1", *base]) == 2
+    assert "has no checkpoint" in capsys.readouterr().err
+    # another tile's folder as --out
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "plan.json").write_text("{}")
+    assert entrypoint(["sharpen", str(src), "--out", str(other), *base]) == 2
+    assert "another tile" in capsys.readouterr().err
+
+
+def test_bench_narrow_band_measures_every_block_of_a_tile(realtime_cpu, trained, box_survey, tmp_path):
+    """`bench render --narrow-band --survey` on a tile folder measures each block on its own fly
+    path and its own held-out views (the plan's test_images of the block), and pools the views."""
+    from citygen.bench_render import bench_tile_narrow_band
+    from citygen.render.realtime_sampling import RealtimeSampling
+
+    names = [im.name for im in read_transforms(box_survey).test_images]
+    src = two_block_tile(trained, tmp_path / "tile", test_images=([names[1]], [names[0], names[1]]))
+    out = bench_tile_narrow_band(src, torch.device("cpu"), (24, 18), 1, RealtimeSampling(), survey=box_survey,
+                                 max_survey_views=2, bake=False)
+    assert out["blocks_measured"] == ["b_r0_c0", "b_r0_c1"]
+    blocks = out["blocks"]
+    assert [r["view"] for r in blocks["b_r0_c0"]["view_sets"]["survey_views"]["views"]] == [names[1]]
+    assert [r["view"] for r in blocks["b_r0_c1"]["view_sets"]["survey_views"]["views"]] == names[:2]
+    rows = [r for b in blocks.values() for vs in b["view_sets"].values() for r in vs["views"]]
+    assert len(rows) == 5 and out["view_sets"]["fly_path"]["views"] == 2 and out["view_sets"]["survey_views"]["views"] == 3
+    assert out["samples_per_pixel_mean"] == pytest.approx(np.mean([r["samples_per_pixel"] for r in rows]))
+    assert out["psnr_vs_reference_db_worst"] == min(r["psnr_vs_reference_db"] for r in rows)
+    # without the band its figures are the plain path's
+    assert all(r["samples_per_pixel_narrow_band"] == r["samples_per_pixel"] for r in rows)

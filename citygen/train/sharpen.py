@@ -17,21 +17,33 @@ The result is a new run folder (the source run is never written): ``config.json`
 config with the fine-tune's weights and ``steps`` = the step it ends at), ``metrics.jsonl``,
 ``checkpoints/`` and ``eval/`` (and a tile block's ``pixels.npz``, its attributed pixels), readable by
 every command that takes a run.
+
+A tile (a folder with ``plan.json``: ``citygen train-tile``, ``citygen demo``) is sharpened block by
+block (:func:`sharpen_tile`) into a new tile folder laid out like the source
+(:mod:`citygen.store.layout`): its ``plan.json`` and ``tile_config.json`` copied, each sharpened
+block's run in its ``block_<id>`` folder, so the renderer, viewer, bench and export open it like
+the source.  A block is sharpened into a hidden staging folder and renamed into place when it is
+finished, so a block folder in the new tile is always a finished one: a second call skips those
+and redoes a block whose staging folder an interrupted call left behind.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from survey_io.atomic import atomic_write_bytes, atomic_write_json
 
 from ..config import from_dict, validate
 from ..distributed.lease import hold_block
 from ..errors import CitygenError
 from ..nets.lpips import load_lpips
 from ..store.checkpoint import read_sidecar, resolve_checkpoint
-from ..store.layout import PIXELS_FILE
+from ..store.layout import PIXELS_FILE, PLAN_FILE, TILE_CONFIG_FILE, block_dir, discover, read_tile_config
 from .data import read_pixel_masks, write_pixel_masks
 from .evaluate import evaluate
 from .schedule import cosine_decay
@@ -129,4 +141,70 @@ def sharpen_block(checkpoint: Path | str, out: Path | str, steps: int = DEFAULT_
                          eval=report)
 
 
-__all__ = ["DEFAULT_ALPHA_ENTROPY_WEIGHT", "DEFAULT_LR_FINAL", "DEFAULT_STEPS", "SharpenResult", "sharpen_block"]
+#: prefix of a block's staging folder inside the new tile while it is sharpened (hidden: not a
+#: ``block_*`` folder, so no reader takes it for a block)
+STAGING_PREFIX = ".sharpen_"
+
+
+@dataclass
+class TileSharpenResult:
+    out: Path
+    sharpened: dict[str, SharpenResult]
+    skipped: list[str]
+
+
+def sharpen_tile(tile: Path | str, out: Path | str, blocks: list[str] | None = None,
+                 **kwargs: Any) -> TileSharpenResult:
+    """Sharpen the trained blocks of the tile folder ``tile`` (or only ``blocks``) with
+    :func:`sharpen_block` (``kwargs``: its options) into the tile folder ``out`` (module
+    docstring); blocks already in ``out`` are skipped.
+
+    Raises:
+        CitygenError: ``tile`` is not a tile, ``out`` lies inside it (or is it) or holds another
+        tile's plan, a block id is not in the plan or the block has no checkpoint.
+    """
+    tile, out = Path(tile), Path(out)
+    if not (tile / PLAN_FILE).is_file():
+        raise CitygenError(tile, f"sharpen: not a tile folder (no {PLAN_FILE}); pass a block's run folder "
+                                 "to sharpen one block")
+    src, dst = tile.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise CitygenError(out, "sharpen: --out must be a new folder outside the source tile")
+    found = discover(tile)
+    plan_ids = [b.id for b in found.plan.blocks]
+    wanted = plan_ids if blocks is None else list(dict.fromkeys(blocks))
+    for b in wanted:
+        if b not in plan_ids:
+            raise CitygenError(tile / PLAN_FILE, f"sharpen: unknown block {b!r} (the plan has {', '.join(plan_ids)})")
+        if b not in found.trained and blocks is not None:
+            raise CitygenError(block_dir(tile, b), f"sharpen: block {b!r} has no checkpoint (train it first)")
+    wanted = [b for b in wanted if b in found.trained]
+    if not wanted:
+        raise CitygenError(tile, "sharpen: no block of this tile has a checkpoint (train it: citygen train-tile)")
+    plan_bytes = (tile / PLAN_FILE).read_bytes()
+    if (out / PLAN_FILE).is_file() and (out / PLAN_FILE).read_bytes() != plan_bytes:
+        raise CitygenError(out / PLAN_FILE, "sharpen: --out holds another tile (its plan differs from the source's)")
+    # the tile's record first, so that an interrupted call leaves a tile with blocks missing
+    # (which every reader handles) rather than block folders without a tile
+    atomic_write_bytes(out / PLAN_FILE, plan_bytes)
+    record = read_tile_config(tile)
+    if record is not None:
+        atomic_write_json(out / TILE_CONFIG_FILE, {**record, "sharpened_from": str(src)})
+    done: dict[str, SharpenResult] = {}
+    skipped = []
+    for b in wanted:
+        final = block_dir(out, b)
+        if final.is_dir():
+            skipped.append(b)  # only finished blocks are renamed into place
+            continue
+        staging = out / f"{STAGING_PREFIX}{b}"
+        if staging.exists():
+            shutil.rmtree(staging)  # an interrupted call's: its checkpoints are part-way
+        done[b] = sharpen_block(found.trained[b], staging, **kwargs)
+        os.replace(staging, final)
+        done[b] = replace(done[b], out=final, checkpoint=final / done[b].checkpoint.relative_to(staging))
+    return TileSharpenResult(out=out, sharpened=done, skipped=skipped)
+
+
+__all__ = ["DEFAULT_ALPHA_ENTROPY_WEIGHT", "DEFAULT_LR_FINAL", "DEFAULT_STEPS", "STAGING_PREFIX", "SharpenResult",
+           "TileSharpenResult", "sharpen_block", "sharpen_tile"]
