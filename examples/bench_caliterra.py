@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-seconds", type=float, default=None, help="training time cap (default: the preset's)")
     ap.add_argument("--downscale", type=int, default=None, help="image downscale (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for both runs, e.g. optim.ground_opacity_weight=0.01 (repeatable)")
     ap.add_argument("--export-gsd", type=float, default=0.25, help="DSM / ortho cell size, metres")
     ap.add_argument("--ingest-threads", type=int, default=2, help="COLMAP threads")
     ap.add_argument("--ingest-max-size", type=int, default=1000, help="long side (pixels) SfM features are extracted at")
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in {"steps": args.steps, "max_seconds": args.max_seconds, "downscale": args.downscale,
                                    "threads": args.threads}.items() if v is not None}
+    for item in args.override:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--override expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
     t0 = time.perf_counter()
     rep = ingest_subset(args.src, work / "survey", args.images, args.ingest_threads, args.ingest_max_size)
     figures = {"survey": str(args.src), "ingest": {
