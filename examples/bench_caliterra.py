@@ -4,6 +4,8 @@ evaluation, with every figure in one JSON::
 
     python examples/bench_caliterra.py --work /tmp/cal-bench                 # the full run (~15 min)
     python examples/bench_caliterra.py --work /tmp/cal-bench --baseline tiny  # + the tiny preset, same steps
+    python examples/bench_caliterra.py --work /tmp/cal-bench --steps 3000 --max-seconds 0 \
+        --override optim.ground_opacity_weight=0.1                            # a config override, both runs
     python examples/bench_caliterra.py --work /tmp/ci --images 10 --ingest-max-size 600 --steps 100 --downscale 4 --export-gsd 1
 
 Figures (``WORK/bench_caliterra.json``): ingest (registered images, reprojection error, held-out
