@@ -464,17 +464,6 @@ def plan(data: Path | None = None, out: Path | None = None, dry_run: bool = Fals
     print_summary(report)
 
 
-def _parse_overrides(override: tuple[str, ...]) -> dict[str, str]:
-    """``--override KEY=VALUE ...`` as a dict (the values are checked by load_config)."""
-    overrides = {}
-    for item in override:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CitygenError(None, f"--override expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
-    return overrides
-
-
 def _chosen_preset(preset: str | None, data: Path) -> tuple[str, str]:
     """``preset``, or the default for the survey at ``data`` (``citygen.config.choose_preset``: tiny
     with depth maps, drone without), and why (for the command's JSON summary: a line on stderr
@@ -522,14 +511,14 @@ def train(data: Path, out: Path, preset: str | None = None, steps: int | None = 
     """
     import json
 
-    from .config import load_config
+    from .config import load_config, parse_overrides
     from .nets.lpips import resolve_lpips_weights
     from .train import train_block
 
     overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
                                        downscale=downscale, seed=seed, max_seconds=max_seconds).items()
                  if v is not None}
-    overrides.update(_parse_overrides(override))
+    overrides.update(parse_overrides(override))
     if no_eval:
         overrides["eval_at_end"] = False
     preset, why = _chosen_preset(preset, data)
@@ -590,13 +579,13 @@ def train_tile(tile: tyro.conf.Positional[Path], data: Path, preset: str | None 
     """
     import json
 
-    from .config import load_config
+    from .config import load_config, parse_overrides
     from .tile import train_tile as run_train_tile
 
     check_values([("--max-parallel", max_parallel, AT_LEAST_ONE), ("--max-retries", max_retries, NON_NEGATIVE)])
     overrides = {k: v for k, v in dict(steps=steps, rays_per_batch=rays_per_batch, threads=threads, device=device,
                                        downscale=downscale).items() if v is not None}
-    overrides.update(_parse_overrides(override))
+    overrides.update(parse_overrides(override))
     preset, why = _chosen_preset(preset, data)
     cfg = load_config(preset, overrides, TRAIN_FLAGS)
     _check_train_memory(cfg, memory_budget_gb)

@@ -13,6 +13,7 @@ The shipped presets are package data (``citygen/configs/*.yaml``) read through
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -364,6 +365,18 @@ def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = 
     _apply(cfg, raw, where)
     validate(cfg, where)                 # a bad preset file is named as such ...
     return apply_overrides(cfg, overrides, names)  # ... and a bad override by the flag that set it
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings (``--override KEY=VALUE ...``) as a dict of dotted keys; the values
+    stay strings, checked and converted by :func:`apply_overrides`."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CitygenError(None, f"--override expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any] | None,

@@ -108,11 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in {"steps": args.steps, "max_seconds": args.max_seconds, "downscale": args.downscale,
                                    "threads": args.threads}.items() if v is not None}
-    for item in args.override:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--override expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
+    from citygen.config import parse_overrides
+    from citygen.errors import CitygenError
+
+    try:
+        overrides.update(parse_overrides(args.override))
+    except CitygenError as err:
+        ap.error(str(err))
     t0 = time.perf_counter()
     rep = ingest_subset(args.src, work / "survey", args.images, args.ingest_threads, args.ingest_max_size)
     figures = {"survey": str(args.src), "ingest": {
