@@ -71,8 +71,8 @@ class RenderConfig:
     occupancy_alpha_threshold: float = 0.01
     #: EMA decay of the cell densities (instant-ngp: new = max(decay * old, sampled)).
     occupancy_decay: float = 0.95
-    #: refresh the grid every this many steps (a tile block's smaller batches scale it, and the
-    #: warm-up, to the same refreshes per ray: citygen.tile.block_config) ...
+    #: refresh the grid every this many steps, a tile block's own smaller steps included (scaling
+    #: it to the same refreshes per ray cost a drone tile 0.6-1 dB: DESIGN.md, session 9) ...
     occupancy_update_every: int = 16
     #: ... sampling this many random cells (plus as many occupied ones) per refresh.
     occupancy_cells_per_update: int = 65536

@@ -89,8 +89,9 @@ pixels (``survey_share`` in ``tile_config.json``, overlaps counted in both block
 ``rays_per_batch * share`` rays a step -- per pixel what one block over the survey draws --
 over ``steps / share`` steps: the same rays as ``steps`` steps of the full batch, so the same
 compute (``steps`` keeps meaning the rays a block may spend), and per pixel the one-block
-trainer's batch and step count, and its occupancy grid is refreshed as often per ray as with
-the preset's batch (the refresh period and warm-up scaled by the batch ratio).  The batch stays
+trainer's batch and step count; its occupancy grid is refreshed on the preset's period in its
+own steps, so more often per ray (scaling the period by the batch ratio cost a drone tile 0.6-1
+dB, DESIGN.md).  The batch stays
 at least ``MIN_BATCH_FRACTION`` of the preset's (at most 4x the steps: a step has costs beyond
 its rays, chiefly the dense Adam update of the hash tables, ~25 % of a 256-ray tiny step).  A block over the whole survey (a 1x1 tile) trains
 as configured, and ``citygen train`` (one block) is unchanged.
