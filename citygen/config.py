@@ -162,6 +162,12 @@ class TrainConfig:
     error_map_cell: int = 8
     #: AABB margin added around the derived scene bounds, as a fraction of their size.
     aabb_margin: float = 0.05
+    #: a tile block's batch as a multiple of its share of ``rays_per_batch``, the steps raised to
+    #: spend the same rays (citygen.tile.block_batch); below 1: still more, smaller steps.
+    tile_batch_scale: float = 1.0
+    #: a tile block's hash-grid base resolution (0: ``field.base_resolution``): coarser first levels
+    #: span a block's well-seen interior and its thinly seen edges (citygen.tile.block_config).
+    tile_base_resolution: int = 0
     preset: str = "default"
 
 
@@ -217,6 +223,8 @@ RULES: dict[str, Range] = {
     "sparse_depth_fraction": UNIT,
     "error_map_cell": AT_LEAST_ONE,
     "aabb_margin": NON_NEGATIVE,
+    "tile_batch_scale": Range(0, 1, lo_open=True),
+    "tile_base_resolution": NON_NEGATIVE,
 }
 
 #: Keys that take one of a few words.

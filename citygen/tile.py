@@ -93,7 +93,12 @@ trainer's batch and step count; its occupancy grid is refreshed on the preset's 
 own steps, so more often per ray (scaling the period by the batch ratio cost a drone tile 0.6-1
 dB, DESIGN.md).  The batch stays
 at least ``MIN_BATCH_FRACTION`` of the preset's (at most 4x the steps: a step has costs beyond
-its rays, chiefly the dense Adam update of the hash tables, ~25 % of a 256-ray tiny step).  A block over the whole survey (a 1x1 tile) trains
+its rays, chiefly the dense Adam update of the hash tables, ~25 % of a 256-ray tiny step), then
+scaled by the preset's ``tile_batch_scale``: ``drone`` halves it again and starts its blocks'
+grids at ``tile_base_resolution`` 4, which on the failure-like tile thinned a ring of too-high
+surfaces past the flight's edge (+0.5 dB held out over three seeds, level with one block) and
+on caliterra's 2x2 tile gave 30.60 against 29.94 dB, at ~1.4x the CPU time (DESIGN.md,
+session 10); ``tiny`` (the demo) keeps 1 and its base.  A block over the whole survey (a 1x1 tile) trains
 as configured, and ``citygen train`` (one block) is unchanged.
 
 Training is resumable: calling :func:`train_tile` again skips finished blocks and resumes
@@ -307,20 +312,29 @@ def split_overlaps(held: np.ndarray, points: np.ndarray, extended: np.ndarray, c
     return out
 
 
-def block_batch(rays_per_batch: int, steps: int, survey_share: float) -> tuple[int, int]:
+def block_batch(rays_per_batch: int, steps: int, survey_share: float, scale: float = 1.0) -> tuple[int, int]:
     """(rays per step, steps) of a tile block that trains on ``survey_share`` of the survey's
     training pixels, given the configured ``rays_per_batch`` and ``steps``: the batch scaled by
-    the share (between ``MIN_BATCH_FRACTION`` and 1), the steps raised to spend the same rays
-    (see the module docstring)."""
-    fraction = min(1.0, max(MIN_BATCH_FRACTION, survey_share)) if survey_share > 0 else 1.0
+    the share (between ``MIN_BATCH_FRACTION`` and 1) and, for a block short of the whole survey,
+    by ``scale`` (``tile_batch_scale``), the steps raised to spend the same rays (see the module
+    docstring)."""
+    if not 0 < survey_share < 1:
+        return rays_per_batch, steps  # a whole-survey block (or nothing attributed) trains as configured
+    fraction = max(MIN_BATCH_FRACTION, survey_share) * scale
     rays = max(1, round(rays_per_batch * fraction))
     return rays, max(1, round(steps * rays_per_batch / rays))
 
 
 def block_config(cfg: TrainConfig, survey_share: float) -> TrainConfig:
-    """``cfg`` with a tile block's batch and steps (:func:`block_batch`; a copy)."""
+    """``cfg`` with a tile block's batch and steps (:func:`block_batch`) and, for a block short of
+    the whole survey, ``tile_base_resolution`` as its grid's base resolution (a copy)."""
     out = from_dict(to_dict(cfg))
-    out.rays_per_batch, out.steps = block_batch(cfg.rays_per_batch, cfg.steps, survey_share)
+    out.rays_per_batch, out.steps = block_batch(cfg.rays_per_batch, cfg.steps, survey_share, cfg.tile_batch_scale)
+    if cfg.tile_base_resolution and 0 < survey_share < 1:
+        # drone, failure-like 2x2 tile: base 4 (182 m cells) thinned the ring of too-high surfaces
+        # past the flight's edge that blocks of base 16 grow and one block does not (DESIGN.md,
+        # session 10); one block at base 4 lost 0.85 dB, so it is for tile blocks only
+        out.field.base_resolution = cfg.tile_base_resolution
     # the occupancy grid keeps the preset's period and warm-up in steps, so a block of 1/share
     # smaller steps refreshes it 1/share times as often per ray: refreshed only as often per ray
     # (every 61 quarter-sized steps), the failure-like tile fell from 26.12 to 25.52 dB held-out
