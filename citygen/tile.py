@@ -96,8 +96,8 @@ at least ``MIN_BATCH_FRACTION`` of the preset's (at most 4x the steps: a step ha
 its rays, chiefly the dense Adam update of the hash tables, ~25 % of a 256-ray tiny step), then
 scaled by the preset's ``tile_batch_scale``: ``drone`` halves it again and starts its blocks'
 grids at ``tile_base_resolution`` 4, which on the failure-like tile thinned a ring of too-high
-surfaces past the flight's edge (+0.5 dB held out over three seeds, level with one block) and
-on caliterra's 2x2 tile gave 30.60 against 29.94 dB, at ~1.4x the CPU time (DESIGN.md,
+surfaces past the flight's edge (+0.5 dB held out, level with one block over three seeds) and
+on caliterra's 2x2 tile gave 30.32 against 29.94 dB, at ~1.2x the CPU time (DESIGN.md,
 session 10); ``tiny`` (the demo) keeps 1 and its base.  A block over the whole survey (a 1x1 tile) trains
 as configured, and ``citygen train`` (one block) is unchanged.
 
