@@ -94,11 +94,11 @@ own steps, so more often per ray (scaling the period by the batch ratio cost a d
 dB, DESIGN.md).  The batch stays
 at least ``MIN_BATCH_FRACTION`` of the preset's (at most 4x the steps: a step has costs beyond
 its rays, chiefly the dense Adam update of the hash tables, ~25 % of a 256-ray tiny step), then
-scaled by the preset's ``tile_batch_scale``: ``drone`` halves it again and starts its blocks'
-grids at ``tile_base_resolution`` 4, which on the failure-like tile thinned a ring of too-high
-surfaces past the flight's edge (+0.5 dB held out, level with one block over three seeds) and
-on caliterra's 2x2 tile gave 30.32 against 29.94 dB, at ~1.2x the CPU time (DESIGN.md,
-session 10); ``tiny`` (the demo) keeps 1 and its base.  A block over the whole survey (a 1x1 tile) trains
+scaled by the preset's ``tile_batch_scale``: ``drone`` quarters it again and starts its blocks'
+grids at ``tile_base_resolution`` 4 (base 4 thinned a ring of too-high surfaces past the
+failure-like survey's flight edge; the quarter took that 2x2 tile from 26.48 to 26.98 dB held out
+over five seeds, against one block's 26.72, at ~1.6x the tile's CPU time; DESIGN.md, sessions 10
+and 11); ``tiny`` (the demo) keeps 1 and its base.  A block over the whole survey (a 1x1 tile) trains
 as configured, and ``citygen train`` (one block) is unchanged.
 
 Training is resumable: calling :func:`train_tile` again skips finished blocks and resumes

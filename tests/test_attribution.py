@@ -274,7 +274,7 @@ def test_block_batch_spends_the_same_rays_in_smaller_steps(share, rays, steps):
 @pytest.mark.parametrize("share, rays, steps", [(0.25, 128, 3200), (0.3339, 171, 2395), (0.1, 128, 3200),
                                                 (1.0, 1024, 400), (0.0, 1024, 400)])
 def test_block_batch_scale_halves_a_blocks_batch_again(share, rays, steps):
-    """``tile_batch_scale`` 0.5 (drone), worked by hand for 1024 rays x 400 steps: 1024 x 0.25 x 0.5
+    """``tile_batch_scale`` 0.5, worked by hand for 1024 rays x 400 steps: 1024 x 0.25 x 0.5
     = 128 rays in 409600 / 128 = 3200 steps; 1024 x 0.3339 x 0.5 = 171.0 rays, 409600 / 171 = 2395.3
     steps; the quarter floor comes before the scale; a whole-survey block trains as configured."""
     from citygen.tile import block_batch
@@ -290,10 +290,10 @@ def test_a_tile_block_takes_the_presets_tile_base_resolution(share, base):
     from citygen.tile import block_config, resolve_config
 
     cfg = resolve_config("drone")
-    assert (cfg.field.base_resolution, cfg.tile_base_resolution, cfg.tile_batch_scale) == (16, 4, 0.5)
+    assert (cfg.field.base_resolution, cfg.tile_base_resolution, cfg.tile_batch_scale) == (16, 4, 0.25)
     block = block_config(cfg, share)
     assert block.field.base_resolution == base
-    assert block.rays_per_batch == (1024 if share == 1.0 else round(1024 * share * 0.5))
+    assert block.rays_per_batch == (1024 if share == 1.0 else round(1024 * share * 0.25))
     assert cfg.field.base_resolution == 16  # a copy
     plain = block_config(resolve_config("tiny"), share)
     assert plain.field.base_resolution == resolve_config("tiny").field.base_resolution

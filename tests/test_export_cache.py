@@ -88,7 +88,9 @@ def test_strips_load_each_block_once_and_render_what_an_unlimited_cache_renders(
         np.testing.assert_allclose(maps.rgb.astype(int), ref.rgb.astype(int), atol=1)
         assert np.mean(maps.rgb != ref.rgb) < 0.01
         np.testing.assert_array_equal(maps.semantics, ref.semantics)
-        np.testing.assert_allclose(maps.height, ref.height, atol=1e-5)
+        # heights to 0.1 mm: the geometric blend's log/exp turns a different summation order of
+        # the blend weights (other blocks in the chunk) into up to 2e-5 m
+        np.testing.assert_allclose(maps.height, ref.height, atol=1e-4)
     # the slabs' tops: each block's core shows its own height (away from the blends)
     assert new.height[25, 25] == pytest.approx(1.0 + 0.5 * 3, abs=0.13)   # row 0 is north: block r1 c0
 

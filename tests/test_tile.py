@@ -35,8 +35,10 @@ class SlabField(nn.Module):
     """A constant-colour opaque slab ``z <= top`` filling the box, optionally with a tower
     (an opaque box of another colour); what the volume renderer needs of a field."""
 
-    def __init__(self, aabb, color, label, top=1.0, tower=None, background=(0.5, 0.5, 0.5), density=200.0):
+    def __init__(self, aabb, color, label, top=1.0, tower=None, background=(0.5, 0.5, 0.5), density=200.0,
+                 haze=None):
         super().__init__()
+        self.haze = haze  # (z0, z1, density, colour): a semi-transparent layer over the whole box
         self.register_buffer("aabb", torch.tensor(aabb, dtype=torch.float32))
         self.n_classes = len(CLASSES)
         self.color, self.label, self.top, self.tower, self.density = torch.tensor(color), label, top, tower, density
@@ -56,7 +58,13 @@ class SlabField(nn.Module):
             solid |= t
             rgb[t] = torch.tensor(color)
             labels[t] = 2
-        out = {"sigma": torch.where(solid, self.density, 0.0), "rgb": rgb}
+        sigma = torch.where(solid, self.density, 0.0)
+        if self.haze is not None:
+            z0, z1, density, color = self.haze
+            h = (x[:, 2] >= z0) & (x[:, 2] <= z1) & ~solid
+            sigma = torch.where(h, density, sigma)
+            rgb[h] = torch.tensor(color)
+        out = {"sigma": sigma, "rgb": rgb}
         if with_semantics:
             out["semantics"] = 5.0 * nn.functional.one_hot(labels, self.n_classes).float()
         return out
@@ -140,6 +148,29 @@ def test_compositing_matches_the_blend_rule_across_the_overlap():
     labels = out["semantics"].argmax(-1).numpy()
     assert np.all(labels[left] == 0) and np.all(labels[right] == 1)
     assert np.all(labels[(xs > 8.0) & (xs < 9.9)] == 0) and np.all(labels[(xs > 10.1) & (xs < 12.0)] == 1)
+
+
+@pytest.mark.parametrize("blend", ["geometric", "linear"])
+def test_a_haze_only_one_block_holds_fades_across_the_overlap_by_the_blend_rule(blend):
+    """The left block alone holds a green haze (density 0.8 / m, z 2..3) over its whole box; the
+    right block is empty there.  Through the overlap a vertical ray's green is 1 - exp(-sigma L),
+    L = 1 m, with the blend's density: the weighted geometric mean of 0.8 and the density floor
+    (``density_blend`` geometric: the haze fades out as the empty block's weight grows), or the
+    weighted sum 0.8 omega_left (linear)."""
+    from citygen.render.tile import DENSITY_FLOOR
+
+    fields = slab_fields()
+    fields["b_r0_c0"].haze = (2.0, 3.0, 0.8, GREEN)
+    renderer = make_renderer(fields)
+    renderer.density_blend = blend
+    xs = np.linspace(5.0, 15.0, 201)
+    out = renderer.render_rays(*down_rays(xs))
+    w = expected_share_of_left_block(xs)
+    sigma = 0.8**w * DENSITY_FLOOR ** (1.0 - w) if blend == "geometric" else 0.8 * w
+    np.testing.assert_allclose(out["rgb"][:, 1].numpy(), 1.0 - np.exp(-sigma * 1.0), atol=2e-3)
+    assert np.all(out["acc"].numpy() > 0.999)  # the slabs below are opaque in both blocks either way
+    if blend == "geometric":  # half way across the overlap the haze is all but gone (0.39 -> 0.001)
+        assert float(out["rgb"][100, 1]) < 2e-3 and float(out["rgb"][0, 1]) > 0.55
 
 
 def test_blend_weights_are_a_partition_of_unity():
