@@ -19,7 +19,8 @@ single field (the reference renderer, :func:`citygen.render.volume.render_rays`)
   would switch its density on abruptly there.
 * Blended field: density the weighted geometric mean ``sigma = W prod_b sigma_b^(omega_b / W)``
   with ``W = sum_b omega_b`` (<= 1: the fade towards the tile's outer edge), each ``sigma_b``
-  floored at :data:`DENSITY_FLOOR` (and the result never above ``sum_b omega_b sigma_b``); colour and semantic logits are density-weighted means
+  floored at :data:`DENSITY_FLOOR` (and the result never above ``sum_b omega_b sigma_b``);
+  colour and semantic logits are density-weighted means
   ``c = sum_b omega_b sigma_b c_b / sum_b omega_b sigma_b`` (a block that is empty at ``x`` does
   not dilute its neighbour's colour).  Where two blocks agree, and wherever one block alone
   covers ``x``, it is that density; where they disagree it leans to the emptier one, so a haze
@@ -208,6 +209,7 @@ class _BlendedField:
                  with_semantics: bool = True) -> dict[str, Tensor]:
         n, C, B = x.shape[0], self.n_real_classes, len(self.fields)
         omega = self.weights(x)
+        geometric = self.density_blend == "geometric"
         total = omega.sum(-1)
         log_sigma = x.new_zeros(n)  # geometric blend: sum_b (omega_b / W) log sigma_b
         sigma = x.new_zeros(n)
@@ -226,12 +228,13 @@ class _BlendedField:
             sigma_b = out["sigma"].float()
             s = omega[idx, b] * sigma_b
             sigma.index_add_(0, idx, s)
-            log_sigma.index_add_(0, idx, omega[idx, b] / total[idx] * torch.log(sigma_b.clamp_min(DENSITY_FLOOR)))
+            if geometric:
+                log_sigma.index_add_(0, idx, omega[idx, b] / total[idx] * torch.log(sigma_b.clamp_min(DENSITY_FLOOR)))
             rgb.index_add_(0, idx, s[:, None] * out["rgb"].float())
             sem.index_add_(0, idx, s[:, None] * out["semantics"].float())
             share[idx, b] = s
         inv = 1.0 / sigma.clamp_min(1e-12)  # colours and logits: density-weighted means either way
-        if self.density_blend == "geometric":
+        if geometric:
             # never above the weighted sum (the arithmetic mean bounds the geometric one; only
             # densities under the floor could lift it there, e.g. empty space stays empty)
             sigma = torch.where(total > 0, torch.minimum(torch.exp(log_sigma) * total, sigma), sigma)
